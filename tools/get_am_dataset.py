@@ -23,7 +23,7 @@ from common.logging_utils import setup_logging  # noqa: E402
 from preprocess.align import AM_THINKING_REPO, AM_THINKING_REVISION, align_snapshot, download_snapshot  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", type=Path, help="aligned parquet to write (e.g. data/AM-Thinking-3697c18.parquet)")
     parser.add_argument("--revision", default=AM_THINKING_REVISION,
@@ -33,7 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repo", default=AM_THINKING_REPO, help=f"hub dataset id (default {AM_THINKING_REPO})")
     parser.add_argument("--cache-dir", default=None, help="Hugging Face cache directory for the hub download")
     parser.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,7 @@ from common.logging_utils import setup_logging  # noqa: E402
 from preprocess.pipeline import PreprocessConfig, preprocess, report  # noqa: E402
 
 
-def parse_args(argv=None) -> PreprocessConfig:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, required=True,
                         help="aligned parquet from tools/get_am_dataset.py (columns conversations, system, subset)")
@@ -47,7 +47,11 @@ def parse_args(argv=None) -> PreprocessConfig:
     parser.add_argument("--seed", type=int, default=1234,
                         help="seed for tie-breaking among equal lengths and for the order of packs (default 1234)")
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs of this prefix")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> PreprocessConfig:
+    args = build_parser().parse_args(argv)
     return PreprocessConfig(
         input=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix, seq_length=args.seq_length,
         workers=args.workers, overlong=args.overlong, system_source=args.system_source, seed=args.seed,

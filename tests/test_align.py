@@ -1,0 +1,97 @@
+"""The aligner on the synthetic snapshot: rows kept per subset, malformed rows counted under the
+reason planted in the fixture, the fixed output schema, and errors for unreadable inputs."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+
+from preprocess import conversation as C
+from preprocess.align import align_snapshot, aligned_schema, summary_path
+
+
+def test_counts_match_the_planted_rows(sample_snapshot, aligned_parquet):
+    summary = json.loads(summary_path(aligned_parquet).read_text())
+    assert summary["kept_per_subset"] == dict(sorted(sample_snapshot.kept_per_subset.items()))
+    assert summary["dropped_per_reason"] == {r: n for r, n in sample_snapshot.dropped_per_reason.items() if n}
+    assert summary["rows_kept"] == sample_snapshot.kept == 300
+    # Every drop reason the issue names is exercised by the fixture.
+    assert set(summary["dropped_per_reason"]) >= {
+        C.MISSING_CONVERSATIONS, C.EMPTY_CONVERSATIONS, C.UNKNOWN_ROLE, C.ROLES_OUT_OF_ORDER,
+        C.NON_STRING_VALUE, C.UNDECODABLE_BYTES, C.BROKEN_JSONL_LINE,
+    }
+    assert len(summary["sources"]) == 6 and all("sha256" in s for s in summary["sources"])
+
+
+def test_output_schema_and_content(aligned_parquet, sample_snapshot):
+    table = pq.read_table(aligned_parquet)
+    assert table.schema.equals(aligned_schema(), check_metadata=False)
+    rows = table.to_pylist()
+    assert Counter(r["subset"] for r in rows) == sample_snapshot.kept_per_subset
+    for row in rows:
+        assert C.conversation_problem(row["conversations"]) is None
+        assert set(row["conversations"][0]) == {"from", "value"}  # nested per-subset fields are gone
+        assert isinstance(row["system"], str)
+    science = [r for r in rows if r["subset"] == "science"]
+    assert sum(r["system"] == "You are a careful scientist." for r in science) == 17  # i % 3 == 0 of 50
+    multiturn = [r for r in rows if r["subset"] == "multiturn"]
+    assert sum(r["conversations"][0]["from"] == "system" for r in multiturn) == 25
+    assert any(len(r["conversations"]) >= 7 for r in multiturn)
+    assert any("设" in t["value"] for r in rows for t in r["conversations"])  # non-ASCII survives
+
+
+def test_valid_conversation_rule():
+    h, a, s = ({"from": role, "value": "x"} for role in ("human", "assistant", "system"))
+    assert C.conversation_problem([h, a]) is None
+    assert C.conversation_problem([s, h, a, h, a]) is None
+    assert C.conversation_problem([s, h]) == C.ROLES_OUT_OF_ORDER
+    assert C.conversation_problem([s]) == C.ROLES_OUT_OF_ORDER
+    assert C.conversation_problem([h, a, h]) == C.ROLES_OUT_OF_ORDER
+    assert C.conversation_problem([h, s, a]) == C.ROLES_OUT_OF_ORDER
+    assert C.conversation_problem([{"from": "user", "value": "x"}, a]) == C.UNKNOWN_ROLE
+    assert C.conversation_problem([h, {"from": "assistant", "value": ["x"]}]) == C.NON_STRING_VALUE
+    assert C.conversation_problem([h, {"from": "assistant"}]) == C.MALFORMED_TURN
+    assert C.conversation_problem("not a list") == C.MALFORMED_TURN
+    assert C.conversation_problem([]) == C.EMPTY_CONVERSATIONS
+    assert C.conversation_problem(None) == C.MISSING_CONVERSATIONS
+    assert C.conversation_problem([{"from": "human", "value": "\ud800"}, a]) == C.UNDECODABLE_BYTES
+    assert C.conversation_problem([{"from": "human", "value": ""}, a]) is None  # empty text is accepted
+
+
+def test_deterministic_output(sample_snapshot, aligned_parquet, tmp_path):
+    again = tmp_path / "again.parquet"
+    align_snapshot(sample_snapshot.root, again)
+    assert pq.read_table(again).equals(pq.read_table(aligned_parquet))
+
+
+def test_unreadable_file_is_an_error_naming_it(tmp_path):
+    (tmp_path / "good.jsonl").write_text('{"conversations": [{"from": "human", "value": "q"}, {"from": "assistant", "value": "a"}]}\n')
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    out = tmp_path / "out" / "aligned.parquet"
+    with pytest.raises(RuntimeError, match="broken.parquet"):
+        align_snapshot(tmp_path, out)
+    assert not out.exists() and not list((tmp_path / "out").glob("*.partial"))  # nothing half-written
+
+
+def test_empty_or_missing_source(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        align_snapshot(tmp_path / "nope", tmp_path / "o.parquet")
+    (tmp_path / "README.md").write_text("hi")
+    with pytest.raises(FileNotFoundError, match="no .jsonl or .parquet"):
+        align_snapshot(tmp_path, tmp_path / "o.parquet")
+
+
+def test_cli_refuses_to_overwrite(sample_snapshot, tmp_path, capsys):
+    from tools_runner import run_tool
+
+    out = tmp_path / "a.parquet"
+    out.write_text("precious")
+    with pytest.raises(SystemExit, match="--force"):
+        run_tool("get_am_dataset", ["--source", str(sample_snapshot.root), str(out)])
+    assert out.read_text() == "precious"
+    run_tool("get_am_dataset", ["--source", str(sample_snapshot.root), str(out), "--force"])
+    assert pq.read_metadata(out).num_rows == 300
+    assert "kept 300 rows, dropped 15" in capsys.readouterr().out

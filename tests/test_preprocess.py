@@ -1,0 +1,154 @@
+"""The preprocessing pipeline end to end on the aligned sample: what lands in the Megatron indexed
+files (read back with megatron-core's IndexedDataset) against a straightforward reference (each
+conversation encoded alone with the HF tokenizer), byte-identical output for any worker count,
+the overlong and system-source options, metadata, and atomic outputs."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from preprocess.pipeline import PreprocessConfig, indexed_dataset_module, output_paths, preprocess
+from preprocess.template import AM_THINKING
+
+SEQ = 2048  # small, so the sample yields many packs and several truncations
+
+
+def run(aligned, tokenizer_dir, prefix, **overrides):
+    cfg = PreprocessConfig(input=aligned, tokenizer=tokenizer_dir, output_prefix=prefix, seq_length=SEQ, workers=1)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return preprocess(cfg, command=["test"])
+
+
+@pytest.fixture(scope="module")
+def packed(aligned_parquet, qwen_tokenizer_dir, tmp_path_factory):
+    prefix = tmp_path_factory.mktemp("packed") / "am"
+    meta = run(aligned_parquet, qwen_tokenizer_dir, prefix)
+    return prefix, meta
+
+
+def read_packed(prefix):
+    IndexedDataset = indexed_dataset_module().IndexedDataset
+    return IndexedDataset(f"{prefix}_input_ids"), IndexedDataset(f"{prefix}_loss_mask")
+
+
+def reference_conversations(aligned, tokenizer, cutoff, system_source="turn"):
+    """(ids, mask) of each aligned row, encoded alone through transformers' tokenizer.encode."""
+    encode = lambda pieces: [tokenizer.encode(p, add_special_tokens=False) for p in pieces]  # noqa: E731
+    out = []
+    for row in pq.read_table(aligned).to_pylist():
+        turns = row["conversations"]
+        system = turns[0]["value"] if turns[0]["from"] == "system" else None
+        if turns[0]["from"] == "system":
+            turns = turns[1:]
+        if system_source == "column":
+            system = row["system"]
+        ids, mask, full = AM_THINKING.encode(encode, system, [t["value"] for t in turns], cutoff)
+        out.append((tuple(ids), tuple(mask), full))
+    return out
+
+
+def test_round_trip_through_megatron_indexed_dataset(packed, aligned_parquet, qwen_tokenizer):
+    prefix, meta = packed
+    ids_ds, mask_ds = read_packed(prefix)
+    assert ids_ds.index.dtype == np.int32 and mask_ds.index.dtype == np.uint8
+    # The two datasets agree in structure: same documents (packs), same sequences (conversations).
+    assert np.array_equal(ids_ds.document_indices, mask_ds.document_indices)
+    assert np.array_equal(ids_ds.sequence_lengths, mask_ds.sequence_lengths)
+    docs = ids_ds.document_indices
+    assert len(docs) - 1 == meta["stats"]["packs"]
+    assert len(ids_ds) == meta["stats"]["conversations"] == 300
+    pack_tokens = np.add.reduceat(ids_ds.sequence_lengths, docs[:-1])
+    assert pack_tokens.max() <= SEQ and pack_tokens.sum() == meta["stats"]["tokens"]
+    assert ids_ds.sequence_lengths.max() <= SEQ - 1  # the per-conversation cutoff
+
+    got = Counter((tuple(ids_ds[i].tolist()), tuple(mask_ds[i].tolist())) for i in range(len(ids_ds)))
+    reference = reference_conversations(aligned_parquet, qwen_tokenizer, SEQ - 1)
+    assert got == Counter((ids, mask) for ids, mask, _ in reference)
+    assert meta["stats"]["truncated"] == sum(full > SEQ - 1 for _, _, full in reference) > 0
+    assert meta["stats"]["loss_tokens"] == sum(sum(mask) for _, mask, _ in reference)
+    assert meta["stats"]["packing_efficiency"] == pytest.approx(pack_tokens.sum() / (len(pack_tokens) * SEQ), abs=1e-6)
+
+
+def test_every_conversation_is_trained_and_starts_with_the_system_slot(packed, qwen_tokenizer):
+    prefix, _ = packed
+    ids_ds, mask_ds = read_packed(prefix)
+    im_start = qwen_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    for i in range(len(ids_ds)):
+        ids, mask = ids_ds[i], mask_ds[i]
+        assert ids[0] == im_start and mask[0] == 0
+        assert mask.sum() > 0
+
+
+def test_metadata(packed, aligned_parquet, qwen_tokenizer_dir):
+    prefix, meta = packed
+    on_disk = json.loads(output_paths(prefix)["meta"].read_text())
+    assert on_disk == meta
+    assert meta["seq_length"] == SEQ and meta["cutoff_len"] == SEQ - 1 and meta["template"] == "AM-thinking"
+    assert meta["tokenizer"]["vocab_size"] == 151665 and len(meta["tokenizer"]["sha256"]) == 64
+    assert meta["inputs"][0]["sha256"] and meta["command"] == ["test"]
+    assert meta["stats"]["per_subset"]["multiturn"]["conversations"] == 50
+    assert sum(c for _, _, c in meta["stats"]["length_histogram_log2"]) == 300
+    assert output_paths(prefix)["histogram"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_output_is_byte_identical_for_any_worker_count(packed, aligned_parquet, qwen_tokenizer_dir, tmp_path):
+    prefix, meta = packed
+    other = tmp_path / "am4"
+    meta4 = run(aligned_parquet, qwen_tokenizer_dir, other, workers=4)
+    for key in ("input_ids_bin", "input_ids_idx", "loss_mask_bin", "loss_mask_idx"):
+        assert output_paths(prefix)[key].read_bytes() == output_paths(other)[key].read_bytes(), key
+    assert meta4["stats"] == meta["stats"]
+
+
+def test_overlong_drop_and_system_column(aligned_parquet, qwen_tokenizer_dir, qwen_tokenizer, tmp_path, packed):
+    _, truncate_meta = packed
+    meta = run(aligned_parquet, qwen_tokenizer_dir, tmp_path / "drop", overlong="drop")
+    assert meta["stats"]["dropped"] == {"overlong": truncate_meta["stats"]["truncated"]}
+    assert meta["stats"]["conversations"] == 300 - truncate_meta["stats"]["truncated"]
+    assert meta["stats"]["truncated"] == 0
+
+    prefix = tmp_path / "column"
+    run(aligned_parquet, qwen_tokenizer_dir, prefix, system_source="column")
+    ids_ds, mask_ds = read_packed(prefix)
+    got = Counter((tuple(ids_ds[i].tolist()), tuple(mask_ds[i].tolist())) for i in range(len(ids_ds)))
+    reference = reference_conversations(aligned_parquet, qwen_tokenizer, SEQ - 1, system_source="column")
+    assert got == Counter((ids, mask) for ids, mask, _ in reference)
+    text = qwen_tokenizer.decode(ids_ds[0].tolist())
+    assert text.startswith("<|im_start|>system\n")
+
+
+def test_existing_outputs_need_force_and_failures_leave_nothing(aligned_parquet, qwen_tokenizer_dir, tmp_path, monkeypatch):
+    import preprocess.pipeline as pipeline
+
+    prefix = tmp_path / "p"
+    run(aligned_parquet, qwen_tokenizer_dir, prefix)
+    with pytest.raises(FileExistsError, match="--force"):
+        run(aligned_parquet, qwen_tokenizer_dir, prefix)
+    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(pipeline, "write_packs", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        run(aligned_parquet, qwen_tokenizer_dir, prefix, force=True)
+    after = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    assert after == before  # the previous complete output is untouched, and no temporary file is left
+
+
+def test_bad_inputs_are_named(qwen_tokenizer_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="get_am_dataset"):
+        run(tmp_path / "missing.parquet", qwen_tokenizer_dir, tmp_path / "x")
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"text": ["a"]}), tmp_path / "plain.parquet")
+    with pytest.raises(ValueError, match="no `conversations` column"):
+        run(tmp_path / "plain.parquet", qwen_tokenizer_dir, tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        run(tmp_path / "plain.parquet", tmp_path, tmp_path / "x")
