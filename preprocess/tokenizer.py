@@ -117,6 +117,30 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
+def load_backend_tokenizer(path: str | Path):
+    """The Rust tokenizer of a local HF tokenizer directory, without importing transformers (~4 s).
+
+    transformers' fast tokenizer wraps exactly this object; it would also register any added token
+    listed in tokenizer_config.json but missing from tokenizer.json, so such a mismatch is refused
+    here rather than tokenised differently.
+    """
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        load_tokenizer(path)  # raises the explanatory error
+    backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+    config_file = path / "tokenizer_config.json"
+    declared = json.loads(config_file.read_text()).get("added_tokens_decoder", {}) if config_file.is_file() else {}
+    for token_id, token in declared.items():
+        if backend.token_to_id(token["content"]) != int(token_id):
+            raise ValueError(
+                f"{config_file} declares added token {token['content']!r} at id {token_id}, but tokenizer.json "
+                f"has it at {backend.token_to_id(token['content'])}: the tokenizer files are inconsistent"
+            )
+    return backend
+
+
 def tokenizer_fingerprint(path: str | Path) -> str:
     """sha256 over the files that determine tokenisation (vocabulary, merges, added tokens, config)."""
     digest = hashlib.sha256()
