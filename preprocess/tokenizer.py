@@ -80,7 +80,10 @@ def build_qwen25_tokenizer(out_dir: str | Path) -> Path:
         raise ValueError(f"expected {QWEN25_FIRST_ADDED_ID} BPE ranks, found {backend.get_vocab_size()}")
     for expected_id, (content, special) in enumerate(QWEN25_ADDED_TOKENS, start=QWEN25_FIRST_ADDED_ID):
         token = AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False, single_word=False)
-        backend.add_tokens([token]) if not special else backend.add_special_tokens([token])
+        if special:
+            backend.add_special_tokens([token])
+        else:
+            backend.add_tokens([token])
         if backend.token_to_id(content) != expected_id:
             raise ValueError(f"{content} landed at id {backend.token_to_id(content)}, expected {expected_id}")
 
