@@ -24,6 +24,7 @@ NON_STRING_VALUE = "non_string_value"
 UNDECODABLE_BYTES = "undecodable_bytes"
 BROKEN_JSONL_LINE = "broken_jsonl_line"
 NOT_AN_OBJECT = "row_not_an_object"
+OVERLONG = "overlong"  # only with `preprocess_sft.py --overlong drop`: longer than the cutoff
 DROP_REASONS = (
     MISSING_CONVERSATIONS,
     EMPTY_CONVERSATIONS,
@@ -34,6 +35,7 @@ DROP_REASONS = (
     UNDECODABLE_BYTES,
     BROKEN_JSONL_LINE,
     NOT_AN_OBJECT,
+    OVERLONG,
 )
 
 

@@ -148,7 +148,7 @@ class ChunkEncoder:
             conv_ids, conv_mask, full = assemble(encoded[start : start + n_pieces], self.cutoff_len)
             start += n_pieces
             if full > self.cutoff_len and self.overlong == "drop":
-                dropped["overlong"] += 1
+                dropped[C.OVERLONG] += 1
                 continue
             ids += conv_ids
             mask += conv_mask
@@ -358,7 +358,7 @@ class _StageTimer:
 def _metadata(cfg: PreprocessConfig, tok: TokeniseResult, plan: PackPlan, vocab_size: int, command) -> dict[str, Any]:
     total_tokens = int(tok.lengths.sum(dtype=np.int64))
     truncated = int((tok.full_lengths > tok.lengths).sum())
-    dropped = {r: tok.dropped[r] for r in (*C.DROP_REASONS, "overlong") if tok.dropped[r]}
+    dropped = {r: tok.dropped[r] for r in C.DROP_REASONS if tok.dropped[r]}
     pack_tokens = plan.pack_tokens(tok.lengths)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "force"}
     return {
