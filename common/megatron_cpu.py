@@ -1,0 +1,65 @@
+"""Runs megatron-core on CPU (gloo) by redirecting its CUDA assumptions; used by tests and CPU runs.
+
+megatron-core assumes CUDA in a handful of places: `torch.cuda.current_device()` as a device,
+`device="cuda"` tensors, `.cuda()` calls, the CUDA RNG tracker, and asserts on `tensor.type()` being
+`torch.cuda.FloatTensor`. `enable()` installs, once per process, a `TorchFunctionMode` that maps every
+CUDA device argument to the CPU, makes `.cuda()` a no-op and reports CUDA type names, plus CPU stand-ins
+for the `torch.cuda` functions megatron-core calls. It is never enabled when CUDA is in use.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+_mode: TorchFunctionMode | None = None
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)  # a bare index means a CUDA device
+
+
+class _CudaOnCpu(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and "dtype" not in kwargs:
+            return func(*args, **kwargs).replace("torch.", "torch.cuda.", 1)  # for `.type() == 'torch.cuda.*'` asserts
+        if func is torch.Tensor.type and len(args) > 1 and isinstance(args[1], str):
+            args = (args[0], args[1].replace("torch.cuda.", "torch."), *args[2:])
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def enable() -> None:
+    """Redirects megatron-core's CUDA calls to the CPU for the rest of the process (idempotent)."""
+    global _mode
+    if _mode is not None:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("megatron_cpu.enable() is for CPU-only runs; CUDA is available here")
+    from megatron.core.tensor_parallel import random as tp_random
+
+    torch.cuda.current_device = lambda: 0  # mapped to the CPU by the mode
+    torch.cuda.manual_seed = lambda seed: None  # the CPU generator is seeded by torch.manual_seed
+    torch.cuda.manual_seed_all = lambda seed: None
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.empty_cache = lambda: None
+    tp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    _mode = _CudaOnCpu()
+    _mode.__enter__()
+    log.info("megatron-core on CPU: CUDA device arguments, RNG and type checks are redirected to the CPU")

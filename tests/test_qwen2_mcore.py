@@ -1,0 +1,105 @@
+"""The Qwen2 model definition on megatron-core and the HF <-> megatron-core mapping: logits against
+transformers in fp32, a bitwise round trip, the QKV layout on a hand-built example, refused configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from distributed import run_distributed
+from mcore_ranks import megatron_logits_from_hf
+
+from convert.hf_io import HFSafetensorsReader
+from convert.qwen2.model import Qwen2Arch, UnsupportedModelError
+from convert.qwen2.state_dict_adapter import bound_mappings, hf_to_mcore, mcore_to_hf
+
+TOKENS = [[151644, 872, 198, 6023, 11, 1879, 0, 17, 151645, 198, 151644, 77091], [9707, 1879, 220, 16, 17, 18, 19, 20, 21, 13, 198, 42]]
+
+
+def test_logits_match_transformers(tiny_qwen2_dir):
+    from transformers import Qwen2ForCausalLM
+
+    hf = Qwen2ForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = hf(torch.tensor(TOKENS)).logits
+    (ours,) = run_distributed(megatron_logits_from_hf, 1, str(tiny_qwen2_dir), TOKENS)
+    assert ours.shape == expected.shape
+    diff = (ours - expected).abs()
+    assert diff.max().item() <= 1e-4, f"max abs logit diff {diff.max().item():.3g}"
+
+
+def test_round_trip_is_bitwise_and_consumes_every_tensor_once(tiny_qwen2_dir):
+    arch = Qwen2Arch.from_hf_dir(tiny_qwen2_dir)
+    reader = HFSafetensorsReader(tiny_qwen2_dir)
+    mcore = dict(hf_to_mcore(arch, reader.read))
+    assert set(reader.reads) == reader.keys() and set(reader.reads.values()) == {1}
+    assert len(mcore) == len(bound_mappings(arch))
+    back = dict(mcore_to_hf(arch, mcore.__getitem__))
+    assert back.keys() == reader.keys()
+    fresh = HFSafetensorsReader(tiny_qwen2_dir)
+    for key, tensor in back.items():
+        original = fresh.read(key)
+        assert tensor.dtype == original.dtype and torch.equal(tensor, original), key
+    # The torch_dist naming of norms (TE names) maps the same tensors.
+    te = dict(hf_to_mcore(arch, HFSafetensorsReader(tiny_qwen2_dir).read, layer_names="te"))
+    assert torch.equal(te["decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"],
+                       mcore["decoder.layers.0.input_layernorm.weight"])
+
+
+def test_qkv_layout_by_hand():
+    # 4 query heads in 2 KV groups, head_dim 1, hidden 1: rows are labelled by their origin.
+    arch = Qwen2Arch(vocab_size=8, hidden_size=4, ffn_hidden_size=2, num_layers=1, num_attention_heads=4,
+                     num_query_groups=2, head_dim=1, rms_norm_eps=1e-6, rope_base=1e6, tie_word_embeddings=True,
+                     max_position_embeddings=16)
+    q = torch.tensor([[10.0], [11.0], [12.0], [13.0]])  # heads 0, 1 (group 0), 2, 3 (group 1)
+    k = torch.tensor([[20.0], [21.0]])
+    v = torch.tensor([[30.0], [31.0]])
+    rule = next(m.rule for m in bound_mappings(arch) if m.mcore_key.endswith("linear_qkv.weight"))
+    fused = rule.to_mcore(arch, [q, k, v])
+    assert fused.flatten().tolist() == [10, 11, 20, 30, 12, 13, 21, 31]
+    assert [t.flatten().tolist() for t in rule.to_hf(arch, fused)] == [[10, 11, 12, 13], [20, 21], [30, 31]]
+    gated = next(m.rule for m in bound_mappings(arch) if m.mcore_key.endswith("linear_fc1.weight"))
+    fc1 = gated.to_mcore(arch, [torch.ones(2, 4), 2 * torch.ones(2, 4)])
+    assert fc1[:2].eq(1).all() and fc1[2:].eq(2).all()
+
+
+def _config(tiny_qwen2_dir) -> dict:
+    return json.loads((tiny_qwen2_dir / "config.json").read_text())
+
+
+def test_arch_reads_everything_from_the_config(tiny_qwen2_dir):
+    config = _config(tiny_qwen2_dir)
+    arch = Qwen2Arch.from_hf_config(config)
+    assert arch.rope_base == 1_000_000.0 and arch.rms_norm_eps == config["rms_norm_eps"]
+    assert (arch.num_attention_heads, arch.num_query_groups, arch.head_dim) == (4, 2, 16)
+    assert arch.tie_word_embeddings == config["tie_word_embeddings"]
+    config.pop("rope_theta", None)
+    config["rope_parameters"] = {"rope_theta": 5e5, "rope_type": "default"}
+    assert Qwen2Arch.from_hf_config(config).rope_base == 5e5  # transformers 5 layout
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "only Qwen2"),
+    ({"use_sliding_window": True}, "sliding-window"),
+    ({"hidden_act": "gelu"}, "SwiGLU"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling"),
+    ({"rope_theta": None, "rope_parameters": None}, "no rope_theta"),
+    ({"num_key_value_heads": 3}, "inconsistent"),
+])
+def test_unsupported_configs_are_refused(tiny_qwen2_dir, change, message):
+    config = {**_config(tiny_qwen2_dir), **change}
+    with pytest.raises(UnsupportedModelError, match=message):
+        Qwen2Arch.from_hf_config(config)
+
+
+def test_shape_mismatch_and_missing_shard_are_named(tiny_qwen2_dir, tmp_path):
+    config = _config(tiny_qwen2_dir)
+    arch = Qwen2Arch.from_hf_config({**config, "intermediate_size": config["intermediate_size"] + 1})
+    with pytest.raises(ValueError, match="gate_proj.weight: shape"):
+        dict(hf_to_mcore(arch, HFSafetensorsReader(tiny_qwen2_dir).read))
+    for file in tiny_qwen2_dir.iterdir():
+        if not file.name.startswith("model-00002"):
+            (tmp_path / file.name).symlink_to(file)
+    with pytest.raises(FileNotFoundError, match="model-00002-of"):
+        HFSafetensorsReader(tmp_path)
