@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from preprocess.packing import best_fit_decreasing, llamafactory_greedy_knapsack  # noqa: E402
-from preprocess.sample_data import _UNICODE_SNIPPETS, _WORDS  # noqa: E402
+from preprocess.sample_data import UNICODE_SNIPPETS, WORDS  # noqa: E402
 from preprocess.template import AM_THINKING  # noqa: E402
 
 SEQ = 32768
@@ -51,7 +51,7 @@ def write_corpus(path: Path, megabytes: int, seed: int = 0) -> list[str]:
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
-    vocab = np.array(_WORDS + list(_UNICODE_SNIPPETS[:3]) + [".", ",", "\n", "=", "(", ")", "2", "17"], dtype=object)
+    vocab = np.array(WORDS + list(UNICODE_SNIPPETS[:3]) + [".", ",", "\n", "=", "(", ")", "2", "17"], dtype=object)
     rows, texts, size = [], [], 0
     while size < megabytes * 1_000_000:
         words = int(synthetic_lengths(1, rng)[0])

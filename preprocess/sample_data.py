@@ -22,14 +22,14 @@ from typing import Any
 
 from . import conversation as C
 
-_WORDS = (
+WORDS = (
     "the of and to in is that for it as with be on by this are or an at from which we can all one has but "
     "let consider value equation number function therefore since because check again wait so total sum "
     "prime integer triangle angle radius area probability expected compute derive assume suppose case "
     "array index loop return string list graph node edge path cost memory time complexity test input output "
     "energy force mass velocity charge field wave reaction molecule cell protein gene temperature pressure"
 ).split()
-_UNICODE_SNIPPETS = (
+UNICODE_SNIPPETS = (
     "设 x 为正整数，求最小值。",
     "La función f(x) = x² − 3x + 2 tiene raíces reales.",
     "Привет, мир! Решим уравнение.",
@@ -63,8 +63,8 @@ class _Writer:
         out = []
         for i in range(n):
             if i % 97 == 13:
-                out.append(self.rng.choice(_UNICODE_SNIPPETS))
-            out.append(self.rng.choice(_WORDS))
+                out.append(self.rng.choice(UNICODE_SNIPPETS))
+            out.append(self.rng.choice(WORDS))
             if i % 17 == 16:
                 out.append(".\n" if i % 51 == 50 else ".")
         return " ".join(out)
@@ -123,7 +123,7 @@ def _multiturn_row(w: _Writer, i: int) -> dict:
 
 
 def _chat_row(w: _Writer, i: int) -> dict:
-    q = w.rng.choice(_UNICODE_SNIPPETS) + " " + w.question(20)
+    q = w.rng.choice(UNICODE_SNIPPETS) + " " + w.question(20)
     return {"conversations": [w.turn("human", q), w.turn("assistant", w.reasoning_answer(120))], "lang": i % 7}
 
 

@@ -37,10 +37,15 @@ class ChatTemplate:
 
     name: str
     system_slot: str
-    user_slot: str
+    user_slot: str  # ends with the assistant header, as in LLaMA-Factory
     assistant_slot: str
+    assistant_header: str
     default_system: str
     stop_token: str
+
+    def __post_init__(self):
+        if not self.user_slot.endswith(self.assistant_header):
+            raise ValueError(f"{self.name}: the user slot must end with the assistant header {self.assistant_header!r}")
 
     def system_text(self, system: Optional[str]) -> str:
         return system or self.default_system
@@ -73,9 +78,8 @@ class ChatTemplate:
         assistant message, or at the end with `add_generation_prompt=True`, so prompts for generation
         end with it as in training.
         """
-        user_open, user_close = _split(self.user_slot)  # "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
-        header = _common_suffix_header(user_close, self.system_slot)
-        user_close = user_close[: len(user_close) - len(header)]
+        header = self.assistant_header
+        user_open, user_close = _split(self.user_slot[: -len(header)])
         sys_open, sys_close = _split(self.system_slot)
         asst_open, asst_close = _split(self.assistant_slot)
         q = json.dumps
@@ -105,17 +109,12 @@ def _split(slot: str) -> tuple[str, str]:
     return head, tail
 
 
-def _common_suffix_header(user_close: str, system_slot: str) -> str:
-    """The assistant header at the end of the user slot: from its last `<|im_start|>` on."""
-    start_token = system_slot[: system_slot.index(">") + 1]  # "<|im_start|>"
-    return user_close[user_close.rindex(start_token) :]
-
-
 AM_THINKING = ChatTemplate(
     name="AM-thinking",
     system_slot="<|im_start|>system\n{content}<|im_end|>\n",
     user_slot="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
     assistant_slot="{content}<|im_end|>\n",
+    assistant_header="<|im_start|>assistant\n",
     default_system=AM_THINKING_DEFAULT_SYSTEM,
     stop_token="<|im_end|>",
 )
