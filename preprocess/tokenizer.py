@@ -104,16 +104,21 @@ def build_qwen25_tokenizer(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def load_tokenizer(path: str | Path):
-    """Loads a local HF tokenizer directory, with a clear error when it is not one."""
-    from transformers import AutoTokenizer
-
-    path = Path(path)
+def _require_tokenizer_json(path: Path) -> Path:
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(
             f"{path} has no tokenizer.json: pass a local Hugging Face tokenizer directory "
             "(e.g. a snapshot of Qwen/Qwen2.5-32B, or one built by `python -m preprocess.tokenizer DIR`)"
         )
+    return path / "tokenizer.json"
+
+
+def load_tokenizer(path: str | Path):
+    """Loads a local HF tokenizer directory, with a clear error when it is not one."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    _require_tokenizer_json(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if not tokenizer.is_fast:
         raise ValueError(f"{path}: a fast (Rust) tokenizer is required for preprocessing")
@@ -130,9 +135,7 @@ def load_backend_tokenizer(path: str | Path):
     from tokenizers import Tokenizer
 
     path = Path(path)
-    if not (path / "tokenizer.json").is_file():
-        load_tokenizer(path)  # raises the explanatory error
-    backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+    backend = Tokenizer.from_file(str(_require_tokenizer_json(path)))
     config_file = path / "tokenizer_config.json"
     declared = json.loads(config_file.read_text()).get("added_tokens_decoder", {}) if config_file.is_file() else {}
     for token_id, token in declared.items():
