@@ -24,7 +24,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -36,6 +35,8 @@ sys.path.insert(0, str(ROOT))
 from preprocess.packing import best_fit_decreasing, llamafactory_greedy_knapsack  # noqa: E402
 from preprocess.sample_data import UNICODE_SNIPPETS, WORDS  # noqa: E402
 from preprocess.template import AM_THINKING  # noqa: E402
+
+from measure import run_with_peak_rss  # noqa: E402  (bench/measure.py)
 
 SEQ = 32768
 
@@ -88,46 +89,6 @@ def raw_tokenizer_throughput(tokenizer_dir: Path, texts: list[str]) -> tuple[int
         out = subprocess.run([sys.executable, "-c", code, str(tokenizer_dir), str(text_file)],
                              check=True, capture_output=True, text=True, env=env).stdout.split()
     return int(out[0]), float(out[1])
-
-
-def _rss_anon(pid: int) -> int:
-    """Anonymous resident bytes of a process (excludes mapped files, which the kernel can reclaim)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def run_with_peak_rss(cmd: list[str]) -> tuple[float, int, int, str]:
-    """Wall seconds, peak summed RSS and RssAnon (bytes) of the command's process tree, and its output."""
-    import psutil
-
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = peak_anon = 0
-    stop = threading.Event()
-
-    def sample():
-        nonlocal peak, peak_anon
-        root = psutil.Process(proc.pid)
-        while not stop.is_set():
-            try:
-                tree = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree))
-                peak_anon = max(peak_anon, sum(_rss_anon(p.pid) for p in tree))
-            except (psutil.Error, OSError):
-                pass
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    output, _ = proc.communicate()
-    stop.set()
-    sampler.join()
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{output[-3000:]}")
-    return time.perf_counter() - start, peak, peak_anon, output
 
 
 def stage_seconds(output: str) -> dict[str, float]:

@@ -2,7 +2,9 @@
 
 `setup_logging()` configures the root logger once: INFO on rank 0, WARNING on the other ranks (rank
 from the RANK environment variable that torchrun and Slurm launchers set), with the rank in each line
-when the job is distributed.
+when the job is distributed. It also silences the warnings that dependencies print on every import
+about optional accelerators and their own deprecations: expected, not actionable by a user, and
+repeated once per process; our entry points log which implementations run instead.
 """
 
 from __future__ import annotations
@@ -10,6 +12,24 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
+
+_EXPECTED_WARNINGS = (
+    r".*Transformer Engine and Apex are not installed.*",
+    r"Apex is not installed.*",
+    r".*recommended to set the environment variable CUDA_DEVICE_MAX_CONNECTIONS.*",
+    r"full scope is deprecated.*",
+    r"`load_state_dict` is deprecated.*",
+    r"Please use DTensor instead.*",
+    r"`torch.distributed.all_gather_into_tensor` is deprecated.*",
+    r"torch.distributed is disabled, unavailable or uninitialized.*",
+)
+
+
+def quiet_dependencies() -> None:
+    for message in _EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("megatron.core.distributed.fsdp").setLevel(logging.WARNING)
 
 
 def setup_logging(level: int | None = None) -> None:
@@ -23,3 +43,4 @@ def setup_logging(level: int | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    quiet_dependencies()

@@ -25,8 +25,37 @@ def megatron_logits_from_hf(rank: int, world_size: int, hf_dir: str, token_ids: 
     missing, unexpected = model.load_state_dict(dict(hf_to_mcore(arch, reader.read)), strict=False)
     assert not unexpected, unexpected
     assert all(key.endswith("_extra_state") for key in missing), missing
-    assert set(reader.reads) == reader.keys() and set(reader.reads.values()) == {1}  # each tensor once
+    assert not reader.not_read_exactly_once()
     ids = torch.tensor(token_ids)
     positions = torch.arange(ids.shape[1]).expand_as(ids)
     with torch.no_grad():
         return model(ids, positions, attention_mask=None)
+
+
+def resave_at_layout(rank: int, world_size: int, source: str, dest: str, tensor_parallel: int,
+                     pipeline_parallel: int) -> None:
+    """Loads a torch_dist checkpoint at TPxPP and saves it again through megatron-core, as a trainer at that
+    layout would (its full sharded state dict, Transformer Engine extra state included)."""
+    import shutil
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from convert.hf_to_mcore import read_hf_config
+    from convert.qwen2.model import Qwen2Arch, build_model, layer_spec, load_checkpoint_weights, transformer_config
+    from convert.torch_dist import HF_CONFIG_FILE
+
+    setup_parallel(tensor_parallel, pipeline_parallel)
+    arch = Qwen2Arch.from_hf_config(read_hf_config(Path(source)))
+    config = transformer_config(arch, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+                                use_cpu_initialization=True)
+    model = build_model(arch, config, layer_spec(False), pre_process=parallel_state.is_pipeline_first_stage(),
+                        post_process=parallel_state.is_pipeline_last_stage())
+    load_checkpoint_weights(model, source)
+    if rank == 0:
+        Path(dest).mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), dest)
+    if rank == 0:
+        shutil.copy(Path(source) / HF_CONFIG_FILE, Path(dest) / HF_CONFIG_FILE)

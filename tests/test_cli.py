@@ -13,7 +13,8 @@ from tools_runner import load_tool
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("tool", ["get_am_dataset", "preprocess_sft"])
+@pytest.mark.parametrize("tool", ["get_am_dataset", "preprocess_sft", "convert_hf_to_mcore", "convert_mcore_to_hf",
+                                  "verify_conversion"])
 def test_help_explains_every_flag(tool, capsys):
     parser = load_tool(tool).build_parser()
     for action in parser._actions:

@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
-from distributed import run_distributed
+from common.distributed import run_distributed
 from mcore_ranks import megatron_logits_from_hf
 
-from convert.hf_io import HFSafetensorsReader
+from convert.hf_io import CheckpointFileError, HFSafetensorsReader
 from convert.qwen2.model import Qwen2Arch, UnsupportedModelError
 from convert.qwen2.state_dict_adapter import bound_mappings, hf_to_mcore, mcore_to_hf
 
@@ -33,7 +33,7 @@ def test_round_trip_is_bitwise_and_consumes_every_tensor_once(tiny_qwen2_dir):
     arch = Qwen2Arch.from_hf_dir(tiny_qwen2_dir)
     reader = HFSafetensorsReader(tiny_qwen2_dir)
     mcore = dict(hf_to_mcore(arch, reader.read))
-    assert set(reader.reads) == reader.keys() and set(reader.reads.values()) == {1}
+    assert not reader.not_read_exactly_once()
     assert len(mcore) == len(bound_mappings(arch))
     back = dict(mcore_to_hf(arch, mcore.__getitem__))
     assert back.keys() == reader.keys()
@@ -49,18 +49,21 @@ def test_round_trip_is_bitwise_and_consumes_every_tensor_once(tiny_qwen2_dir):
 
 def test_qkv_layout_by_hand():
     # 4 query heads in 2 KV groups, head_dim 1, hidden 1: rows are labelled by their origin.
-    arch = Qwen2Arch(vocab_size=8, hidden_size=4, ffn_hidden_size=2, num_layers=1, num_attention_heads=4,
+    arch = Qwen2Arch(vocab_size=8, hidden_size=1, ffn_hidden_size=2, num_layers=1, num_attention_heads=4,
                      num_query_groups=2, head_dim=1, rms_norm_eps=1e-6, rope_base=1e6, tie_word_embeddings=True,
                      max_position_embeddings=16)
     q = torch.tensor([[10.0], [11.0], [12.0], [13.0]])  # heads 0, 1 (group 0), 2, 3 (group 1)
     k = torch.tensor([[20.0], [21.0]])
     v = torch.tensor([[30.0], [31.0]])
-    rule = next(m.rule for m in bound_mappings(arch) if m.mcore_key.endswith("linear_qkv.weight"))
-    fused = rule.to_mcore(arch, [q, k, v])
+    qkv = next(m for m in bound_mappings(arch) if m.key.endswith("linear_qkv.weight"))
+    fused = qkv.to_mcore([q, k, v])
     assert fused.flatten().tolist() == [10, 11, 20, 30, 12, 13, 21, 31]
-    assert [t.flatten().tolist() for t in rule.to_hf(arch, fused)] == [[10, 11, 12, 13], [20, 21], [30, 31]]
-    gated = next(m.rule for m in bound_mappings(arch) if m.mcore_key.endswith("linear_fc1.weight"))
-    fc1 = gated.to_mcore(arch, [torch.ones(2, 4), 2 * torch.ones(2, 4)])
+    assert [t.flatten().tolist() for t in qkv.to_hf(fused)] == [[10, 11, 12, 13], [20, 21], [30, 31]]
+    # Streaming pieces: megatron rows 1..5 come from q row 1, k row 0, v row 0, q row 2.
+    assert list(qkv.blocks_for_mcore_rows(1, 5)) == [(0, 1, 0, 1), (1, 0, 1, 1), (2, 0, 2, 1), (0, 2, 3, 1)]
+    assert list(qkv.blocks_for_hf_rows(0, 1, 3)) == [(1, 0, 1), (4, 1, 1)]
+    gated = next(m for m in bound_mappings(arch) if m.key.endswith("linear_fc1.weight"))
+    fc1 = gated.to_mcore([torch.ones(2, 1), 2 * torch.ones(2, 1)])
     assert fc1[:2].eq(1).all() and fc1[2:].eq(2).all()
 
 
@@ -101,5 +104,5 @@ def test_shape_mismatch_and_missing_shard_are_named(tiny_qwen2_dir, tmp_path):
     for file in tiny_qwen2_dir.iterdir():
         if not file.name.startswith("model-00002"):
             (tmp_path / file.name).symlink_to(file)
-    with pytest.raises(FileNotFoundError, match="model-00002-of"):
+    with pytest.raises(CheckpointFileError, match="model-00002-of"):
         HFSafetensorsReader(tmp_path)

@@ -11,11 +11,14 @@ other architectures) are refused with a message saying why.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 
@@ -139,6 +142,20 @@ def transformer_config(
     return TransformerConfig(**settings)
 
 
+def use_te(device: str) -> bool:
+    """Whether to use Transformer Engine's layer spec: on CUDA when TE imports; says which and why."""
+    if device != "cuda":
+        log.info("layer spec: megatron-core local (pure torch): running on %s", device)
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError as e:
+        log.info("layer spec: megatron-core local (pure torch): Transformer Engine is not importable (%s)", e)
+        return False
+    log.info("layer spec: Transformer Engine")
+    return True
+
+
 def layer_spec(use_transformer_engine: bool):
     """TE's fused layers when TE is importable and wanted, megatron-core's local (pure torch) ones otherwise."""
     from megatron.core.models.gpt import gpt_layer_specs
@@ -165,3 +182,17 @@ def build_model(arch: Qwen2Arch, config, spec, *, pre_process: bool = True, post
         rotary_base=arch.rope_base,  # Megatron-LM's own Qwen2.5 loader forgets this (DESIGN.md, section 4)
         vp_stage=vp_stage,
     )
+
+
+def load_checkpoint_weights(model, checkpoint_dir) -> None:
+    """Loads this rank's part of the model weights from a torch_dist checkpoint, whatever layout it was
+    saved at (megatron-core reads the overlapping stored chunks). Transformer Engine's `_extra_state`
+    (FP8 scaling state) is not part of a weight checkpoint and is left as initialised."""
+    from megatron.core import dist_checkpointing
+
+    sharded = {k: v for k, v in model.sharded_state_dict().items() if not k.endswith("_extra_state")}
+    state = dist_checkpointing.load(sharded, str(checkpoint_dir))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    problems = [k for k in missing if not k.endswith("_extra_state")] + list(unexpected)
+    if problems:
+        raise RuntimeError(f"{checkpoint_dir}: weights do not match the model: {problems[:5]}")

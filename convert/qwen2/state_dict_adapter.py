@@ -1,16 +1,20 @@
 """The HF <-> megatron-core parameter mapping for Qwen2, declared once and used in both directions.
 
-`MAPPINGS` is a table of HF key templates (with `{layer}`), the megatron-core key, and the HF shapes;
-`Direct` copies, and the two special cases know both directions:
+Each rule names its HF tensors (key templates with `{layer}`), the megatron-core tensor, and the HF
+shapes expected from config.json, and describes the megatron-core tensor as *row blocks*: "rows
+[m, m+n) of the megatron tensor are rows [h, h+n) of HF tensor i". Both directions, in memory or
+streamed piece by piece through files, are copies of these blocks, so the layout is written once:
 
-* `QKV`: HF's separate q/k/v projections <-> megatron-core's `linear_qkv`, which stacks, for each KV
-  group g, [the query heads of g, k_g, v_g] along dim 0 (weights and biases alike).
-* `GatedMLP`: HF's gate_proj and up_proj <-> `linear_fc1` = cat(gate, up) along dim 0.
+* `Direct`: one HF tensor, same rows.
+* `GatedMLP`: `linear_fc1` = cat(gate_proj, up_proj) along dim 0.
+* `QKV`: `linear_qkv` stacks, for each KV group g, [the query heads of g, k_g, v_g] (weights and
+  biases alike).
 
-Tensors here are whole (unsharded); tensor/pipeline sharding is megatron-core's business (its
-sharded state dict reshards torch_dist checkpoints on load). Norm weights live under different names
-in the local and Transformer Engine layer specs; `layer_names="te"` gives the TE names, which are also
-the names torch_dist checkpoints use for either spec.
+Tensors here are whole (unsharded); tensor/pipeline sharding is megatron-core's business. Per-layer
+megatron-core keys come in two spellings: the local layer spec's module names (`layer_names="local"`)
+and Transformer Engine's, where the norms live inside the fused linear layers (`"te"`). torch_dist
+checkpoints use neither directly: they stack the layers into one tensor per parameter, with a leading
+layer axis, under the TE names (`BoundMapping.dist_key`).
 """
 
 from __future__ import annotations
@@ -27,39 +31,42 @@ Shape = Callable[[Qwen2Arch], tuple[int, ...]]
 
 
 @dataclass(frozen=True)
+class Rows:
+    """Rows [mcore_start, mcore_start + count) of the megatron tensor are rows
+    [hf_start, hf_start + count) of the mapping's HF tensor number `hf`."""
+
+    hf: int
+    hf_start: int
+    mcore_start: int
+    count: int
+
+
+@dataclass(frozen=True)
 class Direct:
     hf: tuple[str, ...]
     mcore: str
     hf_shapes: tuple[Shape, ...]
 
-    def to_mcore(self, arch: Qwen2Arch, tensors: list[torch.Tensor]) -> torch.Tensor:
-        return tensors[0]
-
-    def to_hf(self, arch: Qwen2Arch, tensor: torch.Tensor) -> list[torch.Tensor]:
-        return [tensor]
-
-
-@dataclass(frozen=True)
-class QKV(Direct):
-    def to_mcore(self, arch: Qwen2Arch, tensors: list[torch.Tensor]) -> torch.Tensor:
-        q, k, v = tensors
-        g, rest = arch.num_query_groups, q.shape[1:]
-        grouped = [q.reshape(g, -1, *rest), k.reshape(g, -1, *rest), v.reshape(g, -1, *rest)]
-        return torch.cat(grouped, dim=1).reshape(-1, *rest)
-
-    def to_hf(self, arch: Qwen2Arch, tensor: torch.Tensor) -> list[torch.Tensor]:
-        g, d, rest = arch.num_query_groups, arch.head_dim, tensor.shape[1:]
-        q, k, v = tensor.reshape(g, -1, *rest).split([arch.heads_per_group * d, d, d], dim=1)
-        return [x.reshape(-1, *rest).contiguous() for x in (q, k, v)]
+    def rows(self, arch: Qwen2Arch, hf_shapes: list[tuple[int, ...]]) -> list[Rows]:
+        return [Rows(0, 0, 0, hf_shapes[0][0])]
 
 
 @dataclass(frozen=True)
 class GatedMLP(Direct):
-    def to_mcore(self, arch: Qwen2Arch, tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(tensors, dim=0)
+    def rows(self, arch: Qwen2Arch, hf_shapes: list[tuple[int, ...]]) -> list[Rows]:
+        gate, up = hf_shapes[0][0], hf_shapes[1][0]
+        return [Rows(0, 0, 0, gate), Rows(1, 0, gate, up)]
 
-    def to_hf(self, arch: Qwen2Arch, tensor: torch.Tensor) -> list[torch.Tensor]:
-        return [x.contiguous() for x in tensor.chunk(2, dim=0)]
+
+@dataclass(frozen=True)
+class QKV(Direct):
+    def rows(self, arch: Qwen2Arch, hf_shapes: list[tuple[int, ...]]) -> list[Rows]:
+        q, d = arch.heads_per_group * arch.head_dim, arch.head_dim
+        blocks = []
+        for g in range(arch.num_query_groups):
+            start = g * (q + 2 * d)
+            blocks += [Rows(0, g * q, start, q), Rows(1, g * d, start + q, d), Rows(2, g * d, start + q + d, d)]
+        return blocks
 
 
 def _h(a: Qwen2Arch) -> tuple[int, ...]:
@@ -74,13 +81,13 @@ def _kv(a: Qwen2Arch) -> int:
     return a.num_query_groups * a.head_dim
 
 
+def _vocab(a: Qwen2Arch) -> tuple[int, ...]:
+    return (a.vocab_size, a.hidden_size)
+
+
 _L = "model.layers.{layer}."
 _M = "decoder.layers.{layer}."
-GLOBAL_MAPPINGS = (
-    Direct(("model.embed_tokens.weight",), "embedding.word_embeddings.weight", (lambda a: (a.vocab_size, a.hidden_size),)),
-    Direct(("model.norm.weight",), "decoder.final_layernorm.weight", (_h,)),
-    Direct(("lm_head.weight",), "output_layer.weight", (lambda a: (a.vocab_size, a.hidden_size),)),  # absent when tied
-)
+EMBEDDING = Direct(("model.embed_tokens.weight",), "embedding.word_embeddings.weight", (_vocab,))
 LAYER_MAPPINGS = (
     Direct((_L + "input_layernorm.weight",), _M + "input_layernorm.weight", (_h,)),
     QKV(tuple(_L + f"self_attn.{p}_proj.weight" for p in "qkv"), _M + "self_attention.linear_qkv.weight",
@@ -93,6 +100,8 @@ LAYER_MAPPINGS = (
              (lambda a: (a.ffn_hidden_size, a.hidden_size),) * 2),
     Direct((_L + "mlp.down_proj.weight",), _M + "mlp.linear_fc2.weight", (lambda a: (a.hidden_size, a.ffn_hidden_size),)),
 )
+FINAL_NORM = Direct(("model.norm.weight",), "decoder.final_layernorm.weight", (_h,))
+OUTPUT_LAYER = Direct(("lm_head.weight",), "output_layer.weight", (_vocab,))  # absent when embeddings are tied
 _TE_NORM_NAMES = {
     _M + "input_layernorm.weight": _M + "self_attention.linear_qkv.layer_norm_weight",
     _M + "pre_mlp_layernorm.weight": _M + "mlp.linear_fc1.layer_norm_weight",
@@ -101,45 +110,96 @@ _TE_NORM_NAMES = {
 
 @dataclass(frozen=True)
 class BoundMapping:
-    """One mapping with its keys filled in for a layer (or the globals)."""
+    """One rule with its keys and shapes filled in for one layer (`layer` is None for the globals)."""
 
     rule: Direct
+    layer: int | None
     hf_keys: tuple[str, ...]
-    mcore_key: str
     hf_shapes: tuple[tuple[int, ...], ...]
+    key: str  # the megatron-core module's state-dict key
+    dist_key: str  # the torch_dist checkpoint key (layers stacked along a leading axis)
+    rows: tuple[Rows, ...]
+
+    @property
+    def mcore_shape(self) -> tuple[int, ...]:
+        return (sum(r.count for r in self.rows), *self.hf_shapes[0][1:])
+
+    def __post_init__(self):
+        # The declared blocks must tile the megatron tensor and every HF tensor exactly once.
+        tiled = sorted((r.mcore_start, r.count) for r in self.rows)
+        assert [s for s, _ in tiled] == [sum(n for _, n in tiled[:i]) for i in range(len(tiled))], self.key
+        for i, shape in enumerate(self.hf_shapes):
+            assert sum(r.count for r in self.rows if r.hf == i) == shape[0], (self.key, i)
+
+    def to_mcore(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        out = torch.empty(self.mcore_shape, dtype=tensors[0].dtype)
+        for r in self.rows:
+            out[r.mcore_start:r.mcore_start + r.count] = tensors[r.hf][r.hf_start:r.hf_start + r.count]
+        return out
+
+    def to_hf(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        out = [torch.empty(shape, dtype=tensor.dtype) for shape in self.hf_shapes]
+        for r in self.rows:
+            out[r.hf][r.hf_start:r.hf_start + r.count] = tensor[r.mcore_start:r.mcore_start + r.count]
+        return out
+
+    def blocks_for_mcore_rows(self, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
+        """(hf index, hf row, destination row, count) filling megatron rows [start, stop)."""
+        for r in self.rows:
+            lo, hi = max(start, r.mcore_start), min(stop, r.mcore_start + r.count)
+            if lo < hi:
+                yield r.hf, r.hf_start + lo - r.mcore_start, lo - start, hi - lo
+
+    def blocks_for_hf_rows(self, hf: int, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+        """(megatron row, destination row, count) filling rows [start, stop) of HF tensor `hf`."""
+        for r in self.rows:
+            lo, hi = max(start, r.hf_start), min(stop, r.hf_start + r.count)
+            if r.hf == hf and lo < hi:
+                yield r.mcore_start + lo - r.hf_start, lo - start, hi - lo
+
+
+def _bind(rule: Direct, arch: Qwen2Arch, layer: int | None, layer_names: LayerNames) -> BoundMapping:
+    te_name = _TE_NORM_NAMES.get(rule.mcore, rule.mcore)
+    key = te_name if layer_names == "te" else rule.mcore
+    shapes = tuple(s(arch) for s in rule.hf_shapes)
+    return BoundMapping(
+        rule=rule,
+        layer=layer,
+        hf_keys=tuple(k.format(layer=layer) for k in rule.hf),
+        hf_shapes=shapes,
+        key=key.format(layer=layer),
+        dist_key=te_name.replace("{layer}.", ""),
+        rows=tuple(rule.rows(arch, list(shapes))),
+    )
 
 
 def bound_mappings(arch: Qwen2Arch, layer_names: LayerNames = "local") -> list[BoundMapping]:
-    """Every mapping of the model, globals first then layer by layer (the order conversion streams in)."""
-    out = []
-    for rule in GLOBAL_MAPPINGS:
-        if rule.mcore == "output_layer.weight" and arch.tie_word_embeddings:
-            continue
-        out.append(BoundMapping(rule, rule.hf, rule.mcore, tuple(s(arch) for s in rule.hf_shapes)))
+    """Every mapping of the model in forward order: embedding, layer by layer, final norm, output layer."""
+    out = [_bind(EMBEDDING, arch, None, layer_names)]
     for layer in range(arch.num_layers):
-        for rule in LAYER_MAPPINGS:
-            mcore = _TE_NORM_NAMES.get(rule.mcore, rule.mcore) if layer_names == "te" else rule.mcore
-            out.append(BoundMapping(rule, tuple(k.format(layer=layer) for k in rule.hf), mcore.format(layer=layer),
-                                    tuple(s(arch) for s in rule.hf_shapes)))
+        out += [_bind(rule, arch, layer, layer_names) for rule in LAYER_MAPPINGS]
+    out.append(_bind(FINAL_NORM, arch, None, layer_names))
+    if not arch.tie_word_embeddings:
+        out.append(_bind(OUTPUT_LAYER, arch, None, layer_names))
     return out
 
 
 def hf_to_mcore(arch: Qwen2Arch, read_hf: Callable[[str], torch.Tensor],
                 layer_names: LayerNames = "local") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (megatron-core key, tensor), reading each HF tensor once through `read_hf(key)`."""
+    """Yields (megatron-core key, whole tensor), reading each HF tensor once through `read_hf(key)`."""
     for m in bound_mappings(arch, layer_names):
         tensors = [read_hf(key) for key in m.hf_keys]
         for key, tensor, shape in zip(m.hf_keys, tensors, m.hf_shapes):
             if tuple(tensor.shape) != shape:
                 raise ValueError(f"{key}: shape {tuple(tensor.shape)}, expected {shape} from config.json")
-        yield m.mcore_key, m.rule.to_mcore(arch, tensors)
+        yield m.key, m.to_mcore(tensors)
 
 
 def mcore_to_hf(arch: Qwen2Arch, read_mcore: Callable[[str], torch.Tensor],
                 layer_names: LayerNames = "local") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (HF key, tensor), the exact inverse of `hf_to_mcore`."""
+    """Yields (HF key, whole tensor), the exact inverse of `hf_to_mcore`."""
     for m in bound_mappings(arch, layer_names):
-        for key, tensor, shape in zip(m.hf_keys, m.rule.to_hf(arch, read_mcore(m.mcore_key)), m.hf_shapes):
-            if tuple(tensor.shape) != shape:
-                raise ValueError(f"{m.mcore_key} -> {key}: shape {tuple(tensor.shape)}, expected {shape}")
-            yield key, tensor
+        tensor = read_mcore(m.key)
+        if tuple(tensor.shape) != m.mcore_shape:
+            raise ValueError(f"{m.key}: shape {tuple(tensor.shape)}, expected {m.mcore_shape} from config.json")
+        yield from zip(m.hf_keys, m.to_hf(tensor))

@@ -1,0 +1,97 @@
+"""Runs a function on N local processes with a process group: gloo on CPU (megatron-core redirected
+to CPU, see common/megatron_cpu.py) or NCCL with one GPU per process.
+
+    results = run_distributed(fn, world_size, *args, device="cpu")   # per-rank returns of fn
+
+`fn(rank, world_size, *args)` must be importable by name (a module-level function), since ranks are
+spawned processes. Used by the tests, the demo and tools/verify_conversion.py; the trainer itself is
+started by torchrun.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import queue
+
+import torch
+import socket
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, device: str, fn, args, results) -> None:
+    try:
+        value = _run_rank(rank, world_size, port, device, fn, args)
+        # As bytes: a tensor put on the queue directly travels through shared memory that vanishes
+        # when this process exits, possibly before the parent has read it.
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        results.put((rank, True, buffer.getvalue()))
+    except BaseException as exc:  # reported to the parent, which raises it
+        import traceback
+
+        results.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def _run_rank(rank: int, world_size: int, port: int, device: str, fn, args):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    from common.logging_utils import setup_logging
+
+    setup_logging()
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=torch.device("cuda", rank))
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        from common import megatron_cpu
+
+        megatron_cpu.enable()
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        return fn(rank, world_size, *args)
+    finally:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, *args, device: str = "cpu", timeout: float = 1800) -> list:
+    """Per-rank return values of `fn`; raises RuntimeError with the failing rank's traceback."""
+    if device == "cuda":
+        if torch.cuda.device_count() < world_size:
+            raise RuntimeError(f"{world_size} processes need {world_size} GPUs; {torch.cuda.device_count()} visible")
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = _free_port()
+    # Plain (non-daemonic) processes: megatron-core's checkpoint saving starts processes of its own.
+    ranks = [context.Process(target=_rank_main, args=(rank, world_size, port, device, fn, args, results))
+             for rank in range(world_size)]
+    for process in ranks:
+        process.start()
+    outcomes = {}
+    try:
+        while len(outcomes) < world_size:
+            try:
+                rank, ok, value = results.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"no result from ranks {sorted(set(range(world_size)) - set(outcomes))} "
+                                   f"within {timeout:.0f} s") from None
+            if not ok:
+                raise RuntimeError(f"rank {rank} failed: {value}")
+            outcomes[rank] = torch.load(io.BytesIO(value), weights_only=False)
+    finally:
+        for process in ranks:
+            process.join(timeout=30 if len(outcomes) == world_size else 1)
+            if process.is_alive():
+                process.kill()
+    return [outcomes[rank] for rank in range(world_size)]

@@ -1,0 +1,178 @@
+"""megatron-core torch_dist checkpoint -> Hugging Face Qwen2 release, streamed.
+
+    python tools/convert_mcore_to_hf.py --mcore runs/k2think --out release/K2-Think-SFT
+
+Reads a converted checkpoint, or a training run directory (its latest complete iteration, or
+`iteration`), whatever tensor/pipeline layout it was saved at, and writes `Qwen2ForCausalLM` weights
+as sharded safetensors with their index, `config.json`, `generation_config.json`, and the tokenizer
+with the AM-thinking template installed as its chat template and `<|im_end|>` as its EOS token, so
+transformers and serving engines format prompts exactly as in training. Tensors are streamed a few
+rows at a time from the checkpoint's chunks into the safetensors files, the next piece read while
+the current one is written: anonymous memory stays at a few pieces of `max_piece_bytes`, or of the
+largest stored chunk where a trainer saved larger ones (DCP reads a stored chunk whole, so a piece
+never splits one).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.files import atomic_directory, write_json_atomic
+from common.provenance import tool_info
+from preprocess.template import AM_THINKING
+
+from .hf_to_mcore import DEFAULT_CHUNK_BYTES, DTYPES, read_hf_config
+from .qwen2.model import Qwen2Arch
+from .qwen2.state_dict_adapter import BoundMapping, bound_mappings
+from .safetensors_writer import TensorSpec, write_sharded
+from .torch_dist import PROVENANCE_FILE, TOKENIZER_DIR, TorchDistReader, resolve_checkpoint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
+PAD_TOKEN = "<|endoftext|>"
+
+
+class ExportError(ValueError):
+    """The checkpoint does not hold the model its hf_config.json describes, or no tokenizer was found."""
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    checkpoint: Path
+    shards: int
+    bytes_written: int
+    seconds: float
+
+
+def check_checkpoint(arch: Qwen2Arch, reader: TorchDistReader, mappings: list[BoundMapping]) -> torch.dtype:
+    """Every megatron tensor is present with its global shape and one floating dtype, returned."""
+    problems, dtypes = [], set()
+    for m in mappings:
+        expected = ((arch.num_layers,) if m.layer is not None else ()) + m.mcore_shape
+        if m.dist_key not in reader.tensors:
+            problems.append(f"{m.dist_key} missing")
+        elif reader.shape(m.dist_key) != expected:
+            problems.append(f"{m.dist_key}: shape {reader.shape(m.dist_key)}, expected {expected} from hf_config.json")
+        else:
+            dtypes.add(reader.dtype(m.dist_key))
+    if len(dtypes) > 1 or any(not d.is_floating_point for d in dtypes):
+        problems.append(f"model tensors must share one floating dtype; found {sorted(map(str, dtypes))}")
+    if problems:
+        raise ExportError(f"{reader.path}: " + "; ".join(sorted(set(problems))[:6]))
+    return dtypes.pop()
+
+
+def _read_mcore_rows(reader: TorchDistReader, m: BoundMapping, start: int, stop: int) -> torch.Tensor:
+    tail = m.mcore_shape[1:]
+    if m.layer is None:
+        return reader.read(m.dist_key, (start,) + (0,) * len(tail), (stop - start, *tail))
+    return reader.read(m.dist_key, (m.layer, start) + (0,) * len(tail), (1, stop - start, *tail))[0]
+
+
+def _largest_stored_chunk_bytes(reader: TorchDistReader, key: str) -> int:
+    metadata = reader.tensors[key]
+    return max(math.prod(chunk.sizes) for chunk in metadata.chunks) * metadata.properties.dtype.itemsize
+
+
+def _hf_rows_reader(reader: TorchDistReader, mappings: list[BoundMapping], dtype: torch.dtype):
+    owner = {key: (m, i) for m in mappings for i, key in enumerate(m.hf_keys)}
+
+    def read_rows(spec: TensorSpec, start: int, stop: int) -> torch.Tensor:
+        m, i = owner[spec.key]
+        blocks = list(m.blocks_for_hf_rows(i, start, stop))
+        lo, hi = min(b[0] for b in blocks), max(b[0] + b[2] for b in blocks)
+        region = _read_mcore_rows(reader, m, lo, hi)  # one read covering every block (QKV: the fused tensor)
+        if len(blocks) == 1:
+            return region.to(dtype)
+        out = torch.empty((stop - start, *spec.shape[1:]), dtype=dtype)
+        for mcore_row, dest, count in blocks:
+            out[dest:dest + count] = region[mcore_row - lo:mcore_row - lo + count]
+        return out
+
+    return read_rows
+
+
+def load_release_tokenizer(tokenizer_dir: Path):
+    """The tokenizer with the training chat template and <|im_end|> as EOS (ends every assistant turn)."""
+    from preprocess.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    for token in (AM_THINKING.stop_token, PAD_TOKEN):
+        if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
+            raise ExportError(f"{tokenizer_dir}: the tokenizer has no {token} token; is it a Qwen2.5 tokenizer?")
+    tokenizer.chat_template = AM_THINKING.jinja()
+    tokenizer.eos_token = AM_THINKING.stop_token
+    tokenizer.pad_token = PAD_TOKEN
+    return tokenizer
+
+
+def write_release_configs(hf_config: dict, out_dir: Path, dtype: torch.dtype, tokenizer) -> None:
+    from transformers import GenerationConfig, Qwen2Config
+
+    config = Qwen2Config.from_dict(hf_config)
+    config.architectures = ["Qwen2ForCausalLM"]
+    config.dtype = dtype
+    eos, pad = tokenizer.convert_tokens_to_ids(AM_THINKING.stop_token), tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+    config.eos_token_id = eos
+    config.save_pretrained(out_dir)
+    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=[eos, pad], pad_token_id=pad).save_pretrained(out_dir)
+
+
+def find_tokenizer(checkpoint: Path, tokenizer_dir: str | Path | None) -> Path:
+    if tokenizer_dir is not None:
+        return Path(tokenizer_dir)
+    if (checkpoint / TOKENIZER_DIR).is_dir():
+        return checkpoint / TOKENIZER_DIR
+    raise ExportError(f"{checkpoint} carries no tokenizer/ (its source had none): pass --tokenizer DIR, e.g. the "
+                      "base model's directory")
+
+
+def convert_mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, iteration: int | None = None,
+                        tokenizer_dir: str | Path | None = None, dtype: str | None = None, force: bool = False,
+                        max_shard_bytes: int = DEFAULT_SHARD_BYTES, max_piece_bytes: int = DEFAULT_CHUNK_BYTES,
+                        progress: bool = True) -> ExportResult:
+    """Exports the checkpoint at `mcore_dir` as a Hugging Face model directory `out_dir`.
+    `dtype`: "bf16" or "fp32", or None to keep the checkpoint's dtype."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    checkpoint = resolve_checkpoint(mcore_dir, iteration)
+    hf_config = read_hf_config(checkpoint)
+    arch = Qwen2Arch.from_hf_config(hf_config, str(checkpoint / "hf_config.json"))
+    reader = TorchDistReader(checkpoint)
+    mappings = bound_mappings(arch, "te")
+    source_dtype = check_checkpoint(arch, reader, mappings)
+    target = DTYPES[dtype] if dtype else source_dtype
+    tokenizer_path = find_tokenizer(checkpoint, tokenizer_dir)
+    tokenizer = load_release_tokenizer(tokenizer_path)
+    specs = [TensorSpec(key, shape, target) for m in mappings for key, shape in zip(m.hf_keys, m.hf_shapes)]
+    total = sum(s.nbytes for s in specs)
+    stored_chunk_bytes = {m.dist_key: _largest_stored_chunk_bytes(reader, m.dist_key) for m in mappings}
+    owner = {key: m for m in mappings for key in m.hf_keys}
+    log.info("exporting %s (%d layers, %s) -> %s, %.2f GB %s", checkpoint, arch.num_layers, source_dtype, out_dir,
+             total / 1e9, target)
+    with atomic_directory(out_dir, force=force) as tmp, \
+            tqdm(total=total, unit="B", unit_scale=True, desc="mcore -> hf", disable=not progress) as bar:
+        shards = write_sharded(
+            tmp, specs, _hf_rows_reader(reader, mappings, target), max_shard_bytes=max_shard_bytes,
+            piece_bytes=lambda spec: max(max_piece_bytes, stored_chunk_bytes[owner[spec.key].dist_key]),
+            on_written=lambda spec, n: bar.update(n))
+        write_release_configs(hf_config, tmp, target, tokenizer)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / PROVENANCE_FILE, {
+            **tool_info("convert_mcore_to_hf"), "checkpoint": str(checkpoint.resolve()),
+            "tokenizer": str(tokenizer_path.resolve()), "source_dtype": str(source_dtype), "dtype": str(target),
+            "arch": arch.to_dict(), "bytes": total,
+        })
+    seconds = time.perf_counter() - started
+    log.info("wrote %s: %d shard(s), %.2f GB in %.1f s (%.2f GB/s)", out_dir, len(shards), total / 1e9, seconds,
+             total / 1e9 / seconds)
+    return ExportResult(Path(out_dir), checkpoint, len(shards), total, seconds)

@@ -1,0 +1,194 @@
+"""megatron-core torch_dist checkpoints, written and read without building a model.
+
+A torch_dist checkpoint is a PyTorch Distributed Checkpoint (DCP) directory whose tensors are named
+by megatron-core's sharded keys, plus megatron-core's `metadata.json` (which backend) and `common.pt`
+(non-tensor state). megatron-core loads any such checkpoint at any tensor/pipeline/data-parallel
+layout, because DCP reads whichever stored chunks overlap the region each rank needs. So:
+
+* `write_checkpoint` writes chunks that are produced one at a time, on demand, while DCP streams
+  them to disk: the writer's memory is a few chunks, not the model.
+* `TorchDistReader.read` reads any rectangular region of a stored tensor, whatever chunks the
+  writer (this module, or a trainer at some TP/PP layout) cut it into.
+
+Our checkpoints also carry side files that make them self-describing: `hf_config.json` (the model's
+Hugging Face config, which the exporter needs), `tokenizer/` and `provenance.json`. A training run's
+directory holds one checkpoint per saved iteration in `iter_NNNNNNN/`; an iteration is complete once
+its directory exists under that name (the trainer writes under a temporary name and renames).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                     "common_backend": "torch", "common_backend_version": 1}
+HF_CONFIG_FILE = "hf_config.json"
+TOKENIZER_DIR = "tokenizer"
+PROVENANCE_FILE = "provenance.json"
+_ITERATION_DIR = re.compile(r"^iter_(\d{7})$")
+
+
+def iteration_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One stored piece of a global tensor: `produce()` returns it, shaped `sizes`, when DCP writes it."""
+
+    key: str
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    dtype: torch.dtype
+    produce: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.sizes) * self.dtype.itemsize
+
+
+def write_checkpoint(out_dir: str | Path, chunks: list[Chunk], *, threads: int = 1,
+                     on_chunk_written: Callable[[Chunk], None] | None = None) -> None:
+    """Writes `chunks` as a torch_dist checkpoint into the (empty) directory `out_dir`.
+
+    With one thread, chunks are produced and written in list order (sequential reads of the source);
+    with more, DCP spreads them over that many files and threads, largest first.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
+    torch.save({}, out_dir / "common.pt")
+    writer = dcp.FileSystemWriter(str(out_dir), thread_count=threads, sync_files=True)
+    try:
+        with warnings.catch_warnings():  # "no process group, assuming a single process": yes, by design
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({}, storage_writer=writer, planner=_ChunkSavePlanner(chunks, on_chunk_written), no_dist=True)
+    except dcp.api.CheckpointException as wrapped:  # a BaseException; surface what actually failed
+        (error, _trace), *_ = wrapped.failures.values()
+        raise error from None
+
+
+class _ChunkSavePlanner(dcp.DefaultSavePlanner):
+    """A DCP save planner whose items are `Chunk`s, produced lazily in `resolve_data`."""
+
+    def __init__(self, chunks: list[Chunk], on_chunk_written):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self._chunks = {(c.key, tuple(c.offsets)): c for c in chunks}
+        if len(self._chunks) != len(chunks):
+            raise ValueError("two chunks share a key and offsets")
+        self._on_written = on_chunk_written
+
+    def create_local_plan(self):
+        self.plan = SavePlan([
+            WriteItem(index=MetadataIndex(c.key, torch.Size(c.offsets)), type=WriteItemType.SHARD,
+                      tensor_data=TensorWriteData(
+                          chunk=ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)),
+                          properties=TensorProperties(dtype=c.dtype), size=torch.Size(c.global_shape)))
+            for c in self._chunks.values()
+        ])
+        return self.plan
+
+    def resolve_data(self, write_item):
+        chunk = self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
+        tensor = chunk.produce()
+        if tuple(tensor.shape) != chunk.sizes or tensor.dtype != chunk.dtype:
+            raise AssertionError(f"{chunk.key} at {chunk.offsets}: produced {tuple(tensor.shape)} {tensor.dtype}, "
+                                 f"declared {chunk.sizes} {chunk.dtype}")
+        if self._on_written:
+            self._on_written(chunk)
+        return tensor.contiguous()
+
+
+class TorchDistReader:
+    """Reads regions of the tensors of a torch_dist checkpoint directory."""
+
+    def __init__(self, checkpoint_dir: str | Path):
+        self.path = Path(checkpoint_dir)
+        if not (self.path / ".metadata").is_file():
+            raise FileNotFoundError(f"{self.path} is not a complete torch_dist checkpoint (no .metadata)")
+        self._reader = dcp.FileSystemReader(str(self.path))
+        metadata = self._reader.read_metadata()
+        self._reader.set_up_storage_reader(metadata, is_coordinator=True)
+        self.tensors = {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, dcp.TensorStorageMetadata)}
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._metadata(key).size)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._metadata(key).properties.dtype
+
+    def _metadata(self, key: str):
+        if key not in self.tensors:
+            raise KeyError(f"{key} is not in the checkpoint at {self.path}")
+        return self.tensors[key]
+
+    def read(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
+        """The region [offsets, offsets + sizes) of tensor `key`, assembled from the stored chunks."""
+        metadata = self._metadata(key)
+        out = torch.empty(sizes, dtype=metadata.properties.dtype)
+        items = create_read_items_for_chunk_list(
+            key, metadata, [ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))])
+        if sum(math.prod(item.lengths) for item in items) != out.numel():
+            raise ValueError(f"{self.path}: the stored chunks of {key} do not cover {sizes} at {offsets}")
+        self._reader.read_data(LoadPlan(items), _IntoTensor(out)).wait()
+        return out
+
+
+class _IntoTensor(dcp.DefaultLoadPlanner):
+    """Routes every read item of a plan into one destination tensor."""
+
+    def __init__(self, out: torch.Tensor):
+        super().__init__()
+        self._out = out
+
+    def lookup_tensor(self, index) -> torch.Tensor:
+        return self._out
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / ".metadata").is_file() and (path / "metadata.json").is_file()
+
+
+def complete_iterations(run_dir: str | Path) -> dict[int, Path]:
+    """The complete checkpoints of a training run directory, by iteration."""
+    found = {}
+    for child in Path(run_dir).iterdir():
+        match = _ITERATION_DIR.match(child.name)
+        if match and is_checkpoint(child):
+            found[int(match.group(1))] = child
+    return found
+
+
+def resolve_checkpoint(path: str | Path, iteration: int | None = None) -> Path:
+    """A checkpoint directory from either a checkpoint or a run directory (latest complete iteration,
+    or `iteration`)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist")
+    if is_checkpoint(path):
+        if iteration is not None:
+            raise ValueError(f"{path} is a single checkpoint; --iteration applies to a training run directory")
+        return path
+    iterations = complete_iterations(path)
+    if not iterations:
+        raise FileNotFoundError(f"{path} is neither a torch_dist checkpoint (metadata.json + .metadata) nor a run "
+                                f"directory with complete iter_NNNNNNN/ checkpoints")
+    if iteration is None:
+        return iterations[max(iterations)]
+    if iteration not in iterations:
+        raise FileNotFoundError(f"{path}: no complete checkpoint for iteration {iteration}; "
+                                f"available: {sorted(iterations)}")
+    return iterations[iteration]

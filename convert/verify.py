@@ -1,0 +1,123 @@
+"""Checks a converted checkpoint against its Hugging Face original: both models score the same token
+sequences in fp32 and their logits are compared.
+
+    python tools/verify_conversion.py --hf /models/Qwen2.5-32B --mcore ckpt/qwen2.5-32b-mcore --tp 8 --pp 1
+
+The megatron-core side runs at the requested tensor/pipeline layout (gloo processes on CPU, or one
+GPU per process), loading the torch_dist checkpoint through megatron-core's resharding loader, as the
+trainer does; the HF side is `transformers.Qwen2ForCausalLM`. A correct conversion differs only by
+floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VerifyResult:
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agreement: float
+    atol: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.atol
+
+    def summary(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        return (f"max |logit diff| {self.max_abs_diff:.3g}, mean {self.mean_abs_diff:.3g}, "
+                f"top-1 agreement {100 * self.top1_agreement:.2f}%: {verdict} (tolerance {self.atol:g})")
+
+
+def sample_token_ids(vocab_size: int, batch: int, seq_length: int, seed: int = 0) -> list[list[int]]:
+    """Seeded random ids over the whole vocabulary (every embedding row is equally likely to be hit)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, seq_length), generator=generator).tolist()
+
+
+def megatron_logits(rank: int, world_size: int, checkpoint_dir: str, tensor_parallel: int, pipeline_parallel: int,
+                    token_ids: list[list[int]], device: str) -> torch.Tensor | None:
+    """Per-rank body: builds this rank's stage, loads the checkpoint, runs the pipeline forward; the first
+    tensor-parallel rank of the last stage returns the full-vocabulary fp32 logits [b, s, vocab]."""
+    from megatron.core import parallel_state, tensor_parallel as tp
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from .hf_to_mcore import read_hf_config
+    from .qwen2.model import Qwen2Arch, build_model, layer_spec, load_checkpoint_weights, transformer_config, use_te
+
+    parallel_state.initialize_model_parallel(tensor_parallel, pipeline_parallel)
+    tp.model_parallel_cuda_manual_seed(0)
+    arch = Qwen2Arch.from_hf_config(read_hf_config(Path(checkpoint_dir)))
+    on_gpu = device == "cuda"
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    config = transformer_config(arch, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+                                use_cpu_initialization=not on_gpu)
+    model = build_model(arch, config, layer_spec(use_te(device)),
+                        pre_process=parallel_state.is_pipeline_first_stage(),
+                        post_process=parallel_state.is_pipeline_last_stage())
+    if on_gpu:
+        model.cuda()
+    load_checkpoint_weights(model, checkpoint_dir)
+    model.eval()
+    ids = torch.tensor(token_ids, device=torch.device(device, rank) if on_gpu else "cpu")
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+
+    def forward_step(data_iterator, model):
+        return model(ids, positions, attention_mask=None), None  # no loss function: the output is kept
+
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([None]), model=[model], num_microbatches=1,
+            seq_length=ids.shape[1], micro_batch_size=ids.shape[0], forward_only=True)
+        if not parallel_state.is_pipeline_last_stage():
+            return None
+        logits = tp.gather_from_tensor_model_parallel_region(outputs[0])
+    return logits.float().cpu() if parallel_state.get_tensor_model_parallel_rank() == 0 else None
+
+
+def hf_logits(hf_dir: str | Path, token_ids: list[list[int]], device: str = "cpu") -> torch.Tensor:
+    from transformers import Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").to(device)
+    with torch.no_grad():
+        return model(torch.tensor(token_ids, device=device)).logits.float().cpu()
+
+
+def compare(expected: torch.Tensor, actual: torch.Tensor, atol: float) -> VerifyResult:
+    if expected.shape != actual.shape:
+        raise ValueError(f"logits shapes differ: HF {tuple(expected.shape)}, megatron {tuple(actual.shape)}")
+    diff = (expected - actual).abs()
+    top1 = (expected.argmax(-1) == actual.argmax(-1)).float().mean().item()
+    return VerifyResult(diff.max().item(), diff.mean().item(), top1, atol)
+
+
+def verify_conversion(hf_dir: str | Path, mcore_dir: str | Path, *, tensor_parallel: int = 1,
+                      pipeline_parallel: int = 1, batch: int = 2, seq_length: int = 64, seed: int = 0,
+                      atol: float = 1e-4, device: str | None = None) -> VerifyResult:
+    from common.distributed import run_distributed
+
+    from .hf_to_mcore import read_hf_config
+    from .torch_dist import resolve_checkpoint
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    checkpoint = resolve_checkpoint(mcore_dir)
+    vocab_size = read_hf_config(checkpoint)["vocab_size"]
+    token_ids = sample_token_ids(vocab_size, batch, seq_length, seed)
+    world_size = tensor_parallel * pipeline_parallel
+    log.info("megatron-core: %s at TP=%d PP=%d on %d %s process(es)", checkpoint, tensor_parallel,
+             pipeline_parallel, world_size, device)
+    results = run_distributed(megatron_logits, world_size, str(checkpoint), tensor_parallel, pipeline_parallel,
+                              token_ids, device, device=device)
+    (ours,) = [r for r in results if r is not None]
+    log.info("transformers: %s", hf_dir)
+    return compare(hf_logits(hf_dir, token_ids, device), ours, atol)

@@ -1,0 +1,187 @@
+"""Checkpoint conversion HF <-> megatron-core torch_dist, through the tools and files: bitwise round
+trips, logits against transformers at TP=2/PP=2, export of checkpoints megatron-core saved at another
+layout, chunked storage, and the errors bad inputs get."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from mcore_ranks import resave_at_layout
+from tools_runner import run_tool
+
+from common.distributed import run_distributed
+from convert.hf_io import HFSafetensorsReader
+from convert.hf_to_mcore import plan_chunks
+from convert.qwen2.model import Qwen2Arch
+from convert.qwen2.state_dict_adapter import bound_mappings
+from convert.torch_dist import Chunk, TorchDistReader, iteration_dir_name, resolve_checkpoint, write_checkpoint
+from convert.verify import hf_logits, sample_token_ids, verify_conversion
+from preprocess.template import AM_THINKING
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_qwen2_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mcore") / "ckpt"
+    assert run_tool("convert_hf_to_mcore", ["--hf", str(tiny_qwen2_dir), "--out", str(out), "--chunk-mb", "1"]) == 0
+    return out
+
+
+def assert_same_weights(expected_dir, actual_dir):
+    expected, actual = HFSafetensorsReader(expected_dir), HFSafetensorsReader(actual_dir)
+    assert actual.keys() == expected.keys()
+    for key in expected.keys():
+        a, b = expected.read(key), actual.read(key)
+        assert a.dtype == b.dtype and torch.equal(a, b), key
+
+
+def test_round_trip_through_files_is_bitwise(tiny_qwen2_dir, converted, qwen_tokenizer_dir, tmp_path):
+    out = tmp_path / "release"
+    assert run_tool("convert_mcore_to_hf", ["--mcore", str(converted), "--out", str(out),
+                                            "--tokenizer", str(qwen_tokenizer_dir), "--max-shard-gb", "0.03"]) == 0
+    assert_same_weights(tiny_qwen2_dir, out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 2  # sharded at the requested size
+    original = json.loads((tiny_qwen2_dir / "config.json").read_text())
+    exported = json.loads((out / "config.json").read_text())
+    assert Qwen2Arch.from_hf_config(exported) == Qwen2Arch.from_hf_config(original)
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    ids = sample_token_ids(original["vocab_size"], 2, 16)
+    assert torch.equal(hf_logits(out, ids), hf_logits(tiny_qwen2_dir, ids))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    turns = ["What is 2+2?", "<think>\nsimple\n</think>\n<answer>4</answer>"]
+    messages = [{"role": r, "content": c} for r, c in zip(("user", "assistant"), turns)]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == AM_THINKING.render(None, turns)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.eos_token == "<|im_end|>" and exported["eos_token_id"] == im_end
+    assert im_end in GenerationConfig.from_pretrained(out).eos_token_id
+
+
+def test_logits_match_transformers_at_tp2_pp2(tiny_qwen2_dir, converted):
+    result = verify_conversion(tiny_qwen2_dir, converted, tensor_parallel=2, pipeline_parallel=2, seq_length=24)
+    assert result.max_abs_diff <= 1e-4 and result.top1_agreement == 1.0, result.summary()
+
+
+def test_verify_tool_at_tp1(tiny_qwen2_dir, converted, capsys):
+    assert run_tool("verify_conversion", ["--hf", str(tiny_qwen2_dir), "--mcore", str(converted),
+                                          "--seq-length", "16", "--device", "cpu"]) == 0
+    assert "PASS" in capsys.readouterr().out
+
+
+def test_checkpoint_saved_at_tp2_pp2_exports_the_same_weights(tiny_qwen2_dir, converted, qwen_tokenizer_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    run_distributed(resave_at_layout, 4, str(converted), str(run_dir / iteration_dir_name(7)), 2, 2)
+    (run_dir / iteration_dir_name(9)).mkdir()  # an interrupted save: not complete, never picked
+    assert resolve_checkpoint(run_dir) == run_dir / iteration_dir_name(7)
+    chunks = TorchDistReader(run_dir / iteration_dir_name(7)).tensors["decoder.layers.mlp.linear_fc1.weight"].chunks
+    assert len(chunks) == 2 * 2 * 2  # layers (one per stage) x TP x (gate, up): really a different layout
+    out = tmp_path / "release"
+    assert run_tool("convert_mcore_to_hf", ["--mcore", str(run_dir), "--out", str(out),
+                                            "--tokenizer", str(qwen_tokenizer_dir)]) == 0
+    assert_same_weights(tiny_qwen2_dir, out)
+
+
+def test_chunks_tile_every_tensor_within_the_size_cap(tiny_qwen2_dir):
+    arch = Qwen2Arch.from_hf_dir(tiny_qwen2_dir)
+    cap = 8 << 10
+    chunks = plan_chunks(arch, HFSafetensorsReader(tiny_qwen2_dir), torch.float32, max_chunk_bytes=cap)
+    by_key: dict[str, list[Chunk]] = {}
+    for chunk in chunks:
+        assert chunk.nbytes <= max(cap, 4 * chunk.global_shape[-1])  # one row may exceed a tiny cap
+        by_key.setdefault(chunk.key, []).append(chunk)
+    for m in bound_mappings(arch, "te"):
+        covered = sum(c.sizes[1 if m.layer is not None else 0] for c in by_key[m.dist_key]
+                      if m.layer is None or c.offsets[0] == m.layer)
+        assert covered == m.mcore_shape[0], m.dist_key
+    fc1 = [c for c in by_key["decoder.layers.mlp.linear_fc1.weight"] if c.offsets[0] == 0]
+    assert arch.ffn_hidden_size in {c.offsets[1] for c in fc1}  # cut at the gate/up boundary
+
+
+def test_reader_reassembles_any_region_from_any_chunking(tmp_path):
+    full = torch.arange(5 * 6 * 4, dtype=torch.float32).reshape(5, 6, 4)
+    chunks = [Chunk("t", (5, 6, 4), (i, j, 0), (1, 3, 4), torch.float32,
+                    lambda i=i, j=j: full[i:i + 1, j:j + 3].clone()) for i in range(5) for j in (0, 3)]
+    write_checkpoint(tmp_path / "ckpt", chunks, threads=2)
+    reader = TorchDistReader(tmp_path / "ckpt")
+    assert torch.equal(reader.read("t", (1, 2, 1), (3, 3, 2)), full[1:4, 2:5, 1:3])
+    assert torch.equal(reader.read("t", (0, 0, 0), (5, 6, 4)), full)
+
+
+# Bad inputs -------------------------------------------------------------------------------------------
+
+def _copy_model(src, dest):
+    shutil.copytree(src, dest)
+    return dest
+
+
+def test_bad_sources_are_named(tiny_qwen2_dir, tmp_path, capsys):
+    def convert(hf) -> str:
+        assert run_tool("convert_hf_to_mcore", ["--hf", str(hf), "--out", str(tmp_path / "out")]) == 2
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+        return capsys.readouterr().err
+
+    missing = _copy_model(tiny_qwen2_dir, tmp_path / "missing")
+    shard = sorted(missing.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    assert shard.name in convert(missing) and "missing" in convert(missing)
+
+    truncated = _copy_model(tiny_qwen2_dir, tmp_path / "truncated")
+    shard = sorted(truncated.glob("model-*.safetensors"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 1000)
+    assert shard.name in (err := convert(truncated)) and "truncated" in err
+
+    llama = _copy_model(tiny_qwen2_dir, tmp_path / "llama")
+    config = json.loads((llama / "config.json").read_text())
+    (llama / "config.json").write_text(json.dumps({**config, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    assert "only Qwen2" in convert(llama)
+
+    wider = _copy_model(tiny_qwen2_dir, tmp_path / "wider")
+    (wider / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
+    assert "gate_proj.weight: shape" in convert(wider)
+
+    fewer = _copy_model(tiny_qwen2_dir, tmp_path / "fewer")
+    (fewer / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    assert "the config does not describe" in convert(fewer) and "model.layers.1." in convert(fewer)
+
+
+def test_existing_output_needs_force_and_a_crash_leaves_nothing(tiny_qwen2_dir, converted, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    assert run_tool("convert_hf_to_mcore", ["--hf", str(tiny_qwen2_dir), "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err and (out / "keep").exists()
+
+    calls = {"n": 0}
+    original = HFSafetensorsReader.read_rows
+
+    def failing(self, key, start, stop, out=None):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError("disk went away")
+        return original(self, key, start, stop, out)
+
+    monkeypatch.setattr(HFSafetensorsReader, "read_rows", failing)
+    with pytest.raises(OSError, match="disk went away"):
+        run_tool("convert_hf_to_mcore", ["--hf", str(tiny_qwen2_dir), "--out", str(out), "--force"])
+    assert (out / "keep").exists() and not (tmp_path / "out.partial").exists()  # the old output is untouched
+    monkeypatch.undo()
+    assert run_tool("convert_hf_to_mcore", ["--hf", str(tiny_qwen2_dir), "--out", str(out), "--force"]) == 0
+    assert not (out / "keep").exists() and resolve_checkpoint(out) == out
+
+
+def test_export_errors_are_named(converted, tmp_path, capsys):
+    def export(*extra) -> str:
+        assert run_tool("convert_mcore_to_hf", ["--mcore", str(converted), "--out", str(tmp_path / "o"), *extra]) == 2
+        return capsys.readouterr().err
+
+    assert "pass --tokenizer" in export()
+    assert "--iteration applies to a training run directory" in export("--iteration", "3")
+    run = tmp_path / "run"
+    (run / iteration_dir_name(1)).mkdir(parents=True)
+    assert run_tool("convert_mcore_to_hf", ["--mcore", str(run), "--out", str(tmp_path / "o")]) == 2
+    assert "complete iter_NNNNNNN" in capsys.readouterr().err

@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""Exports a megatron-core torch_dist checkpoint as a Hugging Face Qwen2 model (the release).
+
+    python tools/convert_mcore_to_hf.py --mcore runs/k2think --out release/K2-Think-SFT
+
+--mcore is a converted checkpoint or a training run directory (its latest complete iter_NNNNNNN/, or
+--iteration N), saved at any tensor/pipeline layout. Writes Qwen2ForCausalLM weights as safetensors
+shards of at most --max-shard-gb with model.safetensors.index.json, config.json,
+generation_config.json, and the tokenizer with the AM-thinking chat template (the one used in
+training) and <|im_end|> as EOS. Streams tensors, so memory stays small whatever the model size;
+the output appears under its final name only once complete. Exit status 2 with a message on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from common.cli import exit_status  # noqa: E402
+from common.logging_utils import setup_logging  # noqa: E402
+from convert.hf_to_mcore import DTYPES  # noqa: E402
+from convert.mcore_to_hf import DEFAULT_SHARD_BYTES, convert_mcore_to_hf  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mcore", type=Path, required=True,
+                        help="torch_dist checkpoint directory, or a training run directory of iter_NNNNNNN/ checkpoints")
+    parser.add_argument("--out", type=Path, required=True, help="directory to create for the Hugging Face model")
+    parser.add_argument("--iteration", type=int, default=None,
+                        help="which saved iteration of a run directory to export (default: the latest complete one)")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="tokenizer directory (default: the tokenizer/ the checkpoint carries from its source)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="dtype of the exported weights (default: the checkpoint's)")
+    parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 1e9,
+                        help="largest safetensors shard in GB (default %(default)s, as transformers)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists (only once the new one is complete)")
+    return parser
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+
+    def export() -> int:
+        convert_mcore_to_hf(args.mcore, args.out, iteration=args.iteration, tokenizer_dir=args.tokenizer,
+                            dtype=args.dtype, force=args.force, max_shard_bytes=int(args.max_shard_gb * 1e9))
+        return 0
+
+    return exit_status(export)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
