@@ -1,0 +1,265 @@
+"""The trainer's configuration: one typed tree, loaded from YAML with dotted command-line overrides,
+validated before any process group or model is built.
+
+    config = load_config("configs/k2think_qwen2.5_32b.yaml", ["parallel.tensor=4", "data.prefixes=[/d/am]"])
+    config.validate(world_size=256, te_available=True, arch=arch, data_seq_length=32768)
+
+Defaults are the K2-Think recipe's (DESIGN.md section 5): lr 1e-4 cosine to 0 after a 5% warm-up,
+AdamW (0.9, 0.999, eps 1e-8, no weight decay), clip 1.0, 2 epochs, global batch 512 packs of 32768
+tokens. Every validation error names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the field and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    init_checkpoint: str | None = None  # torch_dist from tools/convert_hf_to_mcore.py (architecture from its hf_config.json)
+    recompute: Literal["none", "selective", "full"] = "selective"
+    attention: Literal["auto", "te", "torch"] = "auto"  # auto: Transformer Engine when importable on CUDA
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: int | None = None  # interleaved 1F1B: model chunks per pipeline rank
+    context: int = 1
+    sequence_parallel: bool = False
+    micro_batch_size: int = 1  # packs per micro-batch
+
+
+@dataclass
+class DataConfig:
+    prefixes: list[str] = field(default_factory=list)  # PREFIX of PREFIX_input_ids.{bin,idx} etc.
+    weights: list[float] | None = None  # relative sampling weights of several prefixes
+    seq_length: int = 32768
+    seed: int = 1234  # order of packs; a different permutation per epoch
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 2
+    global_batch_size: int = 512  # packs per optimizer step
+    warmup_ratio: float = 0.05
+    train_iters: int | None = None  # default: from packs, epochs and global batch
+    max_consecutive_nonfinite: int = 5  # skipped steps in a row before the run aborts
+
+
+@dataclass
+class CheckpointConfig:
+    save_dir: str | None = None
+    save_interval: int = 500
+    keep_last_n: int | None = 3
+    resume: str = "auto"  # auto: latest complete checkpoint in save_dir, if any; none; or a path
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    metrics_file: str | None = None  # JSONL; default SAVE_DIR/metrics.jsonl
+    wandb_mode: Literal["online", "offline", "disabled"] = "disabled"
+    wandb_project: str = "k2think-sft"
+    wandb_run_name: str | None = None
+    peak_tflops_per_device: float = 989.0  # H100 SXM dense bf16, for MFU
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    seed: int = 1234
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        p = self.parallel
+        return world_size // (p.tensor * p.pipeline * p.context)
+
+    def validate(self, *, world_size: int, te_available: bool, arch=None, data_seq_length: int | None = None) -> None:
+        """Raises ConfigError listing every problem found; `arch` (a Qwen2Arch) and the data's sequence
+        length are checked when given."""
+        problems = _check_values(self) + _check_layout(self, world_size) + _check_te(self, te_available)
+        if arch is not None:
+            problems += _check_arch(self, arch)
+        if data_seq_length is not None and data_seq_length != self.data.seq_length:
+            problems.append(f"data.seq_length={self.data.seq_length} but the data was packed at {data_seq_length}: "
+                            f"set data.seq_length={data_seq_length} or re-run tools/preprocess_sft.py")
+        if problems:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _check_values(c: TrainConfig) -> list[str]:
+    problems = []
+    if not c.data.prefixes:
+        problems.append("data.prefixes is empty: set data.prefixes=[PREFIX] (the --output-prefix of preprocess_sft.py)")
+    for prefix in c.data.prefixes:
+        missing = [s for s in ("_input_ids.bin", "_input_ids.idx", "_loss_mask.bin", "_loss_mask.idx", "_meta.json")
+                   if not Path(prefix + s).is_file()]
+        if missing:
+            problems.append(f"data.prefixes: {prefix}{missing[0]} not found (run tools/preprocess_sft.py first)")
+    if c.data.weights is not None and (len(c.data.weights) != len(c.data.prefixes) or min(c.data.weights) <= 0):
+        problems.append("data.weights needs one positive weight per prefix")
+    if c.model.init_checkpoint and not (Path(c.model.init_checkpoint) / "hf_config.json").is_file():
+        problems.append(f"model.init_checkpoint={c.model.init_checkpoint} is not a converted checkpoint "
+                        "(no hf_config.json): run tools/convert_hf_to_mcore.py")
+    if c.model.init_checkpoint is None and c.checkpoint.resume == "none":
+        problems.append("model.init_checkpoint is not set and checkpoint.resume=none: nothing to start from")
+    if not 0 <= c.schedule.warmup_ratio < 1:
+        problems.append(f"schedule.warmup_ratio={c.schedule.warmup_ratio} must be in [0, 1)")
+    if c.optimizer.lr <= 0 or c.optimizer.min_lr < 0 or c.optimizer.min_lr > c.optimizer.lr:
+        problems.append("optimizer.lr must be > 0 and 0 <= optimizer.min_lr <= optimizer.lr")
+    if c.checkpoint.save_dir is None:
+        problems.append("checkpoint.save_dir is not set: where should checkpoints and metrics go?")
+    for name in ("epochs", "global_batch_size", "max_consecutive_nonfinite"):
+        if getattr(c.schedule, name) < 1:
+            problems.append(f"schedule.{name} must be >= 1")
+    return problems
+
+
+def _check_layout(c: TrainConfig, world_size: int) -> list[str]:
+    p, problems = c.parallel, []
+    model_parallel = p.tensor * p.pipeline * p.context
+    if min(p.tensor, p.pipeline, p.context, p.micro_batch_size) < 1:
+        return ["parallel.tensor, pipeline, context and micro_batch_size must be >= 1"]
+    if world_size % model_parallel:
+        return [f"{world_size} processes are not divisible by tensor x pipeline x context = {model_parallel}: "
+                "change the layout or the number of processes"]
+    dp = world_size // model_parallel
+    if c.schedule.global_batch_size % (p.micro_batch_size * dp):
+        problems.append(f"schedule.global_batch_size={c.schedule.global_batch_size} is not divisible by "
+                        f"parallel.micro_batch_size x data-parallel size = {p.micro_batch_size} x {dp}")
+    if p.virtual_pipeline is not None and (p.pipeline < 2 or p.virtual_pipeline < 2):
+        problems.append("parallel.virtual_pipeline needs parallel.pipeline >= 2 and a value >= 2 (or null)")
+    return problems
+
+
+def _check_te(c: TrainConfig, te_available: bool) -> list[str]:
+    if te_available:
+        return []
+    needs = [name for name, wanted in (("parallel.sequence_parallel=true", c.parallel.sequence_parallel),
+                                       (f"parallel.context={c.parallel.context}", c.parallel.context > 1),
+                                       ("model.attention=te", c.model.attention == "te")) if wanted]
+    return [f"{need} needs Transformer Engine, which is not importable here (install it, or turn it off)"
+            for need in needs]
+
+
+def _check_arch(c: TrainConfig, arch) -> list[str]:
+    p, problems = c.parallel, []
+    if arch.num_attention_heads % p.tensor or arch.num_query_groups % p.tensor:
+        problems.append(f"parallel.tensor={p.tensor} must divide the attention heads ({arch.num_attention_heads}) "
+                        f"and query groups ({arch.num_query_groups})")
+    if arch.vocab_size % p.tensor:
+        problems.append(f"parallel.tensor={p.tensor} must divide the vocabulary size ({arch.vocab_size})")
+    stages = p.pipeline * (p.virtual_pipeline or 1)
+    if arch.num_layers % stages:
+        problems.append(f"{arch.num_layers} layers are not divisible by parallel.pipeline x virtual_pipeline = {stages}")
+    if c.data.seq_length > arch.max_position_embeddings:
+        problems.append(f"data.seq_length={c.data.seq_length} exceeds the model's max_position_embeddings "
+                        f"({arch.max_position_embeddings})")
+    return problems
+
+
+# Loading ---------------------------------------------------------------------------------------------
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """The defaults, updated by the YAML file at `path`, then by `key.sub=value` overrides (values in
+    YAML syntax: `parallel.tensor=8`, `data.prefixes=[/data/a,/data/b]`, `data.weights=null`)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        values = loaded
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r}: expected key.sub=value")
+        node = values
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {override!r}: {name} is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return _build(TrainConfig, values, "")
+
+
+def _build(cls, values: dict[str, Any], where: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {where}{unknown[0]}; valid keys here: {', '.join(sorted(names))}")
+    kwargs = {name: _coerce(hints[name], value, f"{where}{name}") for name, value in values.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, where: str):
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} is a section; give it as a mapping of keys")
+        return _build(hint, value, where + ".")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}={value!r}; choose one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, e.g. [a, b]")
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}={value!r} must be of type {hint.__name__}")
+    return value
+
+
+def dump_config(config: TrainConfig) -> str:
+    """The resolved configuration as YAML (printed at start, logged to wandb, stored with checkpoints);
+    `load_config` of it gives the same configuration back."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

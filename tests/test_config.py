@@ -1,0 +1,91 @@
+"""The trainer's configuration: YAML + dotted overrides into the typed tree, and validation messages
+that name the field and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from convert.qwen2.model import Qwen2Arch
+from sft.config import ConfigError, TrainConfig, dump_config, load_config
+
+ARCH_32B = Qwen2Arch(vocab_size=152064, hidden_size=5120, ffn_hidden_size=27648, num_layers=64,
+                     num_attention_heads=40, num_query_groups=8, head_dim=128, rms_norm_eps=1e-5,
+                     rope_base=1e6, tie_word_embeddings=False, max_position_embeddings=131072)
+
+
+def test_defaults_are_the_recipe():
+    c = TrainConfig()
+    assert (c.optimizer.lr, c.optimizer.beta1, c.optimizer.beta2, c.optimizer.eps) == (1e-4, 0.9, 0.999, 1e-8)
+    assert (c.optimizer.weight_decay, c.optimizer.clip_grad, c.optimizer.min_lr) == (0.0, 1.0, 0.0)
+    assert (c.schedule.epochs, c.schedule.global_batch_size, c.schedule.warmup_ratio) == (2, 512, 0.05)
+    assert c.data.seq_length == 32768
+
+
+def test_yaml_then_overrides_with_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("parallel:\n  tensor: 4\noptimizer:\n  lr: 2.0e-5\ndata:\n  prefixes: [/d/a]\n")
+    c = load_config(path, ["parallel.pipeline=2", "optimizer.lr=3e-5", "optimizer.clip_grad=2",
+                           "data.prefixes=[/d/a, /d/b]", "data.weights=[1, 3]", "checkpoint.keep_last_n=null"])
+    assert (c.parallel.tensor, c.parallel.pipeline) == (4, 2)
+    assert c.optimizer.lr == 3e-5 and c.optimizer.clip_grad == 2.0 and isinstance(c.optimizer.clip_grad, float)
+    assert c.data.prefixes == ["/d/a", "/d/b"] and c.data.weights == [1.0, 3.0]
+    assert c.checkpoint.keep_last_n is None
+    (tmp_path / "resolved.yaml").write_text(dump_config(c))
+    assert load_config(tmp_path / "resolved.yaml") == c  # what checkpoints store loads back unchanged
+
+
+@pytest.mark.parametrize("override, message", [
+    ("parallel.tensr=2", "unknown key parallel.tensr; valid keys here: context, micro_batch_size"),
+    ("model.recompute=most", "model.recompute='most'; choose one of 'none', 'selective', 'full'"),
+    ("parallel.tensor=two", "parallel.tensor='two' must be of type int"),
+    ("parallel.tensor=true", "parallel.tensor=True must be of type int"),
+    ("optimizer=3", "optimizer is a section"),
+    ("noequals", "expected key.sub=value"),
+])
+def test_bad_keys_and_values_are_named(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, [override])
+
+
+def _ready(tmp_path, **overrides) -> TrainConfig:
+    prefix = tmp_path / "am"
+    for suffix in ("_input_ids.bin", "_input_ids.idx", "_loss_mask.bin", "_loss_mask.idx", "_meta.json"):
+        (tmp_path / f"am{suffix}").write_text("")
+    (tmp_path / "init").mkdir(exist_ok=True)
+    (tmp_path / "init" / "hf_config.json").write_text("{}")
+    base = [f"data.prefixes=[{prefix}]", f"model.init_checkpoint={tmp_path / 'init'}", f"checkpoint.save_dir={tmp_path}"]
+    return load_config(None, base + [f"{k}={v}" for k, v in overrides.items()])
+
+
+def test_a_valid_layout_passes(tmp_path):
+    c = _ready(tmp_path, **{"parallel.tensor": 8, "parallel.pipeline": 4, "parallel.virtual_pipeline": 2})
+    c.validate(world_size=256, te_available=True, arch=ARCH_32B, data_seq_length=32768)
+    assert c.data_parallel_size(256) == 8
+
+
+@pytest.mark.parametrize("overrides, world_size, te, message", [
+    ({"parallel.tensor": 16}, 256, True, "parallel.tensor=16 must divide the attention heads (40)"),
+    ({"parallel.tensor": 8, "parallel.pipeline": 3}, 264, True, "64 layers are not divisible by parallel.pipeline x virtual_pipeline = 3"),
+    ({"parallel.pipeline": 4, "parallel.virtual_pipeline": 32}, 256, True, "not divisible by parallel.pipeline x virtual_pipeline = 128"),
+    ({"parallel.tensor": 8, "parallel.micro_batch_size": 3}, 256, True, "global_batch_size=512 is not divisible by parallel.micro_batch_size x data-parallel size = 3 x 32"),
+    ({"parallel.tensor": 3}, 256, True, "256 processes are not divisible by tensor x pipeline x context = 3"),
+    ({"parallel.sequence_parallel": True}, 8, False, "parallel.sequence_parallel=true needs Transformer Engine"),
+    ({"parallel.context": 2}, 8, False, "parallel.context=2 needs Transformer Engine"),
+    ({"data.seq_length": 16384}, 8, True, "data.seq_length=16384 but the data was packed at 32768"),
+    ({"schedule.warmup_ratio": 1.5}, 8, True, "schedule.warmup_ratio=1.5 must be in [0, 1)"),
+])
+def test_layout_problems_name_the_field(tmp_path, overrides, world_size, te, message):
+    c = _ready(tmp_path, **overrides)
+    with pytest.raises(ConfigError) as info:
+        c.validate(world_size=world_size, te_available=te, arch=ARCH_32B, data_seq_length=32768)
+    assert message in str(info.value)
+
+
+def test_missing_inputs_are_named(tmp_path):
+    c = load_config(None, [f"data.prefixes=[{tmp_path / 'nope'}]", f"model.init_checkpoint={tmp_path}"])
+    with pytest.raises(ConfigError) as info:
+        c.validate(world_size=1, te_available=False)
+    text = str(info.value)
+    assert f"{tmp_path / 'nope'}_input_ids.bin not found (run tools/preprocess_sft.py first)" in text
+    assert "is not a converted checkpoint (no hf_config.json)" in text
+    assert "checkpoint.save_dir is not set" in text
