@@ -43,12 +43,10 @@ def sample_token_ids(vocab_size: int, batch: int, seq_length: int, seed: int = 0
     return torch.randint(0, vocab_size, (batch, seq_length), generator=generator).tolist()
 
 
-def megatron_logits(rank: int, world_size: int, checkpoint_dir: str, tensor_parallel: int, pipeline_parallel: int,
-                    token_ids: list[list[int]], device: str) -> torch.Tensor | None:
-    """Per-rank body: builds this rank's stage, loads the checkpoint, runs the pipeline forward; the first
-    tensor-parallel rank of the last stage returns the full-vocabulary fp32 logits [b, s, vocab]."""
+def load_model_stage(checkpoint_dir: str, tensor_parallel: int, pipeline_parallel: int, device: str):
+    """Per-rank: initialises TP x PP, builds this rank's pipeline stage of the checkpoint's model in fp32
+    and loads its weights (megatron-core reshards from whatever layout the checkpoint was saved at)."""
     from megatron.core import parallel_state, tensor_parallel as tp
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from .hf_to_mcore import read_hf_config
     from .qwen2.model import Qwen2Arch, build_model, layer_spec, load_checkpoint_weights, transformer_config, use_te
@@ -57,9 +55,6 @@ def megatron_logits(rank: int, world_size: int, checkpoint_dir: str, tensor_para
     tp.model_parallel_cuda_manual_seed(0)
     arch = Qwen2Arch.from_hf_config(read_hf_config(Path(checkpoint_dir)))
     on_gpu = device == "cuda"
-    if on_gpu:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
     config = transformer_config(arch, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
                                 use_cpu_initialization=not on_gpu)
     model = build_model(arch, config, layer_spec(use_te(device)),
@@ -68,7 +63,21 @@ def megatron_logits(rank: int, world_size: int, checkpoint_dir: str, tensor_para
     if on_gpu:
         model.cuda()
     load_checkpoint_weights(model, checkpoint_dir)
-    model.eval()
+    return model
+
+
+def megatron_logits(rank: int, world_size: int, checkpoint_dir: str, tensor_parallel: int, pipeline_parallel: int,
+                    token_ids: list[list[int]], device: str) -> torch.Tensor | None:
+    """Per-rank body: loads this rank's stage and runs the pipeline forward; the first tensor-parallel
+    rank of the last stage returns the full-vocabulary fp32 logits [b, s, vocab]."""
+    from megatron.core import parallel_state, tensor_parallel as tp
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    on_gpu = device == "cuda"
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    model = load_model_stage(checkpoint_dir, tensor_parallel, pipeline_parallel, device).eval()
     ids = torch.tensor(token_ids, device=torch.device(device, rank) if on_gpu else "cpu")
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
 

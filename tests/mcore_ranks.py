@@ -40,19 +40,12 @@ def resave_at_layout(rank: int, world_size: int, source: str, dest: str, tensor_
     from pathlib import Path
 
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import dist_checkpointing
 
-    from convert.hf_to_mcore import read_hf_config
-    from convert.qwen2.model import Qwen2Arch, build_model, layer_spec, load_checkpoint_weights, transformer_config
     from convert.torch_dist import HF_CONFIG_FILE
+    from convert.verify import load_model_stage
 
-    setup_parallel(tensor_parallel, pipeline_parallel)
-    arch = Qwen2Arch.from_hf_config(read_hf_config(Path(source)))
-    config = transformer_config(arch, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
-                                use_cpu_initialization=True)
-    model = build_model(arch, config, layer_spec(False), pre_process=parallel_state.is_pipeline_first_stage(),
-                        post_process=parallel_state.is_pipeline_last_stage())
-    load_checkpoint_weights(model, source)
+    model = load_model_stage(source, tensor_parallel, pipeline_parallel, "cpu")
     if rank == 0:
         Path(dest).mkdir(parents=True)
     dist.barrier()

@@ -113,38 +113,33 @@ def test_reader_reassembles_any_region_from_any_chunking(tmp_path):
 
 # Bad inputs -------------------------------------------------------------------------------------------
 
-def _copy_model(src, dest):
-    shutil.copytree(src, dest)
-    return dest
-
-
 def test_bad_sources_are_named(tiny_qwen2_dir, tmp_path, capsys):
     def convert(hf) -> str:
         assert run_tool("convert_hf_to_mcore", ["--hf", str(hf), "--out", str(tmp_path / "out")]) == 2
         assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
         return capsys.readouterr().err
 
-    missing = _copy_model(tiny_qwen2_dir, tmp_path / "missing")
+    missing = shutil.copytree(tiny_qwen2_dir, tmp_path / "missing")
     shard = sorted(missing.glob("model-*.safetensors"))[1]
     shard.unlink()
     assert shard.name in convert(missing) and "missing" in convert(missing)
 
-    truncated = _copy_model(tiny_qwen2_dir, tmp_path / "truncated")
+    truncated = shutil.copytree(tiny_qwen2_dir, tmp_path / "truncated")
     shard = sorted(truncated.glob("model-*.safetensors"))[0]
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size - 1000)
     assert shard.name in (err := convert(truncated)) and "truncated" in err
 
-    llama = _copy_model(tiny_qwen2_dir, tmp_path / "llama")
+    llama = shutil.copytree(tiny_qwen2_dir, tmp_path / "llama")
     config = json.loads((llama / "config.json").read_text())
     (llama / "config.json").write_text(json.dumps({**config, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     assert "only Qwen2" in convert(llama)
 
-    wider = _copy_model(tiny_qwen2_dir, tmp_path / "wider")
+    wider = shutil.copytree(tiny_qwen2_dir, tmp_path / "wider")
     (wider / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
     assert "gate_proj.weight: shape" in convert(wider)
 
-    fewer = _copy_model(tiny_qwen2_dir, tmp_path / "fewer")
+    fewer = shutil.copytree(tiny_qwen2_dir, tmp_path / "fewer")
     (fewer / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
     assert "the config does not describe" in convert(fewer) and "model.layers.1." in convert(fewer)
 
