@@ -19,7 +19,7 @@ import torch
 import socket
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -72,7 +72,7 @@ def run_distributed(fn, world_size: int, *args, device: str = "cpu", timeout: fl
             raise RuntimeError(f"{world_size} processes need {world_size} GPUs; {torch.cuda.device_count()} visible")
     context = mp.get_context("spawn")
     results = context.Queue()
-    port = _free_port()
+    port = free_port()
     # Plain (non-daemonic) processes: megatron-core's checkpoint saving starts processes of its own.
     ranks = [context.Process(target=_rank_main, args=(rank, world_size, port, device, fn, args, results))
              for rank in range(world_size)]

@@ -23,6 +23,9 @@ _EXPECTED_WARNINGS = (
     r"Please use DTensor instead.*",
     r"`torch.distributed.all_gather_into_tensor` is deprecated.*",
     r"torch.distributed is disabled, unavailable or uninitialized.*",
+    r"`torch.distributed.reduce_scatter_tensor` is deprecated.*",
+    # megatron-core's distributed optimizer attaches gradients to fp32 shard views on purpose
+    r"The .grad attribute of a Tensor that is not a leaf Tensor is being accessed.*",
 )
 
 

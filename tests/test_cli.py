@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("tool", ["get_am_dataset", "preprocess_sft", "convert_hf_to_mcore", "convert_mcore_to_hf",
-                                  "verify_conversion"])
+                                  "verify_conversion", "pretrain_sft"])
 def test_help_explains_every_flag(tool, capsys):
     parser = load_tool(tool).build_parser()
     for action in parser._actions:
@@ -26,9 +26,12 @@ def test_help_explains_every_flag(tool, capsys):
     assert all(opt in text for action in parser._actions for opt in action.option_strings)
 
 
-def test_pretrain_placeholder_says_it_is_not_built():
-    result = subprocess.run([sys.executable, str(ROOT / "pretrain_sft.py")], capture_output=True, text=True)
-    assert result.returncode != 0 and "not built yet" in result.stderr
+def test_trainer_rejects_a_bad_configuration_before_starting(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "pretrain_sft.py"), "parallel.tensor=0",
+                             f"checkpoint.save_dir={tmp_path}"], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "data.prefixes is empty" in result.stderr and "parallel.tensor, pipeline" in result.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
 
 
 def test_demo_runs_end_to_end(tmp_path):

@@ -1,4 +1,5 @@
-"""Runs a tools/*.py entry point in-process (its `main(argv)`), as the command line would."""
+"""Runs a tools/*.py entry point (or the top-level pretrain_sft.py) in-process (its `main(argv)`), as the
+command line would."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
 def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", TOOLS / f"{name}.py")
+    path = TOOLS / f"{name}.py" if (TOOLS / f"{name}.py").is_file() else TOOLS.parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -184,15 +184,20 @@ def build_model(arch: Qwen2Arch, config, spec, *, pre_process: bool = True, post
     )
 
 
-def load_checkpoint_weights(model, checkpoint_dir) -> None:
+def load_checkpoint_weights(models, checkpoint_dir) -> None:
     """Loads this rank's part of the model weights from a torch_dist checkpoint, whatever layout it was
-    saved at (megatron-core reads the overlapping stored chunks). Transformer Engine's `_extra_state`
-    (FP8 scaling state) is not part of a weight checkpoint and is left as initialised."""
+    saved at (megatron-core reads the overlapping stored chunks). `models` is a model or this rank's list
+    of virtual-pipeline chunks, loaded in one collective call (megatron-core checks that the ranks
+    together read every stored layer). Transformer Engine's `_extra_state` (FP8 scaling state) is not part
+    of a weight checkpoint and is left as initialised."""
     from megatron.core import dist_checkpointing
 
-    sharded = {k: v for k, v in model.sharded_state_dict().items() if not k.endswith("_extra_state")}
+    models = models if isinstance(models, (list, tuple)) else [models]
+    sharded = {f"chunk{i}": {k: v for k, v in model.sharded_state_dict().items() if not k.endswith("_extra_state")}
+               for i, model in enumerate(models)}
     state = dist_checkpointing.load(sharded, str(checkpoint_dir))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    problems = [k for k in missing if not k.endswith("_extra_state")] + list(unexpected)
-    if problems:
-        raise RuntimeError(f"{checkpoint_dir}: weights do not match the model: {problems[:5]}")
+    for i, model in enumerate(models):
+        missing, unexpected = model.load_state_dict(state[f"chunk{i}"], strict=False)
+        problems = [k for k in missing if not k.endswith("_extra_state")] + list(unexpected)
+        if problems:
+            raise RuntimeError(f"{checkpoint_dir}: weights do not match the model: {problems[:5]}")

@@ -1,0 +1,226 @@
+"""Packed SFT data for the trainer: the indexed files of tools/preprocess_sft.py -> THD micro-batches.
+
+    dataset = PackedDataset("/data/am")                 # PREFIX_input_ids / _loss_mask / _meta.json
+    order = PackOrder([len(dataset)], weights=None, seed=1234)
+    packs = [dataset[i] for _, i in order.slots(consumed_samples, count)]
+    batch = make_micro_batch(packs, seq_length=32768)
+
+On disk one Megatron *document* is one pack and each *sequence* in it one conversation (see
+preprocess/pipeline.py). A micro-batch concatenates its packs into a single THD row of
+`micro_batch_size x seq_length` tokens, padded at the end by one segment without loss, so every
+micro-batch has the same shape (pipeline stages exchange fixed-size activations). Within the row:
+
+- `cu_seqlens` are the conversation boundaries; attention never crosses them;
+- position ids restart at 0 in every conversation;
+- the label at position t is the token at t+1 of the same conversation, and it is trained when the
+  loss mask of that token is set; the last position of a conversation has no target.
+
+The sample stream is an endless sequence of epochs; epoch e visits every pack exactly once, in an
+order drawn from (seed, e). With several prefixes and weights, an epoch takes round(w_i / sum(w) x
+total packs) packs of prefix i, cycling through a seeded permutation of that prefix, so over- and
+under-sampling repeat or skip packs evenly. The data position of a run is the number of consumed
+samples: slots [consumed, consumed + global batch) form the next global batch, whatever the
+parallel layout, which is what makes resumption and layout changes exact.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """The packed data is missing, inconsistent or does not fit the run; the message says which file."""
+
+
+@dataclass(frozen=True)
+class Pack:
+    input_ids: np.ndarray  # int32 [n]
+    loss_mask: np.ndarray  # uint8 [n]: 1 where the token is a training target
+    lengths: np.ndarray  # int32 [conversations], summing to n
+
+
+class PackedDataset:
+    """Random access to the packs of one preprocessed prefix (memory-mapped, nothing loaded eagerly)."""
+
+    def __init__(self, prefix: str | Path):
+        from preprocess.pipeline import FORMAT_VERSION, indexed_dataset_module, output_paths
+
+        self.prefix = str(prefix)
+        paths = output_paths(prefix)
+        if not paths["meta"].is_file():
+            raise DataError(f"{paths['meta']} not found: run tools/preprocess_sft.py --output-prefix {prefix} "
+                            "(the meta file is written last, so a missing one means an incomplete output)")
+        self.meta = json.loads(paths["meta"].read_text())
+        if self.meta.get("format") != FORMAT_VERSION:
+            raise DataError(f"{paths['meta']}: format {self.meta.get('format')!r}, this trainer reads "
+                            f"{FORMAT_VERSION!r}; re-run tools/preprocess_sft.py")
+        self.seq_length = int(self.meta["seq_length"])
+        indexed = indexed_dataset_module().IndexedDataset
+        self._ids = indexed(f"{prefix}_input_ids")
+        self._mask = indexed(f"{prefix}_loss_mask")
+        self._documents = self._ids.document_indices
+        self._lengths = self._ids.sequence_lengths
+        self._check(paths)
+
+    def _check(self, paths) -> None:
+        if self._ids.index.dtype != np.int32 or self._mask.index.dtype != np.uint8:
+            raise DataError(f"{self.prefix}: expected int32 token ids and uint8 loss masks, found "
+                            f"{self._ids.index.dtype} and {self._mask.index.dtype}")
+        if (not np.array_equal(self._documents, self._mask.document_indices)
+                or not np.array_equal(self._lengths, self._mask.sequence_lengths)):
+            raise DataError(f"{paths['input_ids_idx']} and {paths['loss_mask_idx']} describe different packs: "
+                            "the two files come from different preprocessing runs; re-run tools/preprocess_sft.py")
+        if len(self) != self.meta["stats"]["packs"]:
+            raise DataError(f"{self.prefix}: {len(self)} packs on disk, {paths['meta']} says {self.meta['stats']['packs']}")
+        longest = int(np.add.reduceat(self._lengths, self._documents[:-1]).max(initial=0)) if len(self) else 0
+        if longest > self.seq_length:
+            raise DataError(f"{self.prefix}: a pack holds {longest} tokens, more than seq_length {self.seq_length}")
+
+    def __len__(self) -> int:
+        return len(self._documents) - 1
+
+    def conversation_lengths(self, pack: int) -> np.ndarray:
+        return self._lengths[self._documents[pack]:self._documents[pack + 1]]
+
+    def __getitem__(self, pack: int) -> Pack:
+        if not 0 <= pack < len(self):
+            raise IndexError(f"pack {pack} out of range for {self.prefix} ({len(self)} packs)")
+        first = int(self._documents[pack])
+        lengths = self.conversation_lengths(pack)
+        total = int(lengths.sum())
+        # A pack's conversations are contiguous on disk: one read spanning them all.
+        return Pack(self._ids.get(first, 0, total), self._mask.get(first, 0, total), lengths)
+
+
+class PackOrder:
+    """Maps the global sample stream (slot 0, 1, 2, ...) to (prefix number, pack) pairs; see the module doc."""
+
+    def __init__(self, sizes: list[int], weights: list[float] | None, seed: int):
+        if not sizes or min(sizes) < 1:
+            raise DataError(f"every data prefix needs at least one pack; sizes {sizes}")
+        self.sizes, self.seed = list(sizes), seed
+        total = sum(sizes)
+        if weights is None:
+            self.per_epoch = list(sizes)
+        else:
+            self.per_epoch = [max(1, round(w / sum(weights) * total)) for w in weights]
+        self.epoch_size = sum(self.per_epoch)
+        self._cached_epoch: tuple[int, np.ndarray] | None = None
+
+    def _prefix_stream(self, prefix: int, start: int, count: int) -> np.ndarray:
+        """Packs [start, start + count) of prefix `prefix`'s endless stream of seeded permutations."""
+        size, out = self.sizes[prefix], []
+        cycle, offset = divmod(start, size)
+        while count > 0:
+            permutation = np.random.default_rng([self.seed, prefix, cycle]).permutation(size)
+            take = permutation[offset:offset + count]
+            out.append(take)
+            count -= len(take)
+            cycle, offset = cycle + 1, 0
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def epoch(self, epoch: int) -> np.ndarray:
+        """The [epoch_size, 2] (prefix, pack) order of one epoch."""
+        if self._cached_epoch is None or self._cached_epoch[0] != epoch:
+            parts = [np.stack([np.full(n, i), self._prefix_stream(i, epoch * n, n)], axis=1)
+                     for i, n in enumerate(self.per_epoch)]
+            combined = np.concatenate(parts)
+            shuffle = np.random.default_rng([self.seed, 1_000_003, epoch]).permutation(len(combined))
+            self._cached_epoch = (epoch, combined[shuffle])
+        return self._cached_epoch[1]
+
+    def slots(self, start: int, count: int) -> list[tuple[int, int]]:
+        out = []
+        for slot in range(start, start + count):
+            epoch, position = divmod(slot, self.epoch_size)
+            prefix, pack = self.epoch(epoch)[position]
+            out.append((int(prefix), int(pack)))
+        return out
+
+
+@dataclass
+class MicroBatch:
+    """One THD row: tensors are [1, T]; `cu_seqlens` int32 [segments + 1] (the padding is a segment)."""
+
+    tokens: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    real_tokens: int  # tokens that are not padding
+
+    def to(self, device) -> "MicroBatch":
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return MicroBatch(move(self.tokens), move(self.position_ids), move(self.labels), move(self.loss_mask),
+                          move(self.cu_seqlens), self.max_seqlen, self.real_tokens)
+
+    def packed_seq_params(self):
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
+                               max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
+
+
+def make_micro_batch(packs: list[Pack], seq_length: int, pad_token_id: int = 0) -> MicroBatch:
+    """Concatenates `packs` into one THD row of len(packs) x seq_length tokens (see the module doc)."""
+    width = len(packs) * seq_length
+    ids = np.concatenate([p.input_ids for p in packs]).astype(np.int64)
+    mask = np.concatenate([p.loss_mask for p in packs])
+    lengths = np.concatenate([p.lengths for p in packs]).astype(np.int64)
+    real = len(ids)
+    if real > width:
+        raise DataError(f"{len(packs)} packs hold {real} tokens, more than {len(packs)} x seq_length {seq_length}")
+    if real < width:  # one trailing segment of padding, attended only by itself and never trained
+        ids = np.concatenate([ids, np.full(width - real, pad_token_id, dtype=np.int64)])
+        mask = np.concatenate([mask, np.zeros(width - real, dtype=mask.dtype)])
+        lengths = np.concatenate([lengths, [width - real]])
+    cu_seqlens = np.concatenate([[0], np.cumsum(lengths)])
+    positions = np.arange(width) - np.repeat(cu_seqlens[:-1], lengths)
+    labels = np.zeros(width, dtype=np.int64)
+    labels[:-1] = ids[1:]
+    target = np.zeros(width, dtype=np.float32)
+    target[:-1] = mask[1:]
+    last = cu_seqlens[1:] - 1  # the last position of a conversation has no target in it
+    labels[last] = 0
+    target[last] = 0.0
+    row = lambda a: torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(0)  # noqa: E731
+    return MicroBatch(row(ids), row(positions), row(labels), row(target),
+                      torch.from_numpy(cu_seqlens.astype(np.int32)), int(lengths.max()), real)
+
+
+class SFTData:
+    """The run's data: datasets of every prefix, their order, and the micro-batches of each global batch."""
+
+    def __init__(self, prefixes: list[str], weights: list[float] | None, seed: int):
+        self.datasets = [PackedDataset(p) for p in prefixes]
+        lengths = {d.seq_length for d in self.datasets}
+        if len(lengths) > 1:
+            raise DataError(f"data prefixes were packed at different seq lengths {sorted(lengths)}: "
+                            "preprocess them with one --seq-length")
+        self.seq_length = lengths.pop()
+        self.order = PackOrder([len(d) for d in self.datasets], weights, seed)
+
+    def iterations(self, epochs: int, global_batch_size: int) -> int:
+        """Optimizer steps for `epochs` passes; the < 1 global batch left over at the end is not trained."""
+        return epochs * self.order.epoch_size // global_batch_size
+
+    def micro_batches(self, consumed: int, global_batch_size: int, data_parallel_rank: int, data_parallel_size: int,
+                      micro_batch_size: int) -> list[MicroBatch]:
+        """This data-parallel rank's micro-batches of the global batch starting at slot `consumed`."""
+        per_rank = global_batch_size // data_parallel_size
+        start = consumed + data_parallel_rank * per_rank
+        slots = self.order.slots(start, per_rank)
+        packs = [self.datasets[prefix][pack] for prefix, pack in slots]
+        return [make_micro_batch(packs[i:i + micro_batch_size], self.seq_length)
+                for i in range(0, per_rank, micro_batch_size)]
+
+    def conversation_lengths(self, consumed: int, global_batch_size: int) -> np.ndarray:
+        """Lengths of every conversation in the global batch at `consumed` (for FLOP counting)."""
+        slots = self.order.slots(consumed, global_batch_size)
+        return np.concatenate([self.datasets[prefix].conversation_lengths(pack) for prefix, pack in slots])

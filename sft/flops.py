@@ -1,0 +1,37 @@
+"""Model FLOPs of a training step, for TFLOP/s and MFU, with attention counted per conversation.
+
+Counted: the matrix multiplications of the forward pass (2 FLOPs per multiply-add) times 3 for
+forward + backward; recomputation is not counted (model FLOPs, not hardware FLOPs). Per token and
+layer, with hidden h, head dim d, heads n, query groups g, FFN width f:
+
+    QKV projection  2 h (n + 2 g) d      output projection  2 n d h      SwiGLU MLP  2 x 3 h f
+
+plus the vocabulary projection 2 h V per token. Causal attention in a conversation of length L costs
+QK^T and AV over the L (L + 1) / 2 visible pairs: 2 x 2 x n d x L (L + 1) / 2 per layer. Megatron-LM's
+formula charges a packed row of S tokens S^2 as if it were one sequence; for packs of many short
+conversations that overstates the work several-fold. Padding tokens are not counted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def dense_flops_per_token(arch) -> float:
+    """Forward FLOPs per token outside attention scores (projections, MLP, vocabulary)."""
+    h, d, n, g, f = arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_query_groups, arch.ffn_hidden_size
+    per_layer = 2 * h * (n + 2 * g) * d + 2 * n * d * h + 2 * 3 * h * f
+    return arch.num_layers * per_layer + 2 * h * arch.vocab_size
+
+
+def attention_flops(arch, conversation_lengths: np.ndarray) -> float:
+    """Forward FLOPs of causal QK^T and AV, summed over conversations."""
+    lengths = np.asarray(conversation_lengths, dtype=np.float64)
+    pairs = float((lengths * (lengths + 1) / 2).sum())
+    return arch.num_layers * 4 * arch.num_attention_heads * arch.head_dim * pairs
+
+
+def training_flops(arch, conversation_lengths: np.ndarray) -> float:
+    """Model FLOPs of forward + backward over the given conversations."""
+    tokens = float(np.sum(conversation_lengths, dtype=np.int64))
+    return 3 * (dense_flops_per_token(arch) * tokens + attention_flops(arch, conversation_lengths))

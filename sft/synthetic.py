@@ -1,0 +1,64 @@
+"""Random packed datasets in the exact on-disk format of tools/preprocess_sft.py, for tests and benchmarks.
+
+    packs = random_packs(num_packs=16, seq_length=128, vocab_size=1000, seed=0)
+    write_packed_dataset("/tmp/syn", packs, seq_length=128, vocab_size=1000)
+
+Each pack is a list of (token ids, loss mask) conversations. The masks look like chat data: a prompt
+part without loss, then a response part with loss, sometimes several turns.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from common.files import write_json_atomic
+
+
+def random_packs(num_packs: int, seq_length: int, vocab_size: int, seed: int = 0,
+                 max_conversations: int = 4) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    rng = np.random.default_rng(seed)
+    packs = []
+    for _ in range(num_packs):
+        budget = int(rng.integers(seq_length // 2, seq_length + 1))  # some packs full, some with padding
+        count = int(rng.integers(1, max_conversations + 1))
+        cuts = np.sort(rng.choice(np.arange(1, budget), size=min(count - 1, budget - 2), replace=False))
+        lengths = np.diff(np.concatenate([[0], cuts, [budget]]))
+        pack = []
+        for length in lengths:
+            ids = rng.integers(0, vocab_size, size=length, dtype=np.int32)
+            mask = np.zeros(length, dtype=np.uint8)
+            for _turn in range(int(rng.integers(1, 3))):
+                start = int(rng.integers(0, length))
+                mask[start:int(rng.integers(start, length + 1))] = 1
+            pack.append((ids, mask))
+        packs.append(pack)
+    return packs
+
+
+def write_packed_dataset(prefix: str | Path, packs, seq_length: int, vocab_size: int) -> Path:
+    """Writes PREFIX_input_ids/_loss_mask (.bin/.idx) and PREFIX_meta.json; returns the prefix."""
+    from preprocess.pipeline import FORMAT_VERSION, indexed_dataset_module, output_paths
+
+    builder = indexed_dataset_module().IndexedDatasetBuilder
+    paths = output_paths(prefix)
+    paths["meta"].parent.mkdir(parents=True, exist_ok=True)
+    ids_builder = builder(str(paths["input_ids_bin"]), dtype=np.int32)
+    mask_builder = builder(str(paths["loss_mask_bin"]), dtype=np.uint8)
+    for pack in packs:
+        lengths = [len(ids) for ids, _ in pack]
+        ids_builder.add_document(np.concatenate([ids for ids, _ in pack]), lengths)
+        mask_builder.add_document(np.concatenate([mask for _, mask in pack]), lengths)
+    ids_builder.finalize(str(paths["input_ids_idx"]))
+    mask_builder.finalize(str(paths["loss_mask_idx"]))
+    tokens = sum(len(ids) for pack in packs for ids, _ in pack)
+    write_json_atomic(paths["meta"], {
+        "format": FORMAT_VERSION,
+        "template": "synthetic",
+        "seq_length": seq_length,
+        "tokenizer": {"vocab_size": vocab_size, "path": None},
+        "stats": {"packs": len(packs), "conversations": sum(len(p) for p in packs), "tokens": tokens,
+                  "loss_tokens": int(sum(int(m.sum()) for pack in packs for _, m in pack))},
+    })
+    return Path(prefix)

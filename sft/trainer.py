@@ -1,0 +1,392 @@
+"""The SFT trainer on megatron-core: model set-up, forward step and loss, the training loop.
+
+Started once per process by pretrain_sft.py (torchrun / Slurm), or per spawned process in the tests:
+
+    trainer = Trainer(config, device="cpu")      # process group already initialised
+    result = trainer.train()
+
+The loop, per iteration: the data-parallel rank's micro-batches of the next global batch
+(sft/data.py), forward and backward through megatron-core's pipeline schedule (1F1B, interleaved with
+virtual stages), per-token loss normalisation (DESIGN.md section 3), a finiteness check of the loss and
+gradient norm (a non-finite step is skipped, and the run aborts after `max_consecutive_nonfinite` in a
+row), the distributed optimizer's step, the scheduler, metrics, and checkpoints at the save interval,
+at the end and on SIGTERM/SIGUSR1.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .checkpointing import TrainState, find_resume_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .config import ConfigError, TrainConfig, dump_config
+from .data import MicroBatch, SFTData
+from .flops import training_flops
+from .metrics import MetricsLogger, peak_memory_gb
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient norm."""
+
+
+@dataclass
+class TrainResult:
+    iterations_done: int
+    losses: dict[int, float]  # iteration -> global per-token loss
+    stopped_by_signal: bool
+    last_checkpoint: Path | None
+
+
+def te_available(device: str) -> bool:
+    if device != "cuda":
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_device(config: TrainConfig) -> str:
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return config.device
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """(sum of masked token losses, loss-token count, [sum, count] for logging): megatron-core divides
+    the gradients by the global token count (calculate_per_token_loss)."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1)
+    total = torch.sum(losses * mask)
+    count = mask.sum().to(torch.int)
+    return total, count, torch.stack([total.detach(), count.detach().float()])
+
+
+def forward_step(data_iterator, model):
+    batch: MicroBatch = next(data_iterator)
+    output = model(batch.tokens, batch.position_ids, attention_mask=None, labels=batch.labels,
+                   packed_seq_params=batch.packed_seq_params())
+    return output, partial(loss_func, batch.loss_mask)
+
+
+@dataclass
+class RunInputs:
+    """What a run reads before any process group or model exists, checked against the configuration."""
+
+    data: SFTData
+    arch: object  # convert.qwen2.model.Qwen2Arch
+    resume_from: Path | None
+    source_checkpoint: Path  # where the architecture, hf_config.json and tokenizer/ come from
+
+
+def check_run(config: TrainConfig, world_size: int, device: str) -> RunInputs:
+    """Opens the data and the starting checkpoint and validates the configuration against them and the
+    world size; raises ConfigError (listing every problem) or DataError before anything heavy starts."""
+    from convert.hf_to_mcore import read_hf_config
+    from convert.qwen2.model import Qwen2Arch
+
+    config.validate(world_size=world_size, te_available=te_available(device))  # paths first: cheap, complete
+    data = SFTData(config.data.prefixes, config.data.weights, config.data.seed)
+    resume_from = find_resume_checkpoint(config.checkpoint.resume, config.checkpoint.save_dir)
+    if resume_from is None and config.model.init_checkpoint is None:
+        raise ConfigError(f"nothing to start from: checkpoint.save_dir={config.checkpoint.save_dir} holds no checkpoint "
+                          "to resume and model.init_checkpoint is not set (convert the HF weights with "
+                          "tools/convert_hf_to_mcore.py and set model.init_checkpoint=DIR)")
+    source = Path(resume_from or config.model.init_checkpoint)
+    arch = Qwen2Arch.from_hf_config(read_hf_config(source), str(source))
+    config.validate(world_size=world_size, te_available=te_available(device), arch=arch, data_seq_length=data.seq_length)
+    for dataset in data.datasets:
+        vocab = dataset.meta["tokenizer"]["vocab_size"]
+        if vocab > arch.vocab_size:
+            raise ValueError(f"{dataset.prefix}: the tokenizer has {vocab} tokens, the model's vocabulary only "
+                             f"{arch.vocab_size}: the data was tokenised for another model")
+    return RunInputs(data, arch, resume_from, source)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, device: str, inputs: RunInputs | None = None):
+        """Needs an initialised process group; `inputs` from check_run (done here when not given)."""
+        from megatron.core import parallel_state
+
+        self.config, self.device = config, device
+        self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
+        inputs = inputs or check_run(config, self.world_size, device)
+        self.data, self.arch = inputs.data, inputs.arch
+        self.resume_from, self.source_checkpoint = inputs.resume_from, inputs.source_checkpoint
+        p = config.parallel
+        parallel_state.initialize_model_parallel(p.tensor, p.pipeline, virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+                                                 context_parallel_size=p.context)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.train_iters = config.schedule.train_iters or self.data.iterations(config.schedule.epochs,
+                                                                              config.schedule.global_batch_size)
+        if self.train_iters < 1:
+            raise ValueError(f"{self.data.order.epoch_size} packs x {config.schedule.epochs} epochs do not fill one global "
+                             f"batch of {config.schedule.global_batch_size}: lower schedule.global_batch_size")
+        self.layout = {"tensor": p.tensor, "pipeline": p.pipeline, "virtual_pipeline": p.virtual_pipeline,
+                       "context": p.context, "data": self.dp_size}
+        self.chunks, self.tconfig = self._build_model()
+        self.optimizer, self.scheduler = self._build_optimizer()
+        self.state = TrainState()
+        if self.resume_from is not None:
+            self.state = load_checkpoint(self.resume_from, self.chunks, self.optimizer, self.scheduler, self.layout)
+            log.info("resumed from %s at iteration %d (%d samples consumed)", self.resume_from, self.state.iteration,
+                     self.state.consumed_samples)
+        self.metrics = MetricsLogger(config, self.rank == 0, resume_iteration=self.state.iteration)
+        self._stop_signal: int | None = None
+
+    # Set-up ------------------------------------------------------------------------------------------
+
+    def _model_precision(self) -> torch.dtype:
+        return torch.bfloat16 if self.device == "cuda" else torch.float32
+
+    def _build_model(self):
+        from megatron.core import parallel_state, tensor_parallel
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.transformer.module import Float16Module
+
+        from convert.qwen2.model import build_model, layer_spec, load_checkpoint_weights, transformer_config, use_te
+
+        from .attention import describe_backend, with_packed_attention
+
+        c, p, on_gpu = self.config, self.config.parallel, self.device == "cuda"
+        tensor_parallel.model_parallel_cuda_manual_seed(c.seed)
+        te = c.model.attention != "torch" and use_te(self.device)
+        spec = layer_spec(te) if te else with_packed_attention(layer_spec(False))
+        why = ("model.attention=torch" if c.model.attention == "torch" else
+               "no CUDA" if self.device != "cuda" else "Transformer Engine is not importable")
+        log.info("attention: %s; norms: %s", "Transformer Engine THD attention (fused kernels)" if te else
+                 f"{describe_backend(self.device)} ({why})", "Transformer Engine fused RMSNorm" if te else
+                 f"torch.nn.RMSNorm ({why})")
+        recompute = {"none": {}, "selective": dict(recompute_granularity="selective"),
+                     "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)}
+        tconfig = transformer_config(
+            self.arch, tensor_parallel=p.tensor, pipeline_parallel=p.pipeline, params_dtype=self._model_precision(),
+            use_cpu_initialization=not on_gpu, virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+            context_parallel_size=p.context, sequence_parallel=p.sequence_parallel, calculate_per_token_loss=True,
+            # Interleaved stages overlap their sends and receives (as Megatron-LM does). Batched p2p is off
+            # on gloo: two messages between the same pair of ranks in one batch can be matched in the wrong
+            # order there (seen at PP=2 with virtual stages: wrong activations, no error).
+            overlap_p2p_comm=p.virtual_pipeline is not None,
+            batch_p2p_comm=on_gpu and p.virtual_pipeline is None,
+            **recompute[c.model.recompute])
+        chunks = []
+        for vp_stage in range(p.virtual_pipeline or 1):
+            stage = vp_stage if p.virtual_pipeline else None
+            model = build_model(self.arch, tconfig, spec,
+                                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                                vp_stage=stage)
+            if on_gpu:
+                model.cuda(torch.cuda.current_device())
+            chunks.append(model)
+        if self.resume_from is None:
+            load_checkpoint_weights(chunks, c.model.init_checkpoint)
+            log.info("initial weights: %s", c.model.init_checkpoint)
+        if tconfig.bf16:
+            chunks = [Float16Module(tconfig, chunk) for chunk in chunks]
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True,
+                                                   average_in_collective=False)
+        chunks = [DistributedDataParallel(tconfig, ddp_config, chunk, disable_bucketing=i > 0)
+                  for i, chunk in enumerate(chunks)]
+        tconfig.finalize_model_grads_func = finalize_model_grads
+        return chunks, tconfig
+
+    def _build_optimizer(self):
+        from megatron.core import optimizer as mcore_optimizer
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        o = self.config.optimizer
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.beta1,
+                            adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.clip_grad, bf16=self.tconfig.bf16,
+                            params_dtype=self._model_precision(), use_distributed_optimizer=True),
+            self.chunks)
+        self.tconfig.grad_scale_func = optimizer.scale_loss
+        log.info("optimizer: megatron-core distributed optimizer over %s.%s", mcore_optimizer.Adam.__module__,
+                 mcore_optimizer.Adam.__name__)
+        # HF Trainer's warm-up length (ceil) and cosine: megatron-core's formula gives the same values.
+        warmup = math.ceil(self.config.schedule.warmup_ratio * self.train_iters)
+        scheduler = OptimizerParamScheduler(
+            optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup,
+            lr_decay_steps=self.train_iters, lr_decay_style="cosine", start_wd=o.weight_decay, end_wd=o.weight_decay,
+            wd_incr_steps=self.train_iters, wd_incr_style="constant")
+        return optimizer, scheduler
+
+    # The loop ----------------------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        c = self.config
+        if self.rank == 0:
+            log.info("configuration:\n%s", dump_config(c))
+            log.info("%d iterations of %d packs (%d epochs over %d packs), layout %s", self.train_iters,
+                     c.schedule.global_batch_size, c.schedule.epochs, self.data.order.epoch_size, self.layout)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        losses, last_checkpoint = {}, None
+        try:
+            while self.state.iteration < self.train_iters:
+                loss = self._train_step()
+                losses[self.state.iteration] = loss
+                stop = self._stop_requested()
+                at_end = self.state.iteration == self.train_iters
+                if stop or at_end or self.state.iteration % c.checkpoint.save_interval == 0:
+                    last_checkpoint = self.save()
+                if stop:
+                    log.warning("stopping after iteration %d on signal %s; checkpoint %s", self.state.iteration,
+                                signal.Signals(self._stop_signal).name if self._stop_signal else "(other rank)",
+                                last_checkpoint)
+                    break
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.metrics.close()
+        return TrainResult(self.state.iteration, losses, self._stop_signal is not None or
+                           self.state.iteration < self.train_iters, last_checkpoint)
+
+    def _train_step(self) -> float:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        c, s = self.config, self.state
+        start = time.perf_counter()
+        micro_batches = self.data.micro_batches(s.consumed_samples, c.schedule.global_batch_size, self.dp_rank,
+                                                self.dp_size, c.parallel.micro_batch_size)
+        if self.device == "cuda":
+            micro_batches = [mb.to(torch.cuda.current_device()) for mb in micro_batches]
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        iterators = [iter(micro_batches) for _ in self.chunks]
+        reduced = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iterators if len(self.chunks) > 1 else iterators[0],
+            model=self.chunks, num_microbatches=len(micro_batches), seq_length=micro_batches[0].tokens.shape[1],
+            micro_batch_size=1, forward_only=False)
+        loss_sum, loss_tokens = self._global_loss(reduced)
+        loss = loss_sum / max(loss_tokens, 1)
+        found_inf = self.optimizer.prepare_grads()
+        grad_norm = float(self.optimizer.get_grad_norm())
+        finite = not found_inf and math.isfinite(loss) and math.isfinite(grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step(increment=1)
+            s.consecutive_nonfinite = 0
+        else:
+            s.skipped_steps += 1
+            s.consecutive_nonfinite += 1
+        s.iteration += 1
+        consumed_before = s.consumed_samples
+        s.consumed_samples += c.schedule.global_batch_size
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        step_time = time.perf_counter() - start
+        self._log(loss, lr, grad_norm, loss_tokens, consumed_before, step_time, finite)
+        if not finite and s.consecutive_nonfinite >= c.schedule.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{s.consecutive_nonfinite} consecutive iterations (up to {s.iteration}) had a non-finite loss or "
+                f"gradient norm (loss {loss}, grad norm {grad_norm}); the weights are those of the last good step. "
+                "Lower optimizer.lr, check the data, or resume from an earlier checkpoint.")
+        return loss
+
+    def _global_loss(self, reduced: list[torch.Tensor]) -> tuple[float, int]:
+        """[sum, count] over the global batch, known on every rank: only the first tensor-parallel rank of
+        each last pipeline stage contributes (the others hold copies)."""
+        from megatron.core import parallel_state
+
+        device = torch.device("cuda", torch.cuda.current_device()) if self.device == "cuda" else torch.device("cpu")
+        totals = torch.zeros(2, dtype=torch.float64, device=device)
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and parallel_state.get_tensor_model_parallel_rank() == 0:
+            for item in reduced:
+                totals += item.to(device, torch.float64)
+        dist.all_reduce(totals)
+        return totals[0].item(), int(totals[1].item())
+
+    def _log(self, loss, lr, grad_norm, loss_tokens, consumed_before, step_time, finite) -> None:
+        c, s = self.config, self.state
+        if self.rank != 0 or s.iteration % c.logging.log_interval and s.iteration != self.train_iters:
+            return
+        lengths = self.data.conversation_lengths(consumed_before, c.schedule.global_batch_size)
+        tokens = int(lengths.sum())
+        tflops = training_flops(self.arch, lengths) / step_time / self.world_size / 1e12
+        self.metrics.log(s.iteration, {
+            "loss": loss, "lr": lr, "grad_norm": grad_norm, "loss_tokens": loss_tokens, "tokens": tokens,
+            "skipped_steps": s.skipped_steps, "step_skipped": not finite, "step_time_s": step_time,
+            "tokens_per_s": tokens / step_time, "tflops_per_device": tflops,
+            "mfu": tflops / c.logging.peak_tflops_per_device, "peak_memory_gb": peak_memory_gb(self.device),
+            "consumed_samples": s.consumed_samples, "epoch": s.consumed_samples / self.data.order.epoch_size,
+        })
+
+    # Checkpoints and signals -------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        c = self.config
+        path = save_checkpoint(c.checkpoint.save_dir, self.chunks, self.optimizer, self.scheduler, self.state,
+                               self.layout, dump_config(c), self.source_checkpoint)
+        if self.rank == 0:
+            for old in prune_checkpoints(c.checkpoint.save_dir, c.checkpoint.keep_last_n):
+                log.info("removed old checkpoint %s (keep_last_n=%s)", old, c.checkpoint.keep_last_n)
+            log.info("saved %s", path)
+        return path
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+        log.warning("received %s: will checkpoint and stop after this iteration", signal.Signals(signum).name)
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got a stop signal (all ranks must agree, since saving is collective)."""
+        device = torch.device("cuda", torch.cuda.current_device()) if self.device == "cuda" else torch.device("cpu")
+        flag = torch.tensor([1 if self._stop_signal is not None else 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# Entry point -----------------------------------------------------------------------------------------
+
+def init_distributed(device: str) -> None:
+    """The default process group from torchrun's environment (a single process without it): NCCL with one
+    GPU per process, or gloo with megatron-core redirected to the CPU."""
+    import os
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        from common.distributed import free_port
+
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    if device == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+    else:
+        from common import megatron_cpu
+
+        megatron_cpu.enable()
+        dist.init_process_group("gloo")
+
+
+def run(config: TrainConfig) -> TrainResult:
+    """Validates, starts the process group, trains, tears down: the body of pretrain_sft.py."""
+    import os
+
+    from megatron.core import parallel_state
+
+    device = resolve_device(config)
+    inputs = check_run(config, int(os.environ.get("WORLD_SIZE", "1")), device)
+    init_distributed(device)
+    try:
+        return Trainer(config, device, inputs).train()
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()

@@ -1,0 +1,112 @@
+"""The trainer's data path: packs -> THD micro-batches (hand-computed expectations), the epoch order,
+the data-parallel split, and packed attention against a dense block-diagonal reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sft.data import DataError, Pack, PackedDataset, PackOrder, SFTData, make_micro_batch
+from sft.synthetic import random_packs, write_packed_dataset
+
+
+def _pack(*conversations):
+    ids = [np.array(c[0], dtype=np.int32) for c in conversations]
+    masks = [np.array(c[1], dtype=np.uint8) for c in conversations]
+    return Pack(np.concatenate(ids), np.concatenate(masks), np.array([len(i) for i in ids], dtype=np.int32))
+
+
+def test_micro_batch_labels_positions_and_padding_by_hand():
+    # Two conversations (3 and 4 tokens) in one pack of 9: two padding tokens close the row.
+    pack = _pack(([11, 12, 13], [0, 1, 1]), ([21, 22, 23, 24], [0, 0, 1, 1]))
+    batch = make_micro_batch([pack], seq_length=9, pad_token_id=7)
+    assert batch.tokens.tolist() == [[11, 12, 13, 21, 22, 23, 24, 7, 7]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1]]
+    assert batch.cu_seqlens.tolist() == [0, 3, 7, 9] and batch.cu_seqlens.dtype == torch.int32
+    assert batch.max_seqlen == 4 and batch.real_tokens == 7
+    # Position t predicts t+1 in the same conversation; trained when token t+1 is a target.
+    assert batch.labels.tolist() == [[12, 13, 0, 22, 23, 24, 0, 7, 0]]
+    assert batch.loss_mask.tolist() == [[1, 1, 0, 0, 1, 1, 0, 0, 0]]
+
+
+def test_micro_batch_of_two_full_packs_has_no_padding_segment():
+    a = _pack(([1, 2, 3, 4], [1, 1, 1, 1]))
+    b = _pack(([5, 6], [0, 1]), ([8, 9], [1, 1]))
+    batch = make_micro_batch([a, b], seq_length=4)
+    assert batch.cu_seqlens.tolist() == [0, 4, 6, 8]
+    assert batch.labels.tolist() == [[2, 3, 4, 0, 6, 0, 9, 0]]
+    assert batch.loss_mask.tolist() == [[1, 1, 1, 0, 1, 0, 1, 0]]
+
+
+def test_overfull_pack_is_refused():
+    with pytest.raises(DataError, match="more than"):
+        make_micro_batch([_pack(([1, 2, 3], [1, 1, 1]))], seq_length=2)
+
+
+def test_each_epoch_visits_every_pack_once_in_a_seeded_order():
+    order = PackOrder([7, 5], weights=None, seed=3)
+    epochs = [order.slots(e * 12, 12) for e in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch) == sorted([(0, i) for i in range(7)] + [(1, i) for i in range(5)])
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert PackOrder([7, 5], None, seed=3).slots(5, 10) == (epochs[0] + epochs[1])[5:15]  # deterministic, any start
+    assert PackOrder([7, 5], None, seed=4).slots(0, 12) != epochs[0]
+
+
+def test_weights_over_and_under_sample_evenly():
+    order = PackOrder([10, 10], weights=[3.0, 1.0], seed=0)
+    assert order.per_epoch == [15, 5]
+    first_two = order.slots(0, 40)
+    counts = np.bincount([pack for prefix, pack in first_two if prefix == 0], minlength=10)
+    assert counts.tolist() == [3] * 10  # 30 draws of prefix 0 over two epochs: every pack three times
+    drawn = [pack for prefix, pack in first_two if prefix == 1]
+    assert sorted(drawn) == list(range(10))  # 10 draws of prefix 1: each pack once, none twice
+
+
+def test_data_parallel_ranks_split_the_global_batch(tmp_path):
+    prefix = write_packed_dataset(tmp_path / "d", random_packs(10, 32, 1000, seed=1), 32, 1000)
+    data = SFTData([str(prefix)], None, seed=5)
+    whole = data.micro_batches(4, global_batch_size=4, data_parallel_rank=0, data_parallel_size=1, micro_batch_size=1)
+    split = [mb for rank in range(2) for mb in data.micro_batches(4, 4, rank, 2, micro_batch_size=1)]
+    assert all(torch.equal(a.tokens, b.tokens) and torch.equal(a.loss_mask, b.loss_mask) for a, b in zip(whole, split))
+    assert data.iterations(epochs=2, global_batch_size=4) == 5  # 20 slots, the last 0 packs unused
+    lengths = data.conversation_lengths(4, 4)
+    assert lengths.sum() == sum(mb.real_tokens for mb in whole)
+
+
+def test_dataset_reads_packs_back_and_rejects_mismatched_files(tmp_path):
+    packs = random_packs(5, 48, 500, seed=2)
+    prefix = write_packed_dataset(tmp_path / "d", packs, 48, 500)
+    dataset = PackedDataset(prefix)
+    assert len(dataset) == 5 and dataset.seq_length == 48
+    for i, pack in enumerate(packs):
+        assert np.array_equal(dataset[i].input_ids, np.concatenate([ids for ids, _ in pack]))
+        assert np.array_equal(dataset[i].loss_mask, np.concatenate([mask for _, mask in pack]))
+        assert dataset[i].lengths.tolist() == [len(ids) for ids, _ in pack]
+    write_packed_dataset(tmp_path / "other", random_packs(5, 48, 500, seed=9), 48, 500)
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"d_loss_mask{suffix}").write_bytes((tmp_path / f"other_loss_mask{suffix}").read_bytes())
+    with pytest.raises(DataError, match="different preprocessing runs"):
+        PackedDataset(prefix)
+    with pytest.raises(DataError, match="preprocess_sft.py"):
+        PackedDataset(tmp_path / "missing")
+
+
+def test_packed_attention_equals_block_diagonal_causal_reference():
+    from sft.attention import packed_causal_attention
+
+    torch.manual_seed(0)
+    lengths = [5, 1, 9, 3]
+    total, heads, groups, dim = sum(lengths), 4, 2, 8
+    q = torch.randn(total, heads, dim, dtype=torch.float64)
+    k, v = torch.randn(total, groups, dim, dtype=torch.float64), torch.randn(total, groups, dim, dtype=torch.float64)
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
+    out = packed_causal_attention(q, k, v, cu, max(lengths), scale=dim ** -0.5)
+    # Dense reference: one softmax over the whole pack with a block-diagonal causal mask.
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    allowed = (segment[:, None] == segment[None, :]) & torch.ones(total, total, dtype=torch.bool).tril()
+    kk, vv = k.repeat_interleave(heads // groups, dim=1), v.repeat_interleave(heads // groups, dim=1)
+    scores = torch.einsum("thd,shd->hts", q, kk) * dim ** -0.5
+    reference = torch.einsum("hts,shd->thd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), vv)
+    assert torch.allclose(out, reference, atol=1e-12)

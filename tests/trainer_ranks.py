@@ -1,0 +1,77 @@
+"""Per-rank bodies for the trainer tests (spawned through common.distributed.run_distributed).
+
+`train(rank, world_size, overrides, fault)` trains with the given config overrides and returns the
+per-iteration losses. `fault` injects what a real run meets, inside the real code path:
+
+- ("crash_after", k): the process dies (an exception escapes) during iteration k + 1;
+- ("crash_in_save", k): the save at iteration k dies after writing part of the checkpoint;
+- ("signal", k): rank 0 receives SIGUSR1 during iteration k;
+- ("nan_loss", k): the loss of iteration k is NaN (k = 0: every iteration).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+
+class InjectedCrash(RuntimeError):
+    pass
+
+
+def _inject(trainer, fault) -> None:
+    from megatron.core import dist_checkpointing
+
+    import sft.trainer as trainer_module
+
+    kind, k = fault
+    step = trainer._train_step
+
+    if kind == "crash_after":
+        def crashing_step():
+            if trainer.state.iteration == k:
+                raise InjectedCrash(f"killed during iteration {k + 1}")
+            return step()
+        trainer._train_step = crashing_step
+    elif kind == "signal":
+        def signalled_step():
+            if trainer.state.iteration == k - 1 and trainer.rank == 0:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return step()
+        trainer._train_step = signalled_step
+    elif kind == "crash_in_save":
+        save = dist_checkpointing.save
+
+        def dying_save(state, path, **kwargs):
+            if trainer.state.iteration == k:
+                save({key: value for key, value in state.items() if key != "optimizer"}, path)  # model written, then death
+                raise InjectedCrash(f"killed while saving iteration {k}")
+            return save(state, path, **kwargs)
+        dist_checkpointing.save = dying_save
+    elif kind == "nan_loss":
+        loss_func = trainer_module.loss_func
+
+        def poisoned(loss_mask, output_tensor):
+            total, count, reduced = loss_func(loss_mask, output_tensor)
+            if k == 0 or trainer.state.iteration == k - 1:
+                total = total * math.nan
+                reduced = reduced.clone()
+                reduced[0] = math.nan
+            return total, count, reduced
+        trainer_module.loss_func = poisoned
+
+
+def train(rank: int, world_size: int, overrides: list[str], fault=None) -> dict:
+    from sft.config import load_config
+    from sft.trainer import Trainer
+
+    trainer = Trainer(load_config(None, overrides), "cpu")
+    if fault is not None:
+        _inject(trainer, fault)
+    try:
+        result = trainer.train()
+    except InjectedCrash as crash:
+        return {"crashed": str(crash), "iteration": trainer.state.iteration}
+    return {"losses": result.losses, "iterations": result.iterations_done, "stopped": result.stopped_by_signal,
+            "skipped": trainer.state.skipped_steps, "checkpoint": str(result.last_checkpoint)}
