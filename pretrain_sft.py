@@ -38,9 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
 
     def body() -> int:
-        from sft.trainer import run
+        from sft.trainer import NonFiniteLossError, run
 
-        run(load_config(args.config, args.overrides))
+        try:
+            run(load_config(args.config, args.overrides))
+        except NonFiniteLossError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         return 0
 
     return exit_status(body)

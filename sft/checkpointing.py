@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 OPTIMIZER_SHARDING = "dp_reshardable"  # see DESIGN.md section 3: the only type that loads with torch's Adam
 CONFIG_FILE = "config.yaml"
+FINISHED_FILE = "finished.json"  # in SAVE_DIR once every iteration is trained (slurm/sft.sh requeues until then)
 
 
 @dataclass

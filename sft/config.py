@@ -160,6 +160,9 @@ def _check_layout(c: TrainConfig, world_size: int) -> list[str]:
     if c.schedule.global_batch_size % (p.micro_batch_size * dp):
         problems.append(f"schedule.global_batch_size={c.schedule.global_batch_size} is not divisible by "
                         f"parallel.micro_batch_size x data-parallel size = {p.micro_batch_size} x {dp}")
+    if p.sequence_parallel and p.context == 1 and (p.micro_batch_size * c.data.seq_length) % p.tensor:
+        problems.append(f"parallel.sequence_parallel splits the {p.micro_batch_size} x {c.data.seq_length}-token row "
+                        f"across parallel.tensor={p.tensor} ranks: make it divisible")
     if p.virtual_pipeline is not None and (p.pipeline < 2 or p.virtual_pipeline < 2):
         problems.append("parallel.virtual_pipeline needs parallel.pipeline >= 2 and a value >= 2 (or null)")
     return problems

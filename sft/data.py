@@ -145,7 +145,10 @@ class PackOrder:
 
 @dataclass
 class MicroBatch:
-    """One THD row: tensors are [1, T]; `cu_seqlens` int32 [segments + 1] (the padding is a segment)."""
+    """One THD row: tensors are [1, T]; `cu_seqlens` int32 [segments + 1] (the padding is a segment).
+    With context parallelism, segments are padded to a multiple of 2 x CP: `cu_seqlens_padded` holds
+    the padded offsets, and after `split_for_context_parallel` the tensors hold this rank's tokens only
+    (the offsets stay global, as Transformer Engine expects)."""
 
     tokens: torch.Tensor
     position_ids: torch.Tensor
@@ -153,45 +156,98 @@ class MicroBatch:
     loss_mask: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
-    real_tokens: int  # tokens that are not padding
+    real_tokens: int  # tokens that are not padding, in the whole row
+    cu_seqlens_padded: torch.Tensor | None = None
 
     def to(self, device) -> "MicroBatch":
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return MicroBatch(move(self.tokens), move(self.position_ids), move(self.labels), move(self.loss_mask),
-                          move(self.cu_seqlens), self.max_seqlen, self.real_tokens)
+                          move(self.cu_seqlens), self.max_seqlen, self.real_tokens, move(self.cu_seqlens_padded))
 
     def packed_seq_params(self):
         from megatron.core.packed_seq_params import PackedSeqParams
 
         return PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
+                               cu_seqlens_q_padded=self.cu_seqlens_padded, cu_seqlens_kv_padded=self.cu_seqlens_padded,
                                max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
 
 
-def make_micro_batch(packs: list[Pack], seq_length: int, pad_token_id: int = 0) -> MicroBatch:
-    """Concatenates `packs` into one THD row of len(packs) x seq_length tokens (see the module doc)."""
-    width = len(packs) * seq_length
-    ids = np.concatenate([p.input_ids for p in packs]).astype(np.int64)
-    mask = np.concatenate([p.loss_mask for p in packs])
+def _round_up(value, multiple):
+    return -(-value // multiple) * multiple
+
+
+def row_width(micro_batch_size: int, seq_length: int, pad_multiple: int = 1, max_conversations_per_pack: int = 0) -> int:
+    """The fixed THD row width: the packs' tokens plus room for padding each conversation to
+    `pad_multiple` (context parallelism), rounded to that multiple."""
+    room = (pad_multiple - 1) * max_conversations_per_pack if pad_multiple > 1 else 0
+    return _round_up(micro_batch_size * (seq_length + room), pad_multiple)
+
+
+def make_micro_batch(packs: list[Pack], seq_length: int, pad_token_id: int = 0, *, pad_multiple: int = 1,
+                     width: int | None = None) -> MicroBatch:
+    """Concatenates `packs` into one THD row of `width` tokens (default len(packs) x seq_length); see the
+    module doc. With pad_multiple > 1 every conversation is padded to a multiple of it (no loss on the
+    padding) and the padded offsets are kept."""
+    width = width or len(packs) * seq_length
+    ids = [p.input_ids for p in packs]
+    mask = [p.loss_mask for p in packs]
     lengths = np.concatenate([p.lengths for p in packs]).astype(np.int64)
-    real = len(ids)
-    if real > width:
-        raise DataError(f"{len(packs)} packs hold {real} tokens, more than {len(packs)} x seq_length {seq_length}")
-    if real < width:  # one trailing segment of padding, attended only by itself and never trained
-        ids = np.concatenate([ids, np.full(width - real, pad_token_id, dtype=np.int64)])
-        mask = np.concatenate([mask, np.zeros(width - real, dtype=mask.dtype)])
-        lengths = np.concatenate([lengths, [width - real]])
-    cu_seqlens = np.concatenate([[0], np.cumsum(lengths)])
-    positions = np.arange(width) - np.repeat(cu_seqlens[:-1], lengths)
+    real = int(lengths.sum())
+    padded = _round_up(lengths, pad_multiple) if pad_multiple > 1 else lengths
+    if padded.sum() > width:
+        raise DataError(f"{len(packs)} packs hold {real} tokens ({int(padded.sum())} padded), more than the row "
+                        f"width {width} ({len(packs)} x seq_length {seq_length})")
+    if pad_multiple > 1:  # each conversation followed by its padding
+        ids = np.concatenate([np.concatenate([c, np.full(pl - len(c), pad_token_id, np.int32)])
+                              for c, pl in zip(np.split(np.concatenate(ids), np.cumsum(lengths)[:-1]), padded)])
+        mask = np.concatenate([np.concatenate([c, np.zeros(pl - len(c), np.uint8)])
+                               for c, pl in zip(np.split(np.concatenate(mask), np.cumsum(lengths)[:-1]), padded)])
+    else:
+        ids, mask = np.concatenate(ids), np.concatenate(mask)
+    ids, mask = ids.astype(np.int64), mask.astype(np.float32)
+    if len(ids) < width:  # one trailing segment of padding, attended only by itself and never trained
+        tail = width - len(ids)
+        ids = np.concatenate([ids, np.full(tail, pad_token_id, dtype=np.int64)])
+        mask = np.concatenate([mask, np.zeros(tail, dtype=np.float32)])
+        lengths, padded = np.concatenate([lengths, [tail]]), np.concatenate([padded, [tail]])
+    starts = np.concatenate([[0], np.cumsum(padded)])
+    positions = np.arange(width) - np.repeat(starts[:-1], padded)
     labels = np.zeros(width, dtype=np.int64)
     labels[:-1] = ids[1:]
     target = np.zeros(width, dtype=np.float32)
     target[:-1] = mask[1:]
-    last = cu_seqlens[1:] - 1  # the last position of a conversation has no target in it
-    labels[last] = 0
-    target[last] = 0.0
+    # No target at the last real position of a conversation nor on its padding (the next token belongs
+    # to another conversation, whose first token may well carry loss).
+    no_target = positions >= np.repeat(lengths, padded) - 1
+    labels[no_target] = 0
+    target[no_target] = 0.0
     row = lambda a: torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(0)  # noqa: E731
-    return MicroBatch(row(ids), row(positions), row(labels), row(target),
-                      torch.from_numpy(cu_seqlens.astype(np.int32)), int(lengths.max()), real)
+    offsets = lambda a: torch.from_numpy(np.concatenate([[0], np.cumsum(a)]).astype(np.int32))  # noqa: E731
+    return MicroBatch(row(ids), row(positions), row(labels), row(target), offsets(lengths), int(padded.max()), real,
+                      offsets(padded) if pad_multiple > 1 else None)
+
+
+def context_parallel_indices(cu_seqlens_padded: np.ndarray, cp_size: int, cp_rank: int) -> np.ndarray:
+    """The row positions context-parallel rank `cp_rank` holds: each padded segment is cut into 2 x CP
+    equal chunks and rank r takes chunks r and 2 CP - 1 - r, balancing causal attention work (the
+    split Transformer Engine's THD attention expects, as its thd_get_partitioned_indices)."""
+    out = []
+    for start, end in zip(cu_seqlens_padded[:-1], cu_seqlens_padded[1:]):
+        chunk = (end - start) // (2 * cp_size)
+        for part in (cp_rank, 2 * cp_size - 1 - cp_rank):
+            out.append(np.arange(start + part * chunk, start + (part + 1) * chunk))
+    return np.concatenate(out)
+
+
+def split_for_context_parallel(batch: MicroBatch, cp_size: int, cp_rank: int) -> MicroBatch:
+    """This context-parallel rank's share of a row built with pad_multiple = 2 x CP (labels were taken
+    from the whole row first, so no target is lost at a chunk boundary)."""
+    if cp_size == 1:
+        return batch
+    index = torch.from_numpy(context_parallel_indices(batch.cu_seqlens_padded.numpy(), cp_size, cp_rank))
+    take = lambda t: t.index_select(1, index)  # noqa: E731
+    return MicroBatch(take(batch.tokens), take(batch.position_ids), take(batch.labels), take(batch.loss_mask),
+                      batch.cu_seqlens, batch.max_seqlen, batch.real_tokens, batch.cu_seqlens_padded)
 
 
 class SFTData:
@@ -205,19 +261,29 @@ class SFTData:
                             "preprocess them with one --seq-length")
         self.seq_length = lengths.pop()
         self.order = PackOrder([len(d) for d in self.datasets], weights, seed)
+        self._max_conversations: int | None = None
 
     def iterations(self, epochs: int, global_batch_size: int) -> int:
         """Optimizer steps for `epochs` passes; the < 1 global batch left over at the end is not trained."""
         return epochs * self.order.epoch_size // global_batch_size
 
+    def max_conversations_per_pack(self) -> int:
+        if self._max_conversations is None:
+            self._max_conversations = max(int(np.diff(d._documents).max(initial=0)) for d in self.datasets)
+        return self._max_conversations
+
     def micro_batches(self, consumed: int, global_batch_size: int, data_parallel_rank: int, data_parallel_size: int,
-                      micro_batch_size: int) -> list[MicroBatch]:
-        """This data-parallel rank's micro-batches of the global batch starting at slot `consumed`."""
+                      micro_batch_size: int, context_parallel: tuple[int, int, int] = (1, 0, 1)) -> list[MicroBatch]:
+        """This data-parallel rank's micro-batches of the global batch starting at slot `consumed`;
+        `context_parallel` = (CP size, CP rank, padding multiple) splits each row across CP ranks."""
+        cp_size, cp_rank, pad_multiple = context_parallel
         per_rank = global_batch_size // data_parallel_size
         start = consumed + data_parallel_rank * per_rank
         slots = self.order.slots(start, per_rank)
         packs = [self.datasets[prefix][pack] for prefix, pack in slots]
-        return [make_micro_batch(packs[i:i + micro_batch_size], self.seq_length)
+        width = row_width(micro_batch_size, self.seq_length, pad_multiple, self.max_conversations_per_pack())
+        return [split_for_context_parallel(make_micro_batch(packs[i:i + micro_batch_size], self.seq_length,
+                                                            pad_multiple=pad_multiple, width=width), cp_size, cp_rank)
                 for i in range(0, per_rank, micro_batch_size)]
 
     def conversation_lengths(self, consumed: int, global_batch_size: int) -> np.ndarray:

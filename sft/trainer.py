@@ -26,9 +26,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpointing import TrainState, find_resume_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from common.files import write_json_atomic
+
+from .checkpointing import FINISHED_FILE, TrainState, find_resume_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import ConfigError, TrainConfig, dump_config
-from .data import MicroBatch, SFTData
+from .data import MicroBatch, SFTData, row_width
 from .flops import training_flops
 from .metrics import MetricsLogger, peak_memory_gb
 
@@ -129,6 +131,12 @@ class Trainer:
                                                  context_parallel_size=p.context)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
+        # Context parallelism pads each conversation to a multiple of 2 x CP (x TP with sequence
+        # parallelism) so that every rank gets equal, causally balanced chunks (sft/data.py).
+        pad_multiple = 2 * p.context * (p.tensor if p.sequence_parallel else 1) if p.context > 1 else 1
+        self.context_parallel = (p.context, parallel_state.get_context_parallel_rank(), pad_multiple)
+        self.row_width = row_width(p.micro_batch_size, self.data.seq_length, pad_multiple,
+                                   self.data.max_conversations_per_pack())
         self.train_iters = config.schedule.train_iters or self.data.iterations(config.schedule.epochs,
                                                                               config.schedule.global_batch_size)
         if self.train_iters < 1:
@@ -252,6 +260,10 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.metrics.close()
+        if self.state.iteration >= self.train_iters and self.rank == 0:
+            write_json_atomic(Path(c.checkpoint.save_dir) / FINISHED_FILE, {
+                "iterations": self.state.iteration, "consumed_samples": self.state.consumed_samples,
+                "skipped_steps": self.state.skipped_steps, "checkpoint": str(last_checkpoint) if last_checkpoint else None})
         return TrainResult(self.state.iteration, losses, self._stop_signal is not None or
                            self.state.iteration < self.train_iters, last_checkpoint)
 
@@ -261,7 +273,7 @@ class Trainer:
         c, s = self.config, self.state
         start = time.perf_counter()
         micro_batches = self.data.micro_batches(s.consumed_samples, c.schedule.global_batch_size, self.dp_rank,
-                                                self.dp_size, c.parallel.micro_batch_size)
+                                                self.dp_size, c.parallel.micro_batch_size, self.context_parallel)
         if self.device == "cuda":
             micro_batches = [mb.to(torch.cuda.current_device()) for mb in micro_batches]
         for chunk in self.chunks:
@@ -270,10 +282,12 @@ class Trainer:
         iterators = [iter(micro_batches) for _ in self.chunks]
         reduced = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iterators if len(self.chunks) > 1 else iterators[0],
-            model=self.chunks, num_microbatches=len(micro_batches), seq_length=micro_batches[0].tokens.shape[1],
+            model=self.chunks, num_microbatches=len(micro_batches), seq_length=self.row_width,
             micro_batch_size=1, forward_only=False)
         loss_sum, loss_tokens = self._global_loss(reduced)
         loss = loss_sum / max(loss_tokens, 1)
+        # Checked before stepping: megatron-core's bf16/fp32 step has no finiteness check of its own (only
+        # fp16 loss scaling has one). step() repeats prepare_grads, an idempotent copy into the main grads.
         found_inf = self.optimizer.prepare_grads()
         grad_norm = float(self.optimizer.get_grad_norm())
         finite = not found_inf and math.isfinite(loss) and math.isfinite(grad_norm)

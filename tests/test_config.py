@@ -71,6 +71,8 @@ def test_a_valid_layout_passes(tmp_path):
     ({"parallel.tensor": 3}, 256, True, "256 processes are not divisible by tensor x pipeline x context = 3"),
     ({"parallel.sequence_parallel": True}, 8, False, "parallel.sequence_parallel=true needs Transformer Engine"),
     ({"parallel.context": 2}, 8, False, "parallel.context=2 needs Transformer Engine"),
+    ({"parallel.tensor": 8, "parallel.sequence_parallel": True, "data.seq_length": 32764}, 8, True,
+     "splits the 1 x 32764-token row across parallel.tensor=8 ranks"),
     ({"data.seq_length": 16384}, 8, True, "data.seq_length=16384 but the data was packed at 32768"),
     ({"schedule.warmup_ratio": 1.5}, 8, True, "schedule.warmup_ratio=1.5 must be in [0, 1)"),
 ])

@@ -110,3 +110,27 @@ def test_packed_attention_equals_block_diagonal_causal_reference():
     scores = torch.einsum("thd,shd->hts", q, kk) * dim ** -0.5
     reference = torch.einsum("hts,shd->thd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), vv)
     assert torch.allclose(out, reference, atol=1e-12)
+
+
+def test_context_parallel_padding_and_split_by_hand():
+    from sft.data import context_parallel_indices, row_width, split_for_context_parallel
+
+    # CP=2 pads each conversation to a multiple of 2 x CP = 4: 3 -> 4, 6 -> 8; the row is 16 wide.
+    pack = _pack(([1, 2, 3], [0, 1, 1]), ([4, 5, 6, 7, 8, 9], [0, 0, 1, 1, 1, 1]))
+    assert row_width(1, seq_length=9, pad_multiple=4, max_conversations_per_pack=2) == 16
+    batch = make_micro_batch([pack], seq_length=9, pad_token_id=0, pad_multiple=4, width=16)
+    assert batch.tokens.tolist() == [[1, 2, 3, 0, 4, 5, 6, 7, 8, 9, 0, 0, 0, 0, 0, 0]]
+    assert batch.cu_seqlens.tolist() == [0, 3, 9, 13] and batch.cu_seqlens_padded.tolist() == [0, 4, 12, 16]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]]
+    assert batch.labels.tolist() == [[2, 3, 0, 0, 5, 6, 7, 8, 9, 0, 0, 0, 0, 0, 0, 0]]
+    assert batch.loss_mask.tolist() == [[1, 1, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]]
+    assert batch.max_seqlen == 8
+    # Each padded segment in 4 chunks; rank r takes chunks r and 3 - r.
+    offsets = batch.cu_seqlens_padded.numpy()
+    assert context_parallel_indices(offsets, 2, 0).tolist() == [0, 3, 4, 5, 10, 11, 12, 15]
+    assert context_parallel_indices(offsets, 2, 1).tolist() == [1, 2, 6, 7, 8, 9, 13, 14]
+    halves = [split_for_context_parallel(batch, 2, rank) for rank in range(2)]
+    assert halves[0].tokens.tolist() == [[1, 0, 4, 5, 0, 0, 0, 0]]
+    assert halves[1].labels.tolist() == [[3, 0, 7, 8, 9, 0, 0, 0]]
+    assert sum(float(h.loss_mask.sum()) for h in halves) == float(batch.loss_mask.sum())
+    assert all(torch.equal(h.cu_seqlens_padded, batch.cu_seqlens_padded) for h in halves)  # offsets stay global

@@ -1,0 +1,133 @@
+"""slurm/sft.sh under a real Slurm: the two-node cluster of slurm/ci_cluster.sh (started by .ci/run).
+
+The job trains the tiny model with configs/tiny_cpu.yaml on 2 nodes x 2 gloo processes; USR1 to the
+batch script makes the trainer checkpoint and stop, the script requeues the job, and the second run
+resumes and finishes. The losses must equal those of the same run started by a plain torchrun.
+
+Without a reachable cluster the test is skipped, unless K2_SLURM=required (as in CI), where it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ, PACKS, GLOBAL_BATCH = 128, 16, 4  # 2 epochs x 16 packs / 4 = 8 iterations
+
+
+def _cluster_ready() -> str | None:
+    if shutil.which("sbatch") is None:
+        return "sbatch not found"
+    try:
+        states = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"sinfo failed: {exc}"
+    if states.returncode != 0 or states.stdout.split().count("idle") < 2:
+        return f"no two idle Slurm nodes ({states.stdout.strip() or states.stderr.strip()})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    problem = _cluster_ready()
+    if problem:
+        if os.environ.get("K2_SLURM") == "required":
+            pytest.fail(f"K2_SLURM=required but {problem}: start it with slurm/ci_cluster.sh start")
+        pytest.skip(f"{problem} (slurm/ci_cluster.sh start runs a local two-node cluster)")
+
+
+@pytest.fixture(scope="module")
+def run_inputs(tmp_path_factory):
+    from convert.hf_to_mcore import convert_hf_to_mcore
+    from convert.tiny_models import QWEN25_VOCAB_SIZE_SMALL, make_tiny_qwen2
+    from sft.synthetic import random_packs, write_packed_dataset
+
+    root = tmp_path_factory.mktemp("slurm")
+    convert_hf_to_mcore(make_tiny_qwen2(root / "hf"), root / "mcore", progress=False)
+    prefix = write_packed_dataset(root / "data" / "syn", random_packs(PACKS, SEQ, QWEN25_VOCAB_SIZE_SMALL, seed=0), SEQ,
+                                  QWEN25_VOCAB_SIZE_SMALL)
+    return root, prefix
+
+
+def _overrides(root: Path, prefix: Path, save_dir: Path) -> list[str]:
+    return [f"data.prefixes=[{prefix}]", f"model.init_checkpoint={root / 'mcore'}", f"checkpoint.save_dir={save_dir}",
+            f"data.seq_length={SEQ}", f"schedule.global_batch_size={GLOBAL_BATCH}", "checkpoint.save_interval=100"]
+
+
+def _losses(save_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len({r["iteration"] for r in records}) == len(records), "an iteration was logged twice"
+    return {r["iteration"]: r["loss"] for r in records}
+
+
+def _job_field(job: str, field: str) -> str:
+    text = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    match = re.search(rf"\b{field}=(\S+)", text)
+    return match.group(1) if match else ""
+
+
+def _wait_for(condition, timeout: float, what: str, poll: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_sbatch_trains_on_two_nodes_checkpoints_on_usr1_and_resumes(cluster, run_inputs, tmp_path):
+    root, prefix = run_inputs
+    save_dir, logs = tmp_path / "run", tmp_path / "logs"
+    env = {**os.environ, "CONFIG": "configs/tiny_cpu.yaml", "GPUS_PER_NODE": "2", "LOG_DIR": str(logs),
+           "REPO": str(ROOT), "VENV": str(Path(sys.executable).parents[1]),
+           "OVERRIDES": " ".join(_overrides(root, prefix, save_dir))}
+    submitted = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--time=30",
+                                f"--output={tmp_path}/job-%j.out", "slurm/sft.sh"],
+                               cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    job = submitted.stdout.strip().split(";")[0]
+    try:
+        metrics = save_dir / "metrics.jsonl"
+        _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 300, "iteration 2")
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)  # as --signal=B:USR1@T does
+
+        def requeued_or_done():
+            state = _job_field(job, "JobState")
+            if state == "PENDING" and _job_field(job, "Reason") == "BeginTime":
+                # Slurm delays a requeued job's start by a couple of minutes; not what is tested here.
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+            return state if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
+
+        final_state = _wait_for(requeued_or_done, 600, "the job to finish", poll=2.0)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    output = (tmp_path / f"job-{job}.out").read_text()
+    assert final_state == "COMPLETED", output + "".join(p.read_text()[-3000:] for p in logs.rglob("*.log"))
+    assert _job_field(job, "Restarts") == "1"
+    assert "requeueing job" in output and "training finished" in output
+
+    stopped_at = min(int(p.name[5:]) for p in save_dir.glob("iter_*"))  # the USR1 checkpoint (interval 100)
+    assert 2 <= stopped_at < 8 and (save_dir / "iter_0000008").is_dir() and (save_dir / "finished.json").is_file()
+    ranks = {int(f.name.split("_")[2]) for f in (save_dir / "iter_0000008").glob("__*_*.distcp")}
+    assert ranks == {0, 1, 2, 3}, ranks  # four processes wrote their optimizer shards (DP=4)
+    node_logs = sorted((logs / job).glob("node*.log"))
+    assert [p.name.split("-")[0] for p in node_logs] == ["node0", "node1"]
+    assert "resumed from" in node_logs[0].read_text()
+
+    # The same run started by a plain torchrun on one node: the same losses.
+    plain = tmp_path / "plain"
+    subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node=4",
+                    "pretrain_sft.py", "--config", "configs/tiny_cpu.yaml", *_overrides(root, prefix, plain)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=600)
+    expected, got = _losses(plain), _losses(save_dir)
+    assert sorted(got) == list(range(1, 9)) and got.keys() == expected.keys()
+    assert all(got[i] == pytest.approx(expected[i], rel=1e-6) for i in expected), (got, expected)
