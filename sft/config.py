@@ -12,6 +12,8 @@ tokens. Every validation error names the field and the fix.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -216,7 +218,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             if not isinstance(node, dict):
                 raise ConfigError(f"override {override!r}: {name} is not a section")
         node[leaf] = yaml.safe_load(raw) if raw.strip() else None
-    return _build(TrainConfig, values, "")
+    return _build(TrainConfig, _expand_environment(values, ""), "")
+
+
+_ENV_REFERENCE = re.compile(r"\$\{(\w+)\}")
+
+
+def _expand_environment(value, where: str):
+    """`${NAME}` in string values is replaced by the environment variable NAME (an unset one is an
+    error naming the key), so configs in configs/ take paths from the environment, never from edits."""
+    if isinstance(value, dict):
+        return {k: _expand_environment(v, f"{where}{k}.") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_environment(v, where) for v in value]
+    if isinstance(value, str):
+        def substitute(match):
+            name = match.group(1)
+            if name not in os.environ:
+                raise ConfigError(f"{where.rstrip('.')} refers to ${{{name}}}, which is not set: export {name}=... "
+                                  f"or override the key on the command line")
+            return os.environ[name]
+        return _ENV_REFERENCE.sub(substitute, value)
+    return value
 
 
 def _build(cls, values: dict[str, Any], where: str):

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("tool", ["get_am_dataset", "preprocess_sft", "convert_hf_to_mcore", "convert_mcore_to_hf",
-                                  "verify_conversion", "pretrain_sft"])
+                                  "verify_conversion", "pretrain_sft", "plan_layout"])
 def test_help_explains_every_flag(tool, capsys):
     parser = load_tool(tool).build_parser()
     for action in parser._actions:
@@ -41,5 +41,8 @@ def test_demo_runs_end_to_end(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "kept 300 rows, dropped 15" in result.stdout
-    assert re.search(r"packs\s+\d+\s+x 32768 tokens, efficiency", result.stdout)
+    assert re.search(r"packs\s+\d+\s+x 2048 tokens, efficiency", result.stdout)
     assert (tmp_path / "data" / "am_sample_meta.json").is_file()
+    assert re.search(r"trained 6 iterations: loss \d+\.\d+ -> \d+\.\d+", result.stdout)
+    assert (tmp_path / "run" / "finished.json").is_file() and (tmp_path / "release" / "config.json").is_file()
+    assert "<|im_start|>assistant\n" in result.stdout and re.search(r"reply \(\d+ tokens\)", result.stdout)

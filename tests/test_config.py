@@ -91,3 +91,23 @@ def test_missing_inputs_are_named(tmp_path):
     assert f"{tmp_path / 'nope'}_input_ids.bin not found (run tools/preprocess_sft.py first)" in text
     assert "is not a converted checkpoint (no hf_config.json)" in text
     assert "checkpoint.save_dir is not set" in text
+
+
+def test_shipped_configs_load_and_take_paths_from_the_environment(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("K2_INIT_CKPT", "/ckpt/qwen2.5-32b-mcore")
+    monkeypatch.setenv("K2_SAVE_DIR", "/runs/k2")
+    monkeypatch.delenv("K2_DATA_PREFIX", raising=False)
+    with pytest.raises(ConfigError, match=r"data.prefixes refers to \$\{K2_DATA_PREFIX\}, which is not set"):
+        load_config(root / "configs" / "k2think_qwen2.5_32b.yaml")
+    monkeypatch.setenv("K2_DATA_PREFIX", "/data/am")
+    c = load_config(root / "configs" / "k2think_qwen2.5_32b.yaml")
+    assert (c.data.prefixes, c.model.init_checkpoint, c.checkpoint.save_dir) == (["/data/am"], "/ckpt/qwen2.5-32b-mcore", "/runs/k2")
+    assert (c.optimizer.lr, c.schedule.global_batch_size, c.data.seq_length, c.schedule.epochs) == (1e-4, 512, 32768, 2)
+    # The recipe's layout is valid for Qwen2.5-32B on 256 GPUs with Transformer Engine (paths aside).
+    problems = str(pytest.raises(ConfigError, c.validate, world_size=256, te_available=True, arch=ARCH_32B,
+                                 data_seq_length=32768).value)
+    assert "parallel" not in problems and "data.seq_length" not in problems
+    assert load_config(root / "configs" / "tiny_cpu.yaml").device == "cpu"

@@ -1,0 +1,224 @@
+"""Parallel-layout planner: memory per GPU and step time of a Qwen2 model for each feasible layout.
+
+    python tools/plan_layout.py --model /models/Qwen2.5-32B/config.json --seq-length 32768 \\
+        --global-batch 512 --gpus 256 --gpu-memory-gb 80
+
+The model, stated so it can be checked (every figure is per GPU, bytes unless noted):
+
+Parameters. A layer holds qkv h(n+2g)d + bias (n+2g)d, proj n d h, MLP 3 h f, two norms 2h; the
+embedding and the output layer hold V h each (one when tied). A rank holds L/PP layers split over
+TP, plus the embedding on the first stage and the output layer on the last (the larger stage counts).
+
+Memory (mixed precision, megatron-core distributed optimizer):
+- weights: 2 bytes per local parameter (bf16);
+- gradients: 4 bytes per local parameter (fp32 gradient buffer, grad_reduce_in_fp32);
+- optimizer: 12 bytes per local parameter / DP (fp32 main weights, Adam moments, sharded over DP);
+- activations: per token and layer, the tensors the backward pass keeps (bf16): layer input, norm
+  outputs and residuals 6h, q/k/v before and q/k after RoPE 2h + 3gd, attention output h (flash
+  attention keeps no s^2 scores), the MLP's fc1 output 2f and SwiGLU output f: 2 x (9h + 3gd + 3f)
+  bytes in all. Tensor parallelism divides the parts inside the TP region (everything but the 6h
+  of norms and residuals, which sequence parallelism divides too). Full recomputation keeps only each
+  layer's input (2h, / TP with SP) plus one layer's full set during its recomputation. Selective
+  recomputation (core attention) saves little with flash attention and is counted like none.
+  Tokens per micro-batch = micro_batch x seq / CP. The first pipeline stage holds PP micro-batches in
+  flight under 1F1B (x (1 + (PP - 1) / (PP x VP)) interleaved), i.e. L/PP layers x PP micro-batches.
+  Logits: the last stage keeps the vocabulary-parallel logits (bf16) and their fp32 softmax for the
+  cross-entropy: tokens x V / TP x 6 bytes (4 in an fp32 run, where the cross-entropy works in place).
+- buffers: a fixed allowance for the CUDA context, NCCL and allocator fragmentation
+  (`--buffer-gb`, default 6 GB on GPU).
+
+Step time: model FLOPs (sft/flops.py, at the data's conversation lengths; --mean-conversation)
+divided by GPUs x peak x the GEMM efficiency (--efficiency, default 0.6 of peak), plus the pipeline
+bubble (PP - 1) / (VP x micro-batches per step), plus exposed communication: tensor parallel
+all-reduce/all-gather + reduce-scatter of the activations, 4 per layer and micro-batch over NVLink
+(--nvlink-gbps, bus bandwidth), half of it assumed hidden; data-parallel reduce-scatter of the fp32
+gradients and all-gather of the bf16 weights over the inter-node network (--network-gbps per GPU),
+not overlapped (the trainer does not overlap them yet); context parallelism's ring exchange of K/V
+(forward) and of K/V and their gradients (backward), (CP - 1) chunks per layer, half hidden, over NVLink
+when TP x CP fits a node; pipeline sends of activations and their gradients at the PP x VP - 1 stage
+boundaries (a rank takes part in 1/PP of them), half hidden, over the network. MFU = model FLOPs / (step time x GPUs x peak).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .flops import attention_flops, dense_flops_per_token
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpus: int
+    gpu_memory_gb: float = 80.0
+    peak_tflops: float = 989.0
+    efficiency: float = 0.6
+    nvlink_gbps: float = 360.0  # bus bandwidth of NCCL all-reduce within a node of 8 H100s
+    network_gbps: float = 45.0  # per GPU, 400 Gb/s InfiniBand
+    gpus_per_node: int = 8
+    buffer_gb: float = 6.0
+
+
+@dataclass(frozen=True)
+class Layout:
+    tensor: int
+    pipeline: int
+    virtual: int
+    context: int
+    sequence_parallel: bool
+    recompute: str
+    micro_batch: int
+
+    def model_parallel(self) -> int:
+        return self.tensor * self.pipeline * self.context
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    data_parallel: int
+    memory_gb: dict[str, float] = field(default_factory=dict)
+    step_time_s: float = 0.0
+    mfu: float = 0.0
+    fits: bool = False
+
+    @property
+    def total_gb(self) -> float:
+        return sum(self.memory_gb.values())
+
+    def to_dict(self) -> dict:
+        return {**asdict(self.layout), "data_parallel": self.data_parallel, "memory_gb": self.memory_gb,
+                "total_gb": self.total_gb, "step_time_s": self.step_time_s, "mfu": self.mfu, "fits": self.fits}
+
+
+def layer_parameters(arch) -> int:
+    h, n, g, d, f = arch.hidden_size, arch.num_attention_heads, arch.num_query_groups, arch.head_dim, arch.ffn_hidden_size
+    return h * (n + 2 * g) * d + (n + 2 * g) * d + n * d * h + 3 * h * f + 2 * h
+
+
+def local_parameters(arch, layout: Layout) -> int:
+    """Parameters on the heaviest rank: its layers plus the embedding or output layer, over TP."""
+    layers = arch.num_layers // layout.pipeline * layer_parameters(arch)
+    vocab = arch.vocab_size * arch.hidden_size
+    ends = vocab if layout.pipeline > 1 or arch.tie_word_embeddings else 2 * vocab
+    return (layers + ends) // layout.tensor + arch.hidden_size  # + the final norm
+
+
+def activation_bytes_per_token_layer(arch, layout: Layout, element_bytes: int = 2) -> float:
+    h, g, d, f = arch.hidden_size, arch.num_query_groups, arch.head_dim, arch.ffn_hidden_size
+    t = layout.tensor
+    replicated = 6 * h  # norm and residual tensors: outside the TP region
+    inside = (2 * (h + 2 * g * d) - g * d) + h + 3 * f  # q/k/v (+ RoPE'd q, k), attention output, fc1, SwiGLU
+    if layout.recompute == "full":
+        return element_bytes * h / (t if layout.sequence_parallel else 1)
+    return element_bytes * (replicated / (t if layout.sequence_parallel else 1) + inside / t)
+
+
+def estimate(arch, layout: Layout, hw: Hardware, seq_length: int, global_batch: int, mean_conversation: float,
+             weight_bytes: int = 2) -> Estimate | None:
+    """The estimate for one layout, or None when the layout is not valid for the model and batch."""
+    world_mp = layout.model_parallel()
+    if hw.gpus % world_mp or arch.num_attention_heads % layout.tensor or arch.num_query_groups % layout.tensor:
+        return None
+    if arch.num_layers % (layout.pipeline * layout.virtual) or (layout.virtual > 1 and layout.pipeline < 2):
+        return None
+    dp = hw.gpus // world_mp
+    if global_batch % (layout.micro_batch * dp):
+        return None
+    micro_batches = global_batch // (layout.micro_batch * dp)
+    if layout.virtual > 1 and micro_batches % layout.pipeline:
+        return None
+    params = local_parameters(arch, layout)
+    tokens = layout.micro_batch * seq_length / layout.context
+    layers_here = arch.num_layers // layout.pipeline
+    in_flight = min(layout.pipeline, micro_batches) * (1 + (layout.pipeline - 1) / (layout.pipeline * layout.virtual)
+                                                       if layout.virtual > 1 else 1)
+    activations = tokens * layers_here * in_flight * activation_bytes_per_token_layer(arch, layout, weight_bytes)
+    if layout.recompute == "full":  # one layer's full activations while it is recomputed
+        full = Layout(**{**asdict(layout), "recompute": "none"})
+        activations += tokens * activation_bytes_per_token_layer(arch, full, weight_bytes)
+    # bf16 logits and their fp32 copy for the cross-entropy; in fp32 the cross-entropy works in place
+    logits = tokens * arch.vocab_size / layout.tensor * (weight_bytes + 4 if weight_bytes == 2 else 4)
+    memory = {
+        "weights": weight_bytes * params / GB,
+        "gradients": 4 * params / GB,
+        "optimizer": (12 if weight_bytes == 2 else 8) * params / dp / GB,
+        "activations": activations / GB,
+        "logits": logits / GB,
+        "buffers": hw.buffer_gb,
+    }
+    result = Estimate(layout, dp, {k: round(v, 3) for k, v in memory.items()})
+    result.fits = result.total_gb <= hw.gpu_memory_gb
+    result.step_time_s, result.mfu = _step_time(arch, layout, hw, seq_length, global_batch, mean_conversation,
+                                                micro_batches, dp, params)
+    return result
+
+
+def _step_time(arch, layout, hw, seq_length, global_batch, mean_conversation, micro_batches, dp, params):
+    conversations = [mean_conversation] * max(1, round(seq_length / mean_conversation))
+    model_flops = 3 * (dense_flops_per_token(arch) * seq_length + attention_flops(arch, conversations)) * global_batch
+    executed = model_flops * (4 / 3 if layout.recompute == "full" else 1)  # full recompute runs the forward twice
+    compute = executed / (hw.gpus * hw.peak_tflops * 1e12 * hw.efficiency)
+    bubble = (layout.pipeline - 1) / (layout.virtual * micro_batches)
+    tp_time = 0.0
+    if layout.tensor > 1:
+        tokens = layout.micro_batch * seq_length / layout.context
+        per_collective = tokens * arch.hidden_size * 2 * 2 * (layout.tensor - 1) / layout.tensor
+        tp_bytes = 4 * (arch.num_layers // layout.pipeline) * micro_batches * per_collective
+        tp_time = 0.5 * tp_bytes / (hw.nvlink_gbps * GB)  # half hidden behind GEMMs
+    cp_time = 0.0
+    if layout.context > 1:  # ring exchange of K/V (forward) and K/V + their gradients (backward), per layer
+        tokens = layout.micro_batch * seq_length / layout.context
+        kv_bytes = tokens * 2 * arch.num_query_groups * arch.head_dim * 2
+        cp_bytes = 3 * (layout.context - 1) * kv_bytes * (arch.num_layers // layout.pipeline) * micro_batches
+        intra_node = layout.tensor * layout.context <= hw.gpus_per_node
+        cp_time = 0.5 * cp_bytes / ((hw.nvlink_gbps if intra_node else hw.network_gbps) * GB)  # half hidden
+    pp_time = 0.0
+    if layout.pipeline > 1:  # activations forward and their gradients backward at each of the PP x VP stage
+        tokens = layout.micro_batch * seq_length / layout.context  # boundaries, per micro-batch
+        pp_bytes = 2 * tokens * arch.hidden_size * 2 / (layout.tensor if layout.sequence_parallel else 1)
+        hops = layout.pipeline * layout.virtual - 1
+        pp_time = 0.5 * pp_bytes * hops * micro_batches / layout.pipeline / (hw.network_gbps * GB)  # half hidden
+    dp_time = 0.0
+    if dp > 1:
+        intra_node = layout.model_parallel() * dp <= hw.gpus_per_node
+        bandwidth = (hw.nvlink_gbps if intra_node else hw.network_gbps) * GB
+        dp_time = (4 + 2) * params * (dp - 1) / dp / bandwidth  # fp32 grad reduce-scatter + bf16 weight all-gather
+    step = compute * (1 + bubble) + tp_time + cp_time + pp_time + dp_time
+    return round(step, 3), round(model_flops / (step * hw.gpus * hw.peak_tflops * 1e12), 4)
+
+
+def plan(arch, hw: Hardware, seq_length: int, global_batch: int, mean_conversation: float,
+         sequence_parallel_available: bool = True) -> list[Estimate]:
+    """Every valid layout, feasible ones first, fastest first."""
+    results = []
+    for tensor in (1, 2, 4, 8):
+        for pipeline in (1, 2, 4, 8, 16):
+            for virtual in (1, 2, 4):
+                for context in (1, 2, 4, 8):
+                    for recompute in ("selective", "full"):
+                        for micro_batch in (1, 2):
+                            for sp in ((False, True) if tensor > 1 and sequence_parallel_available else (False,)):
+                                layout = Layout(tensor, pipeline, virtual, context, sp, recompute, micro_batch)
+                                found = estimate(arch, layout, hw, seq_length, global_batch, mean_conversation)
+                                if found is not None:
+                                    results.append(found)
+    results.sort(key=lambda e: (not e.fits, e.step_time_s, e.total_gb))
+    return results
+
+
+def format_table(estimates: list[Estimate], limit: int = 15) -> str:
+    header = (f"{'TP':>3} {'PP':>3} {'VP':>3} {'CP':>3} {'SP':>3} {'recompute':>9} {'mb':>3} {'DP':>4} | "
+              f"{'weights':>7} {'grads':>6} {'optim':>6} {'activ':>6} {'logits':>6} {'buffers':>7} {'total':>6} GB | "
+              f"{'step s':>7} {'MFU':>6}")
+    rows = [header, "-" * len(header)]
+    for e in estimates[:limit]:
+        lay, m = e.layout, e.memory_gb
+        rows.append(f"{lay.tensor:>3} {lay.pipeline:>3} {lay.virtual:>3} {lay.context:>3} {'y' if lay.sequence_parallel else 'n':>3} "
+                    f"{lay.recompute:>9} {lay.micro_batch:>3} {e.data_parallel:>4} | {m['weights']:>7.1f} "
+                    f"{m['gradients']:>6.1f} {m['optimizer']:>6.1f} {m['activations']:>6.1f} {m['logits']:>6.1f} "
+                    f"{m['buffers']:>7.1f} {e.total_gb:>6.1f}    | {e.step_time_s:>7.1f} {100 * e.mfu:>5.1f}%"
+                    + ("" if e.fits else "  (does not fit)"))
+    return "\n".join(rows)
+

@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Prints the feasible parallel layouts of a Qwen2 model for a sequence length, global batch and GPU
+count, with memory per GPU (weights, gradients, optimizer shards, activations, logits, buffers) and an
+estimated step time and MFU, fastest first; recommends the first. The model behind the figures is
+documented in sft/planner.py.
+
+    python tools/plan_layout.py --model /models/Qwen2.5-32B/config.json --seq-length 32768 \\
+        --global-batch 512 --gpus 256 --gpu-memory-gb 80
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from common.cli import exit_status  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True,
+                        help="HF config.json, a model directory holding one, or a converted checkpoint (hf_config.json)")
+    parser.add_argument("--seq-length", type=int, default=32768, help="packed sequence length (default 32768)")
+    parser.add_argument("--global-batch", type=int, default=512, help="packs per optimizer step (default 512)")
+    parser.add_argument("--gpus", type=int, default=256, help="number of GPUs (default 256 = 32 nodes x 8)")
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GB (default 80)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (default 989, H100)")
+    parser.add_argument("--efficiency", type=float, default=0.6, help="fraction of peak the GEMMs reach (default 0.6)")
+    parser.add_argument("--mean-conversation", type=float, default=4000.0,
+                        help="mean conversation length in tokens, for attention FLOPs (default 4000; see PREFIX_meta.json)")
+    parser.add_argument("--buffer-gb", type=float, default=6.0, help="allowance for CUDA context, NCCL, fragmentation")
+    parser.add_argument("--no-te", action="store_true", help="Transformer Engine absent: no sequence/context parallelism")
+    parser.add_argument("--top", type=int, default=15, help="layouts to print (default 15)")
+    parser.add_argument("--json", type=Path, help="also write every estimate to this JSON file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        from convert.qwen2.model import Qwen2Arch
+        from sft.planner import Hardware, format_table, plan
+
+        path = args.model
+        if path.is_dir():
+            path = path / "config.json" if (path / "config.json").is_file() else path / "hf_config.json"
+        arch = Qwen2Arch.from_hf_config(json.loads(path.read_text()), str(path))
+        hw = Hardware(gpus=args.gpus, gpu_memory_gb=args.gpu_memory_gb, peak_tflops=args.peak_tflops,
+                      efficiency=args.efficiency, buffer_gb=args.buffer_gb)
+        estimates = plan(arch, hw, args.seq_length, args.global_batch, args.mean_conversation,
+                         sequence_parallel_available=not args.no_te)
+        if args.no_te:
+            estimates = [e for e in estimates if e.layout.context == 1]
+        print(f"{path}: {arch.num_layers} layers, hidden {arch.hidden_size}; seq {args.seq_length}, global batch "
+              f"{args.global_batch}, {args.gpus} GPUs x {args.gpu_memory_gb:g} GB\n")
+        print(format_table(estimates, args.top))
+        feasible = [e for e in estimates if e.fits]
+        if not feasible:
+            print("\nno layout fits: add GPUs, lower the sequence length, or raise --gpu-memory-gb")
+            return 1
+        best = feasible[0].layout
+        print(f"\nrecommended: parallel.tensor={best.tensor} parallel.pipeline={best.pipeline} "
+              f"parallel.virtual_pipeline={best.virtual if best.virtual > 1 else 'null'} parallel.context={best.context} "
+              f"parallel.sequence_parallel={str(best.sequence_parallel).lower()} model.recompute={best.recompute} "
+              f"parallel.micro_batch_size={best.micro_batch}")
+        if args.json:
+            args.json.write_text(json.dumps([e.to_dict() for e in estimates], indent=1))
+        return 0
+
+    return exit_status(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
