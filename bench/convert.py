@@ -48,8 +48,9 @@ QWEN25_32B = {
 }
 
 
-def write_synthetic_checkpoint(out: Path, layers: int) -> Path:
-    """Qwen2.5-32B-shaped random bf16 weights in 5 GB shards, written piece by piece."""
+def write_synthetic_checkpoint(out: Path, layers: int, std: float = 1.0) -> Path:
+    """Qwen2.5-32B-shaped random bf16 weights (normal, `std`; norm weights 1 when std < 1, so that a model
+    trained from them stays finite) in 5 GB shards, written piece by piece."""
     out.mkdir(parents=True)
     config = {**QWEN25_32B, "num_hidden_layers": layers}
     (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -58,7 +59,9 @@ def write_synthetic_checkpoint(out: Path, layers: int) -> Path:
     generator = torch.Generator().manual_seed(0)
 
     def random_rows(spec: TensorSpec, start: int, stop: int) -> torch.Tensor:
-        return torch.randn((stop - start, *spec.shape[1:]), generator=generator).to(torch.bfloat16)
+        if std < 1 and "norm" in spec.key:
+            return torch.ones((stop - start, *spec.shape[1:]), dtype=torch.bfloat16)
+        return (std * torch.randn((stop - start, *spec.shape[1:]), generator=generator)).to(torch.bfloat16)
 
     write_sharded(out, specs, random_rows, max_shard_bytes=5 * 10**9, piece_bytes=lambda spec: 256 << 20)
     return out

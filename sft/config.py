@@ -78,6 +78,7 @@ class CheckpointConfig:
     save_interval: int = 500
     keep_last_n: int | None = 3
     resume: str = "auto"  # auto: latest complete checkpoint in save_dir, if any; none; or a path
+    save_at_end: bool = True  # off only for throughput measurements (bench/train_gpu.py)
 
 
 @dataclass

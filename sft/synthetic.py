@@ -62,3 +62,24 @@ def write_packed_dataset(prefix: str | Path, packs, seq_length: int, vocab_size:
                   "loss_tokens": int(sum(int(m.sum()) for pack in packs for _, m in pack))},
     })
     return Path(prefix)
+
+
+def packs_from_lengths(conversation_lengths, capacity: int, vocab_size: int, seed: int = 0,
+                       prompt_fraction: float = 0.1):
+    """Packs of conversations with the given lengths (cut to capacity), packed by the pipeline's own
+    best-fit decreasing; each conversation is a prompt without loss followed by a trained response."""
+    from preprocess.packing import best_fit_decreasing
+
+    rng = np.random.default_rng(seed)
+    lengths = np.minimum(np.asarray(conversation_lengths, dtype=np.int64), capacity)
+    plan = best_fit_decreasing(lengths, capacity, seed=seed)
+    packs = []
+    for p in range(plan.num_packs):
+        pack = []
+        for c in plan.pack(p):
+            length = int(lengths[c])
+            mask = np.zeros(length, dtype=np.uint8)
+            mask[max(1, int(prompt_fraction * length)):] = 1
+            pack.append((rng.integers(0, vocab_size, size=length, dtype=np.int32), mask))
+        packs.append(pack)
+    return packs

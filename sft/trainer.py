@@ -248,7 +248,7 @@ class Trainer:
                 loss = self._train_step()
                 losses[self.state.iteration] = loss
                 stop = self._stop_requested()
-                at_end = self.state.iteration == self.train_iters
+                at_end = self.state.iteration == self.train_iters and c.checkpoint.save_at_end
                 if stop or at_end or self.state.iteration % c.checkpoint.save_interval == 0:
                     last_checkpoint = self.save()
                 if stop:

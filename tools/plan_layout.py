@@ -22,10 +22,14 @@ from common.cli import exit_status  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True,
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path,
                         help="HF config.json, a model directory holding one, or a converted checkpoint (hf_config.json)")
-    parser.add_argument("--seq-length", type=int, default=32768, help="packed sequence length (default 32768)")
-    parser.add_argument("--global-batch", type=int, default=512, help="packs per optimizer step (default 512)")
+    source.add_argument("--config", type=Path,
+                        help="a trainer YAML config: the model comes from its model.init_checkpoint, and the sequence "
+                             "length and global batch from it unless given")
+    parser.add_argument("--seq-length", type=int, help="packed sequence length (default 32768, or the config's)")
+    parser.add_argument("--global-batch", type=int, help="packs per optimizer step (default 512, or the config's)")
     parser.add_argument("--gpus", type=int, default=256, help="number of GPUs (default 256 = 32 nodes x 8)")
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GB (default 80)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (default 989, H100)")
@@ -46,18 +50,28 @@ def main(argv: list[str] | None = None) -> int:
         from convert.qwen2.model import Qwen2Arch
         from sft.planner import Hardware, format_table, plan
 
+        seq_length, global_batch = args.seq_length or 32768, args.global_batch or 512
         path = args.model
+        if args.config is not None:
+            from sft.config import load_config
+
+            config = load_config(args.config)
+            if config.model.init_checkpoint is None:
+                raise ValueError(f"{args.config}: model.init_checkpoint is not set; pass --model instead")
+            path = Path(config.model.init_checkpoint)
+            seq_length = args.seq_length or config.data.seq_length
+            global_batch = args.global_batch or config.schedule.global_batch_size
         if path.is_dir():
             path = path / "config.json" if (path / "config.json").is_file() else path / "hf_config.json"
         arch = Qwen2Arch.from_hf_config(json.loads(path.read_text()), str(path))
         hw = Hardware(gpus=args.gpus, gpu_memory_gb=args.gpu_memory_gb, peak_tflops=args.peak_tflops,
                       efficiency=args.efficiency, buffer_gb=args.buffer_gb)
-        estimates = plan(arch, hw, args.seq_length, args.global_batch, args.mean_conversation,
+        estimates = plan(arch, hw, seq_length, global_batch, args.mean_conversation,
                          sequence_parallel_available=not args.no_te)
         if args.no_te:
             estimates = [e for e in estimates if e.layout.context == 1]
-        print(f"{path}: {arch.num_layers} layers, hidden {arch.hidden_size}; seq {args.seq_length}, global batch "
-              f"{args.global_batch}, {args.gpus} GPUs x {args.gpu_memory_gb:g} GB\n")
+        print(f"{path}: {arch.num_layers} layers, hidden {arch.hidden_size}; seq {seq_length}, global batch "
+              f"{global_batch}, {args.gpus} GPUs x {args.gpu_memory_gb:g} GB\n")
         print(format_table(estimates, args.top))
         feasible = [e for e in estimates if e.fits]
         if not feasible:
