@@ -35,13 +35,26 @@ def quiet_dependencies() -> None:
     logging.getLogger("megatron.core.distributed.fsdp").setLevel(logging.WARNING)
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted: test runners and notebooks swap it,
+    and a handler holding the old stream would write to a closed file."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(level: int | None = None) -> None:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if level is None:
         level = logging.INFO if rank == 0 else logging.WARNING
     prefix = f"[rank {rank}] " if world > 1 else ""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderrHandler()
     handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

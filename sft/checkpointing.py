@@ -5,7 +5,7 @@ tools/convert_mcore_to_hf.py exports any of them), the distributed optimizer's s
 sharding: a run resumes at another data-parallel size, not at another TP/PP; to change those, start a
 new run from the weights with model.init_checkpoint=SAVE_DIR/iter_N), the scheduler, the trainer state
 (iteration, consumed samples = data position, skip counters) and the resolved configuration; plus
-hf_config.json, tokenizer/ and config.yaml next to them.
+hf_config.json, tokenizer/, config.yaml and provenance.json (versions, git commit, command) next to them.
 
 Atomicity: everything is written to iter_NNNNNNN.partial/ and renamed once all ranks are done; a
 partial directory is never picked up (convert.torch_dist.complete_iterations), so a kill during a save
@@ -23,7 +23,10 @@ from typing import Any
 
 import torch.distributed as dist
 
-from convert.torch_dist import HF_CONFIG_FILE, TOKENIZER_DIR, complete_iterations, iteration_dir_name, resolve_checkpoint
+from common.files import write_json_atomic
+from common.provenance import tool_info
+from convert.torch_dist import (HF_CONFIG_FILE, PROVENANCE_FILE, TOKENIZER_DIR, complete_iterations, iteration_dir_name,
+                                resolve_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,8 @@ def save_checkpoint(save_dir: str | Path, chunks, optimizer, scheduler, state: T
         if (source_checkpoint / TOKENIZER_DIR).is_dir():
             shutil.copytree(source_checkpoint / TOKENIZER_DIR, partial / TOKENIZER_DIR)
         (partial / CONFIG_FILE).write_text(config_yaml)
+        write_json_atomic(partial / PROVENANCE_FILE, {**tool_info("pretrain_sft"), "iteration": state.iteration,
+                                                      "consumed_samples": state.consumed_samples, "layout": layout})
         if final.exists():  # a checkpoint of the same iteration from an earlier attempt
             shutil.rmtree(final)
         partial.rename(final)
@@ -106,7 +111,7 @@ def prune_checkpoints(save_dir: str | Path, keep_last_n: int | None) -> list[Pat
     if keep_last_n is None:
         return []
     iterations = complete_iterations(save_dir)
-    doomed = [iterations[i] for i in sorted(iterations)[:-keep_last_n]] if keep_last_n > 0 else []
+    doomed = [iterations[i] for i in sorted(iterations)[:-keep_last_n]]
     for path in doomed:
         shutil.rmtree(path)
     return doomed

@@ -145,6 +145,10 @@ def _check_values(c: TrainConfig) -> list[str]:
         problems.append("optimizer.lr must be > 0 and 0 <= optimizer.min_lr <= optimizer.lr")
     if c.checkpoint.save_dir is None:
         problems.append("checkpoint.save_dir is not set: where should checkpoints and metrics go?")
+    if c.checkpoint.keep_last_n is not None and c.checkpoint.keep_last_n < 1:
+        problems.append("checkpoint.keep_last_n must be >= 1, or null to keep every checkpoint")
+    if c.checkpoint.save_interval < 1:
+        problems.append("checkpoint.save_interval must be >= 1")
     for name in ("epochs", "global_batch_size", "max_consecutive_nonfinite"):
         if getattr(c.schedule, name) < 1:
             problems.append(f"schedule.{name} must be >= 1")

@@ -25,6 +25,7 @@ parallel layout, which is what makes resumption and layout changes exact.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,14 @@ class PackedDataset:
 
     def conversation_lengths(self, pack: int) -> np.ndarray:
         return self._lengths[self._documents[pack]:self._documents[pack + 1]]
+
+    @functools.cache
+    def longest_padded_pack(self, pad_multiple: int) -> int:
+        """Tokens of the longest pack once each conversation is padded to a multiple of `pad_multiple`."""
+        if not len(self):
+            return 0
+        padded = _round_up(self._lengths.astype(np.int64), pad_multiple)
+        return int(np.add.reduceat(padded, self._documents[:-1]).max())
 
     def __getitem__(self, pack: int) -> Pack:
         if not 0 <= pack < len(self):
@@ -176,11 +185,11 @@ def _round_up(value, multiple):
     return -(-value // multiple) * multiple
 
 
-def row_width(micro_batch_size: int, seq_length: int, pad_multiple: int = 1, max_conversations_per_pack: int = 0) -> int:
-    """The fixed THD row width: the packs' tokens plus room for padding each conversation to
-    `pad_multiple` (context parallelism), rounded to that multiple."""
-    room = (pad_multiple - 1) * max_conversations_per_pack if pad_multiple > 1 else 0
-    return _round_up(micro_batch_size * (seq_length + room), pad_multiple)
+def row_width(micro_batch_size: int, seq_length: int, pad_multiple: int = 1, longest_padded_pack: int = 0) -> int:
+    """The fixed THD row width: micro_batch_size packs of seq_length tokens, or of the longest pack once
+    its conversations are padded to `pad_multiple` (context parallelism) if that is longer, rounded up
+    to the multiple."""
+    return _round_up(micro_batch_size * max(seq_length, longest_padded_pack), pad_multiple)
 
 
 def make_micro_batch(packs: list[Pack], seq_length: int, pad_token_id: int = 0, *, pad_multiple: int = 1,
@@ -261,16 +270,14 @@ class SFTData:
                             "preprocess them with one --seq-length")
         self.seq_length = lengths.pop()
         self.order = PackOrder([len(d) for d in self.datasets], weights, seed)
-        self._max_conversations: int | None = None
 
     def iterations(self, epochs: int, global_batch_size: int) -> int:
         """Optimizer steps for `epochs` passes; the < 1 global batch left over at the end is not trained."""
         return epochs * self.order.epoch_size // global_batch_size
 
-    def max_conversations_per_pack(self) -> int:
-        if self._max_conversations is None:
-            self._max_conversations = max(int(np.diff(d._documents).max(initial=0)) for d in self.datasets)
-        return self._max_conversations
+    def longest_padded_pack(self, pad_multiple: int) -> int:
+        """Tokens of the longest pack of any prefix once each conversation is padded to the multiple."""
+        return max(d.longest_padded_pack(pad_multiple) for d in self.datasets)
 
     def micro_batches(self, consumed: int, global_batch_size: int, data_parallel_rank: int, data_parallel_size: int,
                       micro_batch_size: int, context_parallel: tuple[int, int, int] = (1, 0, 1)) -> list[MicroBatch]:
@@ -281,7 +288,7 @@ class SFTData:
         start = consumed + data_parallel_rank * per_rank
         slots = self.order.slots(start, per_rank)
         packs = [self.datasets[prefix][pack] for prefix, pack in slots]
-        width = row_width(micro_batch_size, self.seq_length, pad_multiple, self.max_conversations_per_pack())
+        width = row_width(micro_batch_size, self.seq_length, pad_multiple, self.longest_padded_pack(pad_multiple))
         return [split_for_context_parallel(make_micro_batch(packs[i:i + micro_batch_size], self.seq_length,
                                                             pad_multiple=pad_multiple, width=width), cp_size, cp_rank)
                 for i in range(0, per_rank, micro_batch_size)]

@@ -136,7 +136,7 @@ class Trainer:
         pad_multiple = 2 * p.context * (p.tensor if p.sequence_parallel else 1) if p.context > 1 else 1
         self.context_parallel = (p.context, parallel_state.get_context_parallel_rank(), pad_multiple)
         self.row_width = row_width(p.micro_batch_size, self.data.seq_length, pad_multiple,
-                                   self.data.max_conversations_per_pack())
+                                   self.data.longest_padded_pack(pad_multiple))
         self.train_iters = config.schedule.train_iters or self.data.iterations(config.schedule.epochs,
                                                                               config.schedule.global_batch_size)
         if self.train_iters < 1:

@@ -75,6 +75,7 @@ def test_a_valid_layout_passes(tmp_path):
      "splits the 1 x 32764-token row across parallel.tensor=8 ranks"),
     ({"data.seq_length": 16384}, 8, True, "data.seq_length=16384 but the data was packed at 32768"),
     ({"schedule.warmup_ratio": 1.5}, 8, True, "schedule.warmup_ratio=1.5 must be in [0, 1)"),
+    ({"checkpoint.keep_last_n": 0}, 8, True, "checkpoint.keep_last_n must be >= 1, or null"),
 ])
 def test_layout_problems_name_the_field(tmp_path, overrides, world_size, te, message):
     c = _ready(tmp_path, **overrides)

@@ -84,6 +84,8 @@ def test_dataset_reads_packs_back_and_rejects_mismatched_files(tmp_path):
         assert np.array_equal(dataset[i].input_ids, np.concatenate([ids for ids, _ in pack]))
         assert np.array_equal(dataset[i].loss_mask, np.concatenate([mask for _, mask in pack]))
         assert dataset[i].lengths.tolist() == [len(ids) for ids, _ in pack]
+    assert dataset.longest_padded_pack(1) == max(sum(len(ids) for ids, _ in pack) for pack in packs)
+    assert dataset.longest_padded_pack(8) == max(sum(-(-len(ids) // 8) * 8 for ids, _ in pack) for pack in packs)
     write_packed_dataset(tmp_path / "other", random_packs(5, 48, 500, seed=9), 48, 500)
     for suffix in (".bin", ".idx"):
         (tmp_path / f"d_loss_mask{suffix}").write_bytes((tmp_path / f"other_loss_mask{suffix}").read_bytes())
@@ -115,9 +117,12 @@ def test_packed_attention_equals_block_diagonal_causal_reference():
 def test_context_parallel_padding_and_split_by_hand():
     from sft.data import context_parallel_indices, row_width, split_for_context_parallel
 
-    # CP=2 pads each conversation to a multiple of 2 x CP = 4: 3 -> 4, 6 -> 8; the row is 16 wide.
+    # CP=2 pads each conversation to a multiple of 2 x CP = 4: 3 -> 4, 6 -> 8; padded, the pack needs 12
+    # of a 9-token row: the row widens to 12 (24 for two packs); here a 16-wide row shows the tail.
     pack = _pack(([1, 2, 3], [0, 1, 1]), ([4, 5, 6, 7, 8, 9], [0, 0, 1, 1, 1, 1]))
-    assert row_width(1, seq_length=9, pad_multiple=4, max_conversations_per_pack=2) == 16
+    assert row_width(1, seq_length=9, pad_multiple=4, longest_padded_pack=12) == 12
+    assert row_width(2, seq_length=9, pad_multiple=4, longest_padded_pack=12) == 24
+    assert row_width(1, seq_length=30, pad_multiple=4, longest_padded_pack=12) == 32
     batch = make_micro_batch([pack], seq_length=9, pad_token_id=0, pad_multiple=4, width=16)
     assert batch.tokens.tolist() == [[1, 2, 3, 0, 4, 5, 6, 7, 8, 9, 0, 0, 0, 0, 0, 0]]
     assert batch.cu_seqlens.tolist() == [0, 3, 9, 13] and batch.cu_seqlens_padded.tolist() == [0, 4, 12, 16]
