@@ -75,10 +75,10 @@ def _megatron_rank(rank: int, world_size: int, overrides: list[str], warmup: int
 
     trainer = Trainer(load_config(None, overrides), device)
     for _ in range(warmup + iters):
-        trainer._train_step()  # noqa: SLF001  (the trainer's step, metrics logged to its JSONL)
+        trainer.train_step()  # metrics go to the run's JSONL
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
-        trainer._train_step()  # noqa: SLF001
+        trainer.train_step()
     trainer.metrics.close()
     return {"split_s": time_split(prof, device)}
 

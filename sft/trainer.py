@@ -245,7 +245,7 @@ class Trainer:
         losses, last_checkpoint = {}, None
         try:
             while self.state.iteration < self.train_iters:
-                loss = self._train_step()
+                loss = self.train_step()
                 losses[self.state.iteration] = loss
                 stop = self._stop_requested()
                 at_end = self.state.iteration == self.train_iters and c.checkpoint.save_at_end
@@ -267,7 +267,8 @@ class Trainer:
         return TrainResult(self.state.iteration, losses, self._stop_signal is not None or
                            self.state.iteration < self.train_iters, last_checkpoint)
 
-    def _train_step(self) -> float:
+    def train_step(self) -> float:
+        """One optimizer step on the next global batch (or a skipped one); returns the global loss."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         c, s = self.config, self.state

@@ -26,20 +26,20 @@ def _inject(trainer, fault) -> None:
     import sft.trainer as trainer_module
 
     kind, k = fault
-    step = trainer._train_step
+    step = trainer.train_step
 
     if kind == "crash_after":
         def crashing_step():
             if trainer.state.iteration == k:
                 raise InjectedCrash(f"killed during iteration {k + 1}")
             return step()
-        trainer._train_step = crashing_step
+        trainer.train_step = crashing_step
     elif kind == "signal":
         def signalled_step():
             if trainer.state.iteration == k - 1 and trainer.rank == 0:
                 os.kill(os.getpid(), signal.SIGUSR1)
             return step()
-        trainer._train_step = signalled_step
+        trainer.train_step = signalled_step
     elif kind == "crash_in_save":
         save = dist_checkpointing.save
 
