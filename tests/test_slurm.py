@@ -121,7 +121,8 @@ def test_sbatch_trains_on_two_nodes_checkpoints_on_usr1_and_resumes(cluster, run
     assert ranks == {0, 1, 2, 3}, ranks  # four processes wrote their optimizer shards (DP=4)
     node_logs = sorted((logs / job).glob("node*.log"))
     assert [p.name.split("-")[0] for p in node_logs] == ["node0", "node1"]
-    assert "resumed from" in node_logs[0].read_text()
+    # rank 0 (which logs at INFO) is on whichever node won the rendezvous, not necessarily node 0
+    assert "resumed from" in "".join(p.read_text() for p in node_logs)
 
     # The same run started by a plain torchrun on one node: the same losses.
     plain = tmp_path / "plain"
