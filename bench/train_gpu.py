@@ -216,7 +216,7 @@ def main() -> int:
 
     from common.distributed import run_distributed
     from common.logging_utils import setup_logging
-    from sft.trainer import te_available
+    from convert.qwen2.model import te_available
 
     setup_logging()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"

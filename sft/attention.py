@@ -15,6 +15,7 @@ megatron-core hands the module query [T, heads, dim] and key/value [T, query gro
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import math
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 
+@functools.cache
 def _varlen_attention():
     """torch's varlen flash attention and whether it takes (window_size, enable_gqa) (torch >= 2.12)
     or the older (is_causal) arguments; None when this torch has none."""

@@ -41,6 +41,7 @@ boundaries (a rank takes part in 1/PP of them), half hidden, over the network. M
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, field
 
 from .flops import attention_flops, dense_flops_per_token
@@ -193,17 +194,15 @@ def plan(arch, hw: Hardware, seq_length: int, global_batch: int, mean_conversati
          sequence_parallel_available: bool = True) -> list[Estimate]:
     """Every valid layout, feasible ones first, fastest first."""
     results = []
-    for tensor in (1, 2, 4, 8):
-        for pipeline in (1, 2, 4, 8, 16):
-            for virtual in (1, 2, 4):
-                for context in (1, 2, 4, 8):
-                    for recompute in ("selective", "full"):
-                        for micro_batch in (1, 2):
-                            for sp in ((False, True) if tensor > 1 and sequence_parallel_available else (False,)):
-                                layout = Layout(tensor, pipeline, virtual, context, sp, recompute, micro_batch)
-                                found = estimate(arch, layout, hw, seq_length, global_batch, mean_conversation)
-                                if found is not None:
-                                    results.append(found)
+    grid = itertools.product((1, 2, 4, 8), (1, 2, 4, 8, 16), (1, 2, 4), (1, 2, 4, 8), ("selective", "full"), (1, 2),
+                             (False, True))
+    for tensor, pipeline, virtual, context, recompute, micro_batch, sp in grid:
+        if sp and (tensor == 1 or not sequence_parallel_available):
+            continue
+        found = estimate(arch, Layout(tensor, pipeline, virtual, context, sp, recompute, micro_batch), hw, seq_length,
+                         global_batch, mean_conversation)
+        if found is not None:
+            results.append(found)
     results.sort(key=lambda e: (not e.fits, e.step_time_s, e.total_gb))
     return results
 

@@ -32,6 +32,8 @@ from .checkpointing import FINISHED_FILE, TrainState, find_resume_checkpoint, lo
 from .config import ConfigError, TrainConfig, dump_config
 from .data import MicroBatch, SFTData, row_width
 from .flops import training_flops
+from convert.qwen2.model import te_available
+
 from .metrics import MetricsLogger, peak_memory_gb
 
 log = logging.getLogger(__name__)
@@ -47,16 +49,6 @@ class TrainResult:
     losses: dict[int, float]  # iteration -> global per-token loss
     stopped_by_signal: bool
     last_checkpoint: Path | None
-
-
-def te_available(device: str) -> bool:
-    if device != "cuda":
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def resolve_device(config: TrainConfig) -> str:
@@ -153,6 +145,7 @@ class Trainer:
                      self.state.consumed_samples)
         self.metrics = MetricsLogger(config, self.rank == 0, resume_iteration=self.state.iteration)
         self._stop_signal: int | None = None
+        self._stop_agreed = False  # set by each step's loss all-reduce
 
     # Set-up ------------------------------------------------------------------------------------------
 
@@ -247,7 +240,7 @@ class Trainer:
             while self.state.iteration < self.train_iters:
                 loss = self.train_step()
                 losses[self.state.iteration] = loss
-                stop = self._stop_requested()
+                stop = self._stop_agreed
                 at_end = self.state.iteration == self.train_iters and c.checkpoint.save_at_end
                 if stop or at_end or self.state.iteration % c.checkpoint.save_interval == 0:
                     last_checkpoint = self.save()
@@ -316,16 +309,20 @@ class Trainer:
 
     def _global_loss(self, reduced: list[torch.Tensor]) -> tuple[float, int]:
         """[sum, count] over the global batch, known on every rank: only the first tensor-parallel rank of
-        each last pipeline stage contributes (the others hold copies)."""
+        each last pipeline stage contributes (the others hold copies). The same all-reduce carries
+        whether any rank got a stop signal (saving is collective, so all ranks must agree)."""
         from megatron.core import parallel_state
 
         device = torch.device("cuda", torch.cuda.current_device()) if self.device == "cuda" else torch.device("cpu")
-        totals = torch.zeros(2, dtype=torch.float64, device=device)
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and parallel_state.get_tensor_model_parallel_rank() == 0:
             for item in reduced:
-                totals += item.to(device, torch.float64)
+                totals[:2] += item.to(device, torch.float64)
+        totals[2] = 1.0 if self._stop_signal is not None else 0.0
         dist.all_reduce(totals)
-        return totals[0].item(), int(totals[1].item())
+        loss_sum, loss_tokens, stops = totals.tolist()
+        self._stop_agreed = stops > 0
+        return loss_sum, int(loss_tokens)
 
     def _log(self, loss, lr, grad_norm, loss_tokens, consumed_before, step_time, finite) -> None:
         c, s = self.config, self.state
@@ -357,13 +354,6 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
         log.warning("received %s: will checkpoint and stop after this iteration", signal.Signals(signum).name)
-
-    def _stop_requested(self) -> bool:
-        """Whether any rank got a stop signal (all ranks must agree, since saving is collective)."""
-        device = torch.device("cuda", torch.cuda.current_device()) if self.device == "cuda" else torch.device("cpu")
-        flag = torch.tensor([1 if self._stop_signal is not None else 0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 # Entry point -----------------------------------------------------------------------------------------

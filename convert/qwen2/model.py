@@ -142,18 +142,25 @@ def transformer_config(
     return TransformerConfig(**settings)
 
 
-def use_te(device: str) -> bool:
-    """Whether to use Transformer Engine's layer spec: on CUDA when TE imports; says which and why."""
+def te_available(device: str) -> bool:
+    """Whether Transformer Engine can run here: on CUDA, when it imports."""
     if device != "cuda":
-        log.info("layer spec: megatron-core local (pure torch): running on %s", device)
         return False
     try:
         import transformer_engine  # noqa: F401
-    except ImportError as e:
-        log.info("layer spec: megatron-core local (pure torch): Transformer Engine is not importable (%s)", e)
+    except ImportError:
         return False
-    log.info("layer spec: Transformer Engine")
     return True
+
+
+def use_te(device: str) -> bool:
+    """Whether to use Transformer Engine's layer spec (see te_available); says which and why."""
+    if te_available(device):
+        log.info("layer spec: Transformer Engine")
+        return True
+    why = f"running on {device}" if device != "cuda" else "Transformer Engine is not importable"
+    log.info("layer spec: megatron-core local (pure torch): %s", why)
+    return False
 
 
 def layer_spec(use_transformer_engine: bool):
