@@ -110,7 +110,14 @@ if [ "$STATUS" = 0 ] && [ -f "$SAVE_DIR/finished.json" ]; then
     echo "training finished: $SAVE_DIR/finished.json"
 elif [ "$STATUS" = 0 ] && [ "$SIGNALLED" = 1 ]; then
     echo "stopped on USR1 with a checkpoint; requeueing job $SLURM_JOB_ID to resume"
-    scontrol requeue "$SLURM_JOB_ID"
+    # Slurm refuses a requeue while the finished step is still completing: retry for a while.
+    for attempt in $(seq 20); do
+        scontrol requeue "$SLURM_JOB_ID" && exit 0
+        echo "requeue attempt $attempt refused; retrying in 3 s" >&2
+        sleep 3
+    done
+    echo "could not requeue job $SLURM_JOB_ID; resubmit it to resume from the checkpoint" >&2
+    STATUS=1
 else
     echo "training failed (exit status $STATUS); not requeued, see $LOG_DIR" >&2
     [ "$STATUS" = 0 ] && STATUS=1
