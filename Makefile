@@ -1,10 +1,12 @@
-# The two set-up commands of the README. Both create or refresh the virtual environment at .venv
-# (re-installed only when pyproject.toml changes), so each works on a fresh machine.
+# The two set-up commands of the README (`make demo`, `make test`), plus the developer targets. Every
+# target creates or refreshes the virtual environment at .venv (re-installed only when pyproject.toml
+# changes), so each works on a fresh machine.
 PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
+RUFF := $(VENV)/bin/ruff
 
-.PHONY: demo test venv clean-venv
+.PHONY: demo test test-fast lint format venv clean-venv
 
 venv: $(STAMP)
 
@@ -18,8 +20,22 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/python tools/demo.py
 
+# The full suite: what CI runs.
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# The tier to run while editing (< 2 minutes on 2 cores): every package, without the multi-process
+# training runs, the demo and the Slurm job (tests marked `slow`).
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(RUFF) format --check .
+	$(RUFF) check .
+
+format: $(STAMP)
+	$(RUFF) format .
+	$(RUFF) check --fix .
 
 clean-venv:
 	rm -rf $(VENV)

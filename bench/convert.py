@@ -32,40 +32,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from convert.hf_io import HFSafetensorsReader  # noqa: E402
-from convert.qwen2.model import Qwen2Arch  # noqa: E402
-from convert.qwen2.state_dict_adapter import bound_mappings  # noqa: E402
-from convert.safetensors_writer import TensorSpec, write_sharded  # noqa: E402
-from preprocess.tokenizer import build_qwen25_tokenizer  # noqa: E402
+from formats.hf_safetensors import HFSafetensorsReader  # noqa: E402
+from testing.tiny_models import write_qwen25_32b_shaped  # noqa: E402
+from testing.tokenizer import build_qwen25_tokenizer  # noqa: E402
 
 from measure import copy_gbps, evict_from_page_cache, run_with_peak_rss, sequential_read_gbps  # noqa: E402
-
-QWEN25_32B = {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 5120, "intermediate_size": 27648,
-    "num_attention_heads": 40, "num_key_value_heads": 8, "vocab_size": 152064, "rms_norm_eps": 1e-5,
-    "rope_theta": 1000000.0, "tie_word_embeddings": False, "max_position_embeddings": 131072, "hidden_act": "silu",
-    "use_sliding_window": False, "bos_token_id": 151643, "eos_token_id": 151643, "torch_dtype": "bfloat16",
-}
-
-
-def write_synthetic_checkpoint(out: Path, layers: int, std: float = 1.0) -> Path:
-    """Qwen2.5-32B-shaped random bf16 weights (normal, `std`; norm weights 1 when std < 1, so that a model
-    trained from them stays finite) in 5 GB shards, written piece by piece."""
-    out.mkdir(parents=True)
-    config = {**QWEN25_32B, "num_hidden_layers": layers}
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    arch = Qwen2Arch.from_hf_config(config)
-    specs = [TensorSpec(k, s, torch.bfloat16) for m in bound_mappings(arch) for k, s in zip(m.hf_keys, m.hf_shapes)]
-    generator = torch.Generator().manual_seed(0)
-
-    def random_rows(spec: TensorSpec, start: int, stop: int) -> torch.Tensor:
-        if std < 1 and "norm" in spec.key:
-            return torch.ones((stop - start, *spec.shape[1:]), dtype=torch.bfloat16)
-        return (std * torch.randn((stop - start, *spec.shape[1:]), generator=generator)).to(torch.bfloat16)
-
-    write_sharded(out, specs, random_rows, max_shard_bytes=5 * 10**9, piece_bytes=lambda spec: 256 << 20)
-    return out
-
 
 def timed_tool(cmd: list[str], inputs: list[Path], size: int) -> dict:
     evict_from_page_cache(inputs)
@@ -85,7 +56,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench_convert_", dir=args.workdir))
     try:
         started = time.perf_counter()
-        hf = write_synthetic_checkpoint(workdir / "hf", args.layers)
+        hf = write_qwen25_32b_shaped(workdir / "hf", args.layers)
         tokenizer = build_qwen25_tokenizer(workdir / "tokenizer")
         hf_files = sorted(hf.glob("*.safetensors"))
         size = sum(p.stat().st_size for p in hf_files)

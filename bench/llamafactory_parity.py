@@ -73,9 +73,10 @@ def dump_llamafactory(aligned: str, tokenizer_dir: str, seq_length: int, out: st
 def compare(lf_python: str, seq_lengths: list[int]) -> int:
     sys.path.insert(0, str(ROOT))
     from preprocess.align import align_snapshot
-    from preprocess.pipeline import PreprocessConfig, indexed_dataset_module, preprocess
-    from preprocess.sample_data import write_sample_snapshot
-    from preprocess.tokenizer import build_qwen25_tokenizer
+    from formats.packed import indexed_dataset_module
+    from preprocess.pipeline import PreprocessConfig, preprocess
+    from testing.sample_data import write_sample_snapshot
+    from testing.tokenizer import build_qwen25_tokenizer
 
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:

@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from preprocess.packing import best_fit_decreasing, llamafactory_greedy_knapsack  # noqa: E402
-from preprocess.sample_data import UNICODE_SNIPPETS, WORDS  # noqa: E402
-from preprocess.template import AM_THINKING  # noqa: E402
+from testing.sample_data import UNICODE_SNIPPETS, WORDS  # noqa: E402
+from formats.chat_template import AM_THINKING  # noqa: E402
 
 from measure import run_with_peak_rss  # noqa: E402  (bench/measure.py)
 
@@ -126,7 +126,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    from preprocess.tokenizer import build_qwen25_tokenizer
+    from testing.tokenizer import build_qwen25_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
@@ -149,7 +149,7 @@ def main() -> int:
         stages = stage_seconds(output)
         meta = json.loads(Path(f"{prefix}_meta.json").read_text())
         stats = meta["stats"]
-        from preprocess.pipeline import indexed_dataset_module
+        from formats.packed import indexed_dataset_module
 
         dataset = indexed_dataset_module().IndexedDataset(f"{prefix}_input_ids")
         corpus_lengths = dataset.sequence_lengths.astype(np.int64)  # copy while the mmap is open

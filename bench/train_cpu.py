@@ -57,24 +57,21 @@ def main() -> int:
 
     from common.distributed import run_distributed
     from common.logging_utils import setup_logging
-    from convert.hf_to_mcore import convert_hf_to_mcore
-    from convert.tiny_models import QWEN25_VOCAB_SIZE_SMALL, make_tiny_qwen2
-    from sft.synthetic import random_packs, write_packed_dataset
+    from testing.fixtures import training_inputs
+    from testing.synthetic_packs import random_packs
+    from testing.tiny_models import QWEN25_VOCAB_SIZE_SMALL
 
     setup_logging()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        hf = make_tiny_qwen2(work / "hf", num_layers=args.layers)
-        convert_hf_to_mcore(hf, work / "mcore", progress=False)
         packs = random_packs(args.global_batch * args.iters, args.seq_length, QWEN25_VOCAB_SIZE_SMALL, seed=0)
-        prefix = write_packed_dataset(work / "data" / "syn", packs, args.seq_length, QWEN25_VOCAB_SIZE_SMALL)
+        inputs = training_inputs(work, packs, args.seq_length, layers=args.layers)
         for name, (processes, extra) in LAYOUTS.items():
             save_dir = work / name.replace(" ", "_")
-            overrides = [f"data.prefixes=[{prefix}]", f"model.init_checkpoint={work / 'mcore'}",
-                         f"checkpoint.save_dir={save_dir}", f"data.seq_length={args.seq_length}",
-                         f"schedule.global_batch_size={args.global_batch}", f"schedule.train_iters={args.iters}",
-                         f"checkpoint.save_interval={args.iters}", *extra]
+            overrides = inputs.overrides(save_dir, f"schedule.global_batch_size={args.global_batch}",
+                                         f"schedule.train_iters={args.iters}", f"checkpoint.save_interval={args.iters}",
+                                         *extra)
             start = time.perf_counter()
             per_rank = run_distributed(_rank_body, processes, overrides)
             wall = time.perf_counter() - start

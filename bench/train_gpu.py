@@ -40,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from models.qwen2.arch import Qwen2Arch  # noqa: E402
+
 PEAK_TFLOPS = 989.0
 
 
@@ -87,6 +89,7 @@ def _transformers_rank(rank: int, world_size: int, hf_dir: str, prefix: str, war
                        device: str, checkpointing: bool) -> dict:
     from transformers import Qwen2ForCausalLM
 
+    from models.parallel_layout import ParallelLayout
     from sft.data import SFTData
 
     try:
@@ -103,7 +106,7 @@ def _transformers_rank(rank: int, world_size: int, hf_dir: str, prefix: str, war
     data = SFTData([prefix], None, seed=0)
     times, tokens = [], []
     for step in range(warmup + iters):
-        batch = data.micro_batches(step, 1, 0, 1, 1)[0].to(device)
+        batch = data.micro_batches(step, 1, ParallelLayout(), 0, 1)[0].to(device)
         if on_gpu:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -124,31 +127,21 @@ def _transformers_rank(rank: int, world_size: int, hf_dir: str, prefix: str, war
     return {"attention": attention, "tokens_per_s": sum(tokens) / sum(times), "peak_mem_gb": peak}
 
 
-def _prepare(work: Path, args) -> tuple[Path, Path, Path, object]:
-    from convert.hf_to_mcore import convert_hf_to_mcore
-    from convert.qwen2.model import Qwen2Arch
-    from sft.synthetic import packs_from_lengths, write_packed_dataset
+def _prepare(work: Path, args):
+    """The 32B-shaped (or, with --tiny, tiny) HF model, its conversion and log-normal packs."""
+    from testing.fixtures import training_inputs
+    from testing.synthetic_packs import packs_from_lengths
+    from testing.tiny_models import QWEN25_VOCAB_SIZE_SMALL, write_qwen25_32b_shaped
 
-    hf = work / "hf"
-    if args.tiny:
-        from convert.tiny_models import make_tiny_qwen2
-
-        make_tiny_qwen2(hf, num_layers=args.layers)
-    else:  # bench/convert.py's Qwen2.5-32B-shaped writer (loaded by path: its name clashes with the package)
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("bench_convert", ROOT / "bench" / "convert.py")
-        bench_convert = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench_convert)
-        bench_convert.write_synthetic_checkpoint(hf, args.layers, std=0.02)
-    arch = Qwen2Arch.from_hf_dir(hf)
-    convert_hf_to_mcore(hf, work / "mcore", progress=False)
+    hf, vocab_size = None, QWEN25_VOCAB_SIZE_SMALL
+    if not args.tiny:
+        hf = write_qwen25_32b_shaped(work / "hf", args.layers, std=0.02)
+        vocab_size = Qwen2Arch.from_path(hf).vocab_size
     rng = np.random.default_rng(0)
     lengths = np.maximum(rng.lognormal(np.log(min(3000, args.seq_length // 4)), 1.0, 40 * (args.warmup + args.iters + 1)),
                          64).astype(np.int64)
-    packs = packs_from_lengths(lengths, args.seq_length, arch.vocab_size, seed=0)
-    prefix = write_packed_dataset(work / "data" / "bench", packs, args.seq_length, arch.vocab_size)
-    return hf, work / "mcore", prefix, arch
+    packs = packs_from_lengths(lengths, args.seq_length, vocab_size, seed=0)
+    return training_inputs(work, packs, args.seq_length, hf=hf, layers=args.layers)
 
 
 def _two_step_losses(rank: int, world_size: int, overrides: list[str], device: str) -> list[float]:
@@ -162,19 +155,16 @@ def run_checks(device: str, work: Path) -> dict:
     """Packed attention on `device` (bf16) vs the CPU per-conversation reference (fp32); and a 2-step
     run of a tiny model on `device` vs the same run on CPU."""
     from common.distributed import run_distributed
-    from convert.hf_to_mcore import convert_hf_to_mcore
-    from convert.tiny_models import QWEN25_VOCAB_SIZE_SMALL, make_tiny_qwen2
-    from sft.synthetic import random_packs, write_packed_dataset
+    from testing.fixtures import training_inputs
+    from testing.synthetic_packs import random_packs
+    from testing.tiny_models import QWEN25_VOCAB_SIZE_SMALL
 
     checks = _attention_check(device)
-    convert_hf_to_mcore(make_tiny_qwen2(work / "tiny-hf"), work / "tiny-mcore", progress=False)
-    prefix = write_packed_dataset(work / "tiny-data" / "d", random_packs(4, 256, QWEN25_VOCAB_SIZE_SMALL), 256,
-                                  QWEN25_VOCAB_SIZE_SMALL)
+    tiny = training_inputs(work / "tiny", random_packs(4, 256, QWEN25_VOCAB_SIZE_SMALL), 256)
     losses = {}
     for where in dict.fromkeys([device, "cpu"]):
-        overrides = [f"data.prefixes=[{prefix}]", f"model.init_checkpoint={work / 'tiny-mcore'}", "data.seq_length=256",
-                     f"checkpoint.save_dir={work / ('tiny-run-' + where)}", "schedule.global_batch_size=2",
-                     "schedule.train_iters=2", "schedule.warmup_ratio=0", "optimizer.lr=1e-3", f"device={where}"]
+        overrides = tiny.overrides(work / f"tiny-run-{where}", "schedule.global_batch_size=2", "schedule.train_iters=2",
+                                   "schedule.warmup_ratio=0", "optimizer.lr=1e-3", f"device={where}")
         (losses[where],) = run_distributed(_two_step_losses, 1, overrides, where, device=where)
     checks["two_step_losses"] = losses
     checks["two_step_max_rel_diff"] = max(abs(a - b) / abs(b) for a, b in zip(losses[device], losses["cpu"]))
@@ -182,7 +172,7 @@ def run_checks(device: str, work: Path) -> dict:
 
 
 def _attention_check(device: str) -> dict:
-    from sft.attention import _per_segment_sdpa, packed_causal_attention
+    from models.qwen2.attention import _per_segment_sdpa, packed_causal_attention
 
     torch.manual_seed(0)
     lengths = [700, 3000, 1, 29, 4000]
@@ -216,7 +206,7 @@ def main() -> int:
 
     from common.distributed import run_distributed
     from common.logging_utils import setup_logging
-    from convert.qwen2.model import te_available
+    from models.backends import te_available
 
     setup_logging()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
@@ -224,17 +214,16 @@ def main() -> int:
                "seq_length": args.seq_length, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        hf, mcore, prefix, arch = _prepare(work, args)
+        inputs = _prepare(work, args)
         for backend in args.backends.split(","):
             if backend == "te" and not te_available(args.device):
                 print(f"backend te: Transformer Engine is not importable on {args.device}; skipped")
                 continue
             save_dir = work / f"run-{backend}"
-            overrides = [f"data.prefixes=[{prefix}]", f"model.init_checkpoint={mcore}", f"checkpoint.save_dir={save_dir}",
-                         f"data.seq_length={args.seq_length}", "schedule.global_batch_size=1",
-                         f"schedule.train_iters={args.warmup + args.iters + 1}", "checkpoint.save_interval=1000000",
-                         "checkpoint.save_at_end=false", f"model.attention={backend}",
-                         f"model.recompute={args.recompute}", f"device={args.device}", "schedule.warmup_ratio=0"]
+            overrides = inputs.overrides(
+                save_dir, "schedule.global_batch_size=1", f"schedule.train_iters={args.warmup + args.iters + 1}",
+                "checkpoint.save_interval=1000000", "checkpoint.save_at_end=false", f"model.attention={backend}",
+                f"model.recompute={args.recompute}", f"device={args.device}", "schedule.warmup_ratio=0")
             (profile,) = run_distributed(_megatron_rank, 1, overrides, args.warmup, args.iters, args.device,
                                          device=args.device)
             records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
@@ -246,7 +235,7 @@ def main() -> int:
                                     "mfu": tflops / PEAK_TFLOPS, "peak_mem_gb": max(r["peak_memory_gb"] for r in timed),
                                     "time_split_s": profile["split_s"], "losses": [r["loss"] for r in timed]})
         if not args.no_transformers:
-            (hf_result,) = run_distributed(_transformers_rank, 1, str(hf), str(prefix), args.warmup, args.iters,
+            (hf_result,) = run_distributed(_transformers_rank, 1, str(inputs.hf), str(inputs.prefix), args.warmup, args.iters,
                                            args.device, args.hf_gradient_checkpointing, device=args.device)
             results["transformers"] = hf_result
             for run in results["runs"]:

@@ -1,11 +1,13 @@
-"""Runs a function on N local processes with a process group: gloo on CPU (megatron-core redirected
-to CPU, see common/megatron_cpu.py) or NCCL with one GPU per process.
+"""Process groups: starting one in this process, and running a function on N local processes.
 
+    init_process_group("cuda")                            # in a torchrun/Slurm-launched process
     results = run_distributed(fn, world_size, *args, device="cpu")   # per-rank returns of fn
 
-`fn(rank, world_size, *args)` must be importable by name (a module-level function), since ranks are
-spawned processes. Used by the tests, the demo and tools/verify_conversion.py; the trainer itself is
-started by torchrun.
+`init_process_group` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)
+and starts NCCL with one GPU per process, or gloo with megatron-core redirected to the CPU
+(common/megatron_cpu.py); without that environment it starts a one-process group. `run_distributed`
+spawns the ranks itself (tests, the demo, tools/verify_conversion.py); `fn(rank, world_size, *args)`
+must be importable by name (a module-level function), since ranks are spawned processes.
 """
 
 from __future__ import annotations
@@ -14,15 +16,37 @@ import io
 import multiprocessing as mp
 import os
 import queue
+import socket
+import traceback
 
 import torch
-import socket
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def init_process_group(device: str) -> None:
+    """The default process group for `device` ("cuda" or "cpu"), from torchrun's environment."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # a plain `python pretrain_sft.py`: a group of one
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        )
+    if device == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+    else:
+        from common import megatron_cpu
+
+        megatron_cpu.enable()
+        dist.init_process_group("gloo")
 
 
 def _rank_main(rank: int, world_size: int, port: int, device: str, fn, args, results) -> None:
@@ -34,28 +58,21 @@ def _rank_main(rank: int, world_size: int, port: int, device: str, fn, args, res
         torch.save(value, buffer)
         results.put((rank, True, buffer.getvalue()))
     except BaseException as exc:  # reported to the parent, which raises it
-        import traceback
-
         results.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
 
 
 def _run_rank(rank: int, world_size: int, port: int, device: str, fn, args):
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
     from common.logging_utils import setup_logging
 
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     setup_logging()
-    if device == "cuda":
-        torch.cuda.set_device(rank)
-        dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=torch.device("cuda", rank))
-    else:
+    if device != "cuda":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-        from common import megatron_cpu
-
-        megatron_cpu.enable()
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    init_process_group(device)
     try:
         return fn(rank, world_size, *args)
     finally:
@@ -67,15 +84,16 @@ def _run_rank(rank: int, world_size: int, port: int, device: str, fn, args):
 
 def run_distributed(fn, world_size: int, *args, device: str = "cpu", timeout: float = 1800) -> list:
     """Per-rank return values of `fn`; raises RuntimeError with the failing rank's traceback."""
-    if device == "cuda":
-        if torch.cuda.device_count() < world_size:
-            raise RuntimeError(f"{world_size} processes need {world_size} GPUs; {torch.cuda.device_count()} visible")
+    if device == "cuda" and torch.cuda.device_count() < world_size:
+        raise RuntimeError(f"{world_size} processes need {world_size} GPUs; {torch.cuda.device_count()} visible")
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()
     # Plain (non-daemonic) processes: megatron-core's checkpoint saving starts processes of its own.
-    ranks = [context.Process(target=_rank_main, args=(rank, world_size, port, device, fn, args, results))
-             for rank in range(world_size)]
+    ranks = [
+        context.Process(target=_rank_main, args=(rank, world_size, port, device, fn, args, results))
+        for rank in range(world_size)
+    ]
     for process in ranks:
         process.start()
     outcomes = {}
@@ -84,8 +102,8 @@ def run_distributed(fn, world_size: int, *args, device: str = "cpu", timeout: fl
             try:
                 rank, ok, value = results.get(timeout=timeout)
             except queue.Empty:
-                raise TimeoutError(f"no result from ranks {sorted(set(range(world_size)) - set(outcomes))} "
-                                   f"within {timeout:.0f} s") from None
+                missing = sorted(set(range(world_size)) - set(outcomes))
+                raise TimeoutError(f"no result from ranks {missing} within {timeout:.0f} s") from None
             if not ok:
                 raise RuntimeError(f"rank {rank} failed: {value}")
             outcomes[rank] = torch.load(io.BytesIO(value), weights_only=False)

@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+from common.errors import InputError
+
 _TMP_SUFFIX = ".partial"
 
 
@@ -50,7 +52,7 @@ def atomic_directory(path: str | os.PathLike, *, force: bool = False) -> Iterato
     unless `force`), on failure it is removed. A leftover from an earlier crash is cleared first."""
     path = Path(path)
     if path.exists() and not force:
-        raise FileExistsError(f"{path} already exists; pass --force to replace it")
+        raise InputError(f"{path} already exists; pass --force to replace it")
     tmp = partial_path(path)
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -60,14 +62,22 @@ def atomic_directory(path: str | os.PathLike, *, force: bool = False) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():  # --force: the old output stays valid until the new one is in place
-        old = path.with_name(path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
+    publish_directory(tmp, path)
+
+
+def publish_directory(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Renames the finished directory `tmp` to `final`. An existing `final` stays complete until the new
+    one is in place: it is moved aside first and deleted only after the rename, so there is never a
+    moment without a complete copy under one of the two names."""
+    tmp, final = Path(tmp), Path(final)
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

@@ -1,7 +1,9 @@
-"""Qwen2.5 checkpoints between Hugging Face and megatron-core.
+"""Qwen2.5 checkpoints between Hugging Face and megatron-core: the logic of the three conversion tools.
 
-`qwen2/` holds the model definition on megatron-core and the declarative HF <-> megatron-core mapping;
-`hf_to_mcore`, `mcore_to_hf` and `verify` are the logic of the three conversion tools; `torch_dist`,
-`hf_io` and `safetensors_writer` read and write the two formats in bounded memory; `tiny_models`
-writes small random Qwen2 models for tests and the demo.
+- `hf_to_mcore` (tools/convert_hf_to_mcore.py): HF safetensors -> torch_dist, streamed;
+- `mcore_to_hf` (tools/convert_mcore_to_hf.py): torch_dist (converted or trained, any layout) -> HF
+  release with the chat template installed;
+- `verify` (tools/verify_conversion.py): logits of both sides against each other.
+
+The model definition and the parameter mapping live in `models/qwen2/`, the file formats in `formats/`.
 """

@@ -4,7 +4,7 @@
 
 The output loads into the trainer at any tensor/pipeline/data-parallel layout. Every tensor of the
 model is cut into chunks of at most `max_chunk_bytes`, along the row blocks of the mapping
-(convert/qwen2/state_dict_adapter.py), and each chunk is assembled from memory-mapped HF rows only
+(models/qwen2/state_dict_adapter.py), and each chunk is assembled from memory-mapped HF rows only
 when the writer asks for it: anonymous memory stays at a few chunks whatever the model size. Before
 anything is written, every HF tensor the config implies is checked for presence, shape and dtype, and
 unknown tensors are refused; afterwards, that every row of every HF tensor was read exactly once.
@@ -13,7 +13,6 @@ The output appears under its final name only when complete.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -24,13 +23,13 @@ from pathlib import Path
 
 import torch
 
+from common.errors import CheckpointError, InputError
 from common.files import atomic_directory, file_fingerprint, write_json_atomic
 from common.provenance import tool_info
-
-from .hf_io import HFSafetensorsReader
-from .qwen2.model import Qwen2Arch
-from .qwen2.state_dict_adapter import BoundMapping, bound_mappings
-from .torch_dist import HF_CONFIG_FILE, PROVENANCE_FILE, TOKENIZER_DIR, Chunk, write_checkpoint
+from formats.hf_safetensors import HFSafetensorsReader
+from formats.torch_dist import HF_CONFIG_FILE, PROVENANCE_FILE, TOKENIZER_DIR, Chunk, write_checkpoint
+from models.qwen2.arch import HF_CONFIG_NAME, Qwen2Arch
+from models.qwen2.state_dict_adapter import BoundMapping, bound_mappings
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +37,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_CHUNK_BYTES = 32 << 20  # see plan_chunks
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
-
-
-class ConversionError(ValueError):
-    """The source checkpoint does not match its config (missing, unexpected, misshapen tensors)."""
 
 
 @dataclass
@@ -55,7 +50,7 @@ class ConversionResult:
 
 def check_source(arch: Qwen2Arch, reader: HFSafetensorsReader) -> torch.dtype:
     """Every tensor the config implies is present with its shape, nothing else is, and all share one
-    floating dtype, which is returned. Raises ConversionError naming the offending tensors."""
+    floating dtype, which is returned. Raises CheckpointError naming the offending tensors."""
     mappings = bound_mappings(arch)
     expected = {key: shape for m in mappings for key, shape in zip(m.hf_keys, m.hf_shapes)}
     missing = sorted(expected.keys() - reader.keys())
@@ -74,7 +69,7 @@ def check_source(arch: Qwen2Arch, reader: HFSafetensorsReader) -> torch.dtype:
     if len(kinds) > 1 or any(not d.is_floating_point for d in kinds):
         problems.append(f"tensors must share one floating dtype; found {sorted(map(str, kinds))}")
     if problems:
-        raise ConversionError(f"{reader.model_dir}: " + "; ".join(problems))
+        raise CheckpointError(f"{reader.model_dir}: " + "; ".join(problems))
     return kinds.pop()
 
 
@@ -153,7 +148,10 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dtype: str |
 
     started = time.perf_counter()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    arch = Qwen2Arch.from_hf_dir(hf_dir)
+    config_file = hf_dir / HF_CONFIG_NAME
+    if not config_file.is_file():
+        raise InputError(f"{config_file} not found: --hf must be a Hugging Face model directory")
+    arch = Qwen2Arch.from_path(config_file)
     reader = HFSafetensorsReader(hf_dir)
     source_dtype = check_source(arch, reader)
     target = DTYPES[dtype] if dtype else source_dtype
@@ -171,12 +169,12 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dtype: str |
         write_checkpoint(tmp, chunks, threads=threads, on_chunk_written=written)
         if reader.not_read_exactly_once():
             raise AssertionError(f"internal error: not read exactly once: {reader.not_read_exactly_once()[:5]}")
-        (tmp / HF_CONFIG_FILE).write_text((hf_dir / "config.json").read_text())
+        (tmp / HF_CONFIG_FILE).write_text(config_file.read_text())
         tokenizer_files = copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
         write_json_atomic(tmp / PROVENANCE_FILE, {
             **tool_info("convert_hf_to_mcore"),
             "source": {"path": str(hf_dir.resolve()),
-                       "files": [file_fingerprint(p) for p in [hf_dir / "config.json", *reader.files()]]},
+                       "files": [file_fingerprint(p) for p in [config_file, *reader.files()]]},
             "source_dtype": str(source_dtype), "dtype": str(target), "arch": arch.to_dict(),
             "chunks": len(chunks), "bytes": total, "tokenizer_files": tokenizer_files,
         })
@@ -184,11 +182,3 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dtype: str |
     log.info("wrote %s: %.2f GB in %.1f s (%.2f GB/s)%s", out_dir, total / 1e9, seconds, total / 1e9 / seconds,
              "" if tokenizer_files else "; no tokenizer files in the source (pass --tokenizer when exporting)")
     return ConversionResult(out_dir, len(reader.keys()), len(chunks), total, seconds)
-
-
-def read_hf_config(checkpoint_dir: Path) -> dict:
-    path = checkpoint_dir / HF_CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: this checkpoint does not say which model it holds "
-                                "(checkpoints written by convert_hf_to_mcore.py and pretrain_sft.py carry it)")
-    return json.loads(path.read_text())

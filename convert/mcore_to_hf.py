@@ -23,24 +23,29 @@ from pathlib import Path
 
 import torch
 
+from common.errors import CheckpointError, InputError
 from common.files import atomic_directory, write_json_atomic
 from common.provenance import tool_info
-from preprocess.template import AM_THINKING
+from formats.chat_template import AM_THINKING
+from formats.hf_safetensors import TensorSpec, write_sharded
+from formats.tokenizer import load_tokenizer
+from formats.torch_dist import (
+    HF_CONFIG_FILE,
+    PROVENANCE_FILE,
+    TOKENIZER_DIR,
+    TorchDistReader,
+    read_hf_config,
+    resolve_checkpoint,
+)
+from models.qwen2.arch import Qwen2Arch
+from models.qwen2.state_dict_adapter import BoundMapping, bound_mappings
 
-from .hf_to_mcore import DEFAULT_CHUNK_BYTES, DTYPES, read_hf_config
-from .qwen2.model import Qwen2Arch
-from .qwen2.state_dict_adapter import BoundMapping, bound_mappings
-from .safetensors_writer import TensorSpec, write_sharded
-from .torch_dist import PROVENANCE_FILE, TOKENIZER_DIR, TorchDistReader, resolve_checkpoint
+from .hf_to_mcore import DEFAULT_CHUNK_BYTES, DTYPES
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
 PAD_TOKEN = "<|endoftext|>"
-
-
-class ExportError(ValueError):
-    """The checkpoint does not hold the model its hf_config.json describes, or no tokenizer was found."""
 
 
 @dataclass
@@ -66,7 +71,7 @@ def check_checkpoint(arch: Qwen2Arch, reader: TorchDistReader, mappings: list[Bo
     if len(dtypes) > 1 or any(not d.is_floating_point for d in dtypes):
         problems.append(f"model tensors must share one floating dtype; found {sorted(map(str, dtypes))}")
     if problems:
-        raise ExportError(f"{reader.path}: " + "; ".join(sorted(set(problems))[:6]))
+        raise CheckpointError(f"{reader.path}: " + "; ".join(sorted(set(problems))[:6]))
     return dtypes.pop()
 
 
@@ -102,12 +107,10 @@ def _hf_rows_reader(reader: TorchDistReader, mappings: list[BoundMapping], dtype
 
 def load_release_tokenizer(tokenizer_dir: Path):
     """The tokenizer with the training chat template and <|im_end|> as EOS (ends every assistant turn)."""
-    from preprocess.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(tokenizer_dir)
     for token in (AM_THINKING.stop_token, PAD_TOKEN):
         if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
-            raise ExportError(f"{tokenizer_dir}: the tokenizer has no {token} token; is it a Qwen2.5 tokenizer?")
+            raise InputError(f"{tokenizer_dir}: the tokenizer has no {token} token; is it a Qwen2.5 tokenizer?")
     tokenizer.chat_template = AM_THINKING.jinja()
     tokenizer.eos_token = AM_THINKING.stop_token
     tokenizer.pad_token = PAD_TOKEN
@@ -131,7 +134,7 @@ def find_tokenizer(checkpoint: Path, tokenizer_dir: str | Path | None) -> Path:
         return Path(tokenizer_dir)
     if (checkpoint / TOKENIZER_DIR).is_dir():
         return checkpoint / TOKENIZER_DIR
-    raise ExportError(f"{checkpoint} carries no tokenizer/ (its source had none): pass --tokenizer DIR, e.g. the "
+    raise InputError(f"{checkpoint} carries no tokenizer/ (its source had none): pass --tokenizer DIR, e.g. the "
                       "base model's directory")
 
 
@@ -146,7 +149,7 @@ def convert_mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, iteration
     started = time.perf_counter()
     checkpoint = resolve_checkpoint(mcore_dir, iteration)
     hf_config = read_hf_config(checkpoint)
-    arch = Qwen2Arch.from_hf_config(hf_config, str(checkpoint / "hf_config.json"))
+    arch = Qwen2Arch.from_hf_config(hf_config, str(checkpoint / HF_CONFIG_FILE))
     reader = TorchDistReader(checkpoint)
     mappings = bound_mappings(arch, "te")
     source_dtype = check_checkpoint(arch, reader, mappings)

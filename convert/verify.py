@@ -17,6 +17,13 @@ from pathlib import Path
 
 import torch
 
+from common.distributed import run_distributed
+from formats.torch_dist import read_hf_config, resolve_checkpoint
+from models.backends import choose_backend
+from models.qwen2.arch import Qwen2Arch
+from models.qwen2.model import build_model, layer_spec, transformer_config
+from models.weights import load_weights
+
 log = logging.getLogger(__name__)
 
 
@@ -46,23 +53,23 @@ def sample_token_ids(vocab_size: int, batch: int, seq_length: int, seed: int = 0
 def load_model_stage(checkpoint_dir: str, tensor_parallel: int, pipeline_parallel: int, device: str):
     """Per-rank: initialises TP x PP, builds this rank's pipeline stage of the checkpoint's model in fp32
     and loads its weights (megatron-core reshards from whatever layout the checkpoint was saved at)."""
-    from megatron.core import parallel_state, tensor_parallel as tp
-
-    from .hf_to_mcore import read_hf_config
-    from .qwen2.model import Qwen2Arch, build_model, layer_spec, load_checkpoint_weights, transformer_config, use_te
+    from megatron.core import parallel_state
+    from megatron.core import tensor_parallel as tp
 
     parallel_state.initialize_model_parallel(tensor_parallel, pipeline_parallel)
     tp.model_parallel_cuda_manual_seed(0)
-    arch = Qwen2Arch.from_hf_config(read_hf_config(Path(checkpoint_dir)))
+    arch = Qwen2Arch.from_path(checkpoint_dir)
     on_gpu = device == "cuda"
     config = transformer_config(arch, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
                                 use_cpu_initialization=not on_gpu)
-    model = build_model(arch, config, layer_spec(use_te(device)),
+    backend = choose_backend(device)
+    log.info("layer spec: %s", backend.describe())
+    model = build_model(arch, config, layer_spec(backend, packed=False),
                         pre_process=parallel_state.is_pipeline_first_stage(),
                         post_process=parallel_state.is_pipeline_last_stage())
     if on_gpu:
         model.cuda()
-    load_checkpoint_weights(model, checkpoint_dir)
+    load_weights(model, checkpoint_dir)
     return model
 
 
@@ -70,7 +77,8 @@ def megatron_logits(rank: int, world_size: int, checkpoint_dir: str, tensor_para
                     token_ids: list[list[int]], device: str) -> torch.Tensor | None:
     """Per-rank body: loads this rank's stage and runs the pipeline forward; the first tensor-parallel
     rank of the last stage returns the full-vocabulary fp32 logits [b, s, vocab]."""
-    from megatron.core import parallel_state, tensor_parallel as tp
+    from megatron.core import parallel_state
+    from megatron.core import tensor_parallel as tp
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     on_gpu = device == "cuda"
@@ -113,11 +121,6 @@ def compare(expected: torch.Tensor, actual: torch.Tensor, atol: float) -> Verify
 def verify_conversion(hf_dir: str | Path, mcore_dir: str | Path, *, tensor_parallel: int = 1,
                       pipeline_parallel: int = 1, batch: int = 2, seq_length: int = 64, seed: int = 0,
                       atol: float = 1e-4, device: str | None = None) -> VerifyResult:
-    from common.distributed import run_distributed
-
-    from .hf_to_mcore import read_hf_config
-    from .torch_dist import resolve_checkpoint
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     checkpoint = resolve_checkpoint(mcore_dir)
     vocab_size = read_hf_config(checkpoint)["vocab_size"]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from common.errors import InputError
 from common.files import atomic_output, file_fingerprint, write_json_atomic
 
 from . import conversation as C
@@ -80,14 +81,14 @@ class AlignSummary:
 def find_data_files(source: Path) -> list[Path]:
     """The snapshot's jsonl/parquet files, sorted by relative path; anything else is listed and skipped."""
     if not source.is_dir():
-        raise FileNotFoundError(f"--source {source} is not a directory (expected a local snapshot of the dataset)")
+        raise InputError(f"--source {source} is not a directory (expected a local snapshot of the dataset)")
     files = sorted(p for p in source.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(source).parts))
     data = [p for p in files if p.suffix in DATA_SUFFIXES]
     skipped = [str(p.relative_to(source)) for p in files if p.suffix not in DATA_SUFFIXES]
     if skipped:
         log.info("skipping %d non-data files: %s", len(skipped), ", ".join(skipped[:10]))
     if not data:
-        raise FileNotFoundError(f"{source} holds no .jsonl or .parquet files")
+        raise InputError(f"{source} holds no .jsonl or .parquet files")
     return data
 
 
@@ -193,7 +194,7 @@ def align_snapshot(source: Path, output: Path, revision: Optional[str] = None) -
                                 writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
                                 buffer, buffered_bytes = [], 0
                     except (OSError, pa.ArrowException) as exc:
-                        raise RuntimeError(f"cannot read {path}: {exc}") from exc
+                        raise InputError(f"cannot read {path}: {exc}") from exc
                 log.info("%s: kept %d, dropped %d", subset, summary.kept_per_subset[subset],
                          summary.dropped_per_subset[subset])
             if buffer:
@@ -216,5 +217,5 @@ def _reader_for(path: Path):
     try:
         rows = pq.ParquetFile(path).metadata.num_rows
     except Exception as exc:  # pyarrow raises several types for a corrupt footer
-        raise RuntimeError(f"cannot read {path}: not a valid parquet file ({exc})") from exc
+        raise InputError(f"cannot read {path}: not a valid parquet file ({exc})") from exc
     return iter_parquet, rows, "row"

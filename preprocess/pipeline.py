@@ -3,12 +3,12 @@
 Stages, each with a progress bar:
 
 1. tokenise: the aligned parquet is read in record batches; worker processes apply the chat template
-   (`preprocess.template`) and truncate or drop over-long conversations. Results come back in input
+   (`formats.chat_template`) and truncate or drop over-long conversations. Results come back in input
    order and are appended to two spill files (ids, masks); only per-conversation lengths stay in
    memory, so memory does not grow with the token count. Output is identical for any worker count.
 2. pack: best-fit decreasing over all lengths (`preprocess.packing`), capacity `seq_length`.
-3. write: packs are gathered from the spill files into `PREFIX_input_ids.{bin,idx}` (int32) and
-   `PREFIX_loss_mask.{bin,idx}` (uint8) with megatron-core's `IndexedDatasetBuilder`: one Megatron
+3. write: packs are gathered from the spill files into the packed format (formats/packed.py):
+   `PREFIX_input_ids.{bin,idx}` (int32) and `PREFIX_loss_mask.{bin,idx}` (uint8), one Megatron
    document = one pack, one sequence = one conversation. Everything is written under temporary names
    and renamed at the end; `PREFIX_meta.json` is written last, so its presence marks a complete output.
 
@@ -26,17 +26,18 @@ from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
-from common.files import commit, file_fingerprint, partial_path, write_json_atomic
+from common.errors import InputError
+from common.files import atomic_output, file_fingerprint
+from formats.chat_template import AM_THINKING, ChatTemplate, assemble
+from formats.packed import PackedPaths, PackedWriter
+from formats.tokenizer import load_backend_tokenizer, tokenizer_fingerprint
 
 from . import conversation as C
 from .packing import PackPlan, best_fit_decreasing
 from .stats import format_histogram, length_summary, log2_histogram, save_histogram_png
-from .template import TEMPLATES, ChatTemplate, assemble
-from .tokenizer import load_backend_tokenizer, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "k2think-packed-sft/1"
 ROWS_PER_TASK = 256
 OVERLONG_CHOICES = ("truncate", "drop")
 SYSTEM_SOURCES = ("turn", "column")
@@ -51,7 +52,6 @@ class PreprocessConfig:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     overlong: str = "truncate"
     system_source: str = "turn"
-    template: str = "AM-thinking"
     seed: int = 1234
     force: bool = False
 
@@ -62,32 +62,27 @@ class PreprocessConfig:
 
     def validate(self) -> None:
         if not Path(self.input).is_file():
-            raise FileNotFoundError(f"--input {self.input} does not exist (make it with tools/get_am_dataset.py)")
+            raise InputError(f"--input {self.input} does not exist (make it with tools/get_am_dataset.py)")
         if self.seq_length < 16:
-            raise ValueError(f"--seq-length {self.seq_length} is too small (the recipe uses 32768)")
+            raise InputError(f"--seq-length {self.seq_length} is too small (the recipe uses 32768)")
         if self.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+            raise InputError(f"--workers must be >= 1, got {self.workers}")
         if self.overlong not in OVERLONG_CHOICES:
-            raise ValueError(f"--overlong must be one of {OVERLONG_CHOICES}, got {self.overlong!r}")
+            raise InputError(f"--overlong must be one of {OVERLONG_CHOICES}, got {self.overlong!r}")
         if self.system_source not in SYSTEM_SOURCES:
-            raise ValueError(f"--system-source must be one of {SYSTEM_SOURCES}, got {self.system_source!r}")
-        if self.template not in TEMPLATES:
-            raise ValueError(f"unknown template {self.template!r}; known: {sorted(TEMPLATES)}")
-        existing = [p for p in output_paths(self.output_prefix).values() if p.exists()]
+            raise InputError(f"--system-source must be one of {SYSTEM_SOURCES}, got {self.system_source!r}")
+        existing = [p for p in output_files(self.output_prefix) if p.exists()]
         if existing and not self.force:
-            raise FileExistsError(f"{existing[0]} exists; pass --force to overwrite the outputs of {self.output_prefix}")
+            raise InputError(f"{existing[0]} exists; pass --force to overwrite the outputs of {self.output_prefix}")
 
 
-def output_paths(prefix: Path | str) -> dict[str, Path]:
-    prefix = str(prefix)
-    return {
-        "input_ids_bin": Path(f"{prefix}_input_ids.bin"),
-        "input_ids_idx": Path(f"{prefix}_input_ids.idx"),
-        "loss_mask_bin": Path(f"{prefix}_loss_mask.bin"),
-        "loss_mask_idx": Path(f"{prefix}_loss_mask.idx"),
-        "histogram": Path(f"{prefix}_lengths.png"),
-        "meta": Path(f"{prefix}_meta.json"),
-    }
+def histogram_path(prefix: Path | str) -> Path:
+    return Path(f"{prefix}_lengths.png")
+
+
+def output_files(prefix: Path | str) -> list[Path]:
+    """Everything a run writes for `prefix`: the packed dataset and the length histogram."""
+    return [*PackedPaths(str(prefix)).all_files(), histogram_path(prefix)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,15 +214,15 @@ def tokenise_to_spill(cfg: PreprocessConfig, tokenizer_json: str, spill_ids: Pat
     try:
         parquet = pq.ParquetFile(cfg.input)
     except Exception as exc:
-        raise RuntimeError(f"cannot read {cfg.input} as parquet: {exc}") from exc
+        raise InputError(f"cannot read {cfg.input} as parquet: {exc}") from exc
     names = parquet.schema_arrow.names
     if "conversations" not in names:
-        raise ValueError(f"{cfg.input} has no `conversations` column (columns: {names}); align it with tools/get_am_dataset.py")
+        raise InputError(f"{cfg.input} has no `conversations` column (columns: {names}); align it with tools/get_am_dataset.py")
     if cfg.system_source == "column" and "system" not in names:
-        raise ValueError(f"--system-source column needs a `system` column in {cfg.input}")
+        raise InputError(f"--system-source column needs a `system` column in {cfg.input}")
     columns = [c for c in ("conversations", "system", "subset") if c in names]
     batches = parquet.iter_batches(batch_size=ROWS_PER_TASK, columns=columns)
-    encoder_args = (tokenizer_json, TEMPLATES[cfg.template], cfg.cutoff_len, cfg.overlong, cfg.system_source)
+    encoder_args = (tokenizer_json, AM_THINKING, cfg.cutoff_len, cfg.overlong, cfg.system_source)
 
     lengths, full_lengths = [], []
     dropped: Counter = Counter()
@@ -263,41 +258,17 @@ def tokenise_to_spill(cfg: PreprocessConfig, tokenizer_json: str, spill_ids: Pat
 # Stage 3: writing packs
 
 
-def indexed_dataset_module():
-    """megatron.core.datasets.indexed_dataset, imported without the TE/apex fallback warnings.
-
-    Importing it loads all of megatron.core, which warns that Transformer Engine and apex are missing;
-    that matters to the trainer (which reports it), not to reading or writing indexed files.
-    """
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
-        previous = logging.getLogger("megatron").level
-        logging.getLogger("megatron").setLevel(logging.WARNING)
-        try:
-            from megatron.core.datasets import indexed_dataset
-        finally:
-            logging.getLogger("megatron").setLevel(previous)
-    return indexed_dataset
-
-
-def write_packs(plan: PackPlan, lengths: np.ndarray, spill_ids: Path, spill_mask: Path, paths: dict[str, Path]) -> None:
+def write_packs(plan: PackPlan, lengths: np.ndarray, spill_ids: Path, spill_mask: Path, writer: PackedWriter) -> None:
     from tqdm import tqdm
 
-    IndexedDatasetBuilder = indexed_dataset_module().IndexedDatasetBuilder
     starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     ids_spill = np.memmap(spill_ids, dtype=np.int32, mode="r")
     mask_spill = np.memmap(spill_mask, dtype=np.uint8, mode="r")
-    ids_builder = IndexedDatasetBuilder(str(partial_path(paths["input_ids_bin"])), dtype=np.int32)
-    mask_builder = IndexedDatasetBuilder(str(partial_path(paths["loss_mask_bin"])), dtype=np.uint8)
     for p in tqdm(range(plan.num_packs), unit="pack", desc="write"):
         convs = plan.pack(p)
-        pack_lengths = lengths[convs].tolist()
-        ids_builder.add_document(np.concatenate([ids_spill[starts[c] : starts[c + 1]] for c in convs]), pack_lengths)
-        mask_builder.add_document(np.concatenate([mask_spill[starts[c] : starts[c + 1]] for c in convs]), pack_lengths)
-    ids_builder.finalize(str(partial_path(paths["input_ids_idx"])))
-    mask_builder.finalize(str(partial_path(paths["loss_mask_idx"])))
+        ids = np.concatenate([ids_spill[starts[c] : starts[c + 1]] for c in convs])
+        mask = np.concatenate([mask_spill[starts[c] : starts[c + 1]] for c in convs])
+        writer.add(ids, mask, lengths[convs].tolist())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -307,34 +278,31 @@ def write_packs(plan: PackPlan, lengths: np.ndarray, spill_ids: Path, spill_mask
 def preprocess(cfg: PreprocessConfig, command: Optional[list[str]] = None) -> dict[str, Any]:
     """Runs the three stages and returns the metadata written to PREFIX_meta.json."""
     cfg.validate()
-    paths = output_paths(cfg.output_prefix)
-    paths["meta"].parent.mkdir(parents=True, exist_ok=True)
     timer = _StageTimer()
     backend = load_backend_tokenizer(cfg.tokenizer)
+    Path(cfg.output_prefix).parent.mkdir(parents=True, exist_ok=True)
     spill_ids = Path(f"{cfg.output_prefix}_spill_ids.partial")
     spill_mask = Path(f"{cfg.output_prefix}_spill_mask.partial")
     try:
         timer.done("load tokenizer")
         tok = tokenise_to_spill(cfg, backend.to_str(), spill_ids, spill_mask)
         if len(tok.lengths) == 0:
-            raise ValueError(f"no conversation of {cfg.input} survived preprocessing: {dict(tok.dropped)}")
+            raise InputError(f"no conversation of {cfg.input} survived preprocessing: {dict(tok.dropped)}")
         timer.done("tokenise")
         plan = best_fit_decreasing(tok.lengths, cfg.seq_length, seed=cfg.seed).shuffled(cfg.seed)
         timer.done(f"pack {len(tok.lengths)} conversations")
-        write_packs(plan, tok.lengths, spill_ids, spill_mask, paths)
-        timer.done(f"write {plan.num_packs} packs")
-        meta = _metadata(cfg, tok, plan, backend.get_vocab_size(with_added_tokens=True), command)
-        save_histogram_png(tok.lengths, cfg.seq_length, partial_path(paths["histogram"]),
-                           f"{Path(cfg.output_prefix).name}: {len(tok.lengths)} conversations")
-        paths["meta"].unlink(missing_ok=True)  # an old meta must never describe new, half-renamed files
-        for key in ("input_ids_bin", "input_ids_idx", "loss_mask_bin", "loss_mask_idx", "histogram"):
-            commit(partial_path(paths[key]), paths[key])
-        write_json_atomic(paths["meta"], meta)
+        with PackedWriter(cfg.output_prefix, cfg.seq_length) as writer:
+            write_packs(plan, tok.lengths, spill_ids, spill_mask, writer)
+            timer.done(f"write {plan.num_packs} packs")
+            with atomic_output(histogram_path(cfg.output_prefix)) as png:
+                title = f"{Path(cfg.output_prefix).name}: {len(tok.lengths)} conversations"
+                save_histogram_png(tok.lengths, cfg.seq_length, png, title)
+            meta = writer.commit(_metadata(cfg, tok, plan, backend.get_vocab_size(with_added_tokens=True), command))
         timer.done("statistics and commit")
         log.info("stage times: %s", timer)
     finally:
-        for path in [spill_ids, spill_mask, *(partial_path(p) for p in paths.values())]:
-            path.unlink(missing_ok=True)
+        spill_ids.unlink(missing_ok=True)
+        spill_mask.unlink(missing_ok=True)
     return meta
 
 
@@ -362,19 +330,14 @@ def _metadata(cfg: PreprocessConfig, tok: TokeniseResult, plan: PackPlan, vocab_
     pack_tokens = plan.pack_tokens(tok.lengths)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "force"}
     return {
-        "format": FORMAT_VERSION,
-        "template": cfg.template,
-        "seq_length": cfg.seq_length,
+        "template": AM_THINKING.name,
         "cutoff_len": cfg.cutoff_len,
         "settings": settings,
-        "files": {"input_ids": f"{Path(cfg.output_prefix).name}_input_ids", "loss_mask": f"{Path(cfg.output_prefix).name}_loss_mask"},
-        "dtypes": {"input_ids": "int32", "loss_mask": "uint8"},
-        "layout": "one Megatron document = one pack; one sequence = one conversation",
         "tokenizer": {
             "path": str(cfg.tokenizer),
             "sha256": tokenizer_fingerprint(cfg.tokenizer),
             "vocab_size": vocab_size,
-            "stop_token": TEMPLATES[cfg.template].stop_token,
+            "stop_token": AM_THINKING.stop_token,
         },
         "inputs": [file_fingerprint(cfg.input)],
         "command": command,

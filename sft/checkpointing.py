@@ -8,7 +8,7 @@ new run from the weights with model.init_checkpoint=SAVE_DIR/iter_N), the schedu
 hf_config.json, tokenizer/, config.yaml and provenance.json (versions, git commit, command) next to them.
 
 Atomicity: everything is written to iter_NNNNNNN.partial/ and renamed once all ranks are done; a
-partial directory is never picked up (convert.torch_dist.complete_iterations), so a kill during a save
+partial directory is never picked up (formats.torch_dist.complete_iterations), so a kill during a save
 leaves the previous checkpoint as the latest. The training step draws no random numbers (Qwen2.5 has
 no dropout), so no RNG state is needed for an exact resume.
 """
@@ -23,14 +23,24 @@ from typing import Any
 
 import torch.distributed as dist
 
-from common.files import write_json_atomic
+from common.errors import CheckpointError, ConfigError
+from common.files import partial_path, publish_directory, write_json_atomic
 from common.provenance import tool_info
-from convert.torch_dist import (HF_CONFIG_FILE, PROVENANCE_FILE, TOKENIZER_DIR, complete_iterations, iteration_dir_name,
-                                resolve_checkpoint)
+from formats.torch_dist import (
+    HF_CONFIG_FILE,
+    PROVENANCE_FILE,
+    TOKENIZER_DIR,
+    complete_iterations,
+    iteration_dir_name,
+    resolve_checkpoint,
+)
+from models.parallel_layout import ParallelLayout
+from models.weights import assign_weights
 
 log = logging.getLogger(__name__)
 
-OPTIMIZER_SHARDING = "dp_reshardable"  # see DESIGN.md section 3: the only type that loads with torch's Adam
+# The only sharding type that loads with torch's Adam (docs/architecture.md): it reshards across DP only.
+OPTIMIZER_SHARDING = "dp_reshardable"
 CONFIG_FILE = "config.yaml"
 FINISHED_FILE = "finished.json"  # in SAVE_DIR once every iteration is trained (slurm/sft.sh requeues until then)
 
@@ -65,7 +75,8 @@ def model_sharded_state_dict(chunks: list) -> dict[str, Any]:
     return {_model_key(i, len(chunks)): unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
-def _full_state(chunks, optimizer, scheduler, state: TrainState, layout: dict, *, loading: bool) -> dict[str, Any]:
+def _full_state(chunks, optimizer, scheduler, state: TrainState, layout: dict[str, Any], *,
+                loading: bool) -> dict[str, Any]:
     model = model_sharded_state_dict(chunks)
     return {
         **model,
@@ -77,14 +88,14 @@ def _full_state(chunks, optimizer, scheduler, state: TrainState, layout: dict, *
     }
 
 
-def save_checkpoint(save_dir: str | Path, chunks, optimizer, scheduler, state: TrainState, layout: dict,
+def save_checkpoint(save_dir: str | Path, chunks, optimizer, scheduler, state: TrainState, layout: dict[str, Any],
                     config_yaml: str, source_checkpoint: Path) -> Path:
     """Collective: writes SAVE_DIR/iter_N via iter_N.partial; hf_config.json and tokenizer/ are copied
     from `source_checkpoint` (the converted or resumed checkpoint)."""
     from megatron.core import dist_checkpointing
 
     final = Path(save_dir) / iteration_dir_name(state.iteration)
-    partial = final.with_name(final.name + ".partial")
+    partial = partial_path(final)
     rank0 = dist.get_rank() == 0
     if rank0:
         shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
@@ -99,9 +110,7 @@ def save_checkpoint(save_dir: str | Path, chunks, optimizer, scheduler, state: T
         (partial / CONFIG_FILE).write_text(config_yaml)
         write_json_atomic(partial / PROVENANCE_FILE, {**tool_info("pretrain_sft"), "iteration": state.iteration,
                                                       "consumed_samples": state.consumed_samples, "layout": layout})
-        if final.exists():  # a checkpoint of the same iteration from an earlier attempt
-            shutil.rmtree(final)
-        partial.rename(final)
+        publish_directory(partial, final)  # a same-iteration checkpoint of an earlier attempt stays until replaced
     dist.barrier()
     return final
 
@@ -161,7 +170,7 @@ def _restore_adam_step(optimizer, successful_steps: int) -> None:
             state["step"] = torch.tensor(float(successful_steps))
 
 
-def load_checkpoint(path: Path, chunks, optimizer, scheduler, layout: dict) -> TrainState:
+def load_checkpoint(path: Path, chunks, optimizer, scheduler, layout: ParallelLayout, world_size: int) -> TrainState:
     """Collective: restores model, optimizer, scheduler and trainer state saved by `save_checkpoint`."""
     import torch
     from megatron.core import dist_checkpointing
@@ -169,23 +178,20 @@ def load_checkpoint(path: Path, chunks, optimizer, scheduler, layout: dict) -> T
     common = dist_checkpointing.load_common_state_dict(str(path))
     saved_layout = common.get("layout")
     if saved_layout is None or "train_state" not in common:
-        raise ValueError(f"{path} is not a training checkpoint (no trainer state): to start from its weights, "
-                         f"set model.init_checkpoint={path} and checkpoint.resume=none")
-    changed = {k: (saved_layout[k], layout[k]) for k in ("tensor", "pipeline", "virtual_pipeline", "context")
-               if saved_layout.get(k) != layout[k]}
+        raise CheckpointError(f"{path} is not a training checkpoint (no trainer state): to start from its weights, "
+                              f"set model.init_checkpoint={path} and checkpoint.resume=none")
+    changed = layout.model_parallel_changes(saved_layout)
     if changed:
-        raise ValueError(f"{path} was saved at another model-parallel layout {changed} (saved, now); the optimizer "
-                         "state reshards only across data parallelism. Resume with the saved layout, or start a new "
-                         f"run from the weights: model.init_checkpoint={path} checkpoint.resume=none")
+        raise ConfigError(f"{path} was saved at another model-parallel layout {changed} (saved, now); the optimizer "
+                          "state reshards only across data parallelism. Resume with the saved layout, or start a new "
+                          f"run from the weights: model.init_checkpoint={path} checkpoint.resume=none")
     _materialise_torch_adam_state(optimizer)
-    state = dist_checkpointing.load(_full_state(chunks, optimizer, scheduler, TrainState(), layout, loading=True),
-                                    str(path))
+    template = _full_state(chunks, optimizer, scheduler, TrainState(), layout.to_dict(world_size), loading=True)
+    state = dist_checkpointing.load(template, str(path))
     for i, chunk in enumerate(chunks):
-        missing, unexpected = unwrap(chunk).load_state_dict(state[_model_key(i, len(chunks))], strict=False)
-        problems = [k for k in missing if not k.endswith("_extra_state")] + list(unexpected)
-        if problems:
-            raise ValueError(f"{path}: the model weights do not match this model: {problems[:5]}")
-    with torch.no_grad():  # see DESIGN.md section 3
+        assign_weights(unwrap(chunk), state[_model_key(i, len(chunks))], path)
+    # Under no_grad, or torch refuses the in-place copy into views of leaves that require grad.
+    with torch.no_grad():
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _restore_adam_step(optimizer, scheduler.num_steps)

@@ -4,7 +4,7 @@ validated before any process group or model is built.
     config = load_config("configs/k2think_qwen2.5_32b.yaml", ["parallel.tensor=4", "data.prefixes=[/d/am]"])
     config.validate(world_size=256, te_available=True, arch=arch, data_seq_length=32768)
 
-Defaults are the K2-Think recipe's (DESIGN.md section 5): lr 1e-4 cosine to 0 after a 5% warm-up,
+Defaults are the K2-Think recipe's (docs/architecture.md): lr 1e-4 cosine to 0 after a 5% warm-up,
 AdamW (0.9, 0.999, eps 1e-8, no weight decay), clip 1.0, 2 epochs, global batch 512 packs of 32768
 tokens. Every validation error names the field and the fix.
 """
@@ -22,9 +22,10 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the field and how to fix it."""
+from common.errors import ConfigError
+from formats.packed import PackedPaths
+from formats.torch_dist import HF_CONFIG_FILE
+from models.parallel_layout import ParallelLayout
 
 
 @dataclass
@@ -32,16 +33,6 @@ class ModelConfig:
     init_checkpoint: str | None = None  # torch_dist from tools/convert_hf_to_mcore.py (architecture from its hf_config.json)
     recompute: Literal["none", "selective", "full"] = "selective"
     attention: Literal["auto", "te", "torch"] = "auto"  # auto: Transformer Engine when importable on CUDA
-
-
-@dataclass
-class ParallelConfig:
-    tensor: int = 1
-    pipeline: int = 1
-    virtual_pipeline: int | None = None  # interleaved 1F1B: model chunks per pipeline rank
-    context: int = 1
-    sequence_parallel: bool = False
-    micro_batch_size: int = 1  # packs per micro-batch
 
 
 @dataclass
@@ -94,7 +85,7 @@ class LoggingConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -106,16 +97,18 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def data_parallel_size(self, world_size: int) -> int:
-        p = self.parallel
-        return world_size // (p.tensor * p.pipeline * p.context)
-
     def validate(self, *, world_size: int, te_available: bool, arch=None, data_seq_length: int | None = None) -> None:
         """Raises ConfigError listing every problem found; `arch` (a Qwen2Arch) and the data's sequence
         length are checked when given."""
-        problems = _check_values(self) + _check_layout(self, world_size) + _check_te(self, te_available)
-        if arch is not None:
-            problems += _check_arch(self, arch)
+        problems = _check_values(self) + self.parallel.problems(
+            world_size=world_size, arch=arch, global_batch=self.schedule.global_batch_size,
+            seq_length=self.data.seq_length, te_available=te_available)
+        if not te_available and self.model.attention == "te":
+            problems.append("model.attention=te needs Transformer Engine, which is not importable here "
+                            "(install it, or use model.attention=auto)")
+        if arch is not None and self.data.seq_length > arch.max_position_embeddings:
+            problems.append(f"data.seq_length={self.data.seq_length} exceeds the model's max_position_embeddings "
+                            f"({arch.max_position_embeddings})")
         if data_seq_length is not None and data_seq_length != self.data.seq_length:
             problems.append(f"data.seq_length={self.data.seq_length} but the data was packed at {data_seq_length}: "
                             f"set data.seq_length={data_seq_length} or re-run tools/preprocess_sft.py")
@@ -128,15 +121,14 @@ def _check_values(c: TrainConfig) -> list[str]:
     if not c.data.prefixes:
         problems.append("data.prefixes is empty: set data.prefixes=[PREFIX] (the --output-prefix of preprocess_sft.py)")
     for prefix in c.data.prefixes:
-        missing = [s for s in ("_input_ids.bin", "_input_ids.idx", "_loss_mask.bin", "_loss_mask.idx", "_meta.json")
-                   if not Path(prefix + s).is_file()]
+        missing = [path for path in PackedPaths(prefix).all_files() if not path.is_file()]
         if missing:
-            problems.append(f"data.prefixes: {prefix}{missing[0]} not found (run tools/preprocess_sft.py first)")
+            problems.append(f"data.prefixes: {missing[0]} not found (run tools/preprocess_sft.py first)")
     if c.data.weights is not None and (len(c.data.weights) != len(c.data.prefixes) or min(c.data.weights) <= 0):
         problems.append("data.weights needs one positive weight per prefix")
-    if c.model.init_checkpoint and not (Path(c.model.init_checkpoint) / "hf_config.json").is_file():
+    if c.model.init_checkpoint and not (Path(c.model.init_checkpoint) / HF_CONFIG_FILE).is_file():
         problems.append(f"model.init_checkpoint={c.model.init_checkpoint} is not a converted checkpoint "
-                        "(no hf_config.json): run tools/convert_hf_to_mcore.py")
+                        f"(no {HF_CONFIG_FILE}): run tools/convert_hf_to_mcore.py")
     if c.model.init_checkpoint is None and c.checkpoint.resume == "none":
         problems.append("model.init_checkpoint is not set and checkpoint.resume=none: nothing to start from")
     if not 0 <= c.schedule.warmup_ratio < 1:
@@ -152,52 +144,6 @@ def _check_values(c: TrainConfig) -> list[str]:
     for name in ("epochs", "global_batch_size", "max_consecutive_nonfinite"):
         if getattr(c.schedule, name) < 1:
             problems.append(f"schedule.{name} must be >= 1")
-    return problems
-
-
-def _check_layout(c: TrainConfig, world_size: int) -> list[str]:
-    p, problems = c.parallel, []
-    model_parallel = p.tensor * p.pipeline * p.context
-    if min(p.tensor, p.pipeline, p.context, p.micro_batch_size) < 1:
-        return ["parallel.tensor, pipeline, context and micro_batch_size must be >= 1"]
-    if world_size % model_parallel:
-        return [f"{world_size} processes are not divisible by tensor x pipeline x context = {model_parallel}: "
-                "change the layout or the number of processes"]
-    dp = world_size // model_parallel
-    if c.schedule.global_batch_size % (p.micro_batch_size * dp):
-        problems.append(f"schedule.global_batch_size={c.schedule.global_batch_size} is not divisible by "
-                        f"parallel.micro_batch_size x data-parallel size = {p.micro_batch_size} x {dp}")
-    if p.sequence_parallel and p.context == 1 and (p.micro_batch_size * c.data.seq_length) % p.tensor:
-        problems.append(f"parallel.sequence_parallel splits the {p.micro_batch_size} x {c.data.seq_length}-token row "
-                        f"across parallel.tensor={p.tensor} ranks: make it divisible")
-    if p.virtual_pipeline is not None and (p.pipeline < 2 or p.virtual_pipeline < 2):
-        problems.append("parallel.virtual_pipeline needs parallel.pipeline >= 2 and a value >= 2 (or null)")
-    return problems
-
-
-def _check_te(c: TrainConfig, te_available: bool) -> list[str]:
-    if te_available:
-        return []
-    needs = [name for name, wanted in (("parallel.sequence_parallel=true", c.parallel.sequence_parallel),
-                                       (f"parallel.context={c.parallel.context}", c.parallel.context > 1),
-                                       ("model.attention=te", c.model.attention == "te")) if wanted]
-    return [f"{need} needs Transformer Engine, which is not importable here (install it, or turn it off)"
-            for need in needs]
-
-
-def _check_arch(c: TrainConfig, arch) -> list[str]:
-    p, problems = c.parallel, []
-    if arch.num_attention_heads % p.tensor or arch.num_query_groups % p.tensor:
-        problems.append(f"parallel.tensor={p.tensor} must divide the attention heads ({arch.num_attention_heads}) "
-                        f"and query groups ({arch.num_query_groups})")
-    if arch.vocab_size % p.tensor:
-        problems.append(f"parallel.tensor={p.tensor} must divide the vocabulary size ({arch.vocab_size})")
-    stages = p.pipeline * (p.virtual_pipeline or 1)
-    if arch.num_layers % stages:
-        problems.append(f"{arch.num_layers} layers are not divisible by parallel.pipeline x virtual_pipeline = {stages}")
-    if c.data.seq_length > arch.max_position_embeddings:
-        problems.append(f"data.seq_length={c.data.seq_length} exceeds the model's max_position_embeddings "
-                        f"({arch.max_position_embeddings})")
     return problems
 
 

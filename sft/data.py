@@ -6,7 +6,7 @@
     batch = make_micro_batch(packs, seq_length=32768)
 
 On disk one Megatron *document* is one pack and each *sequence* in it one conversation (see
-preprocess/pipeline.py). A micro-batch concatenates its packs into a single THD row of
+formats/packed.py). A micro-batch concatenates its packs into a single THD row of
 `micro_batch_size x seq_length` tokens, padded at the end by one segment without loss, so every
 micro-batch has the same shape (pipeline stages exchange fixed-size activations). Within the row:
 
@@ -25,85 +25,14 @@ parallel layout, which is what makes resumption and layout changes exact.
 
 from __future__ import annotations
 
-import functools
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-
-class DataError(ValueError):
-    """The packed data is missing, inconsistent or does not fit the run; the message says which file."""
-
-
-@dataclass(frozen=True)
-class Pack:
-    input_ids: np.ndarray  # int32 [n]
-    loss_mask: np.ndarray  # uint8 [n]: 1 where the token is a training target
-    lengths: np.ndarray  # int32 [conversations], summing to n
-
-
-class PackedDataset:
-    """Random access to the packs of one preprocessed prefix (memory-mapped, nothing loaded eagerly)."""
-
-    def __init__(self, prefix: str | Path):
-        from preprocess.pipeline import FORMAT_VERSION, indexed_dataset_module, output_paths
-
-        self.prefix = str(prefix)
-        paths = output_paths(prefix)
-        if not paths["meta"].is_file():
-            raise DataError(f"{paths['meta']} not found: run tools/preprocess_sft.py --output-prefix {prefix} "
-                            "(the meta file is written last, so a missing one means an incomplete output)")
-        self.meta = json.loads(paths["meta"].read_text())
-        if self.meta.get("format") != FORMAT_VERSION:
-            raise DataError(f"{paths['meta']}: format {self.meta.get('format')!r}, this trainer reads "
-                            f"{FORMAT_VERSION!r}; re-run tools/preprocess_sft.py")
-        self.seq_length = int(self.meta["seq_length"])
-        indexed = indexed_dataset_module().IndexedDataset
-        self._ids = indexed(f"{prefix}_input_ids")
-        self._mask = indexed(f"{prefix}_loss_mask")
-        self._documents = self._ids.document_indices
-        self._lengths = self._ids.sequence_lengths
-        self._check(paths)
-
-    def _check(self, paths) -> None:
-        if self._ids.index.dtype != np.int32 or self._mask.index.dtype != np.uint8:
-            raise DataError(f"{self.prefix}: expected int32 token ids and uint8 loss masks, found "
-                            f"{self._ids.index.dtype} and {self._mask.index.dtype}")
-        if (not np.array_equal(self._documents, self._mask.document_indices)
-                or not np.array_equal(self._lengths, self._mask.sequence_lengths)):
-            raise DataError(f"{paths['input_ids_idx']} and {paths['loss_mask_idx']} describe different packs: "
-                            "the two files come from different preprocessing runs; re-run tools/preprocess_sft.py")
-        if len(self) != self.meta["stats"]["packs"]:
-            raise DataError(f"{self.prefix}: {len(self)} packs on disk, {paths['meta']} says {self.meta['stats']['packs']}")
-        longest = int(np.add.reduceat(self._lengths, self._documents[:-1]).max(initial=0)) if len(self) else 0
-        if longest > self.seq_length:
-            raise DataError(f"{self.prefix}: a pack holds {longest} tokens, more than seq_length {self.seq_length}")
-
-    def __len__(self) -> int:
-        return len(self._documents) - 1
-
-    def conversation_lengths(self, pack: int) -> np.ndarray:
-        return self._lengths[self._documents[pack]:self._documents[pack + 1]]
-
-    @functools.cache
-    def longest_padded_pack(self, pad_multiple: int) -> int:
-        """Tokens of the longest pack once each conversation is padded to a multiple of `pad_multiple`."""
-        if not len(self):
-            return 0
-        padded = _round_up(self._lengths.astype(np.int64), pad_multiple)
-        return int(np.add.reduceat(padded, self._documents[:-1]).max())
-
-    def __getitem__(self, pack: int) -> Pack:
-        if not 0 <= pack < len(self):
-            raise IndexError(f"pack {pack} out of range for {self.prefix} ({len(self)} packs)")
-        first = int(self._documents[pack])
-        lengths = self.conversation_lengths(pack)
-        total = int(lengths.sum())
-        # A pack's conversations are contiguous on disk: one read spanning them all.
-        return Pack(self._ids.get(first, 0, total), self._mask.get(first, 0, total), lengths)
+from common.errors import DataError
+from formats.packed import Pack, PackedDataset
+from models.parallel_layout import ParallelLayout
 
 
 class PackOrder:
@@ -279,19 +208,22 @@ class SFTData:
         """Tokens of the longest pack of any prefix once each conversation is padded to the multiple."""
         return max(d.longest_padded_pack(pad_multiple) for d in self.datasets)
 
-    def micro_batches(self, consumed: int, global_batch_size: int, data_parallel_rank: int, data_parallel_size: int,
-                      micro_batch_size: int, context_parallel: tuple[int, int, int] = (1, 0, 1)) -> list[MicroBatch]:
-        """This data-parallel rank's micro-batches of the global batch starting at slot `consumed`;
-        `context_parallel` = (CP size, CP rank, padding multiple) splits each row across CP ranks."""
-        cp_size, cp_rank, pad_multiple = context_parallel
-        per_rank = global_batch_size // data_parallel_size
+    def row_width(self, layout: ParallelLayout) -> int:
+        """The fixed width of every THD row of a run at `layout` (see `row_width`)."""
+        pad = layout.pad_multiple
+        return row_width(layout.micro_batch_size, self.seq_length, pad, self.longest_padded_pack(pad))
+
+    def micro_batches(self, consumed: int, global_batch_size: int, layout: ParallelLayout, data_parallel_rank: int,
+                      data_parallel_size: int, context_parallel_rank: int = 0) -> list[MicroBatch]:
+        """This data-parallel rank's micro-batches of the global batch starting at slot `consumed`, each row
+        split across the layout's context-parallel ranks (this one's share)."""
+        per_rank, size = global_batch_size // data_parallel_size, layout.micro_batch_size
         start = consumed + data_parallel_rank * per_rank
-        slots = self.order.slots(start, per_rank)
-        packs = [self.datasets[prefix][pack] for prefix, pack in slots]
-        width = row_width(micro_batch_size, self.seq_length, pad_multiple, self.longest_padded_pack(pad_multiple))
-        return [split_for_context_parallel(make_micro_batch(packs[i:i + micro_batch_size], self.seq_length,
-                                                            pad_multiple=pad_multiple, width=width), cp_size, cp_rank)
-                for i in range(0, per_rank, micro_batch_size)]
+        packs = [self.datasets[prefix][pack] for prefix, pack in self.order.slots(start, per_rank)]
+        width, pad = self.row_width(layout), layout.pad_multiple
+        rows = [make_micro_batch(packs[i:i + size], self.seq_length, pad_multiple=pad, width=width)
+                for i in range(0, per_rank, size)]
+        return [split_for_context_parallel(row, layout.context, context_parallel_rank) for row in rows]
 
     def conversation_lengths(self, consumed: int, global_batch_size: int) -> np.ndarray:
         """Lengths of every conversation in the global batch at `consumed` (for FLOP counting)."""

@@ -27,7 +27,10 @@ Memory (mixed precision, megatron-core distributed optimizer):
 - buffers: a fixed allowance for the CUDA context, NCCL and allocator fragmentation
   (`--buffer-gb`, default 6 GB on GPU).
 
-Step time: model FLOPs (sft/flops.py, at the data's conversation lengths; --mean-conversation)
+Layouts are `models.parallel_layout.ParallelLayout`s, valid by the same rules the trainer's configuration
+is checked with, each paired with a recomputation setting.
+
+Step time: model FLOPs (models/qwen2/flops.py, at the data's conversation lengths; --mean-conversation)
 divided by GPUs x peak x the GEMM efficiency (--efficiency, default 0.6 of peak), plus the pipeline
 bubble (PP - 1) / (VP x micro-batches per step), plus exposed communication: tensor parallel
 all-reduce/all-gather + reduce-scatter of the activations, 4 per layer and micro-batch over NVLink
@@ -44,7 +47,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass, field
 
-from .flops import attention_flops, dense_flops_per_token
+from models.parallel_layout import ParallelLayout
+from models.qwen2.flops import attention_flops, dense_flops_per_token
 
 GB = 1e9
 
@@ -61,23 +65,10 @@ class Hardware:
     buffer_gb: float = 6.0
 
 
-@dataclass(frozen=True)
-class Layout:
-    tensor: int
-    pipeline: int
-    virtual: int
-    context: int
-    sequence_parallel: bool
-    recompute: str
-    micro_batch: int
-
-    def model_parallel(self) -> int:
-        return self.tensor * self.pipeline * self.context
-
-
 @dataclass
 class Estimate:
-    layout: Layout
+    layout: ParallelLayout
+    recompute: str  # none, selective or full
     data_parallel: int
     memory_gb: dict[str, float] = field(default_factory=dict)
     step_time_s: float = 0.0
@@ -89,7 +80,8 @@ class Estimate:
         return sum(self.memory_gb.values())
 
     def to_dict(self) -> dict:
-        return {**asdict(self.layout), "data_parallel": self.data_parallel, "memory_gb": self.memory_gb,
+        return {**asdict(self.layout), "recompute": self.recompute, "data_parallel": self.data_parallel,
+                "memory_gb": self.memory_gb,
                 "total_gb": self.total_gb, "step_time_s": self.step_time_s, "mfu": self.mfu, "fits": self.fits}
 
 
@@ -98,7 +90,7 @@ def layer_parameters(arch) -> int:
     return h * (n + 2 * g) * d + (n + 2 * g) * d + n * d * h + 3 * h * f + 2 * h
 
 
-def local_parameters(arch, layout: Layout) -> int:
+def local_parameters(arch, layout: ParallelLayout) -> int:
     """Parameters on the heaviest rank: its layers plus the embedding or output layer, over TP."""
     layers = arch.num_layers // layout.pipeline * layer_parameters(arch)
     vocab = arch.vocab_size * arch.hidden_size
@@ -106,39 +98,33 @@ def local_parameters(arch, layout: Layout) -> int:
     return (layers + ends) // layout.tensor + arch.hidden_size  # + the final norm
 
 
-def activation_bytes_per_token_layer(arch, layout: Layout, element_bytes: int = 2) -> float:
+def activation_bytes_per_token_layer(arch, layout: ParallelLayout, recompute: str, element_bytes: int = 2) -> float:
     h, g, d, f = arch.hidden_size, arch.num_query_groups, arch.head_dim, arch.ffn_hidden_size
     t = layout.tensor
     replicated = 6 * h  # norm and residual tensors: outside the TP region
     inside = (2 * (h + 2 * g * d) - g * d) + h + 3 * f  # q/k/v (+ RoPE'd q, k), attention output, fc1, SwiGLU
-    if layout.recompute == "full":
+    if recompute == "full":
         return element_bytes * h / (t if layout.sequence_parallel else 1)
     return element_bytes * (replicated / (t if layout.sequence_parallel else 1) + inside / t)
 
 
-def estimate(arch, layout: Layout, hw: Hardware, seq_length: int, global_batch: int, mean_conversation: float,
-             weight_bytes: int = 2) -> Estimate | None:
+def estimate(arch, layout: ParallelLayout, recompute: str, hw: Hardware, seq_length: int, global_batch: int,
+             mean_conversation: float, weight_bytes: int = 2, te_available: bool = True) -> Estimate | None:
     """The estimate for one layout, or None when the layout is not valid for the model and batch."""
-    world_mp = layout.model_parallel()
-    if hw.gpus % world_mp or arch.num_attention_heads % layout.tensor or arch.num_query_groups % layout.tensor:
+    if layout.problems(world_size=hw.gpus, arch=arch, global_batch=global_batch, seq_length=seq_length,
+                       te_available=te_available):
         return None
-    if arch.num_layers % (layout.pipeline * layout.virtual) or (layout.virtual > 1 and layout.pipeline < 2):
-        return None
-    dp = hw.gpus // world_mp
-    if global_batch % (layout.micro_batch * dp):
-        return None
-    micro_batches = global_batch // (layout.micro_batch * dp)
-    if layout.virtual > 1 and micro_batches % layout.pipeline:
-        return None
+    dp = layout.data_parallel(hw.gpus)
+    micro_batches = layout.micro_batches_per_step(global_batch, hw.gpus)
     params = local_parameters(arch, layout)
-    tokens = layout.micro_batch * seq_length / layout.context
+    tokens = layout.micro_batch_size * seq_length / layout.context
     layers_here = arch.num_layers // layout.pipeline
-    in_flight = min(layout.pipeline, micro_batches) * (1 + (layout.pipeline - 1) / (layout.pipeline * layout.virtual)
-                                                       if layout.virtual > 1 else 1)
-    activations = tokens * layers_here * in_flight * activation_bytes_per_token_layer(arch, layout, weight_bytes)
-    if layout.recompute == "full":  # one layer's full activations while it is recomputed
-        full = Layout(**{**asdict(layout), "recompute": "none"})
-        activations += tokens * activation_bytes_per_token_layer(arch, full, weight_bytes)
+    vp = layout.virtual_stages
+    in_flight = min(layout.pipeline, micro_batches) * (1 + (layout.pipeline - 1) / (layout.pipeline * vp) if vp > 1 else 1)
+    activations = tokens * layers_here * in_flight * activation_bytes_per_token_layer(arch, layout, recompute,
+                                                                                      weight_bytes)
+    if recompute == "full":  # one layer's full activations while it is recomputed
+        activations += tokens * activation_bytes_per_token_layer(arch, layout, "none", weight_bytes)
     # bf16 logits and their fp32 copy for the cross-entropy; in fp32 the cross-entropy works in place
     logits = tokens * arch.vocab_size / layout.tensor * (weight_bytes + 4 if weight_bytes == 2 else 4)
     memory = {
@@ -149,41 +135,41 @@ def estimate(arch, layout: Layout, hw: Hardware, seq_length: int, global_batch: 
         "logits": logits / GB,
         "buffers": hw.buffer_gb,
     }
-    result = Estimate(layout, dp, {k: round(v, 3) for k, v in memory.items()})
+    result = Estimate(layout, recompute, dp, {k: round(v, 3) for k, v in memory.items()})
     result.fits = result.total_gb <= hw.gpu_memory_gb
-    result.step_time_s, result.mfu = _step_time(arch, layout, hw, seq_length, global_batch, mean_conversation,
-                                                micro_batches, dp, params)
+    result.step_time_s, result.mfu = _step_time(arch, layout, recompute, hw, seq_length, global_batch,
+                                                mean_conversation, micro_batches, dp, params)
     return result
 
 
-def _step_time(arch, layout, hw, seq_length, global_batch, mean_conversation, micro_batches, dp, params):
+def _step_time(arch, layout, recompute, hw, seq_length, global_batch, mean_conversation, micro_batches, dp, params):
     conversations = [mean_conversation] * max(1, round(seq_length / mean_conversation))
     model_flops = 3 * (dense_flops_per_token(arch) * seq_length + attention_flops(arch, conversations)) * global_batch
-    executed = model_flops * (4 / 3 if layout.recompute == "full" else 1)  # full recompute runs the forward twice
+    executed = model_flops * (4 / 3 if recompute == "full" else 1)  # full recompute runs the forward twice
     compute = executed / (hw.gpus * hw.peak_tflops * 1e12 * hw.efficiency)
-    bubble = (layout.pipeline - 1) / (layout.virtual * micro_batches)
+    bubble = (layout.pipeline - 1) / (layout.virtual_stages * micro_batches)
     tp_time = 0.0
     if layout.tensor > 1:
-        tokens = layout.micro_batch * seq_length / layout.context
+        tokens = layout.micro_batch_size * seq_length / layout.context
         per_collective = tokens * arch.hidden_size * 2 * 2 * (layout.tensor - 1) / layout.tensor
         tp_bytes = 4 * (arch.num_layers // layout.pipeline) * micro_batches * per_collective
         tp_time = 0.5 * tp_bytes / (hw.nvlink_gbps * GB)  # half hidden behind GEMMs
     cp_time = 0.0
     if layout.context > 1:  # ring exchange of K/V (forward) and K/V + their gradients (backward), per layer
-        tokens = layout.micro_batch * seq_length / layout.context
+        tokens = layout.micro_batch_size * seq_length / layout.context
         kv_bytes = tokens * 2 * arch.num_query_groups * arch.head_dim * 2
         cp_bytes = 3 * (layout.context - 1) * kv_bytes * (arch.num_layers // layout.pipeline) * micro_batches
         intra_node = layout.tensor * layout.context <= hw.gpus_per_node
         cp_time = 0.5 * cp_bytes / ((hw.nvlink_gbps if intra_node else hw.network_gbps) * GB)  # half hidden
     pp_time = 0.0
     if layout.pipeline > 1:  # activations forward and their gradients backward at each of the PP x VP stage
-        tokens = layout.micro_batch * seq_length / layout.context  # boundaries, per micro-batch
+        tokens = layout.micro_batch_size * seq_length / layout.context  # boundaries, per micro-batch
         pp_bytes = 2 * tokens * arch.hidden_size * 2 / (layout.tensor if layout.sequence_parallel else 1)
-        hops = layout.pipeline * layout.virtual - 1
+        hops = layout.pipeline * layout.virtual_stages - 1
         pp_time = 0.5 * pp_bytes * hops * micro_batches / layout.pipeline / (hw.network_gbps * GB)  # half hidden
     dp_time = 0.0
     if dp > 1:
-        intra_node = layout.model_parallel() * dp <= hw.gpus_per_node
+        intra_node = layout.model_parallel_size * dp <= hw.gpus_per_node
         bandwidth = (hw.nvlink_gbps if intra_node else hw.network_gbps) * GB
         dp_time = (4 + 2) * params * (dp - 1) / dp / bandwidth  # fp32 grad reduce-scatter + bf16 weight all-gather
     step = compute * (1 + bubble) + tp_time + cp_time + pp_time + dp_time
@@ -191,16 +177,17 @@ def _step_time(arch, layout, hw, seq_length, global_batch, mean_conversation, mi
 
 
 def plan(arch, hw: Hardware, seq_length: int, global_batch: int, mean_conversation: float,
-         sequence_parallel_available: bool = True) -> list[Estimate]:
+         te_available: bool = True) -> list[Estimate]:
     """Every valid layout, feasible ones first, fastest first."""
     results = []
-    grid = itertools.product((1, 2, 4, 8), (1, 2, 4, 8, 16), (1, 2, 4), (1, 2, 4, 8), ("selective", "full"), (1, 2),
+    grid = itertools.product((1, 2, 4, 8), (1, 2, 4, 8, 16), (None, 2, 4), (1, 2, 4, 8), ("selective", "full"), (1, 2),
                              (False, True))
     for tensor, pipeline, virtual, context, recompute, micro_batch, sp in grid:
-        if sp and (tensor == 1 or not sequence_parallel_available):
+        if sp and tensor == 1:  # sequence parallelism splits along the tensor-parallel ranks
             continue
-        found = estimate(arch, Layout(tensor, pipeline, virtual, context, sp, recompute, micro_batch), hw, seq_length,
-                         global_batch, mean_conversation)
+        layout = ParallelLayout(tensor, pipeline, virtual, context, sp, micro_batch)
+        found = estimate(arch, layout, recompute, hw, seq_length, global_batch, mean_conversation,
+                         te_available=te_available)
         if found is not None:
             results.append(found)
     results.sort(key=lambda e: (not e.fits, e.step_time_s, e.total_gb))
@@ -214,8 +201,9 @@ def format_table(estimates: list[Estimate], limit: int = 15) -> str:
     rows = [header, "-" * len(header)]
     for e in estimates[:limit]:
         lay, m = e.layout, e.memory_gb
-        rows.append(f"{lay.tensor:>3} {lay.pipeline:>3} {lay.virtual:>3} {lay.context:>3} {'y' if lay.sequence_parallel else 'n':>3} "
-                    f"{lay.recompute:>9} {lay.micro_batch:>3} {e.data_parallel:>4} | {m['weights']:>7.1f} "
+        rows.append(f"{lay.tensor:>3} {lay.pipeline:>3} {lay.virtual_stages:>3} {lay.context:>3} "
+                    f"{'y' if lay.sequence_parallel else 'n':>3} {e.recompute:>9} {lay.micro_batch_size:>3} "
+                    f"{e.data_parallel:>4} | {m['weights']:>7.1f} "
                     f"{m['gradients']:>6.1f} {m['optimizer']:>6.1f} {m['activations']:>6.1f} {m['logits']:>6.1f} "
                     f"{m['buffers']:>7.1f} {e.total_gb:>6.1f}    | {e.step_time_s:>7.1f} {100 * e.mfu:>5.1f}%"
                     + ("" if e.fits else "  (does not fit)"))

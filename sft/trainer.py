@@ -7,7 +7,7 @@ Started once per process by pretrain_sft.py (torchrun / Slurm), or per spawned p
 
 The loop, per iteration: the data-parallel rank's micro-batches of the next global batch
 (sft/data.py), forward and backward through megatron-core's pipeline schedule (1F1B, interleaved with
-virtual stages), per-token loss normalisation (DESIGN.md section 3), a finiteness check of the loss and
+virtual stages), per-token loss normalisation (docs/architecture.md), a finiteness check of the loss and
 gradient norm (a non-finite step is skipped, and the run aborts after `max_consecutive_nonfinite` in a
 row), the distributed optimizer's step, the scheduler, metrics, and checkpoints at the save interval,
 at the end and on SIGTERM/SIGUSR1.
@@ -26,14 +26,26 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from common.distributed import init_process_group
+from common.errors import ConfigError, DataError
 from common.files import write_json_atomic
+from models.backends import choose_backend, te_available
+from models.qwen2.arch import Qwen2Arch
+from models.qwen2.attention import describe_backend
+from models.qwen2.flops import training_flops
+from models.qwen2.model import build_model, layer_spec, transformer_config
+from models.weights import load_weights
 
-from .checkpointing import FINISHED_FILE, TrainState, find_resume_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from .config import ConfigError, TrainConfig, dump_config
-from .data import MicroBatch, SFTData, row_width
-from .flops import training_flops
-from convert.qwen2.model import te_available
-
+from .checkpointing import (
+    FINISHED_FILE,
+    TrainState,
+    find_resume_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from .config import TrainConfig, dump_config
+from .data import MicroBatch, SFTData
 from .metrics import MetricsLogger, peak_memory_gb
 
 log = logging.getLogger(__name__)
@@ -79,17 +91,15 @@ class RunInputs:
     """What a run reads before any process group or model exists, checked against the configuration."""
 
     data: SFTData
-    arch: object  # convert.qwen2.model.Qwen2Arch
+    arch: Qwen2Arch
     resume_from: Path | None
     source_checkpoint: Path  # where the architecture, hf_config.json and tokenizer/ come from
+    train_iters: int
 
 
 def check_run(config: TrainConfig, world_size: int, device: str) -> RunInputs:
     """Opens the data and the starting checkpoint and validates the configuration against them and the
     world size; raises ConfigError (listing every problem) or DataError before anything heavy starts."""
-    from convert.hf_to_mcore import read_hf_config
-    from convert.qwen2.model import Qwen2Arch
-
     config.validate(world_size=world_size, te_available=te_available(device))  # paths first: cheap, complete
     data = SFTData(config.data.prefixes, config.data.weights, config.data.seed)
     resume_from = find_resume_checkpoint(config.checkpoint.resume, config.checkpoint.save_dir)
@@ -98,14 +108,18 @@ def check_run(config: TrainConfig, world_size: int, device: str) -> RunInputs:
                           "to resume and model.init_checkpoint is not set (convert the HF weights with "
                           "tools/convert_hf_to_mcore.py and set model.init_checkpoint=DIR)")
     source = Path(resume_from or config.model.init_checkpoint)
-    arch = Qwen2Arch.from_hf_config(read_hf_config(source), str(source))
+    arch = Qwen2Arch.from_path(source)
     config.validate(world_size=world_size, te_available=te_available(device), arch=arch, data_seq_length=data.seq_length)
     for dataset in data.datasets:
-        vocab = dataset.meta["tokenizer"]["vocab_size"]
-        if vocab > arch.vocab_size:
-            raise ValueError(f"{dataset.prefix}: the tokenizer has {vocab} tokens, the model's vocabulary only "
-                             f"{arch.vocab_size}: the data was tokenised for another model")
-    return RunInputs(data, arch, resume_from, source)
+        if dataset.vocab_size > arch.vocab_size:
+            raise DataError(f"{dataset.prefix}: the tokenizer has {dataset.vocab_size} tokens, the model's vocabulary "
+                            f"only {arch.vocab_size}: the data was tokenised for another model")
+    s = config.schedule
+    train_iters = s.train_iters or data.iterations(s.epochs, s.global_batch_size)
+    if train_iters < 1:
+        raise ConfigError(f"{data.order.epoch_size} packs x {s.epochs} epochs do not fill one global batch of "
+                          f"{s.global_batch_size}: lower schedule.global_batch_size")
+    return RunInputs(data, arch, resume_from, source, train_iters)
 
 
 class Trainer:
@@ -118,29 +132,20 @@ class Trainer:
         inputs = inputs or check_run(config, self.world_size, device)
         self.data, self.arch = inputs.data, inputs.arch
         self.resume_from, self.source_checkpoint = inputs.resume_from, inputs.source_checkpoint
-        p = config.parallel
+        p = self.layout = config.parallel
         parallel_state.initialize_model_parallel(p.tensor, p.pipeline, virtual_pipeline_model_parallel_size=p.virtual_pipeline,
                                                  context_parallel_size=p.context)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
-        # Context parallelism pads each conversation to a multiple of 2 x CP (x TP with sequence
-        # parallelism) so that every rank gets equal, causally balanced chunks (sft/data.py).
-        pad_multiple = 2 * p.context * (p.tensor if p.sequence_parallel else 1) if p.context > 1 else 1
-        self.context_parallel = (p.context, parallel_state.get_context_parallel_rank(), pad_multiple)
-        self.row_width = row_width(p.micro_batch_size, self.data.seq_length, pad_multiple,
-                                   self.data.longest_padded_pack(pad_multiple))
-        self.train_iters = config.schedule.train_iters or self.data.iterations(config.schedule.epochs,
-                                                                              config.schedule.global_batch_size)
-        if self.train_iters < 1:
-            raise ValueError(f"{self.data.order.epoch_size} packs x {config.schedule.epochs} epochs do not fill one global "
-                             f"batch of {config.schedule.global_batch_size}: lower schedule.global_batch_size")
-        self.layout = {"tensor": p.tensor, "pipeline": p.pipeline, "virtual_pipeline": p.virtual_pipeline,
-                       "context": p.context, "data": self.dp_size}
+        self.cp_rank = parallel_state.get_context_parallel_rank()
+        self.row_width = self.data.row_width(p)
+        self.train_iters = inputs.train_iters
         self.chunks, self.tconfig = self._build_model()
         self.optimizer, self.scheduler = self._build_optimizer()
         self.state = TrainState()
         if self.resume_from is not None:
-            self.state = load_checkpoint(self.resume_from, self.chunks, self.optimizer, self.scheduler, self.layout)
+            self.state = load_checkpoint(self.resume_from, self.chunks, self.optimizer, self.scheduler, self.layout,
+                                         self.world_size)
             log.info("resumed from %s at iteration %d (%d samples consumed)", self.resume_from, self.state.iteration,
                      self.state.consumed_samples)
         self.metrics = MetricsLogger(config, self.rank == 0, resume_iteration=self.state.iteration)
@@ -157,19 +162,12 @@ class Trainer:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.transformer.module import Float16Module
 
-        from convert.qwen2.model import build_model, layer_spec, load_checkpoint_weights, transformer_config, use_te
-
-        from .attention import describe_backend, with_packed_attention
-
         c, p, on_gpu = self.config, self.config.parallel, self.device == "cuda"
         tensor_parallel.model_parallel_cuda_manual_seed(c.seed)
-        te = c.model.attention != "torch" and use_te(self.device)
-        spec = layer_spec(te) if te else with_packed_attention(layer_spec(False))
-        why = ("model.attention=torch" if c.model.attention == "torch" else
-               "no CUDA" if self.device != "cuda" else "Transformer Engine is not importable")
-        log.info("attention: %s; norms: %s", "Transformer Engine THD attention (fused kernels)" if te else
-                 f"{describe_backend(self.device)} ({why})", "Transformer Engine fused RMSNorm" if te else
-                 f"torch.nn.RMSNorm ({why})")
+        backend = choose_backend(self.device, c.model.attention)
+        spec = layer_spec(backend, packed=True)
+        log.info("layers: %s; attention: %s", backend.describe(), "Transformer Engine THD attention"
+                 if backend.transformer_engine else describe_backend(self.device))
         recompute = {"none": {}, "selective": dict(recompute_granularity="selective"),
                      "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)}
         tconfig = transformer_config(
@@ -183,7 +181,7 @@ class Trainer:
             batch_p2p_comm=on_gpu and p.virtual_pipeline is None,
             **recompute[c.model.recompute])
         chunks = []
-        for vp_stage in range(p.virtual_pipeline or 1):
+        for vp_stage in range(p.virtual_stages):
             stage = vp_stage if p.virtual_pipeline else None
             model = build_model(self.arch, tconfig, spec,
                                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
@@ -193,7 +191,7 @@ class Trainer:
                 model.cuda(torch.cuda.current_device())
             chunks.append(model)
         if self.resume_from is None:
-            load_checkpoint_weights(chunks, c.model.init_checkpoint)
+            load_weights(chunks, c.model.init_checkpoint)
             log.info("initial weights: %s", c.model.init_checkpoint)
         if tconfig.bf16:
             chunks = [Float16Module(tconfig, chunk) for chunk in chunks]
@@ -233,7 +231,8 @@ class Trainer:
         if self.rank == 0:
             log.info("configuration:\n%s", dump_config(c))
             log.info("%d iterations of %d packs (%d epochs over %d packs), layout %s", self.train_iters,
-                     c.schedule.global_batch_size, c.schedule.epochs, self.data.order.epoch_size, self.layout)
+                     c.schedule.global_batch_size, c.schedule.epochs, self.data.order.epoch_size,
+                     self.layout.describe(self.world_size))
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         losses, last_checkpoint = {}, None
         try:
@@ -266,8 +265,8 @@ class Trainer:
 
         c, s = self.config, self.state
         start = time.perf_counter()
-        micro_batches = self.data.micro_batches(s.consumed_samples, c.schedule.global_batch_size, self.dp_rank,
-                                                self.dp_size, c.parallel.micro_batch_size, self.context_parallel)
+        micro_batches = self.data.micro_batches(s.consumed_samples, c.schedule.global_batch_size, self.layout,
+                                                self.dp_rank, self.dp_size, self.cp_rank)
         if self.device == "cuda":
             micro_batches = [mb.to(torch.cuda.current_device()) for mb in micro_batches]
         for chunk in self.chunks:
@@ -344,7 +343,7 @@ class Trainer:
     def save(self) -> Path:
         c = self.config
         path = save_checkpoint(c.checkpoint.save_dir, self.chunks, self.optimizer, self.scheduler, self.state,
-                               self.layout, dump_config(c), self.source_checkpoint)
+                               self.layout.to_dict(self.world_size), dump_config(c), self.source_checkpoint)
         if self.rank == 0:
             for old in prune_checkpoints(c.checkpoint.save_dir, c.checkpoint.keep_last_n):
                 log.info("removed old checkpoint %s (keep_last_n=%s)", old, c.checkpoint.keep_last_n)
@@ -358,29 +357,6 @@ class Trainer:
 
 # Entry point -----------------------------------------------------------------------------------------
 
-def init_distributed(device: str) -> None:
-    """The default process group from torchrun's environment (a single process without it): NCCL with one
-    GPU per process, or gloo with megatron-core redirected to the CPU."""
-    import os
-
-    if dist.is_initialized():
-        return
-    if "RANK" not in os.environ:
-        from common.distributed import free_port
-
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-    if device == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-    else:
-        from common import megatron_cpu
-
-        megatron_cpu.enable()
-        dist.init_process_group("gloo")
-
-
 def run(config: TrainConfig) -> TrainResult:
     """Validates, starts the process group, trains, tears down: the body of pretrain_sft.py."""
     import os
@@ -389,7 +365,7 @@ def run(config: TrainConfig) -> TrainResult:
 
     device = resolve_device(config)
     inputs = check_run(config, int(os.environ.get("WORLD_SIZE", "1")), device)
-    init_distributed(device)
+    init_process_group(device)
     try:
         return Trainer(config, device, inputs).train()
     finally:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real two-node Slurm cluster on this one machine, for CI (DESIGN.md section 3b).
+# A real two-node Slurm cluster on this one machine, for CI.
 #
 #   slurm/ci_cluster.sh install   # Debian's slurmctld, slurmd, slurm-client, munge (apt; needs root)
 #   slurm/ci_cluster.sh start     # munged, slurmctld, and slurmd for virtual nodes n1 and n2

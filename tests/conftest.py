@@ -15,21 +15,21 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir(tmp_path_factory) -> Path:
-    from preprocess.tokenizer import build_qwen25_tokenizer
+    from testing.tokenizer import build_qwen25_tokenizer
 
     return build_qwen25_tokenizer(tmp_path_factory.mktemp("qwen25_tokenizer"))
 
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer(qwen_tokenizer_dir):
-    from preprocess.tokenizer import load_tokenizer
+    from formats.tokenizer import load_tokenizer
 
     return load_tokenizer(qwen_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
 def sample_snapshot(tmp_path_factory):
-    from preprocess.sample_data import write_sample_snapshot
+    from testing.sample_data import write_sample_snapshot
 
     return write_sample_snapshot(tmp_path_factory.mktemp("am_snapshot"))
 
@@ -46,7 +46,7 @@ def aligned_parquet(sample_snapshot, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session", params=[False, True], ids=["untied", "tied"])
 def tiny_qwen2_dir(request, tmp_path_factory) -> Path:
     """Untied with RMSNorm eps 1e-6 (Qwen2.5 7B+), tied with eps 1e-5 (as some small Qwen2 configs)."""
-    from convert.tiny_models import make_tiny_qwen2
+    from testing.tiny_models import make_tiny_qwen2
 
     tied = request.param
     return make_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"), tie_word_embeddings=tied,

@@ -1,4 +1,4 @@
-"""Per-rank functions for the megatron-core tests (run through tests/distributed.py)."""
+"""Per-rank functions for the megatron-core tests (run through common.distributed.run_distributed)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import torch
 
 
 def setup_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 0) -> None:
-    from megatron.core import parallel_state, tensor_parallel as tp
+    from megatron.core import parallel_state
+    from megatron.core import tensor_parallel as tp
 
     parallel_state.initialize_model_parallel(tensor_parallel, pipeline_parallel)
     tp.model_parallel_cuda_manual_seed(seed)
@@ -14,15 +15,19 @@ def setup_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: i
 
 def megatron_logits_from_hf(rank: int, world_size: int, hf_dir: str, token_ids: list[list[int]]) -> torch.Tensor:
     """Builds the Qwen2 GPTModel (local spec, TP1/PP1), loads HF weights through the mapping, returns logits."""
-    from convert.hf_io import HFSafetensorsReader
-    from convert.qwen2.model import Qwen2Arch, build_model, layer_spec, transformer_config
-    from convert.qwen2.state_dict_adapter import hf_to_mcore
+    from formats.hf_safetensors import HFSafetensorsReader
+    from models.backends import choose_backend
+    from models.qwen2.arch import Qwen2Arch
+    from models.qwen2.model import build_model, layer_spec, transformer_config
+    from models.qwen2.state_dict_adapter import bound_mappings
 
     setup_parallel()
-    arch = Qwen2Arch.from_hf_dir(hf_dir)
-    model = build_model(arch, transformer_config(arch, use_cpu_initialization=True), layer_spec(False)).eval()
+    arch = Qwen2Arch.from_path(hf_dir)
+    spec = layer_spec(choose_backend("cpu"), packed=False)
+    model = build_model(arch, transformer_config(arch, use_cpu_initialization=True), spec).eval()
     reader = HFSafetensorsReader(hf_dir)
-    missing, unexpected = model.load_state_dict(dict(hf_to_mcore(arch, reader.read)), strict=False)
+    weights = {m.key: m.to_mcore([reader.read(key) for key in m.hf_keys]) for m in bound_mappings(arch)}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     assert not unexpected, unexpected
     assert all(key.endswith("_extra_state") for key in missing), missing
     assert not reader.not_read_exactly_once()
@@ -42,7 +47,7 @@ def resave_at_layout(rank: int, world_size: int, source: str, dest: str, tensor_
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from convert.torch_dist import HF_CONFIG_FILE
+    from formats.torch_dist import HF_CONFIG_FILE
     from convert.verify import load_model_stage
 
     model = load_model_stage(source, tensor_parallel, pipeline_parallel, "cpu")

@@ -9,6 +9,7 @@ from collections import Counter
 import pyarrow.parquet as pq
 import pytest
 
+from common.errors import InputError
 from preprocess import conversation as C
 from preprocess.align import align_snapshot, aligned_schema, summary_path
 
@@ -71,16 +72,16 @@ def test_unreadable_file_is_an_error_naming_it(tmp_path):
     (tmp_path / "good.jsonl").write_text('{"conversations": [{"from": "human", "value": "q"}, {"from": "assistant", "value": "a"}]}\n')
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
     out = tmp_path / "out" / "aligned.parquet"
-    with pytest.raises(RuntimeError, match="broken.parquet"):
+    with pytest.raises(InputError, match="broken.parquet"):
         align_snapshot(tmp_path, out)
     assert not out.exists() and not list((tmp_path / "out").glob("*.partial"))  # nothing half-written
 
 
 def test_empty_or_missing_source(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a directory"):
+    with pytest.raises(InputError, match="not a directory"):
         align_snapshot(tmp_path / "nope", tmp_path / "o.parquet")
     (tmp_path / "README.md").write_text("hi")
-    with pytest.raises(FileNotFoundError, match="no .jsonl or .parquet"):
+    with pytest.raises(InputError, match="no .jsonl or .parquet"):
         align_snapshot(tmp_path, tmp_path / "o.parquet")
 
 
@@ -89,9 +90,8 @@ def test_cli_refuses_to_overwrite(sample_snapshot, tmp_path, capsys):
 
     out = tmp_path / "a.parquet"
     out.write_text("precious")
-    with pytest.raises(SystemExit, match="--force"):
-        run_tool("get_am_dataset", ["--source", str(sample_snapshot.root), str(out)])
-    assert out.read_text() == "precious"
+    assert run_tool("get_am_dataset", ["--source", str(sample_snapshot.root), str(out)]) == 2
+    assert "--force" in capsys.readouterr().err and out.read_text() == "precious"
     run_tool("get_am_dataset", ["--source", str(sample_snapshot.root), str(out), "--force"])
     assert pq.read_metadata(out).num_rows == 300
     assert "kept 300 rows, dropped 15" in capsys.readouterr().out

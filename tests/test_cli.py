@@ -34,6 +34,7 @@ def test_trainer_rejects_a_bad_configuration_before_starting(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "demo.py"), "--out", str(tmp_path)],

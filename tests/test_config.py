@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from convert.qwen2.model import Qwen2Arch
-from sft.config import ConfigError, TrainConfig, dump_config, load_config
+from models.qwen2.arch import Qwen2Arch
+from common.errors import ConfigError
+from sft.config import TrainConfig, dump_config, load_config
 
 ARCH_32B = Qwen2Arch(vocab_size=152064, hidden_size=5120, ffn_hidden_size=27648, num_layers=64,
                      num_attention_heads=40, num_query_groups=8, head_dim=128, rms_norm_eps=1e-5,
@@ -60,7 +61,7 @@ def _ready(tmp_path, **overrides) -> TrainConfig:
 def test_a_valid_layout_passes(tmp_path):
     c = _ready(tmp_path, **{"parallel.tensor": 8, "parallel.pipeline": 4, "parallel.virtual_pipeline": 2})
     c.validate(world_size=256, te_available=True, arch=ARCH_32B, data_seq_length=32768)
-    assert c.data_parallel_size(256) == 8
+    assert c.parallel.data_parallel(256) == 8
 
 
 @pytest.mark.parametrize("overrides, world_size, te, message", [
@@ -69,6 +70,9 @@ def test_a_valid_layout_passes(tmp_path):
     ({"parallel.pipeline": 4, "parallel.virtual_pipeline": 32}, 256, True, "not divisible by parallel.pipeline x virtual_pipeline = 128"),
     ({"parallel.tensor": 8, "parallel.micro_batch_size": 3}, 256, True, "global_batch_size=512 is not divisible by parallel.micro_batch_size x data-parallel size = 3 x 32"),
     ({"parallel.tensor": 3}, 256, True, "256 processes are not divisible by tensor x pipeline x context = 3"),
+    ({"parallel.tensor": 8, "parallel.pipeline": 4, "parallel.virtual_pipeline": 2, "schedule.global_batch_size": 48},
+     256, True, "needs the 6 micro-batches per step (global batch / (micro_batch_size x data-parallel size)) to be a "
+     "multiple of parallel.pipeline=4"),
     ({"parallel.sequence_parallel": True}, 8, False, "parallel.sequence_parallel=true needs Transformer Engine"),
     ({"parallel.context": 2}, 8, False, "parallel.context=2 needs Transformer Engine"),
     ({"parallel.tensor": 8, "parallel.sequence_parallel": True, "data.seq_length": 32764}, 8, True,

@@ -13,13 +13,13 @@ from mcore_ranks import resave_at_layout
 from tools_runner import run_tool
 
 from common.distributed import run_distributed
-from convert.hf_io import HFSafetensorsReader
+from formats.hf_safetensors import HFSafetensorsReader
 from convert.hf_to_mcore import plan_chunks
-from convert.qwen2.model import Qwen2Arch
-from convert.qwen2.state_dict_adapter import bound_mappings
-from convert.torch_dist import Chunk, TorchDistReader, iteration_dir_name, resolve_checkpoint, write_checkpoint
+from models.qwen2.arch import Qwen2Arch
+from models.qwen2.state_dict_adapter import bound_mappings
+from formats.torch_dist import Chunk, TorchDistReader, iteration_dir_name, resolve_checkpoint, write_checkpoint
 from convert.verify import hf_logits, sample_token_ids, verify_conversion
-from preprocess.template import AM_THINKING
+from formats.chat_template import AM_THINKING
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +61,20 @@ def test_round_trip_through_files_is_bitwise(tiny_qwen2_dir, converted, qwen_tok
     assert im_end in GenerationConfig.from_pretrained(out).eos_token_id
 
 
+@pytest.mark.slow
 def test_logits_match_transformers_at_tp2_pp2(tiny_qwen2_dir, converted):
     result = verify_conversion(tiny_qwen2_dir, converted, tensor_parallel=2, pipeline_parallel=2, seq_length=24)
     assert result.max_abs_diff <= 1e-4 and result.top1_agreement == 1.0, result.summary()
 
 
+@pytest.mark.slow
 def test_verify_tool_at_tp1(tiny_qwen2_dir, converted, capsys):
     assert run_tool("verify_conversion", ["--hf", str(tiny_qwen2_dir), "--mcore", str(converted),
                                           "--seq-length", "16", "--device", "cpu"]) == 0
     assert "PASS" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_checkpoint_saved_at_tp2_pp2_exports_the_same_weights(tiny_qwen2_dir, converted, qwen_tokenizer_dir, tmp_path):
     run_dir = tmp_path / "run"
     run_distributed(resave_at_layout, 4, str(converted), str(run_dir / iteration_dir_name(7)), 2, 2)
@@ -86,7 +89,7 @@ def test_checkpoint_saved_at_tp2_pp2_exports_the_same_weights(tiny_qwen2_dir, co
 
 
 def test_chunks_tile_every_tensor_within_the_size_cap(tiny_qwen2_dir):
-    arch = Qwen2Arch.from_hf_dir(tiny_qwen2_dir)
+    arch = Qwen2Arch.from_path(tiny_qwen2_dir)
     cap = 8 << 10
     chunks = plan_chunks(arch, HFSafetensorsReader(tiny_qwen2_dir), torch.float32, max_chunk_bytes=cap)
     by_key: dict[str, list[Chunk]] = {}

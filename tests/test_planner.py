@@ -5,41 +5,38 @@ from __future__ import annotations
 
 import pytest
 
-from convert.qwen2.model import Qwen2Arch
-from sft.planner import Hardware, Layout, activation_bytes_per_token_layer, estimate, layer_parameters, local_parameters, plan
+from models.parallel_layout import ParallelLayout
+from models.qwen2.arch import Qwen2Arch
+from sft.planner import Hardware, activation_bytes_per_token_layer, estimate, layer_parameters, local_parameters, plan
 
 QWEN25_32B = Qwen2Arch(vocab_size=152064, hidden_size=5120, ffn_hidden_size=27648, num_layers=64, num_attention_heads=40,
                        num_query_groups=8, head_dim=128, rms_norm_eps=1e-5, rope_base=1e6, tie_word_embeddings=False,
                        max_position_embeddings=131072)
 
 
-def _layout(**kw) -> Layout:
-    base = dict(tensor=1, pipeline=1, virtual=1, context=1, sequence_parallel=False, recompute="selective", micro_batch=1)
-    return Layout(**{**base, **kw})
-
-
 def test_parameter_count_is_qwen25_32b():
     # qkv 5120 x 56 x 128 + bias 56 x 128 + proj 40 x 128 x 5120 + MLP 3 x 5120 x 27648 + norms 2 x 5120
     assert layer_parameters(QWEN25_32B) == 36_700_160 + 7_168 + 26_214_400 + 424_673_280 + 10_240
     # 64 layers + embedding + output layer + final norm: the published 32.76B
-    assert local_parameters(QWEN25_32B, _layout()) == 32_763_876_352
+    assert local_parameters(QWEN25_32B, ParallelLayout()) == 32_763_876_352
     # TP8 x PP2: 32 layers and one vocabulary matrix over 8 ranks
-    assert local_parameters(QWEN25_32B, _layout(tensor=8, pipeline=2)) == (32 * 487_605_248 + 152064 * 5120) // 8 + 5120
+    assert local_parameters(QWEN25_32B, ParallelLayout(tensor=8, pipeline=2)) == (32 * 487_605_248 + 152064 * 5120) // 8 + 5120
 
 
 def test_activation_bytes_by_hand():
     h, gd, f = 5120, 8 * 128, 27648
     inside = 2 * h + 3 * gd + h + 3 * f
-    assert activation_bytes_per_token_layer(QWEN25_32B, _layout()) == 2 * (6 * h + inside)
-    assert activation_bytes_per_token_layer(QWEN25_32B, _layout(tensor=8)) == 2 * (6 * h + inside / 8)
-    assert activation_bytes_per_token_layer(QWEN25_32B, _layout(tensor=8, sequence_parallel=True)) == 33024
-    assert activation_bytes_per_token_layer(QWEN25_32B, _layout(tensor=8, sequence_parallel=True, recompute="full")) == 2 * h / 8
+    assert activation_bytes_per_token_layer(QWEN25_32B, ParallelLayout(), "selective") == 2 * (6 * h + inside)
+    assert activation_bytes_per_token_layer(QWEN25_32B, ParallelLayout(tensor=8), "selective") == 2 * (6 * h + inside / 8)
+    tp8_sp = ParallelLayout(tensor=8, sequence_parallel=True)
+    assert activation_bytes_per_token_layer(QWEN25_32B, tp8_sp, "selective") == 33024
+    assert activation_bytes_per_token_layer(QWEN25_32B, tp8_sp, "full") == 2 * h / 8
 
 
 def test_memory_and_rules_of_one_layout():
     hw = Hardware(gpus=256)
-    layout = _layout(tensor=8, pipeline=2, virtual=4, context=2, sequence_parallel=True)
-    e = estimate(QWEN25_32B, layout, hw, seq_length=32768, global_batch=512, mean_conversation=4000)
+    layout = ParallelLayout(tensor=8, pipeline=2, virtual_pipeline=4, context=2, sequence_parallel=True)
+    e = estimate(QWEN25_32B, layout, "selective", hw, seq_length=32768, global_batch=512, mean_conversation=4000)
     params = local_parameters(QWEN25_32B, layout)
     assert e.data_parallel == 8
     assert e.memory_gb["weights"] == pytest.approx(2 * params / 1e9, abs=1e-3)
@@ -47,11 +44,17 @@ def test_memory_and_rules_of_one_layout():
     # 16384 tokens per rank (CP2) x 32 layers x 2 micro-batches in flight x (1 + 1/8) interleaved x 33024 bytes
     assert e.memory_gb["activations"] == pytest.approx(16384 * 32 * 2 * 1.125 * 33024 / 1e9, abs=1e-3)
     assert e.fits and 0 < e.mfu < 1
-    # Invalid layouts are not offered: TP must divide the 8 query groups; layers must split into stages.
-    assert estimate(QWEN25_32B, _layout(tensor=16), hw, 32768, 512, 4000) is None
-    assert estimate(QWEN25_32B, _layout(pipeline=3), Hardware(gpus=3), 32768, 512, 4000) is None
+    # Invalid layouts are not offered, by the trainer's own rules: TP must divide the 8 query groups; layers
+    # must split into stages; interleaving needs the micro-batches per step in multiples of PP.
+    assert estimate(QWEN25_32B, ParallelLayout(tensor=16), "selective", hw, 32768, 512, 4000) is None
+    assert estimate(QWEN25_32B, ParallelLayout(pipeline=3), "selective", Hardware(gpus=3), 32768, 512, 4000) is None
+    interleaved = ParallelLayout(tensor=8, pipeline=4, virtual_pipeline=2)  # DP8: 512 / 8 = 64 micro-batches, fine
+    assert estimate(QWEN25_32B, interleaved, "selective", hw, 32768, 512, 4000) is not None
+    assert estimate(QWEN25_32B, interleaved, "selective", hw, 32768, 8 * 6, 4000) is None  # 6 % 4 != 0
+    assert interleaved.problems(world_size=256, global_batch=48)  # the same rule the configuration applies
     best = plan(QWEN25_32B, hw, 32768, 512, 4000)[0]
-    assert best.fits and best.layout.tensor * best.layout.pipeline * best.layout.context * best.data_parallel == 256
+    assert best.fits and best.layout.model_parallel_size * best.data_parallel == 256
+    assert not best.layout.problems(world_size=256, arch=QWEN25_32B, global_batch=512, seq_length=32768)
 
 
 def _measure_peak(rank: int, world_size: int, overrides: list[str]) -> dict:
@@ -70,6 +73,7 @@ def _measure_peak(rank: int, world_size: int, overrides: list[str]) -> dict:
     return {"baseline": baseline, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+@pytest.mark.slow
 def test_memory_estimate_matches_a_measured_cpu_run(tmp_path):
     """The estimate (fp32 on CPU: 4-byte weights, gradients and activations, 8 bytes of Adam moments)
     against the measured peak resident memory above the process's baseline, within 20%: measured
@@ -78,21 +82,17 @@ def test_memory_estimate_matches_a_measured_cpu_run(tmp_path):
     0.56 and 0.84 GB from run to run (whether a transient logits copy coincides with the peak), too
     noisy for a bound that means something."""
     from common.distributed import run_distributed
-    from convert.hf_to_mcore import convert_hf_to_mcore
-    from convert.tiny_models import QWEN25_VOCAB_SIZE_SMALL, make_tiny_qwen2
-    from sft.synthetic import random_packs, write_packed_dataset
+    from testing.fixtures import training_inputs
+    from testing.synthetic_packs import random_packs
+    from testing.tiny_models import QWEN25_VOCAB_SIZE_SMALL
 
     seq = 1024
-    hf = make_tiny_qwen2(tmp_path / "hf", num_layers=2)
-    convert_hf_to_mcore(hf, tmp_path / "mcore", progress=False)
-    prefix = write_packed_dataset(tmp_path / "d", random_packs(4, seq, QWEN25_VOCAB_SIZE_SMALL, seed=0), seq,
-                                  QWEN25_VOCAB_SIZE_SMALL)
-    overrides = [f"data.prefixes=[{prefix}]", f"model.init_checkpoint={tmp_path / 'mcore'}",
-                 f"checkpoint.save_dir={tmp_path / 'run'}", f"data.seq_length={seq}", "schedule.global_batch_size=2",
-                 "schedule.train_iters=2", "model.recompute=none", "checkpoint.save_interval=100",
-                 "checkpoint.save_at_end=false"]  # the checkpoint writer's buffers are not a training step's
+    inputs = training_inputs(tmp_path, random_packs(4, seq, QWEN25_VOCAB_SIZE_SMALL, seed=0), seq, layers=2)
+    overrides = inputs.overrides(tmp_path / "run", "schedule.global_batch_size=2", "schedule.train_iters=2",
+                                 "model.recompute=none", "checkpoint.save_interval=100",
+                                 "checkpoint.save_at_end=false")  # the checkpoint writer's buffers are not a step's
     (measured,) = run_distributed(_measure_peak, 1, overrides)
-    arch = Qwen2Arch.from_hf_dir(hf)
-    estimated = estimate(arch, _layout(recompute="none"), Hardware(gpus=1, buffer_gb=0), seq, 2, 256, weight_bytes=4)
+    arch = Qwen2Arch.from_path(inputs.hf)
+    estimated = estimate(arch, ParallelLayout(), "none", Hardware(gpus=1, buffer_gb=0), seq, 2, 256, weight_bytes=4)
     used_gb = (measured["peak"] - measured["baseline"]) / 1e9
     assert used_gb == pytest.approx(estimated.total_gb, rel=0.2), (used_gb, estimated.memory_gb)

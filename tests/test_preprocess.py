@@ -12,8 +12,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from preprocess.pipeline import PreprocessConfig, indexed_dataset_module, output_paths, preprocess
-from preprocess.template import AM_THINKING
+from common.errors import InputError
+from formats.chat_template import AM_THINKING, assemble
+from formats.packed import PackedPaths, indexed_dataset_module
+from preprocess.pipeline import PreprocessConfig, histogram_path, preprocess
 
 SEQ = 2048  # small, so the sample yields many packs and several truncations
 
@@ -48,7 +50,7 @@ def reference_conversations(aligned, tokenizer, cutoff, system_source="turn"):
             turns = turns[1:]
         if system_source == "column":
             system = row["system"]
-        ids, mask, full = AM_THINKING.encode(encode, system, [t["value"] for t in turns], cutoff)
+        ids, mask, full = assemble(encode(AM_THINKING.pieces(system, [t["value"] for t in turns])), cutoff)
         out.append((tuple(ids), tuple(mask), full))
     return out
 
@@ -87,22 +89,22 @@ def test_every_conversation_is_trained_and_starts_with_the_system_slot(packed, q
 
 def test_metadata(packed, aligned_parquet, qwen_tokenizer_dir):
     prefix, meta = packed
-    on_disk = json.loads(output_paths(prefix)["meta"].read_text())
+    on_disk = json.loads(PackedPaths(str(prefix)).meta.read_text())
     assert on_disk == meta
     assert meta["seq_length"] == SEQ and meta["cutoff_len"] == SEQ - 1 and meta["template"] == "AM-thinking"
     assert meta["tokenizer"]["vocab_size"] == 151665 and len(meta["tokenizer"]["sha256"]) == 64
     assert meta["inputs"][0]["sha256"] and meta["command"] == ["test"]
     assert meta["stats"]["per_subset"]["multiturn"]["conversations"] == 50
     assert sum(c for _, _, c in meta["stats"]["length_histogram_log2"]) == 300
-    assert output_paths(prefix)["histogram"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert histogram_path(prefix).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_output_is_byte_identical_for_any_worker_count(packed, aligned_parquet, qwen_tokenizer_dir, tmp_path):
     prefix, meta = packed
     other = tmp_path / "am4"
     meta4 = run(aligned_parquet, qwen_tokenizer_dir, other, workers=4)
-    for key in ("input_ids_bin", "input_ids_idx", "loss_mask_bin", "loss_mask_idx"):
-        assert output_paths(prefix)[key].read_bytes() == output_paths(other)[key].read_bytes(), key
+    for ours, theirs in zip(PackedPaths(str(prefix)).data_files(), PackedPaths(str(other)).data_files()):
+        assert ours.read_bytes() == theirs.read_bytes(), ours.name
     assert meta4["stats"] == meta["stats"]
 
 
@@ -128,7 +130,7 @@ def test_existing_outputs_need_force_and_failures_leave_nothing(aligned_parquet,
 
     prefix = tmp_path / "p"
     run(aligned_parquet, qwen_tokenizer_dir, prefix)
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(InputError, match="--force"):
         run(aligned_parquet, qwen_tokenizer_dir, prefix)
     before = {p: p.read_bytes() for p in tmp_path.iterdir()}
 
@@ -143,12 +145,12 @@ def test_existing_outputs_need_force_and_failures_leave_nothing(aligned_parquet,
 
 
 def test_bad_inputs_are_named(qwen_tokenizer_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="get_am_dataset"):
+    with pytest.raises(InputError, match="get_am_dataset"):
         run(tmp_path / "missing.parquet", qwen_tokenizer_dir, tmp_path / "x")
     import pyarrow as pa
 
     pq.write_table(pa.table({"text": ["a"]}), tmp_path / "plain.parquet")
-    with pytest.raises(ValueError, match="no `conversations` column"):
+    with pytest.raises(InputError, match="no `conversations` column"):
         run(tmp_path / "plain.parquet", qwen_tokenizer_dir, tmp_path / "x")
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    with pytest.raises(InputError, match="tokenizer.json"):
         run(tmp_path / "plain.parquet", tmp_path, tmp_path / "x")

@@ -10,9 +10,10 @@ import torch
 from common.distributed import run_distributed
 from mcore_ranks import megatron_logits_from_hf
 
-from convert.hf_io import CheckpointFileError, HFSafetensorsReader
-from convert.qwen2.model import Qwen2Arch, UnsupportedModelError
-from convert.qwen2.state_dict_adapter import bound_mappings, hf_to_mcore, mcore_to_hf
+from formats.hf_safetensors import HFSafetensorsReader
+from common.errors import CheckpointError, UnsupportedModelError
+from models.qwen2.arch import Qwen2Arch
+from models.qwen2.state_dict_adapter import bound_mappings
 
 TOKENS = [[151644, 872, 198, 6023, 11, 1879, 0, 17, 151645, 198, 151644, 77091], [9707, 1879, 220, 16, 17, 18, 19, 20, 21, 13, 198, 42]]
 
@@ -30,21 +31,23 @@ def test_logits_match_transformers(tiny_qwen2_dir):
 
 
 def test_round_trip_is_bitwise_and_consumes_every_tensor_once(tiny_qwen2_dir):
-    arch = Qwen2Arch.from_hf_dir(tiny_qwen2_dir)
+    arch = Qwen2Arch.from_path(tiny_qwen2_dir)
     reader = HFSafetensorsReader(tiny_qwen2_dir)
-    mcore = dict(hf_to_mcore(arch, reader.read))
+    mappings = bound_mappings(arch)
+    mcore = {m.key: m.to_mcore([reader.read(key) for key in m.hf_keys]) for m in mappings}
     assert not reader.not_read_exactly_once()
-    assert len(mcore) == len(bound_mappings(arch))
-    back = dict(mcore_to_hf(arch, mcore.__getitem__))
+    assert len(mcore) == len(mappings)
+    back = {key: tensor for m in mappings for key, tensor in zip(m.hf_keys, m.to_hf(mcore[m.key]))}
     assert back.keys() == reader.keys()
     fresh = HFSafetensorsReader(tiny_qwen2_dir)
     for key, tensor in back.items():
         original = fresh.read(key)
         assert tensor.dtype == original.dtype and torch.equal(tensor, original), key
-    # The torch_dist naming of norms (TE names) maps the same tensors.
-    te = dict(hf_to_mcore(arch, HFSafetensorsReader(tiny_qwen2_dir).read, layer_names="te"))
-    assert torch.equal(te["decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"],
-                       mcore["decoder.layers.0.input_layernorm.weight"])
+    # The torch_dist naming of norms (TE names) binds the same HF tensors.
+    te = {m.key: m.hf_keys for m in bound_mappings(arch, "te")}
+    local = {m.key: m.hf_keys for m in mappings}
+    assert te["decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"] == \
+        local["decoder.layers.0.input_layernorm.weight"] == ("model.layers.0.input_layernorm.weight",)
 
 
 def test_qkv_layout_by_hand():
@@ -99,10 +102,12 @@ def test_unsupported_configs_are_refused(tiny_qwen2_dir, change, message):
 def test_shape_mismatch_and_missing_shard_are_named(tiny_qwen2_dir, tmp_path):
     config = _config(tiny_qwen2_dir)
     arch = Qwen2Arch.from_hf_config({**config, "intermediate_size": config["intermediate_size"] + 1})
-    with pytest.raises(ValueError, match="gate_proj.weight: shape"):
-        dict(hf_to_mcore(arch, HFSafetensorsReader(tiny_qwen2_dir).read))
+    reader = HFSafetensorsReader(tiny_qwen2_dir)
+    gated = next(m for m in bound_mappings(arch) if m.key.endswith("linear_fc1.weight"))
+    with pytest.raises(CheckpointError, match="gate_proj.weight: shape"):
+        gated.to_mcore([reader.read(key) for key in gated.hf_keys])
     for file in tiny_qwen2_dir.iterdir():
         if not file.name.startswith("model-00002"):
             (tmp_path / file.name).symlink_to(file)
-    with pytest.raises(CheckpointFileError, match="model-00002-of"):
+    with pytest.raises(CheckpointError, match="model-00002-of"):
         HFSafetensorsReader(tmp_path)

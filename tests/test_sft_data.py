@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from sft.data import DataError, Pack, PackedDataset, PackOrder, SFTData, make_micro_batch
-from sft.synthetic import random_packs, write_packed_dataset
+from common.errors import DataError
+from formats.packed import Pack, PackedDataset
+from models.parallel_layout import ParallelLayout
+from sft.data import PackOrder, SFTData, make_micro_batch
+from testing.synthetic_packs import random_packs, write_packed_dataset
 
 
 def _pack(*conversations):
@@ -67,8 +70,9 @@ def test_weights_over_and_under_sample_evenly():
 def test_data_parallel_ranks_split_the_global_batch(tmp_path):
     prefix = write_packed_dataset(tmp_path / "d", random_packs(10, 32, 1000, seed=1), 32, 1000)
     data = SFTData([str(prefix)], None, seed=5)
-    whole = data.micro_batches(4, global_batch_size=4, data_parallel_rank=0, data_parallel_size=1, micro_batch_size=1)
-    split = [mb for rank in range(2) for mb in data.micro_batches(4, 4, rank, 2, micro_batch_size=1)]
+    whole = data.micro_batches(4, global_batch_size=4, layout=ParallelLayout(), data_parallel_rank=0,
+                               data_parallel_size=1)
+    split = [mb for rank in range(2) for mb in data.micro_batches(4, 4, ParallelLayout(), rank, 2)]
     assert all(torch.equal(a.tokens, b.tokens) and torch.equal(a.loss_mask, b.loss_mask) for a, b in zip(whole, split))
     assert data.iterations(epochs=2, global_batch_size=4) == 5  # 20 slots, the last 0 packs unused
     lengths = data.conversation_lengths(4, 4)
@@ -96,7 +100,7 @@ def test_dataset_reads_packs_back_and_rejects_mismatched_files(tmp_path):
 
 
 def test_packed_attention_equals_block_diagonal_causal_reference():
-    from sft.attention import packed_causal_attention
+    from models.qwen2.attention import packed_causal_attention
 
     torch.manual_seed(0)
     lengths = [5, 1, 9, 3]
@@ -139,3 +143,23 @@ def test_context_parallel_padding_and_split_by_hand():
     assert halves[1].labels.tolist() == [[3, 0, 7, 8, 9, 0, 0, 0]]
     assert sum(float(h.loss_mask.sum()) for h in halves) == float(batch.loss_mask.sum())
     assert all(torch.equal(h.cu_seqlens_padded, batch.cu_seqlens_padded) for h in halves)  # offsets stay global
+
+
+def test_layout_drives_padding_and_the_context_parallel_split(tmp_path):
+    """The run's ParallelLayout decides the row width and padding (2 x CP per conversation) and which
+    tokens each context-parallel rank holds: the two ranks' shares are the whole padded row."""
+    prefix = write_packed_dataset(tmp_path / "d", random_packs(6, 40, 1000, seed=3), 40, 1000)
+    data = SFTData([str(prefix)], None, seed=2)
+    layout = ParallelLayout(context=2, micro_batch_size=2)
+    assert layout.pad_multiple == 4 and ParallelLayout(context=2, tensor=2, sequence_parallel=True).pad_multiple == 8
+    width = data.row_width(layout)
+    assert width % 4 == 0 and width >= 2 * max(40, data.longest_padded_pack(4))
+    packs = [data.datasets[0][pack] for _, pack in data.order.slots(0, 4)]
+    whole = [make_micro_batch(packs[i:i + 2], 40, pad_multiple=4, width=width) for i in (0, 2)]
+    shares = [data.micro_batches(0, 4, layout, 0, 1, context_parallel_rank=r) for r in range(2)]
+    for i, row in enumerate(whole):
+        halves = [shares[r][i] for r in range(2)]
+        assert all(h.tokens.shape[1] == width // 2 for h in halves)
+        assert sorted(torch.cat([h.tokens for h in halves], 1)[0].tolist()) == sorted(row.tokens[0].tolist())
+        assert sum(float(h.loss_mask.sum()) for h in halves) == float(row.loss_mask.sum())
+        assert all(torch.equal(h.cu_seqlens_padded, row.cu_seqlens_padded) for h in halves)

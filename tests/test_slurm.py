@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SEQ, PACKS, GLOBAL_BATCH = 128, 16, 4  # 2 epochs x 16 packs / 4 = 8 iterations
 
@@ -47,20 +48,16 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def run_inputs(tmp_path_factory):
-    from convert.hf_to_mcore import convert_hf_to_mcore
-    from convert.tiny_models import QWEN25_VOCAB_SIZE_SMALL, make_tiny_qwen2
-    from sft.synthetic import random_packs, write_packed_dataset
+    from testing.fixtures import training_inputs
+    from testing.synthetic_packs import random_packs
+    from testing.tiny_models import QWEN25_VOCAB_SIZE_SMALL
 
-    root = tmp_path_factory.mktemp("slurm")
-    convert_hf_to_mcore(make_tiny_qwen2(root / "hf"), root / "mcore", progress=False)
-    prefix = write_packed_dataset(root / "data" / "syn", random_packs(PACKS, SEQ, QWEN25_VOCAB_SIZE_SMALL, seed=0), SEQ,
-                                  QWEN25_VOCAB_SIZE_SMALL)
-    return root, prefix
+    packs = random_packs(PACKS, SEQ, QWEN25_VOCAB_SIZE_SMALL, seed=0)
+    return training_inputs(tmp_path_factory.mktemp("slurm"), packs, SEQ)
 
 
-def _overrides(root: Path, prefix: Path, save_dir: Path) -> list[str]:
-    return [f"data.prefixes=[{prefix}]", f"model.init_checkpoint={root / 'mcore'}", f"checkpoint.save_dir={save_dir}",
-            f"data.seq_length={SEQ}", f"schedule.global_batch_size={GLOBAL_BATCH}", "checkpoint.save_interval=100"]
+def _overrides(run_inputs, save_dir: Path) -> list[str]:
+    return run_inputs.overrides(save_dir, f"schedule.global_batch_size={GLOBAL_BATCH}", "checkpoint.save_interval=100")
 
 
 def _losses(save_dir: Path) -> dict[int, float]:
@@ -86,11 +83,10 @@ def _wait_for(condition, timeout: float, what: str, poll: float = 1.0):
 
 
 def test_sbatch_trains_on_two_nodes_checkpoints_on_usr1_and_resumes(cluster, run_inputs, tmp_path):
-    root, prefix = run_inputs
     save_dir, logs = tmp_path / "run", tmp_path / "logs"
     env = {**os.environ, "CONFIG": "configs/tiny_cpu.yaml", "GPUS_PER_NODE": "2", "LOG_DIR": str(logs),
            "REPO": str(ROOT), "VENV": str(Path(sys.executable).parents[1]),
-           "OVERRIDES": " ".join(_overrides(root, prefix, save_dir))}
+           "OVERRIDES": " ".join(_overrides(run_inputs, save_dir))}
     submitted = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--time=30",
                                 f"--output={tmp_path}/job-%j.out", "slurm/sft.sh"],
                                cwd=ROOT, env=env, capture_output=True, text=True, check=True)
@@ -127,7 +123,7 @@ def test_sbatch_trains_on_two_nodes_checkpoints_on_usr1_and_resumes(cluster, run
     # The same run started by a plain torchrun on one node: the same losses.
     plain = tmp_path / "plain"
     subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node=4",
-                    "pretrain_sft.py", "--config", "configs/tiny_cpu.yaml", *_overrides(root, prefix, plain)],
+                    "pretrain_sft.py", "--config", "configs/tiny_cpu.yaml", *_overrides(run_inputs, plain)],
                    cwd=ROOT, check=True, capture_output=True, timeout=600)
     expected, got = _losses(plain), _losses(save_dir)
     assert sorted(got) == list(range(1, 9)) and got.keys() == expected.keys()

@@ -2,14 +2,14 @@
 per-turn truncation on hand-worked cases, and the Jinja chat template for HF tokenizers.
 
 Expected values are written out here from the recipe (slot strings, default system prompt) and
-tokenised slot by slot with the HF tokenizer, independently of `preprocess.template`.
+tokenised slot by slot with the HF tokenizer, independently of `formats.chat_template`.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from preprocess.template import AM_THINKING, assemble, infer_seqlen
+from formats.chat_template import AM_THINKING, assemble, infer_seqlen
 
 # The recipe's default system prompt, copied from its README.
 RECIPE_SYSTEM = (
@@ -23,6 +23,11 @@ NO_LIMIT = 10**9
 
 def encoder_for(tokenizer):
     return lambda pieces: [tokenizer.encode(p, add_special_tokens=False) for p in pieces]
+
+
+def encode(encoder, system, turns, cutoff_len):
+    """What the preprocessor does with one conversation: template pieces, tokenised, assembled."""
+    return assemble(encoder(AM_THINKING.pieces(system, turns)), cutoff_len)
 
 
 def expected(tokenizer, system: str, turns: list[str]) -> tuple[list[int], list[int]]:
@@ -46,7 +51,7 @@ def test_default_system_is_the_recipes():
 
 def test_single_turn_ids_and_mask(qwen_tokenizer):
     turns = ["What is 2+2?", "<think>\n2+2 is 4.\n</think> <answer>\n4\n</answer>"]
-    ids, mask, full = AM_THINKING.encode(encoder_for(qwen_tokenizer), None, turns, NO_LIMIT)
+    ids, mask, full = encode(encoder_for(qwen_tokenizer), None, turns, NO_LIMIT)
     assert (ids, mask) == expected(qwen_tokenizer, RECIPE_SYSTEM, turns)
     assert full == len(ids)
     # Trained tokens are exactly the answer plus its <|im_end|>\n; the assistant header is not trained.
@@ -59,7 +64,7 @@ def test_single_turn_ids_and_mask(qwen_tokenizer):
 @pytest.mark.parametrize("system", [None, "", "You are a patient tutor."])
 def test_multi_turn_with_system(qwen_tokenizer, system):
     turns = ["Привет! 设 x=1.", "<think>a</think> <answer>b</answer>", "and then? 🙂", "<think>c</think> <answer>d</answer>"]
-    ids, mask, _ = AM_THINKING.encode(encoder_for(qwen_tokenizer), system, turns, NO_LIMIT)
+    ids, mask, _ = encode(encoder_for(qwen_tokenizer), system, turns, NO_LIMIT)
     assert (ids, mask) == expected(qwen_tokenizer, system or RECIPE_SYSTEM, turns)  # empty falls back
     assert sum(mask) == sum(len(qwen_tokenizer.encode(t + "<|im_end|>\n", add_special_tokens=False)) for t in turns[1::2])
     assert qwen_tokenizer.decode(ids) == AM_THINKING.render(system, turns)
@@ -69,7 +74,7 @@ def test_slots_are_tokenised_separately(qwen_tokenizer):
     # Tokenised as one string, the header's "\n" and the answer's leading "\n\n" merge into one token;
     # LLaMA-Factory tokenises each slot on its own, so the ids differ from the joined text's.
     turns = ["q", "\n\nanswer"]
-    ids, _, _ = AM_THINKING.encode(encoder_for(qwen_tokenizer), None, turns, NO_LIMIT)
+    ids, _, _ = encode(encoder_for(qwen_tokenizer), None, turns, NO_LIMIT)
     joined = qwen_tokenizer.encode(AM_THINKING.render(None, turns), add_special_tokens=False)
     assert ids == expected(qwen_tokenizer, RECIPE_SYSTEM, turns)[0]
     assert ids != joined  # "assistant\n" + "\n\nanswer" tokenise differently when joined
@@ -113,7 +118,7 @@ def test_truncation_keeps_heads_and_loses_trailing_im_end(qwen_tokenizer):
     turns = ["short question", long_answer]
     full_ids, full_mask = expected(qwen_tokenizer, RECIPE_SYSTEM, turns)
     cutoff = 300
-    ids, mask, full = AM_THINKING.encode(encoder_for(qwen_tokenizer), None, turns, cutoff)
+    ids, mask, full = encode(encoder_for(qwen_tokenizer), None, turns, cutoff)
     source_len = full_mask.index(1)
     assert full == len(full_ids) > cutoff
     assert len(ids) == cutoff  # short source: the target takes cutoff - source
@@ -145,7 +150,7 @@ def test_jinja_renders_exactly_the_encoded_text(qwen_tokenizer, system):
            for i, t in enumerate(turns)]
     )
     assert text == expected_text
-    ids, _, _ = AM_THINKING.encode(encoder_for(qwen_tokenizer), system, turns, NO_LIMIT)
+    ids, _, _ = encode(encoder_for(qwen_tokenizer), system, turns, NO_LIMIT)
     assert qwen_tokenizer.decode(ids) == text
 
 

@@ -9,7 +9,7 @@ import unicodedata
 
 import pytest
 
-from preprocess.tokenizer import QWEN25_ADDED_TOKENS, QWEN25_PRETOKENIZE_REGEX, qwen_tiktoken_ranks_file
+from testing.tokenizer import QWEN25_ADDED_TOKENS, QWEN25_PRETOKENIZE_REGEX, qwen_tiktoken_ranks_file
 
 _BLOCKS = [
     (0x20, 0x7E), (0xA0, 0x24F), (0x300, 0x36F), (0x370, 0x3FF), (0x400, 0x4FF), (0x590, 0x6FF),

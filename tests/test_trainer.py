@@ -14,6 +14,9 @@ import pytest
 import torch
 
 from common.distributed import run_distributed
+from testing.fixtures import TrainingInputs, training_inputs
+from testing.synthetic_packs import random_packs, write_packed_dataset
+from testing.tiny_models import QWEN25_VOCAB_SIZE_SMALL
 from trainer_ranks import train
 
 SEQ = 64
@@ -23,23 +26,15 @@ ITERS = 6  # 2 epochs x 12 packs / 4 per step; the epoch boundary lies between i
 LR, WARMUP_RATIO = 1e-2, 0.2
 
 
-def _make_setup(root: Path, tied: bool) -> SimpleNamespace:
-    from convert.hf_to_mcore import convert_hf_to_mcore
-    from convert.tiny_models import QWEN25_VOCAB_SIZE_SMALL, make_tiny_qwen2
-    from sft.synthetic import random_packs, write_packed_dataset
-
-    hf = make_tiny_qwen2(root / "hf", num_layers=4, tie_word_embeddings=tied)
-    convert_hf_to_mcore(hf, root / "mcore", progress=False)
+def _make_setup(root: Path, tied: bool) -> TrainingInputs:
     packs = random_packs(PACKS, SEQ, QWEN25_VOCAB_SIZE_SMALL, seed=0)
-    prefix = write_packed_dataset(root / "data" / "syn", packs, SEQ, QWEN25_VOCAB_SIZE_SMALL)
-    return SimpleNamespace(root=root, hf=hf, mcore=root / "mcore", prefix=prefix, packs=packs)
+    return training_inputs(root, packs, SEQ, layers=4, tied=tied)
 
 
-def _overrides(setup, save_dir: Path, *extra: str) -> list[str]:
-    return [f"data.prefixes=[{setup.prefix}]", f"model.init_checkpoint={setup.mcore}", f"checkpoint.save_dir={save_dir}",
-            f"data.seq_length={SEQ}", f"schedule.global_batch_size={GLOBAL_BATCH}", f"optimizer.lr={LR}",
-            f"schedule.warmup_ratio={WARMUP_RATIO}", "checkpoint.save_interval=2", "checkpoint.keep_last_n=null",
-            "model.recompute=none", *extra]
+def _overrides(setup: TrainingInputs, save_dir: Path, *extra: str) -> list[str]:
+    return setup.overrides(save_dir, f"schedule.global_batch_size={GLOBAL_BATCH}", f"optimizer.lr={LR}",
+                           f"schedule.warmup_ratio={WARMUP_RATIO}", "checkpoint.save_interval=2",
+                           "checkpoint.keep_last_n=null", "model.recompute=none", *extra)
 
 
 def _train(setup, save_dir: Path, world_size: int = 1, *extra: str, fault=None) -> dict:
@@ -47,7 +42,7 @@ def _train(setup, save_dir: Path, world_size: int = 1, *extra: str, fault=None) 
 
 
 def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    from convert.torch_dist import TorchDistReader
+    from formats.torch_dist import TorchDistReader
 
     reader = TorchDistReader(checkpoint)
     return {key: reader.read(key, (0,) * len(meta.size), tuple(meta.size)) for key, meta in reader.tensors.items()
@@ -60,9 +55,9 @@ def setup(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(setup):
+def reference(setup, tmp_path_factory):
     """The single-process run (TP1/PP1/DP1, 4 micro-batches of one pack) every other run is compared with."""
-    save_dir = setup.root / "reference"
+    save_dir = tmp_path_factory.mktemp("reference")
     result = _train(setup, save_dir)
     assert result["iterations"] == ITERS and not result["stopped"]
     return SimpleNamespace(losses=result["losses"], save_dir=save_dir, weights=_weights(save_dir / "iter_0000006"))
@@ -94,6 +89,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layouts_train_like_one_process(setup, reference, layout, tmp_path):
     world_size, extra = LAYOUTS[layout]
@@ -101,13 +97,16 @@ def test_layouts_train_like_one_process(setup, reference, layout, tmp_path):
     _assert_same_training(run, tmp_path, reference)
 
 
+@pytest.mark.slow
 def test_tied_embeddings_train_alike_across_pipeline_stages(tmp_path_factory):
-    tied = _make_setup(tmp_path_factory.mktemp("tied"), tied=True)
-    single = _train(tied, tied.root / "single")
-    reference = SimpleNamespace(losses=single["losses"], weights=_weights(tied.root / "single" / "iter_0000006"))
-    _assert_same_training(_train(tied, tied.root / "pp2", 2, "parallel.pipeline=2"), tied.root / "pp2", reference)
+    root = tmp_path_factory.mktemp("tied")
+    tied = _make_setup(root, tied=True)
+    single = _train(tied, root / "single")
+    reference = SimpleNamespace(losses=single["losses"], weights=_weights(root / "single" / "iter_0000006"))
+    _assert_same_training(_train(tied, root / "pp2", 2, "parallel.pipeline=2"), root / "pp2", reference)
 
 
+@pytest.mark.slow
 def test_first_loss_equals_transformers_conversation_by_conversation(setup, reference):
     """The packed first-iteration loss (initial weights) is the token-weighted mean of each conversation's
     loss computed alone by transformers' Qwen2, from the HF checkpoint the run was converted from."""
@@ -137,6 +136,7 @@ def _closed_form_lr(step: int) -> float:
     return LR * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (ITERS - warmup)))
 
 
+@pytest.mark.slow
 def test_schedule_and_metrics_file(reference):
     records = [json.loads(line) for line in (reference.save_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == list(range(1, ITERS + 1))
@@ -148,6 +148,7 @@ def test_schedule_and_metrics_file(reference):
     assert records[-1]["epoch"] == 2.0
 
 
+@pytest.mark.slow
 def test_resume_is_exact_after_a_kill_during_a_save_and_after_a_signal(setup, reference, tmp_path):
     # 1. Killed while writing the checkpoint of iteration 4: iteration 2 stays the latest complete one.
     crashed = _train(setup, tmp_path, fault=("crash_in_save", 4))
@@ -168,6 +169,7 @@ def test_resume_is_exact_after_a_kill_during_a_save_and_after_a_signal(setup, re
     assert [r["iteration"] for r in records] == list(range(1, ITERS + 1))  # the crashed attempt's lines are gone
 
 
+@pytest.mark.slow
 def test_a_non_finite_step_is_skipped_and_too_many_abort(setup, tmp_path):
     run = _train(setup, tmp_path / "once", 1, "schedule.train_iters=3", fault=("nan_loss", 2))
     assert math.isnan(run["losses"][2]) and run["skipped"] == 1
@@ -178,8 +180,8 @@ def test_a_non_finite_step_is_skipped_and_too_many_abort(setup, tmp_path):
 
 
 def test_run_checks_name_the_problem_before_training(setup, tmp_path):
-    from sft.config import ConfigError, load_config
-    from sft.synthetic import random_packs, write_packed_dataset
+    from common.errors import ConfigError, DataError
+    from sft.config import load_config
     from sft.trainer import check_run
 
     config = load_config(None, _overrides(setup, tmp_path) + ["data.seq_length=128"])
@@ -187,7 +189,7 @@ def test_run_checks_name_the_problem_before_training(setup, tmp_path):
         check_run(config, world_size=1, device="cpu")
     wide = write_packed_dataset(tmp_path / "wide", random_packs(4, SEQ, 10, seed=0), SEQ, vocab_size=200_000)
     config = load_config(None, _overrides(setup, tmp_path) + [f"data.prefixes=[{wide}]"])
-    with pytest.raises(ValueError, match="200000 tokens, the model's vocabulary only 151936"):
+    with pytest.raises(DataError, match="200000 tokens, the model's vocabulary only 151936"):
         check_run(config, world_size=1, device="cpu")
     config = load_config(None, _overrides(setup, tmp_path) + ["parallel.tensor=3"])
     with pytest.raises(ConfigError, match="parallel.tensor=3 must divide the attention heads"):

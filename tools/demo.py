@@ -30,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from preprocess.sample_data import write_sample_snapshot  # noqa: E402
-from preprocess.tokenizer import build_qwen25_tokenizer  # noqa: E402
+from testing.sample_data import write_sample_snapshot  # noqa: E402
+from testing.tokenizer import build_qwen25_tokenizer  # noqa: E402
 
 
 def run(*args: object) -> None:
@@ -87,7 +87,7 @@ def main() -> int:
 
     print("[5/9] a tiny Qwen2.5-architecture model (random weights) as an HF snapshot")
     tiny_hf = out / "tiny-qwen2.5-hf"
-    run("-m", "convert.tiny_models", tiny_hf, "--layers", 2)
+    run("-m", "testing.tiny_models", tiny_hf, "--layers", 2)
     for name in ("tokenizer.json", "tokenizer_config.json"):  # a real snapshot ships its tokenizer
         shutil.copy(tokenizer / name, tiny_hf / name)
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from common.cli import exit_status  # noqa: E402
+from common.errors import InputError  # noqa: E402
 from common.logging_utils import setup_logging  # noqa: E402
 from preprocess.align import AM_THINKING_REPO, AM_THINKING_REVISION, align_snapshot, download_snapshot  # noqa: E402
 
@@ -36,24 +38,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
-
-
 def main(argv=None) -> int:
     setup_logging()
-    args = parse_args(argv)
-    if args.output.exists() and not args.force:
-        raise SystemExit(f"{args.output} exists; pass --force to overwrite it")
-    if args.source is not None:
-        source, revision = args.source, None
-    else:
-        logging.info("downloading %s at revision %s", args.repo, args.revision)
-        source, revision = download_snapshot(args.revision, args.cache_dir, args.repo), args.revision
-    summary = align_snapshot(source, args.output, revision=revision)
-    print(summary.report())
-    print(f"wrote {args.output}")
-    return 0
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        if args.output.exists() and not args.force:
+            raise InputError(f"{args.output} exists; pass --force to overwrite it")
+        if args.source is not None:
+            source, revision = args.source, None
+        else:
+            logging.info("downloading %s at revision %s", args.repo, args.revision)
+            source, revision = download_snapshot(args.revision, args.cache_dir, args.repo), args.revision
+        summary = align_snapshot(source, args.output, revision=revision)
+        print(summary.report())
+        print(f"wrote {args.output}")
+        return 0
+
+    return exit_status(body)
 
 
 if __name__ == "__main__":

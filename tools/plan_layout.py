@@ -2,7 +2,7 @@
 """Prints the feasible parallel layouts of a Qwen2 model for a sequence length, global batch and GPU
 count, with memory per GPU (weights, gradients, optimizer shards, activations, logits, buffers) and an
 estimated step time and MFU, fastest first; recommends the first. The model behind the figures is
-documented in sft/planner.py.
+documented in sft/planner.py; layouts are checked by the trainer's own rules (models/parallel_layout.py).
 
     python tools/plan_layout.py --model /models/Qwen2.5-32B/config.json --seq-length 32768 \\
         --global-batch 512 --gpus 256 --gpu-memory-gb 80
@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from common.cli import exit_status  # noqa: E402
+from common.errors import InputError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from convert.qwen2.model import Qwen2Arch
+        from models.qwen2.arch import Qwen2Arch, find_hf_config
         from sft.planner import Hardware, format_table, plan
 
         seq_length, global_batch = args.seq_length or 32768, args.global_batch or 512
@@ -57,31 +58,27 @@ def main(argv: list[str] | None = None) -> int:
 
             config = load_config(args.config)
             if config.model.init_checkpoint is None:
-                raise ValueError(f"{args.config}: model.init_checkpoint is not set; pass --model instead")
+                raise InputError(f"{args.config}: model.init_checkpoint is not set; pass --model instead")
             path = Path(config.model.init_checkpoint)
             seq_length = args.seq_length or config.data.seq_length
             global_batch = args.global_batch or config.schedule.global_batch_size
-        if path.is_dir():
-            path = path / "config.json" if (path / "config.json").is_file() else path / "hf_config.json"
-        arch = Qwen2Arch.from_hf_config(json.loads(path.read_text()), str(path))
+        arch = Qwen2Arch.from_path(path)
         hw = Hardware(gpus=args.gpus, gpu_memory_gb=args.gpu_memory_gb, peak_tflops=args.peak_tflops,
                       efficiency=args.efficiency, buffer_gb=args.buffer_gb)
-        estimates = plan(arch, hw, seq_length, global_batch, args.mean_conversation,
-                         sequence_parallel_available=not args.no_te)
-        if args.no_te:
-            estimates = [e for e in estimates if e.layout.context == 1]
-        print(f"{path}: {arch.num_layers} layers, hidden {arch.hidden_size}; seq {seq_length}, global batch "
-              f"{global_batch}, {args.gpus} GPUs x {args.gpu_memory_gb:g} GB\n")
+        estimates = plan(arch, hw, seq_length, global_batch, args.mean_conversation, te_available=not args.no_te)
+        print(f"{find_hf_config(path)}: {arch.num_layers} layers, hidden {arch.hidden_size}; seq {seq_length}, "
+              f"global batch {global_batch}, {args.gpus} GPUs x {args.gpu_memory_gb:g} GB\n")
         print(format_table(estimates, args.top))
         feasible = [e for e in estimates if e.fits]
         if not feasible:
             print("\nno layout fits: add GPUs, lower the sequence length, or raise --gpu-memory-gb")
             return 1
-        best = feasible[0].layout
-        print(f"\nrecommended: parallel.tensor={best.tensor} parallel.pipeline={best.pipeline} "
-              f"parallel.virtual_pipeline={best.virtual if best.virtual > 1 else 'null'} parallel.context={best.context} "
-              f"parallel.sequence_parallel={str(best.sequence_parallel).lower()} model.recompute={best.recompute} "
-              f"parallel.micro_batch_size={best.micro_batch}")
+        best = feasible[0]
+        layout = best.layout
+        print(f"\nrecommended: parallel.tensor={layout.tensor} parallel.pipeline={layout.pipeline} "
+              f"parallel.virtual_pipeline={layout.virtual_pipeline or 'null'} parallel.context={layout.context} "
+              f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()} model.recompute={best.recompute} "
+              f"parallel.micro_batch_size={layout.micro_batch_size}")
         if args.json:
             args.json.write_text(json.dumps([e.to_dict() for e in estimates], indent=1))
         return 0

@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from common.cli import exit_status  # noqa: E402
 from common.logging_utils import setup_logging  # noqa: E402
 from preprocess.pipeline import PreprocessConfig, preprocess, report  # noqa: E402
 
@@ -62,13 +63,14 @@ def parse_args(argv=None) -> PreprocessConfig:
 def main(argv=None) -> int:
     setup_logging()
     cfg = parse_args(argv)
-    try:
+
+    def body() -> int:
         meta = preprocess(cfg, command=[Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)])
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from None
-    print(report(meta))
-    print(f"wrote {cfg.output_prefix}_{{input_ids,loss_mask}}.{{bin,idx}}, _lengths.png, _meta.json")
-    return 0
+        print(report(meta))
+        print(f"wrote {cfg.output_prefix}_{{input_ids,loss_mask}}.{{bin,idx}}, _lengths.png, _meta.json")
+        return 0
+
+    return exit_status(body)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ top-level `system`), single- and multi-turn conversations, leading system turns,
 exceed 32K tokens), non-ASCII text, and malformed rows. `write_sample_snapshot()` returns what a correct
 aligner must report: rows kept per subset and rows dropped per reason.
 
-    python -m preprocess.sample_data OUT_DIR
+    python -m testing.sample_data OUT_DIR
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import conversation as C
+from preprocess import conversation as C
 
 WORDS = (
     "the of and to in is that for it as with be on by this are or an at from which we can all one has but "
@@ -194,6 +194,6 @@ def _write_parquet(path: Path, rows: list[dict]) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        raise SystemExit("usage: python -m preprocess.sample_data OUT_DIR")
+        raise SystemExit("usage: python -m testing.sample_data OUT_DIR")
     snapshot = write_sample_snapshot(sys.argv[1])
     print(f"wrote {snapshot.root}: {snapshot.kept} valid rows, {sum(snapshot.dropped_per_reason.values())} malformed")

@@ -1,10 +1,13 @@
-"""Small random Qwen2 models saved as Hugging Face checkpoints, for tests and the demo.
+"""Random Qwen2 models saved as Hugging Face checkpoints, for tests, benchmarks and the demo.
 
-They keep every structural trait of Qwen2.5 that a converter or trainer can get wrong (GQA, qkv bias,
-rope base 1e6, RMSNorm eps, SwiGLU, tied or untied embeddings, the padded vocabulary) at widths that
-run in seconds on a CPU, and are saved as several safetensors shards with an index, like the real ones.
+- `make_tiny_qwen2`: small models that keep every structural trait of Qwen2.5 that a converter or
+  trainer can get wrong (GQA, qkv bias, rope base 1e6, RMSNorm eps, SwiGLU, tied or untied embeddings,
+  the padded vocabulary) at widths that run in seconds on a CPU, saved as several safetensors shards
+  with an index, like the real ones;
+- `write_qwen25_32b_shaped`: Qwen2.5-32B's exact widths with fewer layers, random bf16 weights
+  written piece by piece (for the conversion and GPU benchmarks).
 
-    python -m convert.tiny_models OUT_DIR [--tied] [--layers N]
+    python -m testing.tiny_models OUT_DIR [--tied] [--layers N]
 """
 
 from __future__ import annotations
@@ -66,6 +69,42 @@ def make_tiny_qwen2(out_dir: str | Path, *, seed: int = 0, max_shard_size: str =
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
     return out_dir
+
+
+QWEN25_32B_CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 5120, "intermediate_size": 27648,
+    "num_attention_heads": 40, "num_key_value_heads": 8, "vocab_size": 152064, "rms_norm_eps": 1e-5,
+    "rope_theta": 1000000.0, "tie_word_embeddings": False, "max_position_embeddings": 131072, "hidden_act": "silu",
+    "use_sliding_window": False, "bos_token_id": 151643, "eos_token_id": 151643, "torch_dtype": "bfloat16",
+}
+
+
+def write_qwen25_32b_shaped(out: str | Path, layers: int, std: float = 1.0) -> Path:
+    """Qwen2.5-32B-shaped random bf16 weights (normal, `std`; norm weights 1 when std < 1, so that a model
+    trained from them stays finite) with `layers` layers, in 5 GB shards, written piece by piece."""
+    import json
+
+    import torch
+
+    from formats.hf_safetensors import TensorSpec, write_sharded
+    from models.qwen2.arch import Qwen2Arch
+    from models.qwen2.state_dict_adapter import bound_mappings
+
+    out = Path(out)
+    out.mkdir(parents=True)
+    config = {**QWEN25_32B_CONFIG, "num_hidden_layers": layers}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    arch = Qwen2Arch.from_hf_config(config)
+    specs = [TensorSpec(k, s, torch.bfloat16) for m in bound_mappings(arch) for k, s in zip(m.hf_keys, m.hf_shapes)]
+    generator = torch.Generator().manual_seed(0)
+
+    def random_rows(spec: TensorSpec, start: int, stop: int) -> torch.Tensor:
+        if std < 1 and "norm" in spec.key:
+            return torch.ones((stop - start, *spec.shape[1:]), dtype=torch.bfloat16)
+        return (std * torch.randn((stop - start, *spec.shape[1:]), generator=generator)).to(torch.bfloat16)
+
+    write_sharded(out, specs, random_rows, max_shard_bytes=5 * 10**9, piece_bytes=lambda spec: 256 << 20)
+    return out
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ layout, because DCP reads whichever stored chunks overlap the region each rank n
 * `TorchDistReader.read` reads any rectangular region of a stored tensor, whatever chunks the
   writer (this module, or a trainer at some TP/PP layout) cut it into.
 
-Our checkpoints also carry side files that make them self-describing: `hf_config.json` (the model's
+The project's checkpoints also carry side files that make them self-describing: `hf_config.json` (the model's
 Hugging Face config, which the exporter needs), `tokenizer/` and `provenance.json`. A training run's
 directory holds one checkpoint per saved iteration in `iter_NNNNNNN/`; an iteration is complete once
 its directory exists under that name (the trainer writes under a temporary name and renames).
@@ -31,6 +31,8 @@ from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from common.errors import CheckpointError, InputError
 
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                      "common_backend": "torch", "common_backend_version": 1}
@@ -118,7 +120,7 @@ class TorchDistReader:
     def __init__(self, checkpoint_dir: str | Path):
         self.path = Path(checkpoint_dir)
         if not (self.path / ".metadata").is_file():
-            raise FileNotFoundError(f"{self.path} is not a complete torch_dist checkpoint (no .metadata)")
+            raise CheckpointError(f"{self.path} is not a complete torch_dist checkpoint (no .metadata)")
         self._reader = dcp.FileSystemReader(str(self.path))
         metadata = self._reader.read_metadata()
         self._reader.set_up_storage_reader(metadata, is_coordinator=True)
@@ -142,7 +144,7 @@ class TorchDistReader:
         items = create_read_items_for_chunk_list(
             key, metadata, [ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))])
         if sum(math.prod(item.lengths) for item in items) != out.numel():
-            raise ValueError(f"{self.path}: the stored chunks of {key} do not cover {sizes} at {offsets}")
+            raise CheckpointError(f"{self.path}: the stored chunks of {key} do not cover {sizes} at {offsets}")
         self._reader.read_data(LoadPlan(items), _IntoTensor(out)).wait()
         return out
 
@@ -177,18 +179,29 @@ def resolve_checkpoint(path: str | Path, iteration: int | None = None) -> Path:
     or `iteration`)."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise InputError(f"{path} does not exist")
     if is_checkpoint(path):
         if iteration is not None:
-            raise ValueError(f"{path} is a single checkpoint; --iteration applies to a training run directory")
+            raise InputError(f"{path} is a single checkpoint; --iteration applies to a training run directory")
         return path
     iterations = complete_iterations(path)
     if not iterations:
-        raise FileNotFoundError(f"{path} is neither a torch_dist checkpoint (metadata.json + .metadata) nor a run "
+        raise CheckpointError(f"{path} is neither a torch_dist checkpoint (metadata.json + .metadata) nor a run "
                                 f"directory with complete iter_NNNNNNN/ checkpoints")
     if iteration is None:
         return iterations[max(iterations)]
     if iteration not in iterations:
-        raise FileNotFoundError(f"{path}: no complete checkpoint for iteration {iteration}; "
+        raise CheckpointError(f"{path}: no complete checkpoint for iteration {iteration}; "
                                 f"available: {sorted(iterations)}")
     return iterations[iteration]
+
+
+def read_hf_config(checkpoint_dir: str | Path) -> dict:
+    """The Hugging Face config.json a checkpoint carries as hf_config.json (which model it holds)."""
+    path = Path(checkpoint_dir) / HF_CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} not found: this checkpoint does not say which model it holds "
+            "(checkpoints written by convert_hf_to_mcore.py and pretrain_sft.py carry it)"
+        )
+    return json.loads(path.read_text())

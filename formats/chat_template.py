@@ -1,7 +1,8 @@
 """The AM-thinking chat template and LLaMA-Factory's SFT encoding of it (the recipe's, exactly).
 
-This module is the single definition of the template used by the preprocessor, the tests, and the HF
-release (as a Jinja `chat_template`). The encoding reproduces LLaMA-Factory 0.9.3's supervised
+This module is the single definition of the template: the preprocessor encodes with it
+(`pieces` + `assemble`), and the exporter installs it in the HF release as a Jinja `chat_template`
+(`jinja`). The encoding reproduces LLaMA-Factory 0.9.3's supervised
 preprocessing for the K2-Think template:
 
 * each slot string is tokenised on its own (no special tokens added) and the ids are concatenated;
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 AM_THINKING_DEFAULT_SYSTEM = (
     "You are a helpful assistant. To answer the user's question, you first think about the reasoning "
@@ -26,10 +27,6 @@ AM_THINKING_DEFAULT_SYSTEM = (
     "within <think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process "
     "here </think> <answer> answer here </answer>."
 )
-
-Encoder = Callable[[list[str]], list[list[int]]]
-"""Tokenises a batch of strings without adding special tokens (added tokens in the text are matched)."""
-
 
 @dataclass(frozen=True)
 class ChatTemplate:
@@ -64,12 +61,6 @@ class ChatTemplate:
     def render(self, system: Optional[str], turns: Sequence[str]) -> str:
         """The whole conversation as text (what the encoder tokenises, piece by piece)."""
         return "".join(self.pieces(system, turns))
-
-    def encode(
-        self, encoder: Encoder, system: Optional[str], turns: Sequence[str], cutoff_len: int
-    ) -> tuple[list[int], list[int], int]:
-        """Token ids, loss mask (1 = trained) and the untruncated length of one conversation."""
-        return assemble(encoder(self.pieces(system, turns)), cutoff_len)
 
     def jinja(self) -> str:
         """The template as a transformers `chat_template` (roles system/user/assistant).
@@ -118,7 +109,6 @@ AM_THINKING = ChatTemplate(
     default_system=AM_THINKING_DEFAULT_SYSTEM,
     stop_token="<|im_end|>",
 )
-TEMPLATES = {AM_THINKING.name: AM_THINKING}
 
 
 def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:

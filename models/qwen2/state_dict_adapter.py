@@ -24,7 +24,9 @@ from typing import Callable, Iterator, Literal
 
 import torch
 
-from .model import Qwen2Arch
+from common.errors import CheckpointError
+
+from .arch import Qwen2Arch
 
 LayerNames = Literal["local", "te"]
 Shape = Callable[[Qwen2Arch], tuple[int, ...]]
@@ -132,15 +134,23 @@ class BoundMapping:
             assert sum(r.count for r in self.rows if r.hf == i) == shape[0], (self.key, i)
 
     def to_mcore(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The whole megatron-core tensor from the whole HF tensors (through the streaming blocks)."""
+        for key, tensor, shape in zip(self.hf_keys, tensors, self.hf_shapes):
+            if tuple(tensor.shape) != shape:
+                raise CheckpointError(f"{key}: shape {tuple(tensor.shape)}, expected {shape} from config.json")
         out = torch.empty(self.mcore_shape, dtype=tensors[0].dtype)
-        for r in self.rows:
-            out[r.mcore_start:r.mcore_start + r.count] = tensors[r.hf][r.hf_start:r.hf_start + r.count]
+        for hf, row, dest, count in self.blocks_for_mcore_rows(0, self.mcore_shape[0]):
+            out[dest : dest + count] = tensors[hf][row : row + count]
         return out
 
     def to_hf(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """The whole HF tensors from the whole megatron-core tensor (through the streaming blocks)."""
+        if tuple(tensor.shape) != self.mcore_shape:
+            raise CheckpointError(f"{self.key}: shape {tuple(tensor.shape)}, expected {self.mcore_shape}")
         out = [torch.empty(shape, dtype=tensor.dtype) for shape in self.hf_shapes]
-        for r in self.rows:
-            out[r.hf][r.hf_start:r.hf_start + r.count] = tensor[r.mcore_start:r.mcore_start + r.count]
+        for hf, shape in enumerate(self.hf_shapes):
+            for row, dest, count in self.blocks_for_hf_rows(hf, 0, shape[0]):
+                out[hf][dest : dest + count] = tensor[row : row + count]
         return out
 
     def blocks_for_mcore_rows(self, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
@@ -182,24 +192,3 @@ def bound_mappings(arch: Qwen2Arch, layer_names: LayerNames = "local") -> list[B
     if not arch.tie_word_embeddings:
         out.append(_bind(OUTPUT_LAYER, arch, None, layer_names))
     return out
-
-
-def hf_to_mcore(arch: Qwen2Arch, read_hf: Callable[[str], torch.Tensor],
-                layer_names: LayerNames = "local") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (megatron-core key, whole tensor), reading each HF tensor once through `read_hf(key)`."""
-    for m in bound_mappings(arch, layer_names):
-        tensors = [read_hf(key) for key in m.hf_keys]
-        for key, tensor, shape in zip(m.hf_keys, tensors, m.hf_shapes):
-            if tuple(tensor.shape) != shape:
-                raise ValueError(f"{key}: shape {tuple(tensor.shape)}, expected {shape} from config.json")
-        yield m.key, m.to_mcore(tensors)
-
-
-def mcore_to_hf(arch: Qwen2Arch, read_mcore: Callable[[str], torch.Tensor],
-                layer_names: LayerNames = "local") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (HF key, whole tensor), the exact inverse of `hf_to_mcore`."""
-    for m in bound_mappings(arch, layer_names):
-        tensor = read_mcore(m.key)
-        if tuple(tensor.shape) != m.mcore_shape:
-            raise ValueError(f"{m.key}: shape {tuple(tensor.shape)}, expected {m.mcore_shape} from config.json")
-        yield from zip(m.hf_keys, m.to_hf(tensor))

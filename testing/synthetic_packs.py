@@ -1,4 +1,5 @@
-"""Random packed datasets in the exact on-disk format of tools/preprocess_sft.py, for tests and benchmarks.
+"""Random packed datasets in the on-disk format of tools/preprocess_sft.py (formats/packed.py), for
+tests and benchmarks.
 
     packs = random_packs(num_packs=16, seq_length=128, vocab_size=1000, seed=0)
     write_packed_dataset("/tmp/syn", packs, seq_length=128, vocab_size=1000)
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.files import write_json_atomic
+from formats.packed import PackedWriter
 
 
 def random_packs(num_packs: int, seq_length: int, vocab_size: int, seed: int = 0,
@@ -39,28 +40,17 @@ def random_packs(num_packs: int, seq_length: int, vocab_size: int, seed: int = 0
 
 def write_packed_dataset(prefix: str | Path, packs, seq_length: int, vocab_size: int) -> Path:
     """Writes PREFIX_input_ids/_loss_mask (.bin/.idx) and PREFIX_meta.json; returns the prefix."""
-    from preprocess.pipeline import FORMAT_VERSION, indexed_dataset_module, output_paths
-
-    builder = indexed_dataset_module().IndexedDatasetBuilder
-    paths = output_paths(prefix)
-    paths["meta"].parent.mkdir(parents=True, exist_ok=True)
-    ids_builder = builder(str(paths["input_ids_bin"]), dtype=np.int32)
-    mask_builder = builder(str(paths["loss_mask_bin"]), dtype=np.uint8)
-    for pack in packs:
-        lengths = [len(ids) for ids, _ in pack]
-        ids_builder.add_document(np.concatenate([ids for ids, _ in pack]), lengths)
-        mask_builder.add_document(np.concatenate([mask for _, mask in pack]), lengths)
-    ids_builder.finalize(str(paths["input_ids_idx"]))
-    mask_builder.finalize(str(paths["loss_mask_idx"]))
-    tokens = sum(len(ids) for pack in packs for ids, _ in pack)
-    write_json_atomic(paths["meta"], {
-        "format": FORMAT_VERSION,
-        "template": "synthetic",
-        "seq_length": seq_length,
-        "tokenizer": {"vocab_size": vocab_size, "path": None},
-        "stats": {"packs": len(packs), "conversations": sum(len(p) for p in packs), "tokens": tokens,
-                  "loss_tokens": int(sum(int(m.sum()) for pack in packs for _, m in pack))},
-    })
+    with PackedWriter(prefix, seq_length) as writer:
+        for pack in packs:
+            writer.add(np.concatenate([ids for ids, _ in pack]), np.concatenate([mask for _, mask in pack]),
+                       [len(ids) for ids, _ in pack])
+        writer.commit({
+            "template": "synthetic",
+            "tokenizer": {"vocab_size": vocab_size, "path": None},
+            "stats": {"conversations": sum(len(p) for p in packs),
+                      "tokens": sum(len(ids) for pack in packs for ids, _ in pack),
+                      "loss_tokens": int(sum(int(m.sum()) for pack in packs for _, m in pack))},
+        })
     return Path(prefix)
 
 

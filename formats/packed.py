@@ -1,0 +1,222 @@
+"""The packed SFT dataset on disk: what tools/preprocess_sft.py writes and the trainer reads.
+
+A dataset is a path prefix P with five files:
+
+    P_input_ids.{bin,idx}   int32 token ids      megatron-core indexed dataset
+    P_loss_mask.{bin,idx}   uint8, 1 = trained   the same structure, one byte per token
+    P_meta.json             format version, seq_length, tokenizer, statistics; written last
+
+One Megatron *document* is one pack (at most seq_length tokens) and each *sequence* in it one
+conversation, so the two indexed datasets share their document and sequence structure. The meta
+file's presence marks a complete output: everything else is written under temporary names and
+renamed first (`PackedWriter`). `PackedDataset` reads packs back (memory-mapped) and refuses files
+that disagree with each other or with the meta.
+
+    with PackedWriter(prefix, seq_length=32768) as writer:
+        writer.add(ids, mask, lengths)                  # one pack
+        writer.commit({"tokenizer": {...}, "stats": {...}})
+    pack = PackedDataset(prefix)[0]                     # Pack(input_ids, loss_mask, lengths)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import DataError
+from common.files import commit, partial_path, write_json_atomic
+
+FORMAT_VERSION = "k2think-packed-sft/1"
+TOKEN_DTYPE, MASK_DTYPE = np.int32, np.uint8  # int32: Qwen's 152K vocabulary exceeds uint16
+
+
+@dataclass(frozen=True)
+class PackedPaths:
+    """The files of the dataset at `prefix`."""
+
+    prefix: str
+
+    @property
+    def input_ids(self) -> str:
+        """The indexed-dataset path prefix of the token ids (megatron-core adds .bin/.idx)."""
+        return f"{self.prefix}_input_ids"
+
+    @property
+    def loss_mask(self) -> str:
+        return f"{self.prefix}_loss_mask"
+
+    @property
+    def meta(self) -> Path:
+        return Path(f"{self.prefix}_meta.json")
+
+    def data_files(self) -> list[Path]:
+        return [Path(f"{stem}{suffix}") for stem in (self.input_ids, self.loss_mask) for suffix in (".bin", ".idx")]
+
+    def all_files(self) -> list[Path]:
+        return [*self.data_files(), self.meta]
+
+
+def indexed_dataset_module():
+    """megatron.core.datasets.indexed_dataset, imported without the TE/apex fallback warnings.
+
+    Importing it loads all of megatron.core, which warns that Transformer Engine and apex are missing;
+    that matters to the trainer (which reports it), not to reading or writing indexed files.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+        previous = logging.getLogger("megatron").level
+        logging.getLogger("megatron").setLevel(logging.WARNING)
+        try:
+            from megatron.core.datasets import indexed_dataset
+        finally:
+            logging.getLogger("megatron").setLevel(previous)
+    return indexed_dataset
+
+
+# Writing ---------------------------------------------------------------------------------------------
+
+
+class PackedWriter:
+    """Writes packs under temporary names; `commit(meta)` renames the data files into place and writes
+    the meta file last. Leaving the `with` block without a commit removes the temporary files."""
+
+    def __init__(self, prefix: str | Path, seq_length: int):
+        self.paths = PackedPaths(str(prefix))
+        self.seq_length = seq_length
+        self.packs = 0
+        self.paths.meta.parent.mkdir(parents=True, exist_ok=True)
+        builder = indexed_dataset_module().IndexedDatasetBuilder
+        self._ids = builder(str(partial_path(f"{self.paths.input_ids}.bin")), dtype=TOKEN_DTYPE)
+        self._mask = builder(str(partial_path(f"{self.paths.loss_mask}.bin")), dtype=MASK_DTYPE)
+
+    def add(self, input_ids: np.ndarray, loss_mask: np.ndarray, lengths: list[int]) -> None:
+        """One pack: the concatenated conversations' ids and mask, and each conversation's length."""
+        if len(input_ids) != len(loss_mask) or sum(lengths) != len(input_ids) or sum(lengths) > self.seq_length:
+            raise ValueError(
+                f"pack {self.packs}: {len(input_ids)} ids, {len(loss_mask)} mask values, lengths sum to "
+                f"{sum(lengths)}, seq_length {self.seq_length}"
+            )
+        self._ids.add_document(np.asarray(input_ids, dtype=TOKEN_DTYPE), lengths)
+        self._mask.add_document(np.asarray(loss_mask, dtype=MASK_DTYPE), lengths)
+        self.packs += 1
+
+    def commit(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """Finishes the files and publishes them; returns the meta written (with the format's own keys)."""
+        self._ids.finalize(str(partial_path(f"{self.paths.input_ids}.idx")))
+        self._mask.finalize(str(partial_path(f"{self.paths.loss_mask}.idx")))
+        name = Path(self.paths.prefix).name
+        meta = {
+            "format": FORMAT_VERSION,
+            "seq_length": self.seq_length,
+            "files": {"input_ids": f"{name}_input_ids", "loss_mask": f"{name}_loss_mask"},
+            "dtypes": {"input_ids": "int32", "loss_mask": "uint8"},
+            "layout": "one Megatron document = one pack; one sequence = one conversation",
+            **meta,
+        }
+        meta["stats"] = {**meta.get("stats", {}), "packs": self.packs}
+        self.paths.meta.unlink(missing_ok=True)  # an old meta must never describe new, half-renamed files
+        for path in self.paths.data_files():
+            commit(partial_path(path), path)
+        write_json_atomic(self.paths.meta, meta)
+        return meta
+
+    def discard(self) -> None:
+        for path in self.paths.data_files():
+            partial_path(path).unlink(missing_ok=True)
+
+    def __enter__(self) -> PackedWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()  # after a commit there is nothing left to remove
+
+
+# Reading ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pack:
+    input_ids: np.ndarray  # int32 [n]
+    loss_mask: np.ndarray  # uint8 [n]: 1 where the token is a training target
+    lengths: np.ndarray  # int32 [conversations], summing to n
+
+
+class PackedDataset:
+    """Random access to the packs of one prefix (memory-mapped, nothing loaded eagerly)."""
+
+    def __init__(self, prefix: str | Path):
+        self.prefix = str(prefix)
+        self.paths = PackedPaths(self.prefix)
+        if not self.paths.meta.is_file():
+            raise DataError(
+                f"{self.paths.meta} not found: run tools/preprocess_sft.py --output-prefix {prefix} "
+                "(the meta file is written last, so a missing one means an incomplete output)"
+            )
+        self.meta = json.loads(self.paths.meta.read_text())
+        if self.meta.get("format") != FORMAT_VERSION:
+            raise DataError(
+                f"{self.paths.meta}: format {self.meta.get('format')!r}, this trainer reads "
+                f"{FORMAT_VERSION!r}; re-run tools/preprocess_sft.py"
+            )
+        self.seq_length = int(self.meta["seq_length"])
+        indexed = indexed_dataset_module().IndexedDataset
+        self._ids = indexed(self.paths.input_ids)
+        self._mask = indexed(self.paths.loss_mask)
+        self._documents = self._ids.document_indices
+        self._lengths = self._ids.sequence_lengths
+        self._longest_padded: dict[int, int] = {}
+        self._check()
+
+    @property
+    def vocab_size(self) -> int:
+        """The size of the tokenizer's vocabulary the data was made with."""
+        return int(self.meta["tokenizer"]["vocab_size"])
+
+    def _check(self) -> None:
+        if self._ids.index.dtype != TOKEN_DTYPE or self._mask.index.dtype != MASK_DTYPE:
+            raise DataError(
+                f"{self.prefix}: expected int32 token ids and uint8 loss masks, found "
+                f"{self._ids.index.dtype} and {self._mask.index.dtype}"
+            )
+        if not np.array_equal(self._documents, self._mask.document_indices) or not np.array_equal(
+            self._lengths, self._mask.sequence_lengths
+        ):
+            raise DataError(
+                f"{self.paths.input_ids}.idx and {self.paths.loss_mask}.idx describe different packs: the two "
+                "files come from different preprocessing runs; re-run tools/preprocess_sft.py"
+            )
+        if len(self) != self.meta["stats"]["packs"]:
+            raise DataError(f"{self.prefix}: {len(self)} packs on disk, {self.paths.meta} says {self.meta['stats']['packs']}")
+        longest = int(np.add.reduceat(self._lengths, self._documents[:-1]).max(initial=0)) if len(self) else 0
+        if longest > self.seq_length:
+            raise DataError(f"{self.prefix}: a pack holds {longest} tokens, more than seq_length {self.seq_length}")
+
+    def __len__(self) -> int:
+        return len(self._documents) - 1
+
+    def conversation_lengths(self, pack: int) -> np.ndarray:
+        return self._lengths[self._documents[pack] : self._documents[pack + 1]]
+
+    def longest_padded_pack(self, pad_multiple: int) -> int:
+        """Tokens of the longest pack once each conversation is padded to a multiple of `pad_multiple`."""
+        if pad_multiple not in self._longest_padded:
+            padded = -(-self._lengths.astype(np.int64) // pad_multiple) * pad_multiple
+            longest = int(np.add.reduceat(padded, self._documents[:-1]).max()) if len(self) else 0
+            self._longest_padded[pad_multiple] = longest
+        return self._longest_padded[pad_multiple]
+
+    def __getitem__(self, pack: int) -> Pack:
+        if not 0 <= pack < len(self):
+            raise IndexError(f"pack {pack} out of range for {self.prefix} ({len(self)} packs)")
+        first = int(self._documents[pack])
+        lengths = self.conversation_lengths(pack)
+        total = int(lengths.sum())
+        # A pack's conversations are contiguous on disk: one read spanning them all.
+        return Pack(self._ids.get(first, 0, total), self._mask.get(first, 0, total), lengths)

@@ -1,0 +1,157 @@
+"""The parallel layout of a run: tensor x pipeline (x virtual stages) x context x data parallelism.
+
+One type, used by the trainer's configuration (its `parallel:` section), the trainer, checkpointing
+and the layout planner, so the rules that make a layout valid are written once (`problems`):
+
+    layout = ParallelLayout(tensor=8, pipeline=2, virtual_pipeline=4, context=2, sequence_parallel=True)
+    layout.data_parallel(world_size=256)        # 8
+    layout.problems(world_size=256, arch=arch, global_batch=512, seq_length=32768, te_available=True)
+
+Data parallelism is what the world size leaves: world = tensor x pipeline x context x data. Messages
+name the configuration keys (`parallel.*`), since that is where a user changes a layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from common.errors import ConfigError
+
+MODEL_PARALLEL_KEYS = ("tensor", "pipeline", "virtual_pipeline", "context")
+
+
+@dataclass
+class ParallelLayout:
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: int | None = None  # interleaved 1F1B: model chunks per pipeline rank
+    context: int = 1
+    sequence_parallel: bool = False
+    micro_batch_size: int = 1  # packs per micro-batch
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor * self.pipeline * self.context
+
+    @property
+    def virtual_stages(self) -> int:
+        """Model chunks per pipeline rank (1 without interleaving)."""
+        return self.virtual_pipeline or 1
+
+    @property
+    def pad_multiple(self) -> int:
+        """Context parallelism pads each conversation to a multiple of 2 x CP (x TP with sequence
+        parallelism), so that every rank gets equal, causally balanced chunks (sft/data.py)."""
+        if self.context == 1:
+            return 1
+        return 2 * self.context * (self.tensor if self.sequence_parallel else 1)
+
+    def data_parallel(self, world_size: int) -> int:
+        return world_size // self.model_parallel_size
+
+    def micro_batches_per_step(self, global_batch: int, world_size: int) -> int:
+        return global_batch // (self.micro_batch_size * self.data_parallel(world_size))
+
+    def to_dict(self, world_size: int) -> dict[str, Any]:
+        """The layout as stored with a checkpoint, including the data-parallel size."""
+        return {**{k: getattr(self, k) for k in MODEL_PARALLEL_KEYS}, "data": self.data_parallel(world_size)}
+
+    def model_parallel_changes(self, saved: dict[str, Any]) -> dict[str, tuple]:
+        """{key: (saved, now)} for every model-parallel size that differs from a checkpoint's layout."""
+        return {k: (saved.get(k), getattr(self, k)) for k in MODEL_PARALLEL_KEYS if saved.get(k) != getattr(self, k)}
+
+    def problems(
+        self,
+        *,
+        world_size: int,
+        arch=None,
+        global_batch: int | None = None,
+        seq_length: int | None = None,
+        te_available: bool = True,
+    ) -> list[str]:
+        """Every reason this layout cannot run, for the given world size and, when given, the model
+        (a Qwen2Arch), the global batch (packs per step) and the row length."""
+        if min(self.tensor, self.pipeline, self.context, self.micro_batch_size) < 1:
+            return ["parallel.tensor, pipeline, context and micro_batch_size must be >= 1"]
+        problems = []
+        if world_size % self.model_parallel_size:
+            problems.append(
+                f"{world_size} processes are not divisible by tensor x pipeline x context = "
+                f"{self.model_parallel_size}: change the layout or the number of processes"
+            )
+        elif global_batch is not None:
+            problems += self._batch_problems(world_size, global_batch)
+        if self.virtual_pipeline is not None and (self.pipeline < 2 or self.virtual_pipeline < 2):
+            problems.append("parallel.virtual_pipeline needs parallel.pipeline >= 2 and a value >= 2 (or null)")
+        if seq_length is not None and self.sequence_parallel and self.context == 1:
+            if (self.micro_batch_size * seq_length) % self.tensor:
+                problems.append(
+                    f"parallel.sequence_parallel splits the {self.micro_batch_size} x {seq_length}-token row "
+                    f"across parallel.tensor={self.tensor} ranks: make it divisible"
+                )
+        if arch is not None:
+            problems += self._model_problems(arch)
+        if not te_available:
+            problems += self._te_problems()
+        return problems
+
+    def check(self, **kwargs) -> None:
+        """Raises ConfigError listing `problems(**kwargs)`, if any."""
+        problems = self.problems(**kwargs)
+        if problems:
+            raise ConfigError("invalid parallel layout:\n  - " + "\n  - ".join(problems))
+
+    def _batch_problems(self, world_size: int, global_batch: int) -> list[str]:
+        dp = self.data_parallel(world_size)
+        if global_batch % (self.micro_batch_size * dp):
+            return [
+                f"schedule.global_batch_size={global_batch} is not divisible by parallel.micro_batch_size x "
+                f"data-parallel size = {self.micro_batch_size} x {dp}"
+            ]
+        micro_batches = global_batch // (self.micro_batch_size * dp)
+        if self.virtual_pipeline is not None and micro_batches % self.pipeline:
+            # megatron-core's interleaved schedule runs micro-batches in groups of PP per virtual stage
+            return [
+                f"parallel.virtual_pipeline needs the {micro_batches} micro-batches per step (global batch / "
+                f"(micro_batch_size x data-parallel size)) to be a multiple of parallel.pipeline={self.pipeline}"
+            ]
+        return []
+
+    def _model_problems(self, arch) -> list[str]:
+        problems = []
+        if arch.num_attention_heads % self.tensor or arch.num_query_groups % self.tensor:
+            problems.append(
+                f"parallel.tensor={self.tensor} must divide the attention heads ({arch.num_attention_heads}) "
+                f"and query groups ({arch.num_query_groups})"
+            )
+        if arch.vocab_size % self.tensor:
+            problems.append(f"parallel.tensor={self.tensor} must divide the vocabulary size ({arch.vocab_size})")
+        stages = self.pipeline * self.virtual_stages
+        if arch.num_layers % stages:
+            problems.append(
+                f"{arch.num_layers} layers are not divisible by parallel.pipeline x virtual_pipeline = {stages}"
+            )
+        return problems
+
+    def _te_problems(self) -> list[str]:
+        needs = [
+            name
+            for name, wanted in (
+                ("parallel.sequence_parallel=true", self.sequence_parallel),
+                (f"parallel.context={self.context}", self.context > 1),
+            )
+            if wanted
+        ]
+        return [
+            f"{need} needs Transformer Engine, which is not importable here (install it, or turn it off)"
+            for need in needs
+        ]
+
+    def describe(self, world_size: int) -> str:
+        vp = f" (x{self.virtual_pipeline} virtual)" if self.virtual_pipeline else ""
+        sp = " +SP" if self.sequence_parallel else ""
+        return (
+            f"TP{self.tensor}{sp} PP{self.pipeline}{vp} CP{self.context} DP{self.data_parallel(world_size)}, "
+            f"micro-batch {self.micro_batch_size}"
+        )

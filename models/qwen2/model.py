@@ -1,0 +1,100 @@
+"""The Qwen2-family model on megatron-core: TransformerConfig, layer spec and GPTModel from a `Qwen2Arch`.
+
+Used by the converters' verifier, the trainer and the benchmarks, so exactly one place decides how a
+Qwen2.5 checkpoint maps onto megatron-core. The layer spec is Transformer Engine's when the backend is
+TE (models/backends.py), megatron-core's local (pure torch) spec otherwise; for packed (THD) batches
+the local spec's core attention is replaced by the project's packed attention (models/qwen2/attention.py).
+
+    arch = Qwen2Arch.from_path("/models/Qwen2.5-32B")
+    config = transformer_config(arch, tensor_parallel=8, params_dtype=torch.bfloat16)
+    model = build_model(arch, config, layer_spec(choose_backend("cuda"), packed=True))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from models.backends import Backend
+
+from .arch import Qwen2Arch
+
+
+def transformer_config(
+    arch: Qwen2Arch,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    use_cpu_initialization: bool = False,
+    **overrides: Any,
+):
+    """megatron-core's TransformerConfig for `arch`. Fusions that need apex or TE are off by default;
+    the trainer turns on what its environment supports through `overrides`."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    settings: dict[str, Any] = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=use_cpu_initialization,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+    )
+    settings.update(overrides)
+    return TransformerConfig(**settings)
+
+
+def layer_spec(backend: Backend, *, packed: bool):
+    """TE's fused layers, or megatron-core's local (pure torch) ones; with `packed`, the local spec's core
+    attention is the packed (THD) attention, which megatron-core's local spec does not have."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if backend.transformer_engine:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if packed:
+        from .attention import with_packed_attention
+
+        spec = with_packed_attention(spec)
+    return spec
+
+
+def build_model(arch: Qwen2Arch, config, spec, *, pre_process: bool = True, post_process: bool = True, vp_stage=None):
+    """A GPTModel (this rank's pipeline stage) for `arch` with megatron-core's RoPE at the config's base."""
+    from megatron.core.models.gpt import GPTModel
+
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=arch.vocab_size,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=arch.rope_base,  # Megatron-LM's own Qwen2.5 loader forgets this (docs/architecture.md)
+        vp_stage=vp_stage,
+    )

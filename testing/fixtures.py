@@ -1,0 +1,50 @@
+"""The chain every trainer test and benchmark starts from: an HF model -> its torch_dist conversion ->
+a packed dataset, plus the configuration overrides that point a run at them.
+
+    inputs = training_inputs(tmp, random_packs(12, 64, QWEN25_VOCAB_SIZE_SMALL), seq_length=64, layers=4)
+    config = load_config(None, inputs.overrides(tmp / "run", "schedule.global_batch_size=4"))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .synthetic_packs import write_packed_dataset
+from .tiny_models import make_tiny_qwen2
+
+
+@dataclass(frozen=True)
+class TrainingInputs:
+    hf: Path  # the Hugging Face model directory
+    mcore: Path  # its conversion: model.init_checkpoint
+    prefix: Path  # the packed dataset: data.prefixes
+    seq_length: int
+    packs: list  # what the dataset holds: per pack, a list of (token ids, loss mask) conversations
+
+    def overrides(self, save_dir: str | Path, *extra: str) -> list[str]:
+        """Trainer overrides for a run on these inputs, saving to `save_dir`, then `extra`."""
+        return [
+            f"data.prefixes=[{self.prefix}]",
+            f"model.init_checkpoint={self.mcore}",
+            f"checkpoint.save_dir={save_dir}",
+            f"data.seq_length={self.seq_length}",
+            *extra,
+        ]
+
+
+def training_inputs(
+    root: str | Path, packs: list, seq_length: int, *, hf: str | Path | None = None, layers: int = 2,
+    tied: bool = False,
+) -> TrainingInputs:
+    """Converts `hf` (default: a new tiny random Qwen2 with `layers` layers) with the project's converter
+    and writes `packs` as a packed dataset, all under `root`."""
+    from convert.hf_to_mcore import convert_hf_to_mcore
+    from models.qwen2.arch import Qwen2Arch
+
+    root = Path(root)
+    hf = Path(hf) if hf is not None else make_tiny_qwen2(root / "hf", num_layers=layers, tie_word_embeddings=tied)
+    convert_hf_to_mcore(hf, root / "mcore", progress=False)
+    vocab_size = Qwen2Arch.from_path(hf).vocab_size
+    prefix = write_packed_dataset(root / "data" / "packs", packs, seq_length, vocab_size)
+    return TrainingInputs(hf, root / "mcore", prefix, seq_length, packs)

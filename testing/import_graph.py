@@ -1,0 +1,72 @@
+"""The import graph between the project's packages, read from the source (every `import` statement,
+at module level or inside functions), and the one-way rules it must follow.
+
+    python -m testing.import_graph [ROOT]     # prints package -> package edges with import counts
+
+The rules (docs/architecture.md): `common` imports no other package of the project; `formats` only
+`common`; `models` only `formats` and `common`; the stage packages `preprocess`, `convert` and `sft`
+import the shared packages but never each other; nothing in production imports `testing`.
+tests/test_architecture.py asserts them.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from collections import Counter
+from pathlib import Path
+
+PACKAGES = ("common", "formats", "models", "preprocess", "convert", "sft", "testing")
+ALLOWED = {
+    "common": set(),
+    "formats": {"common"},
+    "models": {"formats", "common"},
+    "preprocess": {"formats", "common"},
+    "convert": {"models", "formats", "common"},
+    "sft": {"models", "formats", "common"},
+    "testing": set(PACKAGES) - {"testing"},
+}
+
+
+def _imported_packages(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [alias.name.split(".")[0] for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append(node.module.split(".")[0])
+    return [name for name in found if name in PACKAGES]
+
+
+def package_graph(root: str | Path) -> Counter:
+    """(importing package, imported package) -> number of import statements, for the packages that exist
+    under `root` (relative imports stay inside their package and are not edges)."""
+    root = Path(root)
+    edges: Counter = Counter()
+    for package in PACKAGES:
+        for path in sorted((root / package).rglob("*.py")) if (root / package).is_dir() else []:
+            for imported in _imported_packages(path):
+                if imported != package:
+                    edges[(package, imported)] += 1
+    return edges
+
+
+def violations(edges: Counter) -> list[str]:
+    return [f"{a} imports {b} ({n}x)" for (a, b), n in sorted(edges.items()) if b not in ALLOWED.get(a, set())]
+
+
+def format_graph(edges: Counter) -> str:
+    lines = []
+    for package in PACKAGES:
+        targets = sorted((b, n) for (a, b), n in edges.items() if a == package)
+        if targets or any(a == package for a, _ in edges):
+            lines.append(f"{package:<11} -> " + ", ".join(f"{b} ({n})" for b, n in targets))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    graph = package_graph(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parents[1])
+    print(format_graph(graph))
+    problems = violations(graph)
+    print("\n".join(["", "violations:", *problems]) if problems else "\nno violations")
