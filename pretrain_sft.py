@@ -26,10 +26,18 @@ from sft.config import load_config  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, help="YAML configuration (configs/); defaults to the recipe's values")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="configuration overrides such as parallel.tensor=8 or data.prefixes=[/data/am]")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", type=Path, help="YAML configuration (configs/); defaults to the recipe's values"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="configuration overrides such as parallel.tensor=8 or data.prefixes=[/data/am]",
+    )
     return parser
 
 

@@ -39,7 +39,9 @@ def dump_llamafactory(aligned: str, tokenizer_dir: str, seq_length: int, out: st
 
     register_template(  # the recipe's registration, from its README and template slots
         name="AM-thinking",
-        format_user=StringFormatter(slots=["<|im_start|>user\n{{content}}<|im_end|>\n<|im_start|>assistant\n"]),
+        format_user=StringFormatter(
+            slots=["<|im_start|>user\n{{content}}<|im_end|>\n<|im_start|>assistant\n"]
+        ),
         format_assistant=StringFormatter(slots=["{{content}}<|im_end|>\n"]),
         format_system=StringFormatter(slots=["<|im_start|>system\n{{content}}<|im_end|>\n"]),
         default_system=(
@@ -57,7 +59,9 @@ def dump_llamafactory(aligned: str, tokenizer_dir: str, seq_length: int, out: st
     attr = DatasetAttr("file", dataset_name="AM-Thinking", formatting="sharegpt")
     attr.assistant_tag = "assistant"
     converter = SharegptDatasetConverter(attr, data_args)
-    processor = SupervisedDatasetProcessor(template=template, tokenizer=tokenizer, processor=None, data_args=data_args)
+    processor = SupervisedDatasetProcessor(
+        template=template, tokenizer=tokenizer, processor=None, data_args=data_args
+    )
     with open(out, "w") as f:
         for row in pq.read_table(aligned).to_pylist():
             example = converter({"conversations": row["conversations"]})
@@ -86,28 +90,39 @@ def compare(lf_python: str, seq_lengths: list[int]) -> int:
         align_snapshot(write_sample_snapshot(tmp / "snapshot").root, aligned)
         for seq in seq_lengths:
             lf_out = tmp / f"lf_{seq}.jsonl"
-            subprocess.run([lf_python, __file__, "--dump", str(aligned), str(tokenizer_dir), str(seq), str(lf_out)],
-                           check=True, capture_output=True, text=True)
+            subprocess.run(
+                [lf_python, __file__, "--dump", str(aligned), str(tokenizer_dir), str(seq), str(lf_out)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             lf_rows = [json.loads(line) for line in lf_out.read_text().splitlines()]
             theirs = Counter((tuple(ids), tuple(mask)) for ids, mask, _ in lf_rows)
 
             prefix = tmp / f"ours_{seq}"
-            meta = preprocess(PreprocessConfig(input=aligned, tokenizer=tokenizer_dir, output_prefix=prefix,
-                                               seq_length=seq, workers=2))
+            meta = preprocess(
+                PreprocessConfig(
+                    input=aligned, tokenizer=tokenizer_dir, output_prefix=prefix, seq_length=seq, workers=2
+                )
+            )
             dataset_module = indexed_dataset_module()
             ids_ds = dataset_module.IndexedDataset(f"{prefix}_input_ids")
             mask_ds = dataset_module.IndexedDataset(f"{prefix}_loss_mask")
-            ours = Counter((tuple(ids_ds[i].tolist()), tuple(mask_ds[i].tolist())) for i in range(len(ids_ds)))
+            ours = Counter(
+                (tuple(ids_ds[i].tolist()), tuple(mask_ds[i].tolist())) for i in range(len(ids_ds))
+            )
             del ids_ds, mask_ds
 
             same = sum((ours & theirs).values())
             truncated = sum(1 for ids, _, cutoff in lf_rows if len(ids) == cutoff)
             ok = ours == theirs
             failures += not ok
-            print(f"seq_length {seq} (LLaMA-Factory cutoff {lf_rows[0][2]}, ours {meta['cutoff_len']}): "
-                  f"{same}/{len(lf_rows)} conversations identical in ids and loss mask "
-                  f"({meta['stats']['truncated']} truncated by us, {truncated} at the cutoff in LLaMA-Factory; "
-                  f"{meta['stats']['tokens']:,} tokens) -> {'PASS' if ok else 'FAIL'}")
+            print(
+                f"seq_length {seq} (LLaMA-Factory cutoff {lf_rows[0][2]}, ours {meta['cutoff_len']}): "
+                f"{same}/{len(lf_rows)} conversations identical in ids and loss mask "
+                f"({meta['stats']['truncated']} truncated by us, {truncated} at the cutoff in LLaMA-Factory; "
+                f"{meta['stats']['tokens']:,} tokens) -> {'PASS' if ok else 'FAIL'}"
+            )
     return 1 if failures else 0
 
 
@@ -115,10 +130,19 @@ def main() -> int:
     if len(sys.argv) == 6 and sys.argv[1] == "--dump":
         dump_llamafactory(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
         return 0
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lf-python", required=True, help="python of an environment with llamafactory==0.9.3")
-    parser.add_argument("--seq-length", type=int, nargs="+", default=[32768, 2048],
-                        help="packed lengths to compare at (default 32768, the recipe's, and 2048 for more truncation)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--lf-python", required=True, help="python of an environment with llamafactory==0.9.3"
+    )
+    parser.add_argument(
+        "--seq-length",
+        type=int,
+        nargs="+",
+        default=[32768, 2048],
+        help="packed lengths to compare at (default 32768, the recipe's, and 2048 for more truncation)",
+    )
     args = parser.parse_args()
     return compare(args.lf_python, args.seq_length)
 

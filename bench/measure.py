@@ -52,7 +52,6 @@ def run_with_peak_rss(cmd: list[str]) -> tuple[float, int, int, str]:
     return time.perf_counter() - start, peak, peak_anon, output
 
 
-
 def evict_from_page_cache(paths: list[Path]) -> None:
     """Asks the kernel to drop the files' cached pages (no root needed), so the next read comes from disk."""
     for path in paths:

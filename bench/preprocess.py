@@ -52,7 +52,9 @@ def write_corpus(path: Path, megabytes: int, seed: int = 0) -> list[str]:
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
-    vocab = np.array(WORDS + list(UNICODE_SNIPPETS[:3]) + [".", ",", "\n", "=", "(", ")", "2", "17"], dtype=object)
+    vocab = np.array(
+        WORDS + list(UNICODE_SNIPPETS[:3]) + [".", ",", "\n", "=", "(", ")", "2", "17"], dtype=object
+    )
     rows, texts, size = [], [], 0
     while size < megabytes * 1_000_000:
         words = int(synthetic_lengths(1, rng)[0])
@@ -86,8 +88,13 @@ def raw_tokenizer_throughput(tokenizer_dir: Path, texts: list[str]) -> tuple[int
         text_file = Path(tmp) / "texts.parquet"
         pq.write_table(pa.table({"text": texts}), text_file)
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "true"}
-        out = subprocess.run([sys.executable, "-c", code, str(tokenizer_dir), str(text_file)],
-                             check=True, capture_output=True, text=True, env=env).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(tokenizer_dir), str(text_file)],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+        ).stdout.split()
     return int(out[0]), float(out[1])
 
 
@@ -95,7 +102,10 @@ def stage_seconds(output: str) -> dict[str, float]:
     """The pipeline's own 'stage times: name S s, ...' log line, parsed."""
     line = next(line for line in output.splitlines() if "stage times:" in line)
     stages = line.split("stage times:", 1)[1].split(",")
-    return {re.sub(r" \d+ \w+$", "", part.strip().rsplit(" ", 2)[0]): float(part.strip().rsplit(" ", 2)[1]) for part in stages}
+    return {
+        re.sub(r" \d+ \w+$", "", part.strip().rsplit(" ", 2)[0]): float(part.strip().rsplit(" ", 2)[1])
+        for part in stages
+    }
 
 
 def packing_figures(lengths: np.ndarray) -> dict:
@@ -120,9 +130,13 @@ def packing_figures(lengths: np.ndarray) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--megabytes", type=int, default=100, help="corpus size in MB of text (default 100)")
-    parser.add_argument("--workdir", type=Path, default=None, help="where to put the corpus and outputs (default: a temp dir)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="where to put the corpus and outputs (default: a temp dir)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
@@ -138,13 +152,26 @@ def main() -> int:
         t = time.perf_counter()
         texts = write_corpus(corpus, args.megabytes)
         text_mb = sum(len(x.encode()) for x in texts) / 1e6
-        print(f"corpus: {len(texts):,} conversations, {text_mb:.0f} MB of text ({time.perf_counter() - t:.0f} s to make)")
+        print(
+            f"corpus: {len(texts):,} conversations, {text_mb:.0f} MB of text ({time.perf_counter() - t:.0f} s to make)"
+        )
 
         raw_tokens, raw_s = raw_tokenizer_throughput(tokenizer_dir, texts)
         del texts
         prefix = work / "out" / "bench"
-        cmd = [sys.executable, "tools/preprocess_sft.py", "--input", str(corpus), "--tokenizer", str(tokenizer_dir),
-               "--output-prefix", str(prefix), "--workers", str(cores), "--force"]
+        cmd = [
+            sys.executable,
+            "tools/preprocess_sft.py",
+            "--input",
+            str(corpus),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--output-prefix",
+            str(prefix),
+            "--workers",
+            str(cores),
+            "--force",
+        ]
         wall, peak_rss, peak_anon, output = run_with_peak_rss(cmd)
         stages = stage_seconds(output)
         meta = json.loads(Path(f"{prefix}_meta.json").read_text())
@@ -179,17 +206,24 @@ def main() -> int:
         "packing_2M": synthetic,
     }
     print(f"raw tokenizer (Rust batch encode, {cores} cores): {raw_tps:,.0f} tokens/s")
-    print(f"preprocess_sft.py end to end (--workers {cores}): {pipeline_tps:,.0f} tokens/s "
-          f"= {pipeline_tps / raw_tps:.2f}x raw (goal >= 0.8); {stats['tokens']:,} tokens in {wall:.1f} s; "
-          f"peak RSS {peak_rss / 2**20:,.0f} MiB, of it anonymous {peak_anon / 2**20:,.0f} MiB (process tree)")
-    print(f"  of which the tokenise stage: {stage_tps:,.0f} tokens/s = {stage_tps / raw_tps:.2f}x raw; the rest is "
-          f"start-up and fixed costs ({wall - stages['tokenise']:.1f} s: " + ", ".join(f"{k} {v} s" for k, v in stages.items()
-          if k != "tokenise") + ", process start and imports)")
+    print(
+        f"preprocess_sft.py end to end (--workers {cores}): {pipeline_tps:,.0f} tokens/s "
+        f"= {pipeline_tps / raw_tps:.2f}x raw (goal >= 0.8); {stats['tokens']:,} tokens in {wall:.1f} s; "
+        f"peak RSS {peak_rss / 2**20:,.0f} MiB, of it anonymous {peak_anon / 2**20:,.0f} MiB (process tree)"
+    )
+    print(
+        f"  of which the tokenise stage: {stage_tps:,.0f} tokens/s = {stage_tps / raw_tps:.2f}x raw; the rest is "
+        f"start-up and fixed costs ({wall - stages['tokenise']:.1f} s: "
+        + ", ".join(f"{k} {v} s" for k, v in stages.items() if k != "tokenise")
+        + ", process start and imports)"
+    )
     for name, f in (("corpus lengths", corpus_full), ("2M synthetic lengths", synthetic)):
-        print(f"packing at {SEQ} on {name} ({f['conversations']:,}): best-fit decreasing {f['best_fit_packs']:,} packs, "
-              f"fill {f['best_fit_fill']:.4%} ({f['best_fit_seconds']:.2f} s); LLaMA-Factory greedy "
-              f"{f['llamafactory_packs']:,} packs, fill {f['llamafactory_fill']:.4%} ({f['llamafactory_seconds']:.2f} s); "
-              f"lower bound {f['lower_bound_packs']:,}")
+        print(
+            f"packing at {SEQ} on {name} ({f['conversations']:,}): best-fit decreasing {f['best_fit_packs']:,} packs, "
+            f"fill {f['best_fit_fill']:.4%} ({f['best_fit_seconds']:.2f} s); LLaMA-Factory greedy "
+            f"{f['llamafactory_packs']:,} packs, fill {f['llamafactory_fill']:.4%} ({f['llamafactory_seconds']:.2f} s); "
+            f"lower bound {f['lower_bound_packs']:,}"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

@@ -47,7 +47,9 @@ def _rank_body(rank: int, world_size: int, overrides: list[str]) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seq-length", type=int, default=512, help="packed sequence length (default 512)")
     parser.add_argument("--iters", type=int, default=6, help="training iterations per layout (default 6)")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the tiny model (default 4)")
@@ -69,28 +71,52 @@ def main() -> int:
         inputs = training_inputs(work, packs, args.seq_length, layers=args.layers)
         for name, (processes, extra) in LAYOUTS.items():
             save_dir = work / name.replace(" ", "_")
-            overrides = inputs.overrides(save_dir, f"schedule.global_batch_size={args.global_batch}",
-                                         f"schedule.train_iters={args.iters}", f"checkpoint.save_interval={args.iters}",
-                                         *extra)
+            overrides = inputs.overrides(
+                save_dir,
+                f"schedule.global_batch_size={args.global_batch}",
+                f"schedule.train_iters={args.iters}",
+                f"checkpoint.save_interval={args.iters}",
+                *extra,
+            )
             start = time.perf_counter()
             per_rank = run_distributed(_rank_body, processes, overrides)
             wall = time.perf_counter() - start
             records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()][1:]
             tokens = sum(r["tokens"] for r in records)
             seconds = sum(r["step_time_s"] for r in records)
-            rows.append({"layout": name, "processes": processes, "tokens_per_s": tokens / seconds,
-                         "step_time_s": seconds / len(records),
-                         "peak_rss_gb_max_rank": max(r["peak_rss_gb"] for r in per_rank), "wall_s": wall})
-    print(f"\ntiny Qwen2 ({args.layers} layers, hidden 64, vocab {QWEN25_VOCAB_SIZE_SMALL}), seq {args.seq_length}, "
-          f"global batch {args.global_batch}, {args.iters} iterations, {os.cpu_count()} CPU cores")
+            rows.append(
+                {
+                    "layout": name,
+                    "processes": processes,
+                    "tokens_per_s": tokens / seconds,
+                    "step_time_s": seconds / len(records),
+                    "peak_rss_gb_max_rank": max(r["peak_rss_gb"] for r in per_rank),
+                    "wall_s": wall,
+                }
+            )
+    print(
+        f"\ntiny Qwen2 ({args.layers} layers, hidden 64, vocab {QWEN25_VOCAB_SIZE_SMALL}), seq {args.seq_length}, "
+        f"global batch {args.global_batch}, {args.iters} iterations, {os.cpu_count()} CPU cores"
+    )
     print(f"{'layout':<10} {'procs':>5} {'tokens/s':>10} {'step s':>8} {'peak RSS GB':>12} {'wall s':>8}")
     for r in rows:
-        print(f"{r['layout']:<10} {r['processes']:>5} {r['tokens_per_s']:>10.0f} {r['step_time_s']:>8.2f} "
-              f"{r['peak_rss_gb_max_rank']:>12.2f} {r['wall_s']:>8.1f}")
+        print(
+            f"{r['layout']:<10} {r['processes']:>5} {r['tokens_per_s']:>10.0f} {r['step_time_s']:>8.2f} "
+            f"{r['peak_rss_gb_max_rank']:>12.2f} {r['wall_s']:>8.1f}"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
-                                         "cpu_count": os.cpu_count(), "settings": vars(args) | {"json": str(args.json)},
-                                         "results": rows}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(),
+                    "settings": vars(args) | {"json": str(args.json)},
+                    "results": rows,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

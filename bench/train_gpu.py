@@ -49,8 +49,21 @@ def _classify(name: str) -> str:
     lowered = name.lower()
     if any(k in lowered for k in ("flash", "fmha", "attn", "attention", "sdpa", "varlen")):
         return "attention"
-    if any(k in lowered for k in ("gemm", "matmul", "cutlass", "xmma", "nvjet", "aten::mm", "aten::addmm",
-                                  "aten::bmm", "aten::linear", "cublas")):
+    if any(
+        k in lowered
+        for k in (
+            "gemm",
+            "matmul",
+            "cutlass",
+            "xmma",
+            "nvjet",
+            "aten::mm",
+            "aten::addmm",
+            "aten::bmm",
+            "aten::linear",
+            "cublas",
+        )
+    ):
         return "gemm"
     return "other"
 
@@ -69,7 +82,9 @@ def time_split(profiler, device: str) -> dict[str, float]:
     return split
 
 
-def _megatron_rank(rank: int, world_size: int, overrides: list[str], warmup: int, iters: int, device: str) -> dict:
+def _megatron_rank(
+    rank: int, world_size: int, overrides: list[str], warmup: int, iters: int, device: str
+) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from sft.config import load_config
@@ -85,8 +100,16 @@ def _megatron_rank(rank: int, world_size: int, overrides: list[str], warmup: int
     return {"split_s": time_split(prof, device)}
 
 
-def _transformers_rank(rank: int, world_size: int, hf_dir: str, prefix: str, warmup: int, iters: int,
-                       device: str, checkpointing: bool) -> dict:
+def _transformers_rank(
+    rank: int,
+    world_size: int,
+    hf_dir: str,
+    prefix: str,
+    warmup: int,
+    iters: int,
+    device: str,
+    checkpointing: bool,
+) -> dict:
     from transformers import Qwen2ForCausalLM
 
     from models.parallel_layout import ParallelLayout
@@ -94,15 +117,19 @@ def _transformers_rank(rank: int, world_size: int, hf_dir: str, prefix: str, war
 
     try:
         import flash_attn  # noqa: F401
+
         attention = "flash_attention_2"
     except ImportError:
         attention = "sdpa"
     on_gpu = device == "cuda"
-    model = Qwen2ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation=attention).to(device)
+    model = Qwen2ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation=attention).to(
+        device
+    )
     if checkpointing:
         model.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                                  fused=on_gpu)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=on_gpu
+    )
     data = SFTData([prefix], None, seed=0)
     times, tokens = [], []
     for step in range(warmup + iters):
@@ -138,8 +165,9 @@ def _prepare(work: Path, args):
         hf = write_qwen25_32b_shaped(work / "hf", args.layers, std=0.02)
         vocab_size = Qwen2Arch.from_path(hf).vocab_size
     rng = np.random.default_rng(0)
-    lengths = np.maximum(rng.lognormal(np.log(min(3000, args.seq_length // 4)), 1.0, 40 * (args.warmup + args.iters + 1)),
-                         64).astype(np.int64)
+    lengths = np.maximum(
+        rng.lognormal(np.log(min(3000, args.seq_length // 4)), 1.0, 40 * (args.warmup + args.iters + 1)), 64
+    ).astype(np.int64)
     packs = packs_from_lengths(lengths, args.seq_length, vocab_size, seed=0)
     return training_inputs(work, packs, args.seq_length, hf=hf, layers=args.layers)
 
@@ -163,8 +191,14 @@ def run_checks(device: str, work: Path) -> dict:
     tiny = training_inputs(work / "tiny", random_packs(4, 256, QWEN25_VOCAB_SIZE_SMALL), 256)
     losses = {}
     for where in dict.fromkeys([device, "cpu"]):
-        overrides = tiny.overrides(work / f"tiny-run-{where}", "schedule.global_batch_size=2", "schedule.train_iters=2",
-                                   "schedule.warmup_ratio=0", "optimizer.lr=1e-3", f"device={where}")
+        overrides = tiny.overrides(
+            work / f"tiny-run-{where}",
+            "schedule.global_batch_size=2",
+            "schedule.train_iters=2",
+            "schedule.warmup_ratio=0",
+            "optimizer.lr=1e-3",
+            f"device={where}",
+        )
         (losses[where],) = run_distributed(_two_step_losses, 1, overrides, where, device=where)
     checks["two_step_losses"] = losses
     checks["two_step_max_rel_diff"] = max(abs(a - b) / abs(b) for a, b in zip(losses[device], losses["cpu"]))
@@ -177,28 +211,56 @@ def _attention_check(device: str) -> dict:
     torch.manual_seed(0)
     lengths = [700, 3000, 1, 29, 4000]
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
-    q, k, v = torch.randn(sum(lengths), 40, 128), torch.randn(sum(lengths), 8, 128), torch.randn(sum(lengths), 8, 128)
-    reference = _per_segment_sdpa(q, k, v, cu, 128 ** -0.5)
-    ours = packed_causal_attention(*(t.to(device, torch.bfloat16) for t in (q, k, v)), cu.to(device), max(lengths),
-                                   128 ** -0.5).float().cpu()
+    q, k, v = (
+        torch.randn(sum(lengths), 40, 128),
+        torch.randn(sum(lengths), 8, 128),
+        torch.randn(sum(lengths), 8, 128),
+    )
+    reference = _per_segment_sdpa(q, k, v, cu, 128**-0.5)
+    ours = (
+        packed_causal_attention(
+            *(t.to(device, torch.bfloat16) for t in (q, k, v)), cu.to(device), max(lengths), 128**-0.5
+        )
+        .float()
+        .cpu()
+    )
     return {"packed_attention_max_abs_diff_bf16": float((ours - reference).abs().max())}
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=2, help="decoder layers of the 32B-shaped stack (default 2)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--layers", type=int, default=2, help="decoder layers of the 32B-shaped stack (default 2)"
+    )
     parser.add_argument("--seq-length", type=int, default=32768, help="packed row length (default 32768)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--iters", type=int, default=5, help="timed steps (default 5)")
-    parser.add_argument("--backends", default="torch,te", help="attention back-ends to measure, of torch,te (default both)")
-    parser.add_argument("--recompute", default="selective", choices=["none", "selective", "full"],
-                        help="activation recomputation of the megatron-core run (default selective)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    parser.add_argument("--tiny", action="store_true", help="a tiny model and 1,024-token rows: checks the harness on CPU")
+    parser.add_argument(
+        "--backends", default="torch,te", help="attention back-ends to measure, of torch,te (default both)"
+    )
+    parser.add_argument(
+        "--recompute",
+        default="selective",
+        choices=["none", "selective", "full"],
+        help="activation recomputation of the megatron-core run (default selective)",
+    )
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu"
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="a tiny model and 1,024-token rows: checks the harness on CPU"
+    )
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
-    parser.add_argument("--hf-gradient-checkpointing", action="store_true",
-                        help="recompute activations in the transformers baseline too (when it does not fit otherwise)")
-    parser.add_argument("--check", action="store_true", help="also run the numerical checks against the CPU reference")
+    parser.add_argument(
+        "--hf-gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in the transformers baseline too (when it does not fit otherwise)",
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="also run the numerical checks against the CPU reference"
+    )
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
     args = parser.parse_args()
     if args.tiny:
@@ -210,8 +272,13 @@ def main() -> int:
 
     setup_logging()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
-    results = {"device": device_name, "command": shlex.join(["python", *sys.argv]), "layers": args.layers,
-               "seq_length": args.seq_length, "runs": []}
+    results = {
+        "device": device_name,
+        "command": shlex.join(["python", *sys.argv]),
+        "layers": args.layers,
+        "seq_length": args.seq_length,
+        "runs": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         inputs = _prepare(work, args)
@@ -221,22 +288,47 @@ def main() -> int:
                 continue
             save_dir = work / f"run-{backend}"
             overrides = inputs.overrides(
-                save_dir, "schedule.global_batch_size=1", f"schedule.train_iters={args.warmup + args.iters + 1}",
-                "checkpoint.save_interval=1000000", "checkpoint.save_at_end=false", f"model.attention={backend}",
-                f"model.recompute={args.recompute}", f"device={args.device}", "schedule.warmup_ratio=0")
-            (profile,) = run_distributed(_megatron_rank, 1, overrides, args.warmup, args.iters, args.device,
-                                         device=args.device)
+                save_dir,
+                "schedule.global_batch_size=1",
+                f"schedule.train_iters={args.warmup + args.iters + 1}",
+                "checkpoint.save_interval=1000000",
+                "checkpoint.save_at_end=false",
+                f"model.attention={backend}",
+                f"model.recompute={args.recompute}",
+                f"device={args.device}",
+                "schedule.warmup_ratio=0",
+            )
+            (profile,) = run_distributed(
+                _megatron_rank, 1, overrides, args.warmup, args.iters, args.device, device=args.device
+            )
             records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
-            timed = records[args.warmup:args.warmup + args.iters]
+            timed = records[args.warmup : args.warmup + args.iters]
             seconds = sum(r["step_time_s"] for r in timed)
             tokens = sum(r["tokens"] for r in timed)
             tflops = sum(r["tflops_per_device"] * r["step_time_s"] for r in timed) / seconds
-            results["runs"].append({"backend": backend, "tokens_per_s": tokens / seconds, "tflops_per_gpu": tflops,
-                                    "mfu": tflops / PEAK_TFLOPS, "peak_mem_gb": max(r["peak_memory_gb"] for r in timed),
-                                    "time_split_s": profile["split_s"], "losses": [r["loss"] for r in timed]})
+            results["runs"].append(
+                {
+                    "backend": backend,
+                    "tokens_per_s": tokens / seconds,
+                    "tflops_per_gpu": tflops,
+                    "mfu": tflops / PEAK_TFLOPS,
+                    "peak_mem_gb": max(r["peak_memory_gb"] for r in timed),
+                    "time_split_s": profile["split_s"],
+                    "losses": [r["loss"] for r in timed],
+                }
+            )
         if not args.no_transformers:
-            (hf_result,) = run_distributed(_transformers_rank, 1, str(inputs.hf), str(inputs.prefix), args.warmup, args.iters,
-                                           args.device, args.hf_gradient_checkpointing, device=args.device)
+            (hf_result,) = run_distributed(
+                _transformers_rank,
+                1,
+                str(inputs.hf),
+                str(inputs.prefix),
+                args.warmup,
+                args.iters,
+                args.device,
+                args.hf_gradient_checkpointing,
+                device=args.device,
+            )
             results["transformers"] = hf_result
             for run in results["runs"]:
                 run["speedup_vs_transformers"] = run["tokens_per_s"] / hf_result["tokens_per_s"]
@@ -247,8 +339,11 @@ def main() -> int:
         best = max(results["runs"], key=lambda r: r["tokens_per_s"])
         summary = {k: results[k] for k in ("device", "command", "layers", "seq_length")}
         summary.update({k: best[k] for k in ("tokens_per_s", "tflops_per_gpu", "mfu", "peak_mem_gb")})
-        summary.update(backend=best["backend"], speedup_vs_transformers=best.get("speedup_vs_transformers"),
-                       details=results)
+        summary.update(
+            backend=best["backend"],
+            speedup_vs_transformers=best.get("speedup_vs_transformers"),
+            details=results,
+        )
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 

@@ -67,7 +67,11 @@ def _run_rank(rank: int, world_size: int, port: int, device: str, fn, args):
     from common.logging_utils import setup_logging
 
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
     )
     setup_logging()
     if device != "cuda":
@@ -85,7 +89,9 @@ def _run_rank(rank: int, world_size: int, port: int, device: str, fn, args):
 def run_distributed(fn, world_size: int, *args, device: str = "cpu", timeout: float = 1800) -> list:
     """Per-rank return values of `fn`; raises RuntimeError with the failing rank's traceback."""
     if device == "cuda" and torch.cuda.device_count() < world_size:
-        raise RuntimeError(f"{world_size} processes need {world_size} GPUs; {torch.cuda.device_count()} visible")
+        raise RuntimeError(
+            f"{world_size} processes need {world_size} GPUs; {torch.cuda.device_count()} visible"
+        )
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()

@@ -82,7 +82,9 @@ def publish_directory(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.write_text(
+            json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
 
 
 def file_fingerprint(path: str | os.PathLike, full_hash: bool = False) -> dict[str, Any]:

@@ -55,7 +55,9 @@ def setup_logging(level: int | None = None) -> None:
         level = logging.INFO if rank == 0 else logging.WARNING
     prefix = f"[rank {rank}] " if world > 1 else ""
     handler = _CurrentStderrHandler()
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

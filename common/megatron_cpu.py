@@ -32,7 +32,9 @@ class _CudaOnCpu(TorchFunctionMode):
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and "dtype" not in kwargs:
-            return func(*args, **kwargs).replace("torch.", "torch.cuda.", 1)  # for `.type() == 'torch.cuda.*'` asserts
+            return func(*args, **kwargs).replace(
+                "torch.", "torch.cuda.", 1
+            )  # for `.type() == 'torch.cuda.*'` asserts
         if func is torch.Tensor.type and len(args) > 1 and isinstance(args[1], str):
             args = (args[0], args[1].replace("torch.cuda.", "torch."), *args[2:])
         if "device" in kwargs and _is_cuda(kwargs["device"]):

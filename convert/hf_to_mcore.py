@@ -35,8 +35,15 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_CHUNK_BYTES = 32 << 20  # see plan_chunks
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
 @dataclass
@@ -59,8 +66,14 @@ def check_source(arch: Qwen2Arch, reader: HFSafetensorsReader) -> torch.dtype:
     if missing:
         problems.append(f"{len(missing)} tensor(s) missing, e.g. {missing[:3]}")
     if unexpected:
-        hint = " (tie_word_embeddings is true, yet lm_head.weight is stored)" if "lm_head.weight" in unexpected else ""
-        problems.append(f"{len(unexpected)} tensor(s) the config does not describe{hint}, e.g. {unexpected[:3]}")
+        hint = (
+            " (tie_word_embeddings is true, yet lm_head.weight is stored)"
+            if "lm_head.weight" in unexpected
+            else ""
+        )
+        problems.append(
+            f"{len(unexpected)} tensor(s) the config does not describe{hint}, e.g. {unexpected[:3]}"
+        )
     for key, shape in expected.items():
         if key in reader.keys() and reader.shape(key) != shape:
             problems.append(f"{key}: shape {reader.shape(key)}, expected {shape} from config.json")
@@ -92,19 +105,25 @@ def _row_ranges(m: BoundMapping, max_rows: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def _produce(reader: HFSafetensorsReader, m: BoundMapping, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+def _produce(
+    reader: HFSafetensorsReader, m: BoundMapping, start: int, stop: int, dtype: torch.dtype
+) -> torch.Tensor:
     rows = torch.empty((stop - start, *m.mcore_shape[1:]), dtype=dtype)
     for hf, row, dest, count in m.blocks_for_mcore_rows(start, stop):
         key = m.hf_keys[hf]
         if reader.dtype(key) == dtype:
-            reader.read_rows(key, row, row + count, out=rows[dest:dest + count])
+            reader.read_rows(key, row, row + count, out=rows[dest : dest + count])
         else:
-            rows[dest:dest + count] = reader.read_rows(key, row, row + count)
+            rows[dest : dest + count] = reader.read_rows(key, row, row + count)
     return rows.unsqueeze(0) if m.layer is not None else rows
 
 
-def plan_chunks(arch: Qwen2Arch, reader: HFSafetensorsReader, dtype: torch.dtype,
-                max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[Chunk]:
+def plan_chunks(
+    arch: Qwen2Arch,
+    reader: HFSafetensorsReader,
+    dtype: torch.dtype,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> list[Chunk]:
     """The chunks of the torch_dist checkpoint, in forward order; per-layer tensors are stacked along a
     leading layer axis, as megatron-core stores them.
 
@@ -119,14 +138,16 @@ def plan_chunks(arch: Qwen2Arch, reader: HFSafetensorsReader, dtype: torch.dtype
         lead = ((m.layer,), (1,), (arch.num_layers,)) if stacked else ((), (), ())
         for start, stop in _row_ranges(m, max(1, max_chunk_bytes // row_bytes)):
             tail = m.mcore_shape[1:]
-            chunks.append(Chunk(
-                key=m.dist_key,
-                global_shape=lead[2] + m.mcore_shape,
-                offsets=lead[0] + (start,) + (0,) * len(tail),
-                sizes=lead[1] + (stop - start,) + tail,
-                dtype=dtype,
-                produce=partial(_produce, reader, m, start, stop, dtype),
-            ))
+            chunks.append(
+                Chunk(
+                    key=m.dist_key,
+                    global_shape=lead[2] + m.mcore_shape,
+                    offsets=lead[0] + (start,) + (0,) * len(tail),
+                    sizes=lead[1] + (stop - start,) + tail,
+                    dtype=dtype,
+                    produce=partial(_produce, reader, m, start, stop, dtype),
+                )
+            )
     return chunks
 
 
@@ -139,9 +160,16 @@ def copy_tokenizer_files(src: Path, dest: Path) -> list[str]:
     return names
 
 
-def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None, force: bool = False,
-                        threads: int = 2, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                        progress: bool = True) -> ConversionResult:
+def convert_hf_to_mcore(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    force: bool = False,
+    threads: int = 2,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: bool = True,
+) -> ConversionResult:
     """Converts the HF checkpoint in `hf_dir` into a torch_dist checkpoint at `out_dir`.
     `dtype`: "bf16" or "fp32", or None to keep the source dtype."""
     from tqdm import tqdm
@@ -157,28 +185,59 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dtype: str |
     target = DTYPES[dtype] if dtype else source_dtype
     chunks = plan_chunks(arch, reader, target, max_chunk_bytes)
     total = sum(c.nbytes for c in chunks)
-    log.info("converting %s: %d layers, %d HF tensors (%s) -> %d chunks, %.2f GB %s", hf_dir, arch.num_layers,
-             len(reader.keys()), source_dtype, len(chunks), total / 1e9, target)
-    with atomic_directory(out_dir, force=force) as tmp, \
-            tqdm(total=total, unit="B", unit_scale=True, desc="hf -> mcore", disable=not progress) as bar:
+    log.info(
+        "converting %s: %d layers, %d HF tensors (%s) -> %d chunks, %.2f GB %s",
+        hf_dir,
+        arch.num_layers,
+        len(reader.keys()),
+        source_dtype,
+        len(chunks),
+        total / 1e9,
+        target,
+    )
+    with (
+        atomic_directory(out_dir, force=force) as tmp,
+        tqdm(total=total, unit="B", unit_scale=True, desc="hf -> mcore", disable=not progress) as bar,
+    ):
+
         def written(chunk: Chunk) -> None:
             bar.update(chunk.nbytes)
-            bar.set_postfix_str(chunk.key.removeprefix("decoder.layers.") + (f" layer {chunk.offsets[0]}"
-                                if chunk.key.startswith("decoder.layers.") else ""), refresh=False)
+            bar.set_postfix_str(
+                chunk.key.removeprefix("decoder.layers.")
+                + (f" layer {chunk.offsets[0]}" if chunk.key.startswith("decoder.layers.") else ""),
+                refresh=False,
+            )
 
         write_checkpoint(tmp, chunks, threads=threads, on_chunk_written=written)
         if reader.not_read_exactly_once():
-            raise AssertionError(f"internal error: not read exactly once: {reader.not_read_exactly_once()[:5]}")
+            raise AssertionError(
+                f"internal error: not read exactly once: {reader.not_read_exactly_once()[:5]}"
+            )
         (tmp / HF_CONFIG_FILE).write_text(config_file.read_text())
         tokenizer_files = copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
-        write_json_atomic(tmp / PROVENANCE_FILE, {
-            **tool_info("convert_hf_to_mcore"),
-            "source": {"path": str(hf_dir.resolve()),
-                       "files": [file_fingerprint(p) for p in [config_file, *reader.files()]]},
-            "source_dtype": str(source_dtype), "dtype": str(target), "arch": arch.to_dict(),
-            "chunks": len(chunks), "bytes": total, "tokenizer_files": tokenizer_files,
-        })
+        write_json_atomic(
+            tmp / PROVENANCE_FILE,
+            {
+                **tool_info("convert_hf_to_mcore"),
+                "source": {
+                    "path": str(hf_dir.resolve()),
+                    "files": [file_fingerprint(p) for p in [config_file, *reader.files()]],
+                },
+                "source_dtype": str(source_dtype),
+                "dtype": str(target),
+                "arch": arch.to_dict(),
+                "chunks": len(chunks),
+                "bytes": total,
+                "tokenizer_files": tokenizer_files,
+            },
+        )
     seconds = time.perf_counter() - started
-    log.info("wrote %s: %.2f GB in %.1f s (%.2f GB/s)%s", out_dir, total / 1e9, seconds, total / 1e9 / seconds,
-             "" if tokenizer_files else "; no tokenizer files in the source (pass --tokenizer when exporting)")
+    log.info(
+        "wrote %s: %.2f GB in %.1f s (%.2f GB/s)%s",
+        out_dir,
+        total / 1e9,
+        seconds,
+        total / 1e9 / seconds,
+        "" if tokenizer_files else "; no tokenizer files in the source (pass --tokenizer when exporting)",
+    )
     return ConversionResult(out_dir, len(reader.keys()), len(chunks), total, seconds)

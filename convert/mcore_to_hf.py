@@ -65,7 +65,9 @@ def check_checkpoint(arch: Qwen2Arch, reader: TorchDistReader, mappings: list[Bo
         if m.dist_key not in reader.tensors:
             problems.append(f"{m.dist_key} missing")
         elif reader.shape(m.dist_key) != expected:
-            problems.append(f"{m.dist_key}: shape {reader.shape(m.dist_key)}, expected {expected} from hf_config.json")
+            problems.append(
+                f"{m.dist_key}: shape {reader.shape(m.dist_key)}, expected {expected} from hf_config.json"
+            )
         else:
             dtypes.add(reader.dtype(m.dist_key))
     if len(dtypes) > 1 or any(not d.is_floating_point for d in dtypes):
@@ -99,7 +101,7 @@ def _hf_rows_reader(reader: TorchDistReader, mappings: list[BoundMapping], dtype
             return region.to(dtype)
         out = torch.empty((stop - start, *spec.shape[1:]), dtype=dtype)
         for mcore_row, dest, count in blocks:
-            out[dest:dest + count] = region[mcore_row - lo:mcore_row - lo + count]
+            out[dest : dest + count] = region[mcore_row - lo : mcore_row - lo + count]
         return out
 
     return read_rows
@@ -110,7 +112,9 @@ def load_release_tokenizer(tokenizer_dir: Path):
     tokenizer = load_tokenizer(tokenizer_dir)
     for token in (AM_THINKING.stop_token, PAD_TOKEN):
         if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
-            raise InputError(f"{tokenizer_dir}: the tokenizer has no {token} token; is it a Qwen2.5 tokenizer?")
+            raise InputError(
+                f"{tokenizer_dir}: the tokenizer has no {token} token; is it a Qwen2.5 tokenizer?"
+            )
     tokenizer.chat_template = AM_THINKING.jinja()
     tokenizer.eos_token = AM_THINKING.stop_token
     tokenizer.pad_token = PAD_TOKEN
@@ -123,10 +127,15 @@ def write_release_configs(hf_config: dict, out_dir: Path, dtype: torch.dtype, to
     config = Qwen2Config.from_dict(hf_config)
     config.architectures = ["Qwen2ForCausalLM"]
     config.dtype = dtype
-    eos, pad = tokenizer.convert_tokens_to_ids(AM_THINKING.stop_token), tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+    eos, pad = (
+        tokenizer.convert_tokens_to_ids(AM_THINKING.stop_token),
+        tokenizer.convert_tokens_to_ids(PAD_TOKEN),
+    )
     config.eos_token_id = eos
     config.save_pretrained(out_dir)
-    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=[eos, pad], pad_token_id=pad).save_pretrained(out_dir)
+    GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=[eos, pad], pad_token_id=pad
+    ).save_pretrained(out_dir)
 
 
 def find_tokenizer(checkpoint: Path, tokenizer_dir: str | Path | None) -> Path:
@@ -134,14 +143,24 @@ def find_tokenizer(checkpoint: Path, tokenizer_dir: str | Path | None) -> Path:
         return Path(tokenizer_dir)
     if (checkpoint / TOKENIZER_DIR).is_dir():
         return checkpoint / TOKENIZER_DIR
-    raise InputError(f"{checkpoint} carries no tokenizer/ (its source had none): pass --tokenizer DIR, e.g. the "
-                      "base model's directory")
+    raise InputError(
+        f"{checkpoint} carries no tokenizer/ (its source had none): pass --tokenizer DIR, e.g. the "
+        "base model's directory"
+    )
 
 
-def convert_mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, iteration: int | None = None,
-                        tokenizer_dir: str | Path | None = None, dtype: str | None = None, force: bool = False,
-                        max_shard_bytes: int = DEFAULT_SHARD_BYTES, max_piece_bytes: int = DEFAULT_CHUNK_BYTES,
-                        progress: bool = True) -> ExportResult:
+def convert_mcore_to_hf(
+    mcore_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    iteration: int | None = None,
+    tokenizer_dir: str | Path | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    max_piece_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: bool = True,
+) -> ExportResult:
     """Exports the checkpoint at `mcore_dir` as a Hugging Face model directory `out_dir`.
     `dtype`: "bf16" or "fp32", or None to keep the checkpoint's dtype."""
     from tqdm import tqdm
@@ -160,22 +179,48 @@ def convert_mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, iteration
     total = sum(s.nbytes for s in specs)
     stored_chunk_bytes = {m.dist_key: _largest_stored_chunk_bytes(reader, m.dist_key) for m in mappings}
     owner = {key: m for m in mappings for key in m.hf_keys}
-    log.info("exporting %s (%d layers, %s) -> %s, %.2f GB %s", checkpoint, arch.num_layers, source_dtype, out_dir,
-             total / 1e9, target)
-    with atomic_directory(out_dir, force=force) as tmp, \
-            tqdm(total=total, unit="B", unit_scale=True, desc="mcore -> hf", disable=not progress) as bar:
+    log.info(
+        "exporting %s (%d layers, %s) -> %s, %.2f GB %s",
+        checkpoint,
+        arch.num_layers,
+        source_dtype,
+        out_dir,
+        total / 1e9,
+        target,
+    )
+    with (
+        atomic_directory(out_dir, force=force) as tmp,
+        tqdm(total=total, unit="B", unit_scale=True, desc="mcore -> hf", disable=not progress) as bar,
+    ):
         shards = write_sharded(
-            tmp, specs, _hf_rows_reader(reader, mappings, target), max_shard_bytes=max_shard_bytes,
+            tmp,
+            specs,
+            _hf_rows_reader(reader, mappings, target),
+            max_shard_bytes=max_shard_bytes,
             piece_bytes=lambda spec: max(max_piece_bytes, stored_chunk_bytes[owner[spec.key].dist_key]),
-            on_written=lambda spec, n: bar.update(n))
+            on_written=lambda spec, n: bar.update(n),
+        )
         write_release_configs(hf_config, tmp, target, tokenizer)
         tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / PROVENANCE_FILE, {
-            **tool_info("convert_mcore_to_hf"), "checkpoint": str(checkpoint.resolve()),
-            "tokenizer": str(tokenizer_path.resolve()), "source_dtype": str(source_dtype), "dtype": str(target),
-            "arch": arch.to_dict(), "bytes": total,
-        })
+        write_json_atomic(
+            tmp / PROVENANCE_FILE,
+            {
+                **tool_info("convert_mcore_to_hf"),
+                "checkpoint": str(checkpoint.resolve()),
+                "tokenizer": str(tokenizer_path.resolve()),
+                "source_dtype": str(source_dtype),
+                "dtype": str(target),
+                "arch": arch.to_dict(),
+                "bytes": total,
+            },
+        )
     seconds = time.perf_counter() - started
-    log.info("wrote %s: %d shard(s), %.2f GB in %.1f s (%.2f GB/s)", out_dir, len(shards), total / 1e9, seconds,
-             total / 1e9 / seconds)
+    log.info(
+        "wrote %s: %d shard(s), %.2f GB in %.1f s (%.2f GB/s)",
+        out_dir,
+        len(shards),
+        total / 1e9,
+        seconds,
+        total / 1e9 / seconds,
+    )
     return ExportResult(Path(out_dir), checkpoint, len(shards), total, seconds)

@@ -40,8 +40,10 @@ class VerifyResult:
 
     def summary(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
-        return (f"max |logit diff| {self.max_abs_diff:.3g}, mean {self.mean_abs_diff:.3g}, "
-                f"top-1 agreement {100 * self.top1_agreement:.2f}%: {verdict} (tolerance {self.atol:g})")
+        return (
+            f"max |logit diff| {self.max_abs_diff:.3g}, mean {self.mean_abs_diff:.3g}, "
+            f"top-1 agreement {100 * self.top1_agreement:.2f}%: {verdict} (tolerance {self.atol:g})"
+        )
 
 
 def sample_token_ids(vocab_size: int, batch: int, seq_length: int, seed: int = 0) -> list[list[int]]:
@@ -60,21 +62,36 @@ def load_model_stage(checkpoint_dir: str, tensor_parallel: int, pipeline_paralle
     tp.model_parallel_cuda_manual_seed(0)
     arch = Qwen2Arch.from_path(checkpoint_dir)
     on_gpu = device == "cuda"
-    config = transformer_config(arch, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
-                                use_cpu_initialization=not on_gpu)
+    config = transformer_config(
+        arch,
+        tensor_parallel=tensor_parallel,
+        pipeline_parallel=pipeline_parallel,
+        use_cpu_initialization=not on_gpu,
+    )
     backend = choose_backend(device)
     log.info("layer spec: %s", backend.describe())
-    model = build_model(arch, config, layer_spec(backend, packed=False),
-                        pre_process=parallel_state.is_pipeline_first_stage(),
-                        post_process=parallel_state.is_pipeline_last_stage())
+    model = build_model(
+        arch,
+        config,
+        layer_spec(backend, packed=False),
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
     if on_gpu:
         model.cuda()
     load_weights(model, checkpoint_dir)
     return model
 
 
-def megatron_logits(rank: int, world_size: int, checkpoint_dir: str, tensor_parallel: int, pipeline_parallel: int,
-                    token_ids: list[list[int]], device: str) -> torch.Tensor | None:
+def megatron_logits(
+    rank: int,
+    world_size: int,
+    checkpoint_dir: str,
+    tensor_parallel: int,
+    pipeline_parallel: int,
+    token_ids: list[list[int]],
+    device: str,
+) -> torch.Tensor | None:
     """Per-rank body: loads this rank's stage and runs the pipeline forward; the first tensor-parallel
     rank of the last stage returns the full-vocabulary fp32 logits [b, s, vocab]."""
     from megatron.core import parallel_state
@@ -94,8 +111,14 @@ def megatron_logits(rank: int, world_size: int, checkpoint_dir: str, tensor_para
 
     with torch.no_grad():
         outputs = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([None]), model=[model], num_microbatches=1,
-            seq_length=ids.shape[1], micro_batch_size=ids.shape[0], forward_only=True)
+            forward_step_func=forward_step,
+            data_iterator=iter([None]),
+            model=[model],
+            num_microbatches=1,
+            seq_length=ids.shape[1],
+            micro_batch_size=ids.shape[0],
+            forward_only=True,
+        )
         if not parallel_state.is_pipeline_last_stage():
             return None
         logits = tp.gather_from_tensor_model_parallel_region(outputs[0])
@@ -105,7 +128,9 @@ def megatron_logits(rank: int, world_size: int, checkpoint_dir: str, tensor_para
 def hf_logits(hf_dir: str | Path, token_ids: list[list[int]], device: str = "cpu") -> torch.Tensor:
     from transformers import Qwen2ForCausalLM
 
-    model = Qwen2ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").to(device)
+    model = Qwen2ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").to(
+        device
+    )
     with torch.no_grad():
         return model(torch.tensor(token_ids, device=device)).logits.float().cpu()
 
@@ -118,18 +143,41 @@ def compare(expected: torch.Tensor, actual: torch.Tensor, atol: float) -> Verify
     return VerifyResult(diff.max().item(), diff.mean().item(), top1, atol)
 
 
-def verify_conversion(hf_dir: str | Path, mcore_dir: str | Path, *, tensor_parallel: int = 1,
-                      pipeline_parallel: int = 1, batch: int = 2, seq_length: int = 64, seed: int = 0,
-                      atol: float = 1e-4, device: str | None = None) -> VerifyResult:
+def verify_conversion(
+    hf_dir: str | Path,
+    mcore_dir: str | Path,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    batch: int = 2,
+    seq_length: int = 64,
+    seed: int = 0,
+    atol: float = 1e-4,
+    device: str | None = None,
+) -> VerifyResult:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     checkpoint = resolve_checkpoint(mcore_dir)
     vocab_size = read_hf_config(checkpoint)["vocab_size"]
     token_ids = sample_token_ids(vocab_size, batch, seq_length, seed)
     world_size = tensor_parallel * pipeline_parallel
-    log.info("megatron-core: %s at TP=%d PP=%d on %d %s process(es)", checkpoint, tensor_parallel,
-             pipeline_parallel, world_size, device)
-    results = run_distributed(megatron_logits, world_size, str(checkpoint), tensor_parallel, pipeline_parallel,
-                              token_ids, device, device=device)
+    log.info(
+        "megatron-core: %s at TP=%d PP=%d on %d %s process(es)",
+        checkpoint,
+        tensor_parallel,
+        pipeline_parallel,
+        world_size,
+        device,
+    )
+    results = run_distributed(
+        megatron_logits,
+        world_size,
+        str(checkpoint),
+        tensor_parallel,
+        pipeline_parallel,
+        token_ids,
+        device,
+        device=device,
+    )
     (ours,) = [r for r in results if r is not None]
     log.info("transformers: %s", hf_dir)
     return compare(hf_logits(hf_dir, token_ids, device), ours, atol)

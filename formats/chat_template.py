@@ -28,6 +28,7 @@ AM_THINKING_DEFAULT_SYSTEM = (
     "here </think> <answer> answer here </answer>."
 )
 
+
 @dataclass(frozen=True)
 class ChatTemplate:
     """A LLaMA-Factory-style template: three slots with a `{content}` placeholder and a default system."""
@@ -42,7 +43,9 @@ class ChatTemplate:
 
     def __post_init__(self):
         if not self.user_slot.endswith(self.assistant_header):
-            raise ValueError(f"{self.name}: the user slot must end with the assistant header {self.assistant_header!r}")
+            raise ValueError(
+                f"{self.name}: the user slot must end with the assistant header {self.assistant_header!r}"
+            )
 
     def system_text(self, system: Optional[str]) -> str:
         return system or self.default_system

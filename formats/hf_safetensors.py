@@ -35,8 +35,15 @@ import torch
 from common.errors import CheckpointError
 
 SAFETENSORS_DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -67,15 +74,19 @@ class HFSafetensorsReader:
             raise CheckpointError(f"{self.model_dir} has neither {INDEX_FILE} nor {SINGLE_FILE}")
         missing = [name for name in files if not (self.model_dir / name).is_file()]
         if missing:
-            raise CheckpointError(f"{self.model_dir}: shard(s) listed in the index are missing: {', '.join(missing)}")
+            raise CheckpointError(
+                f"{self.model_dir}: shard(s) listed in the index are missing: {', '.join(missing)}"
+            )
         self.tensors: dict[str, StoredTensor] = {}
         for name in files:
             stored = _read_header(self.model_dir / name)
             if weight_map is not None:
                 absent = sorted(k for k, f in weight_map.items() if f == name and k not in stored)
                 if absent:
-                    raise CheckpointError(f"{self.model_dir / name} lacks {len(absent)} tensor(s) the index "
-                                              f"puts there, e.g. {absent[0]}")
+                    raise CheckpointError(
+                        f"{self.model_dir / name} lacks {len(absent)} tensor(s) the index "
+                        f"puts there, e.g. {absent[0]}"
+                    )
                 stored = {k: v for k, v in stored.items() if weight_map.get(k) == name}
             self.tensors.update(stored)
         self._files = files
@@ -103,7 +114,11 @@ class HFSafetensorsReader:
         stored = self._stored(key)
         if out is None:
             out = torch.empty((stop - start, *stored.shape[1:]), dtype=stored.dtype)
-        if not out.is_contiguous() or out.dtype != stored.dtype or tuple(out.shape) != (stop - start, *stored.shape[1:]):
+        if (
+            not out.is_contiguous()
+            or out.dtype != stored.dtype
+            or tuple(out.shape) != (stop - start, *stored.shape[1:])
+        ):
             raise ValueError(f"{key}: cannot read rows {start}:{stop} into {tuple(out.shape)} {out.dtype}")
         row_bytes = math.prod(stored.shape[1:]) * stored.dtype.itemsize
         _pread_into(self._fd(stored.file), out, stored.offset + start * row_bytes)
@@ -141,14 +156,22 @@ def _read_header(path: Path) -> dict[str, StoredTensor]:
         with safe_open(str(path), "pt"):
             pass
     except SafetensorError as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it is probably truncated: "
-                                  "download it again") from e
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({e}); it is probably truncated: download it again"
+        ) from e
     with open(path, "rb") as f:
         (header_size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_size))
     header.pop("__metadata__", None)
-    return {key: StoredTensor(path.name, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]),
-                              8 + header_size + entry["data_offsets"][0]) for key, entry in header.items()}
+    return {
+        key: StoredTensor(
+            path.name,
+            SAFETENSORS_DTYPES[entry["dtype"]],
+            tuple(entry["shape"]),
+            8 + header_size + entry["data_offsets"][0],
+        )
+        for key, entry in header.items()
+    }
 
 
 def _pread_into(fd: int, out: torch.Tensor, offset: int) -> None:
@@ -191,9 +214,15 @@ def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[Tens
     return shards
 
 
-def write_sharded(out_dir: str | Path, specs: list[TensorSpec], read_rows: ReadRows, *, max_shard_bytes: int,
-                  piece_bytes: Callable[[TensorSpec], int],
-                  on_written: Callable[[TensorSpec, int], None] | None = None) -> list[Path]:
+def write_sharded(
+    out_dir: str | Path,
+    specs: list[TensorSpec],
+    read_rows: ReadRows,
+    *,
+    max_shard_bytes: int,
+    piece_bytes: Callable[[TensorSpec], int],
+    on_written: Callable[[TensorSpec, int], None] | None = None,
+) -> list[Path]:
     """Writes `specs` as sharded safetensors plus the index; `read_rows(spec, start, stop)` supplies rows
     of one tensor, asked for in pieces of at most `piece_bytes(spec)` (at least one row). Returns the
     shard paths."""
@@ -205,8 +234,10 @@ def write_sharded(out_dir: str | Path, specs: list[TensorSpec], read_rows: ReadR
             _write_file(f, shard, read_rows, piece_bytes, on_written)
             f.flush()
             os.fsync(f.fileno())
-    index = {"metadata": {"total_size": sum(s.nbytes for s in specs)},
-             "weight_map": {spec.key: name for name, shard in zip(names, shards) for spec in shard}}
+    index = {
+        "metadata": {"total_size": sum(s.nbytes for s in specs)},
+        "weight_map": {spec.key: name for name, shard in zip(names, shards) for spec in shard},
+    }
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return [out_dir / name for name in names]
 
@@ -214,8 +245,11 @@ def write_sharded(out_dir: str | Path, specs: list[TensorSpec], read_rows: ReadR
 def _write_file(f, specs: list[TensorSpec], read_rows: ReadRows, piece_bytes, on_written) -> None:
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for spec in specs:
-        header[spec.key] = {"dtype": _DTYPE_NAMES[spec.dtype], "shape": list(spec.shape),
-                            "data_offsets": [offset, offset + spec.nbytes]}
+        header[spec.key] = {
+            "dtype": _DTYPE_NAMES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
         offset += spec.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # keeps the tensor data 8-byte aligned
@@ -233,7 +267,9 @@ def _write_file(f, specs: list[TensorSpec], read_rows: ReadRows, piece_bytes, on
             piece = pending.result()
             pending = prefetch.submit(read_rows, *pieces[i + 1]) if i + 1 < len(pieces) else None
             if tuple(piece.shape) != (stop - start, *spec.shape[1:]) or piece.dtype != spec.dtype:
-                raise AssertionError(f"{spec.key} rows {start}:{stop}: got {tuple(piece.shape)} {piece.dtype}")
+                raise AssertionError(
+                    f"{spec.key} rows {start}:{stop}: got {tuple(piece.shape)} {piece.dtype}"
+                )
             f.write(piece.contiguous().reshape(-1).view(torch.uint8).numpy())
             if on_written:
                 on_written(spec, piece.nbytes)

@@ -55,7 +55,11 @@ class PackedPaths:
         return Path(f"{self.prefix}_meta.json")
 
     def data_files(self) -> list[Path]:
-        return [Path(f"{stem}{suffix}") for stem in (self.input_ids, self.loss_mask) for suffix in (".bin", ".idx")]
+        return [
+            Path(f"{stem}{suffix}")
+            for stem in (self.input_ids, self.loss_mask)
+            for suffix in (".bin", ".idx")
+        ]
 
     def all_files(self) -> list[Path]:
         return [*self.data_files(), self.meta]
@@ -98,7 +102,11 @@ class PackedWriter:
 
     def add(self, input_ids: np.ndarray, loss_mask: np.ndarray, lengths: list[int]) -> None:
         """One pack: the concatenated conversations' ids and mask, and each conversation's length."""
-        if len(input_ids) != len(loss_mask) or sum(lengths) != len(input_ids) or sum(lengths) > self.seq_length:
+        if (
+            len(input_ids) != len(loss_mask)
+            or sum(lengths) != len(input_ids)
+            or sum(lengths) > self.seq_length
+        ):
             raise ValueError(
                 f"pack {self.packs}: {len(input_ids)} ids, {len(loss_mask)} mask values, lengths sum to "
                 f"{sum(lengths)}, seq_length {self.seq_length}"
@@ -193,10 +201,14 @@ class PackedDataset:
                 "files come from different preprocessing runs; re-run tools/preprocess_sft.py"
             )
         if len(self) != self.meta["stats"]["packs"]:
-            raise DataError(f"{self.prefix}: {len(self)} packs on disk, {self.paths.meta} says {self.meta['stats']['packs']}")
+            raise DataError(
+                f"{self.prefix}: {len(self)} packs on disk, {self.paths.meta} says {self.meta['stats']['packs']}"
+            )
         longest = int(np.add.reduceat(self._lengths, self._documents[:-1]).max(initial=0)) if len(self) else 0
         if longest > self.seq_length:
-            raise DataError(f"{self.prefix}: a pack holds {longest} tokens, more than seq_length {self.seq_length}")
+            raise DataError(
+                f"{self.prefix}: a pack holds {longest} tokens, more than seq_length {self.seq_length}"
+            )
 
     def __len__(self) -> int:
         return len(self._documents) - 1

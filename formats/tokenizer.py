@@ -48,7 +48,9 @@ def load_backend_tokenizer(path: str | Path):
     path = Path(path)
     backend = Tokenizer.from_file(str(_require_tokenizer_json(path)))
     config_file = path / "tokenizer_config.json"
-    declared = json.loads(config_file.read_text()).get("added_tokens_decoder", {}) if config_file.is_file() else {}
+    declared = (
+        json.loads(config_file.read_text()).get("added_tokens_decoder", {}) if config_file.is_file() else {}
+    )
     for token_id, token in declared.items():
         if backend.token_to_id(token["content"]) != int(token_id):
             raise InputError(

@@ -34,8 +34,12 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from common.errors import CheckpointError, InputError
 
-MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
-                     "common_backend": "torch", "common_backend_version": 1}
+MEGATRON_METADATA = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
 HF_CONFIG_FILE = "hf_config.json"
 TOKENIZER_DIR = "tokenizer"
 PROVENANCE_FILE = "provenance.json"
@@ -62,8 +66,13 @@ class Chunk:
         return math.prod(self.sizes) * self.dtype.itemsize
 
 
-def write_checkpoint(out_dir: str | Path, chunks: list[Chunk], *, threads: int = 1,
-                     on_chunk_written: Callable[[Chunk], None] | None = None) -> None:
+def write_checkpoint(
+    out_dir: str | Path,
+    chunks: list[Chunk],
+    *,
+    threads: int = 1,
+    on_chunk_written: Callable[[Chunk], None] | None = None,
+) -> None:
     """Writes `chunks` as a torch_dist checkpoint into the (empty) directory `out_dir`.
 
     With one thread, chunks are produced and written in list order (sequential reads of the source);
@@ -77,7 +86,9 @@ def write_checkpoint(out_dir: str | Path, chunks: list[Chunk], *, threads: int =
     try:
         with warnings.catch_warnings():  # "no process group, assuming a single process": yes, by design
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save({}, storage_writer=writer, planner=_ChunkSavePlanner(chunks, on_chunk_written), no_dist=True)
+            dcp.save(
+                {}, storage_writer=writer, planner=_ChunkSavePlanner(chunks, on_chunk_written), no_dist=True
+            )
     except dcp.api.CheckpointException as wrapped:  # a BaseException; surface what actually failed
         (error, _trace), *_ = wrapped.failures.values()
         raise error from None
@@ -94,21 +105,30 @@ class _ChunkSavePlanner(dcp.DefaultSavePlanner):
         self._on_written = on_chunk_written
 
     def create_local_plan(self):
-        self.plan = SavePlan([
-            WriteItem(index=MetadataIndex(c.key, torch.Size(c.offsets)), type=WriteItemType.SHARD,
-                      tensor_data=TensorWriteData(
-                          chunk=ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)),
-                          properties=TensorProperties(dtype=c.dtype), size=torch.Size(c.global_shape)))
-            for c in self._chunks.values()
-        ])
+        self.plan = SavePlan(
+            [
+                WriteItem(
+                    index=MetadataIndex(c.key, torch.Size(c.offsets)),
+                    type=WriteItemType.SHARD,
+                    tensor_data=TensorWriteData(
+                        chunk=ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)),
+                        properties=TensorProperties(dtype=c.dtype),
+                        size=torch.Size(c.global_shape),
+                    ),
+                )
+                for c in self._chunks.values()
+            ]
+        )
         return self.plan
 
     def resolve_data(self, write_item):
         chunk = self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
         tensor = chunk.produce()
         if tuple(tensor.shape) != chunk.sizes or tensor.dtype != chunk.dtype:
-            raise AssertionError(f"{chunk.key} at {chunk.offsets}: produced {tuple(tensor.shape)} {tensor.dtype}, "
-                                 f"declared {chunk.sizes} {chunk.dtype}")
+            raise AssertionError(
+                f"{chunk.key} at {chunk.offsets}: produced {tuple(tensor.shape)} {tensor.dtype}, "
+                f"declared {chunk.sizes} {chunk.dtype}"
+            )
         if self._on_written:
             self._on_written(chunk)
         return tensor.contiguous()
@@ -124,7 +144,9 @@ class TorchDistReader:
         self._reader = dcp.FileSystemReader(str(self.path))
         metadata = self._reader.read_metadata()
         self._reader.set_up_storage_reader(metadata, is_coordinator=True)
-        self.tensors = {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, dcp.TensorStorageMetadata)}
+        self.tensors = {
+            k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, dcp.TensorStorageMetadata)
+        }
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._metadata(key).size)
@@ -142,9 +164,12 @@ class TorchDistReader:
         metadata = self._metadata(key)
         out = torch.empty(sizes, dtype=metadata.properties.dtype)
         items = create_read_items_for_chunk_list(
-            key, metadata, [ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))])
+            key, metadata, [ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))]
+        )
         if sum(math.prod(item.lengths) for item in items) != out.numel():
-            raise CheckpointError(f"{self.path}: the stored chunks of {key} do not cover {sizes} at {offsets}")
+            raise CheckpointError(
+                f"{self.path}: the stored chunks of {key} do not cover {sizes} at {offsets}"
+            )
         self._reader.read_data(LoadPlan(items), _IntoTensor(out)).wait()
         return out
 
@@ -182,17 +207,22 @@ def resolve_checkpoint(path: str | Path, iteration: int | None = None) -> Path:
         raise InputError(f"{path} does not exist")
     if is_checkpoint(path):
         if iteration is not None:
-            raise InputError(f"{path} is a single checkpoint; --iteration applies to a training run directory")
+            raise InputError(
+                f"{path} is a single checkpoint; --iteration applies to a training run directory"
+            )
         return path
     iterations = complete_iterations(path)
     if not iterations:
-        raise CheckpointError(f"{path} is neither a torch_dist checkpoint (metadata.json + .metadata) nor a run "
-                                f"directory with complete iter_NNNNNNN/ checkpoints")
+        raise CheckpointError(
+            f"{path} is neither a torch_dist checkpoint (metadata.json + .metadata) nor a run "
+            f"directory with complete iter_NNNNNNN/ checkpoints"
+        )
     if iteration is None:
         return iterations[max(iterations)]
     if iteration not in iterations:
-        raise CheckpointError(f"{path}: no complete checkpoint for iteration {iteration}; "
-                                f"available: {sorted(iterations)}")
+        raise CheckpointError(
+            f"{path}: no complete checkpoint for iteration {iteration}; available: {sorted(iterations)}"
+        )
     return iterations[iteration]
 
 

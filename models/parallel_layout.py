@@ -59,7 +59,11 @@ class ParallelLayout:
 
     def model_parallel_changes(self, saved: dict[str, Any]) -> dict[str, tuple]:
         """{key: (saved, now)} for every model-parallel size that differs from a checkpoint's layout."""
-        return {k: (saved.get(k), getattr(self, k)) for k in MODEL_PARALLEL_KEYS if saved.get(k) != getattr(self, k)}
+        return {
+            k: (saved.get(k), getattr(self, k))
+            for k in MODEL_PARALLEL_KEYS
+            if saved.get(k) != getattr(self, k)
+        }
 
     def problems(
         self,
@@ -83,7 +87,9 @@ class ParallelLayout:
         elif global_batch is not None:
             problems += self._batch_problems(world_size, global_batch)
         if self.virtual_pipeline is not None and (self.pipeline < 2 or self.virtual_pipeline < 2):
-            problems.append("parallel.virtual_pipeline needs parallel.pipeline >= 2 and a value >= 2 (or null)")
+            problems.append(
+                "parallel.virtual_pipeline needs parallel.pipeline >= 2 and a value >= 2 (or null)"
+            )
         if seq_length is not None and self.sequence_parallel and self.context == 1:
             if (self.micro_batch_size * seq_length) % self.tensor:
                 problems.append(
@@ -126,7 +132,9 @@ class ParallelLayout:
                 f"and query groups ({arch.num_query_groups})"
             )
         if arch.vocab_size % self.tensor:
-            problems.append(f"parallel.tensor={self.tensor} must divide the vocabulary size ({arch.vocab_size})")
+            problems.append(
+                f"parallel.tensor={self.tensor} must divide the vocabulary size ({arch.vocab_size})"
+            )
         stages = self.pipeline * self.virtual_stages
         if arch.num_layers % stages:
             problems.append(

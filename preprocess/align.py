@@ -64,7 +64,9 @@ class AlignSummary:
             "rows_dropped": self.dropped,
             "kept_per_subset": dict(sorted(self.kept_per_subset.items())),
             "dropped_per_subset": dict(sorted(self.dropped_per_subset.items())),
-            "dropped_per_reason": {r: self.dropped_per_reason[r] for r in C.DROP_REASONS if self.dropped_per_reason[r]},
+            "dropped_per_reason": {
+                r: self.dropped_per_reason[r] for r in C.DROP_REASONS if self.dropped_per_reason[r]
+            },
             "notes": dict(self.notes),
             "sources": self.sources,
         }
@@ -72,8 +74,11 @@ class AlignSummary:
     def report(self) -> str:
         lines = [f"kept {self.kept} rows, dropped {self.dropped}"]
         lines += [f"  kept    {name:<24} {n:>10}" for name, n in sorted(self.kept_per_subset.items())]
-        lines += [f"  dropped {r:<24} {self.dropped_per_reason[r]:>10}" for r in C.DROP_REASONS
-                  if self.dropped_per_reason[r]]
+        lines += [
+            f"  dropped {r:<24} {self.dropped_per_reason[r]:>10}"
+            for r in C.DROP_REASONS
+            if self.dropped_per_reason[r]
+        ]
         lines += [f"  note    {k:<24} {v:>10}" for k, v in sorted(self.notes.items())]
         return "\n".join(lines)
 
@@ -82,7 +87,11 @@ def find_data_files(source: Path) -> list[Path]:
     """The snapshot's jsonl/parquet files, sorted by relative path; anything else is listed and skipped."""
     if not source.is_dir():
         raise InputError(f"--source {source} is not a directory (expected a local snapshot of the dataset)")
-    files = sorted(p for p in source.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(source).parts))
+    files = sorted(
+        p
+        for p in source.rglob("*")
+        if p.is_file() and not any(s.startswith(".") for s in p.relative_to(source).parts)
+    )
     data = [p for p in files if p.suffix in DATA_SUFFIXES]
     skipped = [str(p.relative_to(source)) for p in files if p.suffix not in DATA_SUFFIXES]
     if skipped:
@@ -104,8 +113,15 @@ def download_snapshot(revision: str, cache_dir: Optional[str] = None, repo: str 
     """
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(repo_id=repo, repo_type="dataset", revision=revision, cache_dir=cache_dir,
-                                  allow_patterns=[f"*{s}" for s in DATA_SUFFIXES]))
+    return Path(
+        snapshot_download(
+            repo_id=repo,
+            repo_type="dataset",
+            revision=revision,
+            cache_dir=cache_dir,
+            allow_patterns=[f"*{s}" for s in DATA_SUFFIXES],
+        )
+    )
 
 
 def iter_jsonl(path: Path, progress) -> Iterator[tuple[Any, Optional[str]]]:
@@ -177,9 +193,13 @@ def align_snapshot(source: Path, output: Path, revision: Optional[str] = None) -
             buffered_bytes = 0
             for path in files:
                 subset = subset_name(path, source)
-                summary.sources.append({**file_fingerprint(path), "path": str(path.relative_to(source)), "subset": subset})
+                summary.sources.append(
+                    {**file_fingerprint(path), "path": str(path.relative_to(source)), "subset": subset}
+                )
                 reader, total, unit = _reader_for(path)
-                with tqdm(total=total, unit=unit, unit_scale=True, desc=f"align {subset}", leave=False) as bar:
+                with tqdm(
+                    total=total, unit=unit, unit_scale=True, desc=f"align {subset}", leave=False
+                ) as bar:
                     try:
                         for row, reason in reader(path, bar):
                             if reason:
@@ -195,8 +215,12 @@ def align_snapshot(source: Path, output: Path, revision: Optional[str] = None) -
                                 buffer, buffered_bytes = [], 0
                     except (OSError, pa.ArrowException) as exc:
                         raise InputError(f"cannot read {path}: {exc}") from exc
-                log.info("%s: kept %d, dropped %d", subset, summary.kept_per_subset[subset],
-                         summary.dropped_per_subset[subset])
+                log.info(
+                    "%s: kept %d, dropped %d",
+                    subset,
+                    summary.kept_per_subset[subset],
+                    summary.dropped_per_subset[subset],
+                )
             if buffer:
                 writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
     result = summary.to_dict()

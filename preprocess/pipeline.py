@@ -73,7 +73,9 @@ class PreprocessConfig:
             raise InputError(f"--system-source must be one of {SYSTEM_SOURCES}, got {self.system_source!r}")
         existing = [p for p in output_files(self.output_prefix) if p.exists()]
         if existing and not self.force:
-            raise InputError(f"{existing[0]} exists; pass --force to overwrite the outputs of {self.output_prefix}")
+            raise InputError(
+                f"{existing[0]} exists; pass --force to overwrite the outputs of {self.output_prefix}"
+            )
 
 
 def histogram_path(prefix: Path | str) -> Path:
@@ -105,7 +107,9 @@ class ChunkResult:
 class ChunkEncoder:
     """Applies the template to a record batch of aligned rows."""
 
-    def __init__(self, tokenizer_json: str, template: ChatTemplate, cutoff_len: int, overlong: str, system_source: str):
+    def __init__(
+        self, tokenizer_json: str, template: ChatTemplate, cutoff_len: int, overlong: str, system_source: str
+    ):
         from tokenizers import Tokenizer
 
         self.backend = Tokenizer.from_str(tokenizer_json)
@@ -207,7 +211,9 @@ class TokeniseResult:
     per_subset: dict[str, dict[str, int]]
 
 
-def tokenise_to_spill(cfg: PreprocessConfig, tokenizer_json: str, spill_ids: Path, spill_mask: Path) -> TokeniseResult:
+def tokenise_to_spill(
+    cfg: PreprocessConfig, tokenizer_json: str, spill_ids: Path, spill_mask: Path
+) -> TokeniseResult:
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
@@ -217,7 +223,9 @@ def tokenise_to_spill(cfg: PreprocessConfig, tokenizer_json: str, spill_ids: Pat
         raise InputError(f"cannot read {cfg.input} as parquet: {exc}") from exc
     names = parquet.schema_arrow.names
     if "conversations" not in names:
-        raise InputError(f"{cfg.input} has no `conversations` column (columns: {names}); align it with tools/get_am_dataset.py")
+        raise InputError(
+            f"{cfg.input} has no `conversations` column (columns: {names}); align it with tools/get_am_dataset.py"
+        )
     if cfg.system_source == "column" and "system" not in names:
         raise InputError(f"--system-source column needs a `system` column in {cfg.input}")
     columns = [c for c in ("conversations", "system", "subset") if c in names]
@@ -228,9 +236,11 @@ def tokenise_to_spill(cfg: PreprocessConfig, tokenizer_json: str, spill_ids: Pat
     dropped: Counter = Counter()
     per_subset: dict[str, Counter] = {}
     rows = loss_tokens = 0
-    with open(spill_ids, "wb") as f_ids, open(spill_mask, "wb") as f_mask, tqdm(
-        total=parquet.metadata.num_rows, unit="conv", desc="tokenise", unit_scale=True
-    ) as bar:
+    with (
+        open(spill_ids, "wb") as f_ids,
+        open(spill_mask, "wb") as f_mask,
+        tqdm(total=parquet.metadata.num_rows, unit="conv", desc="tokenise", unit_scale=True) as bar,
+    ):
         for result in _ordered_parallel_map(encoder_args, batches, cfg.workers):
             result.ids.tofile(f_ids)
             result.mask.tofile(f_mask)
@@ -258,7 +268,9 @@ def tokenise_to_spill(cfg: PreprocessConfig, tokenizer_json: str, spill_ids: Pat
 # Stage 3: writing packs
 
 
-def write_packs(plan: PackPlan, lengths: np.ndarray, spill_ids: Path, spill_mask: Path, writer: PackedWriter) -> None:
+def write_packs(
+    plan: PackPlan, lengths: np.ndarray, spill_ids: Path, spill_mask: Path, writer: PackedWriter
+) -> None:
     from tqdm import tqdm
 
     starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
@@ -297,7 +309,9 @@ def preprocess(cfg: PreprocessConfig, command: Optional[list[str]] = None) -> di
             with atomic_output(histogram_path(cfg.output_prefix)) as png:
                 title = f"{Path(cfg.output_prefix).name}: {len(tok.lengths)} conversations"
                 save_histogram_png(tok.lengths, cfg.seq_length, png, title)
-            meta = writer.commit(_metadata(cfg, tok, plan, backend.get_vocab_size(with_added_tokens=True), command))
+            meta = writer.commit(
+                _metadata(cfg, tok, plan, backend.get_vocab_size(with_added_tokens=True), command)
+            )
         timer.done("statistics and commit")
         log.info("stage times: %s", timer)
     finally:
@@ -323,7 +337,9 @@ class _StageTimer:
         return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.stages)
 
 
-def _metadata(cfg: PreprocessConfig, tok: TokeniseResult, plan: PackPlan, vocab_size: int, command) -> dict[str, Any]:
+def _metadata(
+    cfg: PreprocessConfig, tok: TokeniseResult, plan: PackPlan, vocab_size: int, command
+) -> dict[str, Any]:
     total_tokens = int(tok.lengths.sum(dtype=np.int64))
     truncated = int((tok.full_lengths > tok.lengths).sum())
     dropped = {r: tok.dropped[r] for r in C.DROP_REASONS if tok.dropped[r]}
@@ -370,10 +386,13 @@ def report(meta: dict[str, Any]) -> str:
         f"tokens          {s['tokens']:>12,}  (loss tokens {s['loss_tokens']:,}, {s['loss_tokens'] / s['tokens']:.1%})",
         f"packs           {s['packs']:>12,}  x {meta['seq_length']} tokens, efficiency {s['packing_efficiency']:.4%}, "
         f"{s['conversations_per_pack']} conversations/pack",
-        "length          " + "  ".join(f"{k}={v}" for k, v in s["lengths"]["percentiles"].items())
+        "length          "
+        + "  ".join(f"{k}={v}" for k, v in s["lengths"]["percentiles"].items())
         + f"  max={s['lengths']['max']}",
     ]
     for subset, counts in s["per_subset"].items():
-        lines.append(f"  subset {subset or '(none)':<14} {counts['conversations']:>10,} conversations {counts['tokens']:>14,} tokens")
+        lines.append(
+            f"  subset {subset or '(none)':<14} {counts['conversations']:>10,} conversations {counts['tokens']:>14,} tokens"
+        )
     lines.append("tokens per conversation:\n" + format_histogram(s["length_histogram_log2"]))
     return "\n".join(lines)

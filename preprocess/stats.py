@@ -38,7 +38,9 @@ def format_histogram(rows: list, width: int = 40) -> str:
     if not rows:
         return "(no conversations)"
     peak = max(c for _, _, c in rows)
-    return "\n".join(f"  {lo:>6}-{hi:<6} {c:>9} {'#' * max(1, round(width * c / peak))}" for lo, hi, c in rows)
+    return "\n".join(
+        f"  {lo:>6}-{hi:<6} {c:>9} {'#' * max(1, round(width * c / peak))}" for lo, hi, c in rows
+    )
 
 
 def save_histogram_png(lengths: np.ndarray, upper: int, path: Path, title: str) -> None:
@@ -57,7 +59,12 @@ def save_histogram_png(lengths: np.ndarray, upper: int, path: Path, title: str) 
     ax.set_ylabel("conversations")
     ax.set_title(title)
     if len(lengths):
-        ax.axvline(float(np.median(lengths)), color="#c0392b", linestyle="--", label=f"median {int(np.median(lengths))}")
+        ax.axvline(
+            float(np.median(lengths)),
+            color="#c0392b",
+            linestyle="--",
+            label=f"median {int(np.median(lengths))}",
+        )
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, format="png")

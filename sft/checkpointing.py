@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 # The only sharding type that loads with torch's Adam (docs/architecture.md): it reshards across DP only.
 OPTIMIZER_SHARDING = "dp_reshardable"
 CONFIG_FILE = "config.yaml"
-FINISHED_FILE = "finished.json"  # in SAVE_DIR once every iteration is trained (slurm/sft.sh requeues until then)
+FINISHED_FILE = (
+    "finished.json"  # in SAVE_DIR once every iteration is trained (slurm/sft.sh requeues until then)
+)
 
 
 @dataclass
@@ -75,21 +77,31 @@ def model_sharded_state_dict(chunks: list) -> dict[str, Any]:
     return {_model_key(i, len(chunks)): unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
-def _full_state(chunks, optimizer, scheduler, state: TrainState, layout: dict[str, Any], *,
-                loading: bool) -> dict[str, Any]:
+def _full_state(
+    chunks, optimizer, scheduler, state: TrainState, layout: dict[str, Any], *, loading: bool
+) -> dict[str, Any]:
     model = model_sharded_state_dict(chunks)
     return {
         **model,
-        "optimizer": optimizer.sharded_state_dict(model, is_loading=loading,
-                                                  metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING}),
+        "optimizer": optimizer.sharded_state_dict(
+            model, is_loading=loading, metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING}
+        ),
         "scheduler": scheduler.state_dict(),
         "train_state": asdict(state),
         "layout": layout,
     }
 
 
-def save_checkpoint(save_dir: str | Path, chunks, optimizer, scheduler, state: TrainState, layout: dict[str, Any],
-                    config_yaml: str, source_checkpoint: Path) -> Path:
+def save_checkpoint(
+    save_dir: str | Path,
+    chunks,
+    optimizer,
+    scheduler,
+    state: TrainState,
+    layout: dict[str, Any],
+    config_yaml: str,
+    source_checkpoint: Path,
+) -> Path:
     """Collective: writes SAVE_DIR/iter_N via iter_N.partial; hf_config.json and tokenizer/ are copied
     from `source_checkpoint` (the converted or resumed checkpoint)."""
     from megatron.core import dist_checkpointing
@@ -101,16 +113,27 @@ def save_checkpoint(save_dir: str | Path, chunks, optimizer, scheduler, state: T
         shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
         partial.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(_full_state(chunks, optimizer, scheduler, state, layout, loading=False), str(partial))
+    dist_checkpointing.save(
+        _full_state(chunks, optimizer, scheduler, state, layout, loading=False), str(partial)
+    )
     dist.barrier()
     if rank0:
         shutil.copy(source_checkpoint / HF_CONFIG_FILE, partial / HF_CONFIG_FILE)
         if (source_checkpoint / TOKENIZER_DIR).is_dir():
             shutil.copytree(source_checkpoint / TOKENIZER_DIR, partial / TOKENIZER_DIR)
         (partial / CONFIG_FILE).write_text(config_yaml)
-        write_json_atomic(partial / PROVENANCE_FILE, {**tool_info("pretrain_sft"), "iteration": state.iteration,
-                                                      "consumed_samples": state.consumed_samples, "layout": layout})
-        publish_directory(partial, final)  # a same-iteration checkpoint of an earlier attempt stays until replaced
+        write_json_atomic(
+            partial / PROVENANCE_FILE,
+            {
+                **tool_info("pretrain_sft"),
+                "iteration": state.iteration,
+                "consumed_samples": state.consumed_samples,
+                "layout": layout,
+            },
+        )
+        publish_directory(
+            partial, final
+        )  # a same-iteration checkpoint of an earlier attempt stays until replaced
     dist.barrier()
     return final
 
@@ -141,7 +164,10 @@ def find_resume_checkpoint(resume: str, save_dir: str | Path | None) -> Path | N
 def _torch_adams(optimizer) -> list:
     import torch
 
-    inner = [getattr(chained, "optimizer", None) for chained in getattr(optimizer, "chained_optimizers", [optimizer])]
+    inner = [
+        getattr(chained, "optimizer", None)
+        for chained in getattr(optimizer, "chained_optimizers", [optimizer])
+    ]
     return [o for o in inner if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
 
 
@@ -155,8 +181,11 @@ def _materialise_torch_adam_state(optimizer) -> None:
         for group in adam.param_groups:
             for param in group["params"]:
                 if not adam.state[param]:
-                    adam.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
-                                             exp_avg_sq=torch.zeros_like(param))
+                    adam.state[param].update(
+                        step=torch.tensor(0.0),
+                        exp_avg=torch.zeros_like(param),
+                        exp_avg_sq=torch.zeros_like(param),
+                    )
 
 
 def _restore_adam_step(optimizer, successful_steps: int) -> None:
@@ -170,7 +199,9 @@ def _restore_adam_step(optimizer, successful_steps: int) -> None:
             state["step"] = torch.tensor(float(successful_steps))
 
 
-def load_checkpoint(path: Path, chunks, optimizer, scheduler, layout: ParallelLayout, world_size: int) -> TrainState:
+def load_checkpoint(
+    path: Path, chunks, optimizer, scheduler, layout: ParallelLayout, world_size: int
+) -> TrainState:
     """Collective: restores model, optimizer, scheduler and trainer state saved by `save_checkpoint`."""
     import torch
     from megatron.core import dist_checkpointing
@@ -178,15 +209,21 @@ def load_checkpoint(path: Path, chunks, optimizer, scheduler, layout: ParallelLa
     common = dist_checkpointing.load_common_state_dict(str(path))
     saved_layout = common.get("layout")
     if saved_layout is None or "train_state" not in common:
-        raise CheckpointError(f"{path} is not a training checkpoint (no trainer state): to start from its weights, "
-                              f"set model.init_checkpoint={path} and checkpoint.resume=none")
+        raise CheckpointError(
+            f"{path} is not a training checkpoint (no trainer state): to start from its weights, "
+            f"set model.init_checkpoint={path} and checkpoint.resume=none"
+        )
     changed = layout.model_parallel_changes(saved_layout)
     if changed:
-        raise ConfigError(f"{path} was saved at another model-parallel layout {changed} (saved, now); the optimizer "
-                          "state reshards only across data parallelism. Resume with the saved layout, or start a new "
-                          f"run from the weights: model.init_checkpoint={path} checkpoint.resume=none")
+        raise ConfigError(
+            f"{path} was saved at another model-parallel layout {changed} (saved, now); the optimizer "
+            "state reshards only across data parallelism. Resume with the saved layout, or start a new "
+            f"run from the weights: model.init_checkpoint={path} checkpoint.resume=none"
+        )
     _materialise_torch_adam_state(optimizer)
-    template = _full_state(chunks, optimizer, scheduler, TrainState(), layout.to_dict(world_size), loading=True)
+    template = _full_state(
+        chunks, optimizer, scheduler, TrainState(), layout.to_dict(world_size), loading=True
+    )
     state = dist_checkpointing.load(template, str(path))
     for i, chunk in enumerate(chunks):
         assign_weights(unwrap(chunk), state[_model_key(i, len(chunks))], path)

@@ -30,7 +30,9 @@ from models.parallel_layout import ParallelLayout
 
 @dataclass
 class ModelConfig:
-    init_checkpoint: str | None = None  # torch_dist from tools/convert_hf_to_mcore.py (architecture from its hf_config.json)
+    init_checkpoint: str | None = (
+        None  # torch_dist from tools/convert_hf_to_mcore.py (architecture from its hf_config.json)
+    )
     recompute: Literal["none", "selective", "full"] = "selective"
     attention: Literal["auto", "te", "torch"] = "auto"  # auto: Transformer Engine when importable on CUDA
 
@@ -97,21 +99,33 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self, *, world_size: int, te_available: bool, arch=None, data_seq_length: int | None = None) -> None:
+    def validate(
+        self, *, world_size: int, te_available: bool, arch=None, data_seq_length: int | None = None
+    ) -> None:
         """Raises ConfigError listing every problem found; `arch` (a Qwen2Arch) and the data's sequence
         length are checked when given."""
         problems = _check_values(self) + self.parallel.problems(
-            world_size=world_size, arch=arch, global_batch=self.schedule.global_batch_size,
-            seq_length=self.data.seq_length, te_available=te_available)
+            world_size=world_size,
+            arch=arch,
+            global_batch=self.schedule.global_batch_size,
+            seq_length=self.data.seq_length,
+            te_available=te_available,
+        )
         if not te_available and self.model.attention == "te":
-            problems.append("model.attention=te needs Transformer Engine, which is not importable here "
-                            "(install it, or use model.attention=auto)")
+            problems.append(
+                "model.attention=te needs Transformer Engine, which is not importable here "
+                "(install it, or use model.attention=auto)"
+            )
         if arch is not None and self.data.seq_length > arch.max_position_embeddings:
-            problems.append(f"data.seq_length={self.data.seq_length} exceeds the model's max_position_embeddings "
-                            f"({arch.max_position_embeddings})")
+            problems.append(
+                f"data.seq_length={self.data.seq_length} exceeds the model's max_position_embeddings "
+                f"({arch.max_position_embeddings})"
+            )
         if data_seq_length is not None and data_seq_length != self.data.seq_length:
-            problems.append(f"data.seq_length={self.data.seq_length} but the data was packed at {data_seq_length}: "
-                            f"set data.seq_length={data_seq_length} or re-run tools/preprocess_sft.py")
+            problems.append(
+                f"data.seq_length={self.data.seq_length} but the data was packed at {data_seq_length}: "
+                f"set data.seq_length={data_seq_length} or re-run tools/preprocess_sft.py"
+            )
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
@@ -119,16 +133,22 @@ class TrainConfig:
 def _check_values(c: TrainConfig) -> list[str]:
     problems = []
     if not c.data.prefixes:
-        problems.append("data.prefixes is empty: set data.prefixes=[PREFIX] (the --output-prefix of preprocess_sft.py)")
+        problems.append(
+            "data.prefixes is empty: set data.prefixes=[PREFIX] (the --output-prefix of preprocess_sft.py)"
+        )
     for prefix in c.data.prefixes:
         missing = [path for path in PackedPaths(prefix).all_files() if not path.is_file()]
         if missing:
             problems.append(f"data.prefixes: {missing[0]} not found (run tools/preprocess_sft.py first)")
-    if c.data.weights is not None and (len(c.data.weights) != len(c.data.prefixes) or min(c.data.weights) <= 0):
+    if c.data.weights is not None and (
+        len(c.data.weights) != len(c.data.prefixes) or min(c.data.weights) <= 0
+    ):
         problems.append("data.weights needs one positive weight per prefix")
     if c.model.init_checkpoint and not (Path(c.model.init_checkpoint) / HF_CONFIG_FILE).is_file():
-        problems.append(f"model.init_checkpoint={c.model.init_checkpoint} is not a converted checkpoint "
-                        f"(no {HF_CONFIG_FILE}): run tools/convert_hf_to_mcore.py")
+        problems.append(
+            f"model.init_checkpoint={c.model.init_checkpoint} is not a converted checkpoint "
+            f"(no {HF_CONFIG_FILE}): run tools/convert_hf_to_mcore.py"
+        )
     if c.model.init_checkpoint is None and c.checkpoint.resume == "none":
         problems.append("model.init_checkpoint is not set and checkpoint.resume=none: nothing to start from")
     if not 0 <= c.schedule.warmup_ratio < 1:
@@ -148,6 +168,7 @@ def _check_values(c: TrainConfig) -> list[str]:
 
 
 # Loading ---------------------------------------------------------------------------------------------
+
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     """The defaults, updated by the YAML file at `path`, then by `key.sub=value` overrides (values in
@@ -183,12 +204,16 @@ def _expand_environment(value, where: str):
     if isinstance(value, list):
         return [_expand_environment(v, where) for v in value]
     if isinstance(value, str):
+
         def substitute(match):
             name = match.group(1)
             if name not in os.environ:
-                raise ConfigError(f"{where.rstrip('.')} refers to ${{{name}}}, which is not set: export {name}=... "
-                                  f"or override the key on the command line")
+                raise ConfigError(
+                    f"{where.rstrip('.')} refers to ${{{name}}}, which is not set: export {name}=... "
+                    f"or override the key on the command line"
+                )
             return os.environ[name]
+
         return _ENV_REFERENCE.sub(substitute, value)
     return value
 

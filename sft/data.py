@@ -56,7 +56,7 @@ class PackOrder:
         cycle, offset = divmod(start, size)
         while count > 0:
             permutation = np.random.default_rng([self.seed, prefix, cycle]).permutation(size)
-            take = permutation[offset:offset + count]
+            take = permutation[offset : offset + count]
             out.append(take)
             count -= len(take)
             cycle, offset = cycle + 1, 0
@@ -65,8 +65,10 @@ class PackOrder:
     def epoch(self, epoch: int) -> np.ndarray:
         """The [epoch_size, 2] (prefix, pack) order of one epoch."""
         if self._cached_epoch is None or self._cached_epoch[0] != epoch:
-            parts = [np.stack([np.full(n, i), self._prefix_stream(i, epoch * n, n)], axis=1)
-                     for i, n in enumerate(self.per_epoch)]
+            parts = [
+                np.stack([np.full(n, i), self._prefix_stream(i, epoch * n, n)], axis=1)
+                for i, n in enumerate(self.per_epoch)
+            ]
             combined = np.concatenate(parts)
             shuffle = np.random.default_rng([self.seed, 1_000_003, epoch]).permutation(len(combined))
             self._cached_epoch = (epoch, combined[shuffle])
@@ -99,30 +101,52 @@ class MicroBatch:
 
     def to(self, device) -> "MicroBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return MicroBatch(move(self.tokens), move(self.position_ids), move(self.labels), move(self.loss_mask),
-                          move(self.cu_seqlens), self.max_seqlen, self.real_tokens, move(self.cu_seqlens_padded))
+        return MicroBatch(
+            move(self.tokens),
+            move(self.position_ids),
+            move(self.labels),
+            move(self.loss_mask),
+            move(self.cu_seqlens),
+            self.max_seqlen,
+            self.real_tokens,
+            move(self.cu_seqlens_padded),
+        )
 
     def packed_seq_params(self):
         from megatron.core.packed_seq_params import PackedSeqParams
 
-        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
-                               cu_seqlens_q_padded=self.cu_seqlens_padded, cu_seqlens_kv_padded=self.cu_seqlens_padded,
-                               max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
+        return PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=self.cu_seqlens,
+            cu_seqlens_kv=self.cu_seqlens,
+            cu_seqlens_q_padded=self.cu_seqlens_padded,
+            cu_seqlens_kv_padded=self.cu_seqlens_padded,
+            max_seqlen_q=self.max_seqlen,
+            max_seqlen_kv=self.max_seqlen,
+        )
 
 
 def _round_up(value, multiple):
     return -(-value // multiple) * multiple
 
 
-def row_width(micro_batch_size: int, seq_length: int, pad_multiple: int = 1, longest_padded_pack: int = 0) -> int:
+def row_width(
+    micro_batch_size: int, seq_length: int, pad_multiple: int = 1, longest_padded_pack: int = 0
+) -> int:
     """The fixed THD row width: micro_batch_size packs of seq_length tokens, or of the longest pack once
     its conversations are padded to `pad_multiple` (context parallelism) if that is longer, rounded up
     to the multiple."""
     return _round_up(micro_batch_size * max(seq_length, longest_padded_pack), pad_multiple)
 
 
-def make_micro_batch(packs: list[Pack], seq_length: int, pad_token_id: int = 0, *, pad_multiple: int = 1,
-                     width: int | None = None) -> MicroBatch:
+def make_micro_batch(
+    packs: list[Pack],
+    seq_length: int,
+    pad_token_id: int = 0,
+    *,
+    pad_multiple: int = 1,
+    width: int | None = None,
+) -> MicroBatch:
     """Concatenates `packs` into one THD row of `width` tokens (default len(packs) x seq_length); see the
     module doc. With pad_multiple > 1 every conversation is padded to a multiple of it (no loss on the
     padding) and the padded offsets are kept."""
@@ -133,13 +157,23 @@ def make_micro_batch(packs: list[Pack], seq_length: int, pad_token_id: int = 0, 
     real = int(lengths.sum())
     padded = _round_up(lengths, pad_multiple) if pad_multiple > 1 else lengths
     if padded.sum() > width:
-        raise DataError(f"{len(packs)} packs hold {real} tokens ({int(padded.sum())} padded), more than the row "
-                        f"width {width} ({len(packs)} x seq_length {seq_length})")
+        raise DataError(
+            f"{len(packs)} packs hold {real} tokens ({int(padded.sum())} padded), more than the row "
+            f"width {width} ({len(packs)} x seq_length {seq_length})"
+        )
     if pad_multiple > 1:  # each conversation followed by its padding
-        ids = np.concatenate([np.concatenate([c, np.full(pl - len(c), pad_token_id, np.int32)])
-                              for c, pl in zip(np.split(np.concatenate(ids), np.cumsum(lengths)[:-1]), padded)])
-        mask = np.concatenate([np.concatenate([c, np.zeros(pl - len(c), np.uint8)])
-                               for c, pl in zip(np.split(np.concatenate(mask), np.cumsum(lengths)[:-1]), padded)])
+        ids = np.concatenate(
+            [
+                np.concatenate([c, np.full(pl - len(c), pad_token_id, np.int32)])
+                for c, pl in zip(np.split(np.concatenate(ids), np.cumsum(lengths)[:-1]), padded)
+            ]
+        )
+        mask = np.concatenate(
+            [
+                np.concatenate([c, np.zeros(pl - len(c), np.uint8)])
+                for c, pl in zip(np.split(np.concatenate(mask), np.cumsum(lengths)[:-1]), padded)
+            ]
+        )
     else:
         ids, mask = np.concatenate(ids), np.concatenate(mask)
     ids, mask = ids.astype(np.int64), mask.astype(np.float32)
@@ -161,8 +195,16 @@ def make_micro_batch(packs: list[Pack], seq_length: int, pad_token_id: int = 0, 
     target[no_target] = 0.0
     row = lambda a: torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(0)  # noqa: E731
     offsets = lambda a: torch.from_numpy(np.concatenate([[0], np.cumsum(a)]).astype(np.int32))  # noqa: E731
-    return MicroBatch(row(ids), row(positions), row(labels), row(target), offsets(lengths), int(padded.max()), real,
-                      offsets(padded) if pad_multiple > 1 else None)
+    return MicroBatch(
+        row(ids),
+        row(positions),
+        row(labels),
+        row(target),
+        offsets(lengths),
+        int(padded.max()),
+        real,
+        offsets(padded) if pad_multiple > 1 else None,
+    )
 
 
 def context_parallel_indices(cu_seqlens_padded: np.ndarray, cp_size: int, cp_rank: int) -> np.ndarray:
@@ -184,8 +226,16 @@ def split_for_context_parallel(batch: MicroBatch, cp_size: int, cp_rank: int) ->
         return batch
     index = torch.from_numpy(context_parallel_indices(batch.cu_seqlens_padded.numpy(), cp_size, cp_rank))
     take = lambda t: t.index_select(1, index)  # noqa: E731
-    return MicroBatch(take(batch.tokens), take(batch.position_ids), take(batch.labels), take(batch.loss_mask),
-                      batch.cu_seqlens, batch.max_seqlen, batch.real_tokens, batch.cu_seqlens_padded)
+    return MicroBatch(
+        take(batch.tokens),
+        take(batch.position_ids),
+        take(batch.labels),
+        take(batch.loss_mask),
+        batch.cu_seqlens,
+        batch.max_seqlen,
+        batch.real_tokens,
+        batch.cu_seqlens_padded,
+    )
 
 
 class SFTData:
@@ -195,8 +245,10 @@ class SFTData:
         self.datasets = [PackedDataset(p) for p in prefixes]
         lengths = {d.seq_length for d in self.datasets}
         if len(lengths) > 1:
-            raise DataError(f"data prefixes were packed at different seq lengths {sorted(lengths)}: "
-                            "preprocess them with one --seq-length")
+            raise DataError(
+                f"data prefixes were packed at different seq lengths {sorted(lengths)}: "
+                "preprocess them with one --seq-length"
+            )
         self.seq_length = lengths.pop()
         self.order = PackOrder([len(d) for d in self.datasets], weights, seed)
 
@@ -213,16 +265,25 @@ class SFTData:
         pad = layout.pad_multiple
         return row_width(layout.micro_batch_size, self.seq_length, pad, self.longest_padded_pack(pad))
 
-    def micro_batches(self, consumed: int, global_batch_size: int, layout: ParallelLayout, data_parallel_rank: int,
-                      data_parallel_size: int, context_parallel_rank: int = 0) -> list[MicroBatch]:
+    def micro_batches(
+        self,
+        consumed: int,
+        global_batch_size: int,
+        layout: ParallelLayout,
+        data_parallel_rank: int,
+        data_parallel_size: int,
+        context_parallel_rank: int = 0,
+    ) -> list[MicroBatch]:
         """This data-parallel rank's micro-batches of the global batch starting at slot `consumed`, each row
         split across the layout's context-parallel ranks (this one's share)."""
         per_rank, size = global_batch_size // data_parallel_size, layout.micro_batch_size
         start = consumed + data_parallel_rank * per_rank
         packs = [self.datasets[prefix][pack] for prefix, pack in self.order.slots(start, per_rank)]
         width, pad = self.row_width(layout), layout.pad_multiple
-        rows = [make_micro_batch(packs[i:i + size], self.seq_length, pad_multiple=pad, width=width)
-                for i in range(0, per_rank, size)]
+        rows = [
+            make_micro_batch(packs[i : i + size], self.seq_length, pad_multiple=pad, width=width)
+            for i in range(0, per_rank, size)
+        ]
         return [split_for_context_parallel(row, layout.context, context_parallel_rank) for row in rows]
 
     def conversation_lengths(self, consumed: int, global_batch_size: int) -> np.ndarray:

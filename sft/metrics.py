@@ -31,7 +31,11 @@ def peak_memory_gb(device: str) -> float:
 
 
 def _truncate_after(path: Path, iteration: int) -> None:
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["iteration"] <= iteration]
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["iteration"] <= iteration
+    ]
     with atomic_output(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in kept))
 
@@ -56,8 +60,13 @@ class MetricsLogger:
     def _start_wandb(config):
         import wandb
 
-        run = wandb.init(mode=config.logging.wandb_mode, project=config.logging.wandb_project,
-                         name=config.logging.wandb_run_name, config=config.to_dict(), dir=config.checkpoint.save_dir)
+        run = wandb.init(
+            mode=config.logging.wandb_mode,
+            project=config.logging.wandb_project,
+            name=config.logging.wandb_run_name,
+            config=config.to_dict(),
+            dir=config.checkpoint.save_dir,
+        )
         log.info("wandb: %s run %s", config.logging.wandb_mode, run.name)
         return run
 
@@ -69,11 +78,21 @@ class MetricsLogger:
         self._file.flush()
         if self._wandb is not None:
             self._wandb.log(metrics, step=iteration)
-        log.info("iter %d | loss %.4f | lr %.3g | grad norm %.3g | loss tokens %d | %.0f tok/s | %.3g TFLOP/s/dev "
-                 "(MFU %.1f%%) | mem %.2f GB | %.2f s%s", iteration, metrics["loss"], metrics["lr"],
-                 metrics["grad_norm"], metrics["loss_tokens"], metrics["tokens_per_s"], metrics["tflops_per_device"],
-                 100 * metrics["mfu"], metrics["peak_memory_gb"], metrics["step_time_s"],
-                 f" | SKIPPED (non-finite; {metrics['skipped_steps']} so far)" if metrics["step_skipped"] else "")
+        log.info(
+            "iter %d | loss %.4f | lr %.3g | grad norm %.3g | loss tokens %d | %.0f tok/s | %.3g TFLOP/s/dev "
+            "(MFU %.1f%%) | mem %.2f GB | %.2f s%s",
+            iteration,
+            metrics["loss"],
+            metrics["lr"],
+            metrics["grad_norm"],
+            metrics["loss_tokens"],
+            metrics["tokens_per_s"],
+            metrics["tflops_per_device"],
+            100 * metrics["mfu"],
+            metrics["peak_memory_gb"],
+            metrics["step_time_s"],
+            f" | SKIPPED (non-finite; {metrics['skipped_steps']} so far)" if metrics["step_skipped"] else "",
+        )
 
     def close(self) -> None:
         if self._file is not None:

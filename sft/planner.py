@@ -80,13 +80,26 @@ class Estimate:
         return sum(self.memory_gb.values())
 
     def to_dict(self) -> dict:
-        return {**asdict(self.layout), "recompute": self.recompute, "data_parallel": self.data_parallel,
-                "memory_gb": self.memory_gb,
-                "total_gb": self.total_gb, "step_time_s": self.step_time_s, "mfu": self.mfu, "fits": self.fits}
+        return {
+            **asdict(self.layout),
+            "recompute": self.recompute,
+            "data_parallel": self.data_parallel,
+            "memory_gb": self.memory_gb,
+            "total_gb": self.total_gb,
+            "step_time_s": self.step_time_s,
+            "mfu": self.mfu,
+            "fits": self.fits,
+        }
 
 
 def layer_parameters(arch) -> int:
-    h, n, g, d, f = arch.hidden_size, arch.num_attention_heads, arch.num_query_groups, arch.head_dim, arch.ffn_hidden_size
+    h, n, g, d, f = (
+        arch.hidden_size,
+        arch.num_attention_heads,
+        arch.num_query_groups,
+        arch.head_dim,
+        arch.ffn_hidden_size,
+    )
     return h * (n + 2 * g) * d + (n + 2 * g) * d + n * d * h + 3 * h * f + 2 * h
 
 
@@ -98,7 +111,9 @@ def local_parameters(arch, layout: ParallelLayout) -> int:
     return (layers + ends) // layout.tensor + arch.hidden_size  # + the final norm
 
 
-def activation_bytes_per_token_layer(arch, layout: ParallelLayout, recompute: str, element_bytes: int = 2) -> float:
+def activation_bytes_per_token_layer(
+    arch, layout: ParallelLayout, recompute: str, element_bytes: int = 2
+) -> float:
     h, g, d, f = arch.hidden_size, arch.num_query_groups, arch.head_dim, arch.ffn_hidden_size
     t = layout.tensor
     replicated = 6 * h  # norm and residual tensors: outside the TP region
@@ -108,11 +123,25 @@ def activation_bytes_per_token_layer(arch, layout: ParallelLayout, recompute: st
     return element_bytes * (replicated / (t if layout.sequence_parallel else 1) + inside / t)
 
 
-def estimate(arch, layout: ParallelLayout, recompute: str, hw: Hardware, seq_length: int, global_batch: int,
-             mean_conversation: float, weight_bytes: int = 2, te_available: bool = True) -> Estimate | None:
+def estimate(
+    arch,
+    layout: ParallelLayout,
+    recompute: str,
+    hw: Hardware,
+    seq_length: int,
+    global_batch: int,
+    mean_conversation: float,
+    weight_bytes: int = 2,
+    te_available: bool = True,
+) -> Estimate | None:
     """The estimate for one layout, or None when the layout is not valid for the model and batch."""
-    if layout.problems(world_size=hw.gpus, arch=arch, global_batch=global_batch, seq_length=seq_length,
-                       te_available=te_available):
+    if layout.problems(
+        world_size=hw.gpus,
+        arch=arch,
+        global_batch=global_batch,
+        seq_length=seq_length,
+        te_available=te_available,
+    ):
         return None
     dp = layout.data_parallel(hw.gpus)
     micro_batches = layout.micro_batches_per_step(global_batch, hw.gpus)
@@ -120,9 +149,15 @@ def estimate(arch, layout: ParallelLayout, recompute: str, hw: Hardware, seq_len
     tokens = layout.micro_batch_size * seq_length / layout.context
     layers_here = arch.num_layers // layout.pipeline
     vp = layout.virtual_stages
-    in_flight = min(layout.pipeline, micro_batches) * (1 + (layout.pipeline - 1) / (layout.pipeline * vp) if vp > 1 else 1)
-    activations = tokens * layers_here * in_flight * activation_bytes_per_token_layer(arch, layout, recompute,
-                                                                                      weight_bytes)
+    in_flight = min(layout.pipeline, micro_batches) * (
+        1 + (layout.pipeline - 1) / (layout.pipeline * vp) if vp > 1 else 1
+    )
+    activations = (
+        tokens
+        * layers_here
+        * in_flight
+        * activation_bytes_per_token_layer(arch, layout, recompute, weight_bytes)
+    )
     if recompute == "full":  # one layer's full activations while it is recomputed
         activations += tokens * activation_bytes_per_token_layer(arch, layout, "none", weight_bytes)
     # bf16 logits and their fp32 copy for the cross-entropy; in fp32 the cross-entropy works in place
@@ -137,14 +172,19 @@ def estimate(arch, layout: ParallelLayout, recompute: str, hw: Hardware, seq_len
     }
     result = Estimate(layout, recompute, dp, {k: round(v, 3) for k, v in memory.items()})
     result.fits = result.total_gb <= hw.gpu_memory_gb
-    result.step_time_s, result.mfu = _step_time(arch, layout, recompute, hw, seq_length, global_batch,
-                                                mean_conversation, micro_batches, dp, params)
+    result.step_time_s, result.mfu = _step_time(
+        arch, layout, recompute, hw, seq_length, global_batch, mean_conversation, micro_batches, dp, params
+    )
     return result
 
 
-def _step_time(arch, layout, recompute, hw, seq_length, global_batch, mean_conversation, micro_batches, dp, params):
+def _step_time(
+    arch, layout, recompute, hw, seq_length, global_batch, mean_conversation, micro_batches, dp, params
+):
     conversations = [mean_conversation] * max(1, round(seq_length / mean_conversation))
-    model_flops = 3 * (dense_flops_per_token(arch) * seq_length + attention_flops(arch, conversations)) * global_batch
+    model_flops = (
+        3 * (dense_flops_per_token(arch) * seq_length + attention_flops(arch, conversations)) * global_batch
+    )
     executed = model_flops * (4 / 3 if recompute == "full" else 1)  # full recompute runs the forward twice
     compute = executed / (hw.gpus * hw.peak_tflops * 1e12 * hw.efficiency)
     bubble = (layout.pipeline - 1) / (layout.virtual_stages * micro_batches)
@@ -166,28 +206,53 @@ def _step_time(arch, layout, recompute, hw, seq_length, global_batch, mean_conve
         tokens = layout.micro_batch_size * seq_length / layout.context  # boundaries, per micro-batch
         pp_bytes = 2 * tokens * arch.hidden_size * 2 / (layout.tensor if layout.sequence_parallel else 1)
         hops = layout.pipeline * layout.virtual_stages - 1
-        pp_time = 0.5 * pp_bytes * hops * micro_batches / layout.pipeline / (hw.network_gbps * GB)  # half hidden
+        pp_time = (
+            0.5 * pp_bytes * hops * micro_batches / layout.pipeline / (hw.network_gbps * GB)
+        )  # half hidden
     dp_time = 0.0
     if dp > 1:
         intra_node = layout.model_parallel_size * dp <= hw.gpus_per_node
         bandwidth = (hw.nvlink_gbps if intra_node else hw.network_gbps) * GB
-        dp_time = (4 + 2) * params * (dp - 1) / dp / bandwidth  # fp32 grad reduce-scatter + bf16 weight all-gather
+        dp_time = (
+            (4 + 2) * params * (dp - 1) / dp / bandwidth
+        )  # fp32 grad reduce-scatter + bf16 weight all-gather
     step = compute * (1 + bubble) + tp_time + cp_time + pp_time + dp_time
     return round(step, 3), round(model_flops / (step * hw.gpus * hw.peak_tflops * 1e12), 4)
 
 
-def plan(arch, hw: Hardware, seq_length: int, global_batch: int, mean_conversation: float,
-         te_available: bool = True) -> list[Estimate]:
+def plan(
+    arch,
+    hw: Hardware,
+    seq_length: int,
+    global_batch: int,
+    mean_conversation: float,
+    te_available: bool = True,
+) -> list[Estimate]:
     """Every valid layout, feasible ones first, fastest first."""
     results = []
-    grid = itertools.product((1, 2, 4, 8), (1, 2, 4, 8, 16), (None, 2, 4), (1, 2, 4, 8), ("selective", "full"), (1, 2),
-                             (False, True))
+    grid = itertools.product(
+        (1, 2, 4, 8),
+        (1, 2, 4, 8, 16),
+        (None, 2, 4),
+        (1, 2, 4, 8),
+        ("selective", "full"),
+        (1, 2),
+        (False, True),
+    )
     for tensor, pipeline, virtual, context, recompute, micro_batch, sp in grid:
         if sp and tensor == 1:  # sequence parallelism splits along the tensor-parallel ranks
             continue
         layout = ParallelLayout(tensor, pipeline, virtual, context, sp, micro_batch)
-        found = estimate(arch, layout, recompute, hw, seq_length, global_batch, mean_conversation,
-                         te_available=te_available)
+        found = estimate(
+            arch,
+            layout,
+            recompute,
+            hw,
+            seq_length,
+            global_batch,
+            mean_conversation,
+            te_available=te_available,
+        )
         if found is not None:
             results.append(found)
     results.sort(key=lambda e: (not e.fits, e.step_time_s, e.total_gb))
@@ -195,17 +260,20 @@ def plan(arch, hw: Hardware, seq_length: int, global_batch: int, mean_conversati
 
 
 def format_table(estimates: list[Estimate], limit: int = 15) -> str:
-    header = (f"{'TP':>3} {'PP':>3} {'VP':>3} {'CP':>3} {'SP':>3} {'recompute':>9} {'mb':>3} {'DP':>4} | "
-              f"{'weights':>7} {'grads':>6} {'optim':>6} {'activ':>6} {'logits':>6} {'buffers':>7} {'total':>6} GB | "
-              f"{'step s':>7} {'MFU':>6}")
+    header = (
+        f"{'TP':>3} {'PP':>3} {'VP':>3} {'CP':>3} {'SP':>3} {'recompute':>9} {'mb':>3} {'DP':>4} | "
+        f"{'weights':>7} {'grads':>6} {'optim':>6} {'activ':>6} {'logits':>6} {'buffers':>7} {'total':>6} GB | "
+        f"{'step s':>7} {'MFU':>6}"
+    )
     rows = [header, "-" * len(header)]
     for e in estimates[:limit]:
         lay, m = e.layout, e.memory_gb
-        rows.append(f"{lay.tensor:>3} {lay.pipeline:>3} {lay.virtual_stages:>3} {lay.context:>3} "
-                    f"{'y' if lay.sequence_parallel else 'n':>3} {e.recompute:>9} {lay.micro_batch_size:>3} "
-                    f"{e.data_parallel:>4} | {m['weights']:>7.1f} "
-                    f"{m['gradients']:>6.1f} {m['optimizer']:>6.1f} {m['activations']:>6.1f} {m['logits']:>6.1f} "
-                    f"{m['buffers']:>7.1f} {e.total_gb:>6.1f}    | {e.step_time_s:>7.1f} {100 * e.mfu:>5.1f}%"
-                    + ("" if e.fits else "  (does not fit)"))
+        rows.append(
+            f"{lay.tensor:>3} {lay.pipeline:>3} {lay.virtual_stages:>3} {lay.context:>3} "
+            f"{'y' if lay.sequence_parallel else 'n':>3} {e.recompute:>9} {lay.micro_batch_size:>3} "
+            f"{e.data_parallel:>4} | {m['weights']:>7.1f} "
+            f"{m['gradients']:>6.1f} {m['optimizer']:>6.1f} {m['activations']:>6.1f} {m['logits']:>6.1f} "
+            f"{m['buffers']:>7.1f} {e.total_gb:>6.1f}    | {e.step_time_s:>7.1f} {100 * e.mfu:>5.1f}%"
+            + ("" if e.fits else "  (does not fit)")
+        )
     return "\n".join(rows)
-

@@ -81,8 +81,13 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def forward_step(data_iterator, model):
     batch: MicroBatch = next(data_iterator)
-    output = model(batch.tokens, batch.position_ids, attention_mask=None, labels=batch.labels,
-                   packed_seq_params=batch.packed_seq_params())
+    output = model(
+        batch.tokens,
+        batch.position_ids,
+        attention_mask=None,
+        labels=batch.labels,
+        packed_seq_params=batch.packed_seq_params(),
+    )
     return output, partial(loss_func, batch.loss_mask)
 
 
@@ -104,21 +109,29 @@ def check_run(config: TrainConfig, world_size: int, device: str) -> RunInputs:
     data = SFTData(config.data.prefixes, config.data.weights, config.data.seed)
     resume_from = find_resume_checkpoint(config.checkpoint.resume, config.checkpoint.save_dir)
     if resume_from is None and config.model.init_checkpoint is None:
-        raise ConfigError(f"nothing to start from: checkpoint.save_dir={config.checkpoint.save_dir} holds no checkpoint "
-                          "to resume and model.init_checkpoint is not set (convert the HF weights with "
-                          "tools/convert_hf_to_mcore.py and set model.init_checkpoint=DIR)")
+        raise ConfigError(
+            f"nothing to start from: checkpoint.save_dir={config.checkpoint.save_dir} holds no checkpoint "
+            "to resume and model.init_checkpoint is not set (convert the HF weights with "
+            "tools/convert_hf_to_mcore.py and set model.init_checkpoint=DIR)"
+        )
     source = Path(resume_from or config.model.init_checkpoint)
     arch = Qwen2Arch.from_path(source)
-    config.validate(world_size=world_size, te_available=te_available(device), arch=arch, data_seq_length=data.seq_length)
+    config.validate(
+        world_size=world_size, te_available=te_available(device), arch=arch, data_seq_length=data.seq_length
+    )
     for dataset in data.datasets:
         if dataset.vocab_size > arch.vocab_size:
-            raise DataError(f"{dataset.prefix}: the tokenizer has {dataset.vocab_size} tokens, the model's vocabulary "
-                            f"only {arch.vocab_size}: the data was tokenised for another model")
+            raise DataError(
+                f"{dataset.prefix}: the tokenizer has {dataset.vocab_size} tokens, the model's vocabulary "
+                f"only {arch.vocab_size}: the data was tokenised for another model"
+            )
     s = config.schedule
     train_iters = s.train_iters or data.iterations(s.epochs, s.global_batch_size)
     if train_iters < 1:
-        raise ConfigError(f"{data.order.epoch_size} packs x {s.epochs} epochs do not fill one global batch of "
-                          f"{s.global_batch_size}: lower schedule.global_batch_size")
+        raise ConfigError(
+            f"{data.order.epoch_size} packs x {s.epochs} epochs do not fill one global batch of "
+            f"{s.global_batch_size}: lower schedule.global_batch_size"
+        )
     return RunInputs(data, arch, resume_from, source, train_iters)
 
 
@@ -133,8 +146,12 @@ class Trainer:
         self.data, self.arch = inputs.data, inputs.arch
         self.resume_from, self.source_checkpoint = inputs.resume_from, inputs.source_checkpoint
         p = self.layout = config.parallel
-        parallel_state.initialize_model_parallel(p.tensor, p.pipeline, virtual_pipeline_model_parallel_size=p.virtual_pipeline,
-                                                 context_parallel_size=p.context)
+        parallel_state.initialize_model_parallel(
+            p.tensor,
+            p.pipeline,
+            virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+            context_parallel_size=p.context,
+        )
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.cp_rank = parallel_state.get_context_parallel_rank()
@@ -144,10 +161,15 @@ class Trainer:
         self.optimizer, self.scheduler = self._build_optimizer()
         self.state = TrainState()
         if self.resume_from is not None:
-            self.state = load_checkpoint(self.resume_from, self.chunks, self.optimizer, self.scheduler, self.layout,
-                                         self.world_size)
-            log.info("resumed from %s at iteration %d (%d samples consumed)", self.resume_from, self.state.iteration,
-                     self.state.consumed_samples)
+            self.state = load_checkpoint(
+                self.resume_from, self.chunks, self.optimizer, self.scheduler, self.layout, self.world_size
+            )
+            log.info(
+                "resumed from %s at iteration %d (%d samples consumed)",
+                self.resume_from,
+                self.state.iteration,
+                self.state.consumed_samples,
+            )
         self.metrics = MetricsLogger(config, self.rank == 0, resume_iteration=self.state.iteration)
         self._stop_signal: int | None = None
         self._stop_agreed = False  # set by each step's loss all-reduce
@@ -159,34 +181,57 @@ class Trainer:
 
     def _build_model(self):
         from megatron.core import parallel_state, tensor_parallel
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.transformer.module import Float16Module
 
         c, p, on_gpu = self.config, self.config.parallel, self.device == "cuda"
         tensor_parallel.model_parallel_cuda_manual_seed(c.seed)
         backend = choose_backend(self.device, c.model.attention)
         spec = layer_spec(backend, packed=True)
-        log.info("layers: %s; attention: %s", backend.describe(), "Transformer Engine THD attention"
-                 if backend.transformer_engine else describe_backend(self.device))
-        recompute = {"none": {}, "selective": dict(recompute_granularity="selective"),
-                     "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)}
+        log.info(
+            "layers: %s; attention: %s",
+            backend.describe(),
+            "Transformer Engine THD attention"
+            if backend.transformer_engine
+            else describe_backend(self.device),
+        )
+        recompute = {
+            "none": {},
+            "selective": dict(recompute_granularity="selective"),
+            "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+        }
         tconfig = transformer_config(
-            self.arch, tensor_parallel=p.tensor, pipeline_parallel=p.pipeline, params_dtype=self._model_precision(),
-            use_cpu_initialization=not on_gpu, virtual_pipeline_model_parallel_size=p.virtual_pipeline,
-            context_parallel_size=p.context, sequence_parallel=p.sequence_parallel, calculate_per_token_loss=True,
+            self.arch,
+            tensor_parallel=p.tensor,
+            pipeline_parallel=p.pipeline,
+            params_dtype=self._model_precision(),
+            use_cpu_initialization=not on_gpu,
+            virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+            context_parallel_size=p.context,
+            sequence_parallel=p.sequence_parallel,
+            calculate_per_token_loss=True,
             # Interleaved stages overlap their sends and receives (as Megatron-LM does). Batched p2p is off
             # on gloo: two messages between the same pair of ranks in one batch can be matched in the wrong
             # order there (seen at PP=2 with virtual stages: wrong activations, no error).
             overlap_p2p_comm=p.virtual_pipeline is not None,
             batch_p2p_comm=on_gpu and p.virtual_pipeline is None,
-            **recompute[c.model.recompute])
+            **recompute[c.model.recompute],
+        )
         chunks = []
         for vp_stage in range(p.virtual_stages):
             stage = vp_stage if p.virtual_pipeline else None
-            model = build_model(self.arch, tconfig, spec,
-                                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-                                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-                                vp_stage=stage)
+            model = build_model(
+                self.arch,
+                tconfig,
+                spec,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                vp_stage=stage,
+            )
             if on_gpu:
                 model.cuda(torch.cuda.current_device())
             chunks.append(model)
@@ -195,10 +240,13 @@ class Trainer:
             log.info("initial weights: %s", c.model.init_checkpoint)
         if tconfig.bf16:
             chunks = [Float16Module(tconfig, chunk) for chunk in chunks]
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True,
-                                                   average_in_collective=False)
-        chunks = [DistributedDataParallel(tconfig, ddp_config, chunk, disable_bucketing=i > 0)
-                  for i, chunk in enumerate(chunks)]
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=True, average_in_collective=False
+        )
+        chunks = [
+            DistributedDataParallel(tconfig, ddp_config, chunk, disable_bucketing=i > 0)
+            for i, chunk in enumerate(chunks)
+        ]
         tconfig.finalize_model_grads_func = finalize_model_grads
         return chunks, tconfig
 
@@ -209,19 +257,42 @@ class Trainer:
 
         o = self.config.optimizer
         optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.beta1,
-                            adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.clip_grad, bf16=self.tconfig.bf16,
-                            params_dtype=self._model_precision(), use_distributed_optimizer=True),
-            self.chunks)
+            OptimizerConfig(
+                optimizer="adam",
+                lr=o.lr,
+                min_lr=o.min_lr,
+                weight_decay=o.weight_decay,
+                adam_beta1=o.beta1,
+                adam_beta2=o.beta2,
+                adam_eps=o.eps,
+                clip_grad=o.clip_grad,
+                bf16=self.tconfig.bf16,
+                params_dtype=self._model_precision(),
+                use_distributed_optimizer=True,
+            ),
+            self.chunks,
+        )
         self.tconfig.grad_scale_func = optimizer.scale_loss
-        log.info("optimizer: megatron-core distributed optimizer over %s.%s", mcore_optimizer.Adam.__module__,
-                 mcore_optimizer.Adam.__name__)
+        log.info(
+            "optimizer: megatron-core distributed optimizer over %s.%s",
+            mcore_optimizer.Adam.__module__,
+            mcore_optimizer.Adam.__name__,
+        )
         # HF Trainer's warm-up length (ceil) and cosine: megatron-core's formula gives the same values.
         warmup = math.ceil(self.config.schedule.warmup_ratio * self.train_iters)
         scheduler = OptimizerParamScheduler(
-            optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup,
-            lr_decay_steps=self.train_iters, lr_decay_style="cosine", start_wd=o.weight_decay, end_wd=o.weight_decay,
-            wd_incr_steps=self.train_iters, wd_incr_style="constant")
+            optimizer,
+            init_lr=0.0,
+            max_lr=o.lr,
+            min_lr=o.min_lr,
+            lr_warmup_steps=warmup,
+            lr_decay_steps=self.train_iters,
+            lr_decay_style="cosine",
+            start_wd=o.weight_decay,
+            end_wd=o.weight_decay,
+            wd_incr_steps=self.train_iters,
+            wd_incr_style="constant",
+        )
         return optimizer, scheduler
 
     # The loop ----------------------------------------------------------------------------------------
@@ -230,9 +301,14 @@ class Trainer:
         c = self.config
         if self.rank == 0:
             log.info("configuration:\n%s", dump_config(c))
-            log.info("%d iterations of %d packs (%d epochs over %d packs), layout %s", self.train_iters,
-                     c.schedule.global_batch_size, c.schedule.epochs, self.data.order.epoch_size,
-                     self.layout.describe(self.world_size))
+            log.info(
+                "%d iterations of %d packs (%d epochs over %d packs), layout %s",
+                self.train_iters,
+                c.schedule.global_batch_size,
+                c.schedule.epochs,
+                self.data.order.epoch_size,
+                self.layout.describe(self.world_size),
+            )
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         losses, last_checkpoint = {}, None
         try:
@@ -244,20 +320,33 @@ class Trainer:
                 if stop or at_end or self.state.iteration % c.checkpoint.save_interval == 0:
                     last_checkpoint = self.save()
                 if stop:
-                    log.warning("stopping after iteration %d on signal %s; checkpoint %s", self.state.iteration,
-                                signal.Signals(self._stop_signal).name if self._stop_signal else "(other rank)",
-                                last_checkpoint)
+                    log.warning(
+                        "stopping after iteration %d on signal %s; checkpoint %s",
+                        self.state.iteration,
+                        signal.Signals(self._stop_signal).name if self._stop_signal else "(other rank)",
+                        last_checkpoint,
+                    )
                     break
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.metrics.close()
         if self.state.iteration >= self.train_iters and self.rank == 0:
-            write_json_atomic(Path(c.checkpoint.save_dir) / FINISHED_FILE, {
-                "iterations": self.state.iteration, "consumed_samples": self.state.consumed_samples,
-                "skipped_steps": self.state.skipped_steps, "checkpoint": str(last_checkpoint) if last_checkpoint else None})
-        return TrainResult(self.state.iteration, losses, self._stop_signal is not None or
-                           self.state.iteration < self.train_iters, last_checkpoint)
+            write_json_atomic(
+                Path(c.checkpoint.save_dir) / FINISHED_FILE,
+                {
+                    "iterations": self.state.iteration,
+                    "consumed_samples": self.state.consumed_samples,
+                    "skipped_steps": self.state.skipped_steps,
+                    "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+                },
+            )
+        return TrainResult(
+            self.state.iteration,
+            losses,
+            self._stop_signal is not None or self.state.iteration < self.train_iters,
+            last_checkpoint,
+        )
 
     def train_step(self) -> float:
         """One optimizer step on the next global batch (or a skipped one); returns the global loss."""
@@ -265,8 +354,14 @@ class Trainer:
 
         c, s = self.config, self.state
         start = time.perf_counter()
-        micro_batches = self.data.micro_batches(s.consumed_samples, c.schedule.global_batch_size, self.layout,
-                                                self.dp_rank, self.dp_size, self.cp_rank)
+        micro_batches = self.data.micro_batches(
+            s.consumed_samples,
+            c.schedule.global_batch_size,
+            self.layout,
+            self.dp_rank,
+            self.dp_size,
+            self.cp_rank,
+        )
         if self.device == "cuda":
             micro_batches = [mb.to(torch.cuda.current_device()) for mb in micro_batches]
         for chunk in self.chunks:
@@ -274,9 +369,14 @@ class Trainer:
         self.optimizer.zero_grad()
         iterators = [iter(micro_batches) for _ in self.chunks]
         reduced = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iterators if len(self.chunks) > 1 else iterators[0],
-            model=self.chunks, num_microbatches=len(micro_batches), seq_length=self.row_width,
-            micro_batch_size=1, forward_only=False)
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(self.chunks) > 1 else iterators[0],
+            model=self.chunks,
+            num_microbatches=len(micro_batches),
+            seq_length=self.row_width,
+            micro_batch_size=1,
+            forward_only=False,
+        )
         loss_sum, loss_tokens = self._global_loss(reduced)
         loss = loss_sum / max(loss_tokens, 1)
         # Checked before stepping: megatron-core's bf16/fp32 step has no finiteness check of its own (only
@@ -303,7 +403,8 @@ class Trainer:
             raise NonFiniteLossError(
                 f"{s.consecutive_nonfinite} consecutive iterations (up to {s.iteration}) had a non-finite loss or "
                 f"gradient norm (loss {loss}, grad norm {grad_norm}); the weights are those of the last good step. "
-                "Lower optimizer.lr, check the data, or resume from an earlier checkpoint.")
+                "Lower optimizer.lr, check the data, or resume from an earlier checkpoint."
+            )
         return loss
 
     def _global_loss(self, reduced: list[torch.Tensor]) -> tuple[float, int]:
@@ -312,9 +413,16 @@ class Trainer:
         whether any rank got a stop signal (saving is collective, so all ranks must agree)."""
         from megatron.core import parallel_state
 
-        device = torch.device("cuda", torch.cuda.current_device()) if self.device == "cuda" else torch.device("cpu")
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if self.device == "cuda"
+            else torch.device("cpu")
+        )
         totals = torch.zeros(3, dtype=torch.float64, device=device)
-        if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and parallel_state.get_tensor_model_parallel_rank() == 0:
+        if (
+            parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+        ):
             for item in reduced:
                 totals[:2] += item.to(device, torch.float64)
         totals[2] = 1.0 if self._stop_signal is not None else 0.0
@@ -330,20 +438,40 @@ class Trainer:
         lengths = self.data.conversation_lengths(consumed_before, c.schedule.global_batch_size)
         tokens = int(lengths.sum())
         tflops = training_flops(self.arch, lengths) / step_time / self.world_size / 1e12
-        self.metrics.log(s.iteration, {
-            "loss": loss, "lr": lr, "grad_norm": grad_norm, "loss_tokens": loss_tokens, "tokens": tokens,
-            "skipped_steps": s.skipped_steps, "step_skipped": not finite, "step_time_s": step_time,
-            "tokens_per_s": tokens / step_time, "tflops_per_device": tflops,
-            "mfu": tflops / c.logging.peak_tflops_per_device, "peak_memory_gb": peak_memory_gb(self.device),
-            "consumed_samples": s.consumed_samples, "epoch": s.consumed_samples / self.data.order.epoch_size,
-        })
+        self.metrics.log(
+            s.iteration,
+            {
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "loss_tokens": loss_tokens,
+                "tokens": tokens,
+                "skipped_steps": s.skipped_steps,
+                "step_skipped": not finite,
+                "step_time_s": step_time,
+                "tokens_per_s": tokens / step_time,
+                "tflops_per_device": tflops,
+                "mfu": tflops / c.logging.peak_tflops_per_device,
+                "peak_memory_gb": peak_memory_gb(self.device),
+                "consumed_samples": s.consumed_samples,
+                "epoch": s.consumed_samples / self.data.order.epoch_size,
+            },
+        )
 
     # Checkpoints and signals -------------------------------------------------------------------------
 
     def save(self) -> Path:
         c = self.config
-        path = save_checkpoint(c.checkpoint.save_dir, self.chunks, self.optimizer, self.scheduler, self.state,
-                               self.layout.to_dict(self.world_size), dump_config(c), self.source_checkpoint)
+        path = save_checkpoint(
+            c.checkpoint.save_dir,
+            self.chunks,
+            self.optimizer,
+            self.scheduler,
+            self.state,
+            self.layout.to_dict(self.world_size),
+            dump_config(c),
+            self.source_checkpoint,
+        )
         if self.rank == 0:
             for old in prune_checkpoints(c.checkpoint.save_dir, c.checkpoint.keep_last_n):
                 log.info("removed old checkpoint %s (keep_last_n=%s)", old, c.checkpoint.keep_last_n)
@@ -356,6 +484,7 @@ class Trainer:
 
 
 # Entry point -----------------------------------------------------------------------------------------
+
 
 def run(config: TrainConfig) -> TrainResult:
     """Validates, starts the process group, trains, tears down: the body of pretrain_sft.py."""

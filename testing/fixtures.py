@@ -34,7 +34,12 @@ class TrainingInputs:
 
 
 def training_inputs(
-    root: str | Path, packs: list, seq_length: int, *, hf: str | Path | None = None, layers: int = 2,
+    root: str | Path,
+    packs: list,
+    seq_length: int,
+    *,
+    hf: str | Path | None = None,
+    layers: int = 2,
     tied: bool = False,
 ) -> TrainingInputs:
     """Converts `hf` (default: a new tiny random Qwen2 with `layers` layers) with the project's converter
@@ -43,7 +48,11 @@ def training_inputs(
     from models.qwen2.arch import Qwen2Arch
 
     root = Path(root)
-    hf = Path(hf) if hf is not None else make_tiny_qwen2(root / "hf", num_layers=layers, tie_word_embeddings=tied)
+    hf = (
+        Path(hf)
+        if hf is not None
+        else make_tiny_qwen2(root / "hf", num_layers=layers, tie_word_embeddings=tied)
+    )
     convert_hf_to_mcore(hf, root / "mcore", progress=False)
     vocab_size = Qwen2Arch.from_path(hf).vocab_size
     prefix = write_packed_dataset(root / "data" / "packs", packs, seq_length, vocab_size)

@@ -53,7 +53,9 @@ def package_graph(root: str | Path) -> Counter:
 
 
 def violations(edges: Counter) -> list[str]:
-    return [f"{a} imports {b} ({n}x)" for (a, b), n in sorted(edges.items()) if b not in ALLOWED.get(a, set())]
+    return [
+        f"{a} imports {b} ({n}x)" for (a, b), n in sorted(edges.items()) if b not in ALLOWED.get(a, set())
+    ]
 
 
 def format_graph(edges: Counter) -> str:

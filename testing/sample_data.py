@@ -94,7 +94,12 @@ def _code_row(w: _Writer, i: int) -> dict:
     q = w.question() + "\n```python\ndef solve(xs: list[int]) -> int:\n    ...\n```"
     tests = {"inputs": [[i, i + 1]], "outputs": [2 * i + 1], "fn_name": "solve"}
     info = {"source": "synthetic-code", "test_case": json.dumps(tests), "difficulty": i % 5}
-    return {"conversations": [w.turn("human", q, info=info), w.turn("assistant", w.reasoning_answer(600), info=info)]}
+    return {
+        "conversations": [
+            w.turn("human", q, info=info),
+            w.turn("assistant", w.reasoning_answer(600), info=info),
+        ]
+    }
 
 
 def _science_row(w: _Writer, i: int) -> dict:
@@ -124,7 +129,10 @@ def _multiturn_row(w: _Writer, i: int) -> dict:
 
 def _chat_row(w: _Writer, i: int) -> dict:
     q = w.rng.choice(UNICODE_SNIPPETS) + " " + w.question(20)
-    return {"conversations": [w.turn("human", q), w.turn("assistant", w.reasoning_answer(120))], "lang": i % 7}
+    return {
+        "conversations": [w.turn("human", q), w.turn("assistant", w.reasoning_answer(120))],
+        "lang": i % 7,
+    }
 
 
 def write_sample_snapshot(root: str | Path, rows_per_subset: int = 50, seed: int = 1234) -> SampleSnapshot:
@@ -134,8 +142,14 @@ def write_sample_snapshot(root: str | Path, rows_per_subset: int = 50, seed: int
     rng = random.Random(seed)
     w = _Writer(rng)
     snap = SampleSnapshot(root)
-    makers = {"math": _math_row, "code": _code_row, "science": _science_row, "if": _if_row,
-              "multiturn": _multiturn_row, "chat": _chat_row}
+    makers = {
+        "math": _math_row,
+        "code": _code_row,
+        "science": _science_row,
+        "if": _if_row,
+        "multiturn": _multiturn_row,
+        "chat": _chat_row,
+    }
     rows = {name: [makers[name](w, i) for i in range(rows_per_subset)] for name in SUBSETS}
     # The long tail past 32K tokens: one huge answer, one huge prompt (both truncation branches).
     rows["math"][3]["conversations"][1]["value"] = w.reasoning_answer(think_words=36000)
@@ -144,19 +158,39 @@ def write_sample_snapshot(root: str | Path, rows_per_subset: int = 50, seed: int
         snap.kept_per_subset[name] = len(rows[name])
 
     bad: dict[str, list[tuple[str, Any]]] = {  # (reason, row) appended after the valid rows
-        "math": [(C.MISSING_CONVERSATIONS, {"info": "no conversations field"}),
-                 (C.MALFORMED_TURN, {"conversations": [{"from": "human"}, w.turn("assistant", "x")]})],
-        "code": [(C.NON_STRING_VALUE, {"conversations": [w.turn("human", "q"), w.turn("assistant", 42)]}),
-                 (C.NON_STRING_VALUE, {"conversations": [w.turn("human", None), w.turn("assistant", "a")]})],
-        "science": [(C.UNKNOWN_ROLE, {"conversations": [w.turn("human", "q"), w.turn("gpt", "a")]}),
-                    (C.ROLES_OUT_OF_ORDER, {"conversations": [w.turn("assistant", "a"), w.turn("human", "q")]}),
-                    (C.EMPTY_CONVERSATIONS, {"conversations": []})],
-        "if": [(C.ROLES_OUT_OF_ORDER, {"conversations": [w.turn("human", "q")]}),
-               (C.NOT_AN_OBJECT, [w.turn("human", "q"), w.turn("assistant", "a")])],
-        "multiturn": [(C.ROLES_OUT_OF_ORDER, {"conversations": [w.turn("human", "q"), w.turn("human", "q2"),
-                                                                 w.turn("assistant", "a")]}),
-                      (C.ROLES_OUT_OF_ORDER, {"conversations": [w.turn("human", "q"), w.turn("assistant", "a"),
-                                                                 w.turn("system", "late system")]})],
+        "math": [
+            (C.MISSING_CONVERSATIONS, {"info": "no conversations field"}),
+            (C.MALFORMED_TURN, {"conversations": [{"from": "human"}, w.turn("assistant", "x")]}),
+        ],
+        "code": [
+            (C.NON_STRING_VALUE, {"conversations": [w.turn("human", "q"), w.turn("assistant", 42)]}),
+            (C.NON_STRING_VALUE, {"conversations": [w.turn("human", None), w.turn("assistant", "a")]}),
+        ],
+        "science": [
+            (C.UNKNOWN_ROLE, {"conversations": [w.turn("human", "q"), w.turn("gpt", "a")]}),
+            (C.ROLES_OUT_OF_ORDER, {"conversations": [w.turn("assistant", "a"), w.turn("human", "q")]}),
+            (C.EMPTY_CONVERSATIONS, {"conversations": []}),
+        ],
+        "if": [
+            (C.ROLES_OUT_OF_ORDER, {"conversations": [w.turn("human", "q")]}),
+            (C.NOT_AN_OBJECT, [w.turn("human", "q"), w.turn("assistant", "a")]),
+        ],
+        "multiturn": [
+            (
+                C.ROLES_OUT_OF_ORDER,
+                {"conversations": [w.turn("human", "q"), w.turn("human", "q2"), w.turn("assistant", "a")]},
+            ),
+            (
+                C.ROLES_OUT_OF_ORDER,
+                {
+                    "conversations": [
+                        w.turn("human", "q"),
+                        w.turn("assistant", "a"),
+                        w.turn("system", "late system"),
+                    ]
+                },
+            ),
+        ],
         "chat": [(C.MISSING_CONVERSATIONS, {"conversations": None, "lang": 1})],
     }
     for name in SUBSETS:
@@ -172,12 +206,16 @@ def write_sample_snapshot(root: str | Path, rows_per_subset: int = 50, seed: int
                 f.write(json.dumps(rows[name][0])[:80].encode() + b"\n")
                 snap.dropped_per_reason[C.BROKEN_JSONL_LINE] += 1
             if name == "code":  # bytes that are not UTF-8
-                f.write(b'{"conversations": [{"from": "human", "value": "caf\xe9 \xff"}, '
-                        b'{"from": "assistant", "value": "a"}]}\n')
+                f.write(
+                    b'{"conversations": [{"from": "human", "value": "caf\xe9 \xff"}, '
+                    b'{"from": "assistant", "value": "a"}]}\n'
+                )
                 snap.dropped_per_reason[C.UNDECODABLE_BYTES] += 1
             if name == "if":  # a lone surrogate escape: valid JSON, not encodable text
-                f.write(b'{"conversations": [{"from": "human", "value": "x \\ud800 y"}, '
-                        b'{"from": "assistant", "value": "a"}]}\n')
+                f.write(
+                    b'{"conversations": [{"from": "human", "value": "x \\ud800 y"}, '
+                    b'{"from": "assistant", "value": "a"}]}\n'
+                )
                 snap.dropped_per_reason[C.UNDECODABLE_BYTES] += 1
                 f.write(b"\n")  # blank lines are skipped, not counted
     for name in ("multiturn", "chat"):
@@ -196,4 +234,6 @@ if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
         raise SystemExit("usage: python -m testing.sample_data OUT_DIR")
     snapshot = write_sample_snapshot(sys.argv[1])
-    print(f"wrote {snapshot.root}: {snapshot.kept} valid rows, {sum(snapshot.dropped_per_reason.values())} malformed")
+    print(
+        f"wrote {snapshot.root}: {snapshot.kept} valid rows, {sum(snapshot.dropped_per_reason.values())} malformed"
+    )

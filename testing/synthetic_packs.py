@@ -17,8 +17,9 @@ import numpy as np
 from formats.packed import PackedWriter
 
 
-def random_packs(num_packs: int, seq_length: int, vocab_size: int, seed: int = 0,
-                 max_conversations: int = 4) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+def random_packs(
+    num_packs: int, seq_length: int, vocab_size: int, seed: int = 0, max_conversations: int = 4
+) -> list[list[tuple[np.ndarray, np.ndarray]]]:
     rng = np.random.default_rng(seed)
     packs = []
     for _ in range(num_packs):
@@ -32,7 +33,7 @@ def random_packs(num_packs: int, seq_length: int, vocab_size: int, seed: int = 0
             mask = np.zeros(length, dtype=np.uint8)
             for _turn in range(int(rng.integers(1, 3))):
                 start = int(rng.integers(0, length))
-                mask[start:int(rng.integers(start, length + 1))] = 1
+                mask[start : int(rng.integers(start, length + 1))] = 1
             pack.append((ids, mask))
         packs.append(pack)
     return packs
@@ -42,20 +43,28 @@ def write_packed_dataset(prefix: str | Path, packs, seq_length: int, vocab_size:
     """Writes PREFIX_input_ids/_loss_mask (.bin/.idx) and PREFIX_meta.json; returns the prefix."""
     with PackedWriter(prefix, seq_length) as writer:
         for pack in packs:
-            writer.add(np.concatenate([ids for ids, _ in pack]), np.concatenate([mask for _, mask in pack]),
-                       [len(ids) for ids, _ in pack])
-        writer.commit({
-            "template": "synthetic",
-            "tokenizer": {"vocab_size": vocab_size, "path": None},
-            "stats": {"conversations": sum(len(p) for p in packs),
-                      "tokens": sum(len(ids) for pack in packs for ids, _ in pack),
-                      "loss_tokens": int(sum(int(m.sum()) for pack in packs for _, m in pack))},
-        })
+            writer.add(
+                np.concatenate([ids for ids, _ in pack]),
+                np.concatenate([mask for _, mask in pack]),
+                [len(ids) for ids, _ in pack],
+            )
+        writer.commit(
+            {
+                "template": "synthetic",
+                "tokenizer": {"vocab_size": vocab_size, "path": None},
+                "stats": {
+                    "conversations": sum(len(p) for p in packs),
+                    "tokens": sum(len(ids) for pack in packs for ids, _ in pack),
+                    "loss_tokens": int(sum(int(m.sum()) for pack in packs for _, m in pack)),
+                },
+            }
+        )
     return Path(prefix)
 
 
-def packs_from_lengths(conversation_lengths, capacity: int, vocab_size: int, seed: int = 0,
-                       prompt_fraction: float = 0.1):
+def packs_from_lengths(
+    conversation_lengths, capacity: int, vocab_size: int, seed: int = 0, prompt_fraction: float = 0.1
+):
     """Packs of conversations with the given lengths (cut to capacity), packed by the pipeline's own
     best-fit decreasing; each conversation is a prompt without loss followed by a trained response."""
     from preprocess.packing import best_fit_decreasing
@@ -69,7 +78,7 @@ def packs_from_lengths(conversation_lengths, capacity: int, vocab_size: int, see
         for c in plan.pack(p):
             length = int(lengths[c])
             mask = np.zeros(length, dtype=np.uint8)
-            mask[max(1, int(prompt_fraction * length)):] = 1
+            mask[max(1, int(prompt_fraction * length)) :] = 1
             pack.append((rng.integers(0, vocab_size, size=length, dtype=np.int32), mask))
         packs.append(pack)
     return packs

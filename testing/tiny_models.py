@@ -54,7 +54,9 @@ def tiny_qwen2_config(
     )
 
 
-def make_tiny_qwen2(out_dir: str | Path, *, seed: int = 0, max_shard_size: str = "20MB", **config_kwargs) -> Path:
+def make_tiny_qwen2(
+    out_dir: str | Path, *, seed: int = 0, max_shard_size: str = "20MB", **config_kwargs
+) -> Path:
     """Writes a random `Qwen2ForCausalLM` (config from `tiny_qwen2_config(**config_kwargs)`) to `out_dir`."""
     import torch
     from transformers import Qwen2ForCausalLM
@@ -72,10 +74,22 @@ def make_tiny_qwen2(out_dir: str | Path, *, seed: int = 0, max_shard_size: str =
 
 
 QWEN25_32B_CONFIG = {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 5120, "intermediate_size": 27648,
-    "num_attention_heads": 40, "num_key_value_heads": 8, "vocab_size": 152064, "rms_norm_eps": 1e-5,
-    "rope_theta": 1000000.0, "tie_word_embeddings": False, "max_position_embeddings": 131072, "hidden_act": "silu",
-    "use_sliding_window": False, "bos_token_id": 151643, "eos_token_id": 151643, "torch_dtype": "bfloat16",
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 5120,
+    "intermediate_size": 27648,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 8,
+    "vocab_size": 152064,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 131072,
+    "hidden_act": "silu",
+    "use_sliding_window": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+    "torch_dtype": "bfloat16",
 }
 
 
@@ -95,7 +109,9 @@ def write_qwen25_32b_shaped(out: str | Path, layers: int, std: float = 1.0) -> P
     config = {**QWEN25_32B_CONFIG, "num_hidden_layers": layers}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     arch = Qwen2Arch.from_hf_config(config)
-    specs = [TensorSpec(k, s, torch.bfloat16) for m in bound_mappings(arch) for k, s in zip(m.hf_keys, m.hf_shapes)]
+    specs = [
+        TensorSpec(k, s, torch.bfloat16) for m in bound_mappings(arch) for k, s in zip(m.hf_keys, m.hf_shapes)
+    ]
     generator = torch.Generator().manual_seed(0)
 
     def random_rows(spec: TensorSpec, start: int, stop: int) -> torch.Tensor:
@@ -108,10 +124,16 @@ def write_qwen25_32b_shaped(out: str | Path, layers: int, std: float = 1.0) -> P
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out_dir", help="directory to write the model to")
-    parser.add_argument("--tied", action="store_true", help="tie input and output embeddings (as Qwen2.5 0.5B-3B)")
+    parser.add_argument(
+        "--tied", action="store_true", help="tie input and output embeddings (as Qwen2.5 0.5B-3B)"
+    )
     parser.add_argument("--layers", type=int, default=2, help="number of decoder layers (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights (default 0)")
     args = parser.parse_args()
-    print(make_tiny_qwen2(args.out_dir, seed=args.seed, tie_word_embeddings=args.tied, num_layers=args.layers))
+    print(
+        make_tiny_qwen2(args.out_dir, seed=args.seed, tie_word_embeddings=args.tied, num_layers=args.layers)
+    )

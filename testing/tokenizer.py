@@ -42,9 +42,7 @@ QWEN25_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
 )
 QWEN25_FIRST_ADDED_ID = 151643
 # The pre-tokenizer regex of Qwen2/2.5 (single digits, unlike GPT-4's \p{N}{1,3}).
-QWEN25_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN25_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 
 def qwen_tiktoken_ranks_file() -> Path:
@@ -65,7 +63,9 @@ def build_qwen25_tokenizer(out_dir: str | Path) -> Path:
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    converter = TikTokenConverter(vocab_file=str(qwen_tiktoken_ranks_file()), pattern=QWEN25_PRETOKENIZE_REGEX)
+    converter = TikTokenConverter(
+        vocab_file=str(qwen_tiktoken_ranks_file()), pattern=QWEN25_PRETOKENIZE_REGEX
+    )
     backend = converter.tokenizer()  # BPE with every valid split as a merge; ignore_merges stays on
     backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = pre_tokenizers.Sequence(
@@ -78,7 +78,9 @@ def build_qwen25_tokenizer(out_dir: str | Path) -> Path:
     if backend.get_vocab_size() != QWEN25_FIRST_ADDED_ID:
         raise ValueError(f"expected {QWEN25_FIRST_ADDED_ID} BPE ranks, found {backend.get_vocab_size()}")
     for expected_id, (content, special) in enumerate(QWEN25_ADDED_TOKENS, start=QWEN25_FIRST_ADDED_ID):
-        token = AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False, single_word=False)
+        token = AddedToken(
+            content, special=special, normalized=False, lstrip=False, rstrip=False, single_word=False
+        )
         if special:
             backend.add_special_tokens([token])
         else:

@@ -49,5 +49,6 @@ def tiny_qwen2_dir(request, tmp_path_factory) -> Path:
     from testing.tiny_models import make_tiny_qwen2
 
     tied = request.param
-    return make_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"), tie_word_embeddings=tied,
-                           rms_norm_eps=1e-5 if tied else 1e-6)
+    return make_tiny_qwen2(
+        tmp_path_factory.mktemp("tiny_qwen2"), tie_word_embeddings=tied, rms_norm_eps=1e-5 if tied else 1e-6
+    )

@@ -13,7 +13,9 @@ def setup_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: i
     tp.model_parallel_cuda_manual_seed(seed)
 
 
-def megatron_logits_from_hf(rank: int, world_size: int, hf_dir: str, token_ids: list[list[int]]) -> torch.Tensor:
+def megatron_logits_from_hf(
+    rank: int, world_size: int, hf_dir: str, token_ids: list[list[int]]
+) -> torch.Tensor:
     """Builds the Qwen2 GPTModel (local spec, TP1/PP1), loads HF weights through the mapping, returns logits."""
     from formats.hf_safetensors import HFSafetensorsReader
     from models.backends import choose_backend
@@ -37,8 +39,9 @@ def megatron_logits_from_hf(rank: int, world_size: int, hf_dir: str, token_ids: 
         return model(ids, positions, attention_mask=None)
 
 
-def resave_at_layout(rank: int, world_size: int, source: str, dest: str, tensor_parallel: int,
-                     pipeline_parallel: int) -> None:
+def resave_at_layout(
+    rank: int, world_size: int, source: str, dest: str, tensor_parallel: int, pipeline_parallel: int
+) -> None:
     """Loads a torch_dist checkpoint at TPxPP and saves it again through megatron-core, as a trainer at that
     layout would (its full sharded state dict, Transformer Engine extra state included)."""
     import shutil

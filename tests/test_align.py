@@ -21,8 +21,13 @@ def test_counts_match_the_planted_rows(sample_snapshot, aligned_parquet):
     assert summary["rows_kept"] == sample_snapshot.kept == 300
     # Every drop reason the issue names is exercised by the fixture.
     assert set(summary["dropped_per_reason"]) >= {
-        C.MISSING_CONVERSATIONS, C.EMPTY_CONVERSATIONS, C.UNKNOWN_ROLE, C.ROLES_OUT_OF_ORDER,
-        C.NON_STRING_VALUE, C.UNDECODABLE_BYTES, C.BROKEN_JSONL_LINE,
+        C.MISSING_CONVERSATIONS,
+        C.EMPTY_CONVERSATIONS,
+        C.UNKNOWN_ROLE,
+        C.ROLES_OUT_OF_ORDER,
+        C.NON_STRING_VALUE,
+        C.UNDECODABLE_BYTES,
+        C.BROKEN_JSONL_LINE,
     }
     assert len(summary["sources"]) == 6 and all("sha256" in s for s in summary["sources"])
 
@@ -69,7 +74,9 @@ def test_deterministic_output(sample_snapshot, aligned_parquet, tmp_path):
 
 
 def test_unreadable_file_is_an_error_naming_it(tmp_path):
-    (tmp_path / "good.jsonl").write_text('{"conversations": [{"from": "human", "value": "q"}, {"from": "assistant", "value": "a"}]}\n')
+    (tmp_path / "good.jsonl").write_text(
+        '{"conversations": [{"from": "human", "value": "q"}, {"from": "assistant", "value": "a"}]}\n'
+    )
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
     out = tmp_path / "out" / "aligned.parquet"
     with pytest.raises(InputError, match="broken.parquet"):

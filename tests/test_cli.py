@@ -13,12 +13,24 @@ from tools_runner import load_tool
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("tool", ["get_am_dataset", "preprocess_sft", "convert_hf_to_mcore", "convert_mcore_to_hf",
-                                  "verify_conversion", "pretrain_sft", "plan_layout"])
+@pytest.mark.parametrize(
+    "tool",
+    [
+        "get_am_dataset",
+        "preprocess_sft",
+        "convert_hf_to_mcore",
+        "convert_mcore_to_hf",
+        "verify_conversion",
+        "pretrain_sft",
+        "plan_layout",
+    ],
+)
 def test_help_explains_every_flag(tool, capsys):
     parser = load_tool(tool).build_parser()
     for action in parser._actions:
-        assert action.help and len(action.help.split()) >= 3, f"{action.option_strings or action.dest} lacks help"
+        assert action.help and len(action.help.split()) >= 3, (
+            f"{action.option_strings or action.dest} lacks help"
+        )
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["--help"])
     assert exit_info.value.code == 0
@@ -27,8 +39,16 @@ def test_help_explains_every_flag(tool, capsys):
 
 
 def test_trainer_rejects_a_bad_configuration_before_starting(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "pretrain_sft.py"), "parallel.tensor=0",
-                             f"checkpoint.save_dir={tmp_path}"], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "pretrain_sft.py"),
+            "parallel.tensor=0",
+            f"checkpoint.save_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "data.prefixes is empty" in result.stderr and "parallel.tensor, pipeline" in result.stderr
     assert not any(tmp_path.iterdir())  # nothing written
@@ -38,7 +58,9 @@ def test_trainer_rejects_a_bad_configuration_before_starting(tmp_path):
 def test_demo_runs_end_to_end(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "demo.py"), "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "kept 300 rows, dropped 15" in result.stdout

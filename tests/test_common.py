@@ -6,11 +6,20 @@ from __future__ import annotations
 import pytest
 
 from common.cli import exit_status
-from common.errors import CheckpointError, ConfigError, DataError, InputError, UnsupportedModelError, UserError
+from common.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    InputError,
+    UnsupportedModelError,
+    UserError,
+)
 from common.files import atomic_directory, publish_directory
 
 
-@pytest.mark.parametrize("error", [InputError, ConfigError, DataError, CheckpointError, UnsupportedModelError])
+@pytest.mark.parametrize(
+    "error", [InputError, ConfigError, DataError, CheckpointError, UnsupportedModelError]
+)
 def test_user_errors_are_one_line_and_exit_2(error, capsys):
     def body() -> int:
         raise error("data/am_meta.json: bad thing; re-run tools/preprocess_sft.py")

@@ -9,9 +9,19 @@ from models.qwen2.arch import Qwen2Arch
 from common.errors import ConfigError
 from sft.config import TrainConfig, dump_config, load_config
 
-ARCH_32B = Qwen2Arch(vocab_size=152064, hidden_size=5120, ffn_hidden_size=27648, num_layers=64,
-                     num_attention_heads=40, num_query_groups=8, head_dim=128, rms_norm_eps=1e-5,
-                     rope_base=1e6, tie_word_embeddings=False, max_position_embeddings=131072)
+ARCH_32B = Qwen2Arch(
+    vocab_size=152064,
+    hidden_size=5120,
+    ffn_hidden_size=27648,
+    num_layers=64,
+    num_attention_heads=40,
+    num_query_groups=8,
+    head_dim=128,
+    rms_norm_eps=1e-5,
+    rope_base=1e6,
+    tie_word_embeddings=False,
+    max_position_embeddings=131072,
+)
 
 
 def test_defaults_are_the_recipe():
@@ -25,24 +35,38 @@ def test_defaults_are_the_recipe():
 def test_yaml_then_overrides_with_types(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("parallel:\n  tensor: 4\noptimizer:\n  lr: 2.0e-5\ndata:\n  prefixes: [/d/a]\n")
-    c = load_config(path, ["parallel.pipeline=2", "optimizer.lr=3e-5", "optimizer.clip_grad=2",
-                           "data.prefixes=[/d/a, /d/b]", "data.weights=[1, 3]", "checkpoint.keep_last_n=null"])
+    c = load_config(
+        path,
+        [
+            "parallel.pipeline=2",
+            "optimizer.lr=3e-5",
+            "optimizer.clip_grad=2",
+            "data.prefixes=[/d/a, /d/b]",
+            "data.weights=[1, 3]",
+            "checkpoint.keep_last_n=null",
+        ],
+    )
     assert (c.parallel.tensor, c.parallel.pipeline) == (4, 2)
-    assert c.optimizer.lr == 3e-5 and c.optimizer.clip_grad == 2.0 and isinstance(c.optimizer.clip_grad, float)
+    assert (
+        c.optimizer.lr == 3e-5 and c.optimizer.clip_grad == 2.0 and isinstance(c.optimizer.clip_grad, float)
+    )
     assert c.data.prefixes == ["/d/a", "/d/b"] and c.data.weights == [1.0, 3.0]
     assert c.checkpoint.keep_last_n is None
     (tmp_path / "resolved.yaml").write_text(dump_config(c))
     assert load_config(tmp_path / "resolved.yaml") == c  # what checkpoints store loads back unchanged
 
 
-@pytest.mark.parametrize("override, message", [
-    ("parallel.tensr=2", "unknown key parallel.tensr; valid keys here: context, micro_batch_size"),
-    ("model.recompute=most", "model.recompute='most'; choose one of 'none', 'selective', 'full'"),
-    ("parallel.tensor=two", "parallel.tensor='two' must be of type int"),
-    ("parallel.tensor=true", "parallel.tensor=True must be of type int"),
-    ("optimizer=3", "optimizer is a section"),
-    ("noequals", "expected key.sub=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("parallel.tensr=2", "unknown key parallel.tensr; valid keys here: context, micro_batch_size"),
+        ("model.recompute=most", "model.recompute='most'; choose one of 'none', 'selective', 'full'"),
+        ("parallel.tensor=two", "parallel.tensor='two' must be of type int"),
+        ("parallel.tensor=true", "parallel.tensor=True must be of type int"),
+        ("optimizer=3", "optimizer is a section"),
+        ("noequals", "expected key.sub=value"),
+    ],
+)
 def test_bad_keys_and_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, [override])
@@ -54,7 +78,11 @@ def _ready(tmp_path, **overrides) -> TrainConfig:
         (tmp_path / f"am{suffix}").write_text("")
     (tmp_path / "init").mkdir(exist_ok=True)
     (tmp_path / "init" / "hf_config.json").write_text("{}")
-    base = [f"data.prefixes=[{prefix}]", f"model.init_checkpoint={tmp_path / 'init'}", f"checkpoint.save_dir={tmp_path}"]
+    base = [
+        f"data.prefixes=[{prefix}]",
+        f"model.init_checkpoint={tmp_path / 'init'}",
+        f"checkpoint.save_dir={tmp_path}",
+    ]
     return load_config(None, base + [f"{k}={v}" for k, v in overrides.items()])
 
 
@@ -64,23 +92,64 @@ def test_a_valid_layout_passes(tmp_path):
     assert c.parallel.data_parallel(256) == 8
 
 
-@pytest.mark.parametrize("overrides, world_size, te, message", [
-    ({"parallel.tensor": 16}, 256, True, "parallel.tensor=16 must divide the attention heads (40)"),
-    ({"parallel.tensor": 8, "parallel.pipeline": 3}, 264, True, "64 layers are not divisible by parallel.pipeline x virtual_pipeline = 3"),
-    ({"parallel.pipeline": 4, "parallel.virtual_pipeline": 32}, 256, True, "not divisible by parallel.pipeline x virtual_pipeline = 128"),
-    ({"parallel.tensor": 8, "parallel.micro_batch_size": 3}, 256, True, "global_batch_size=512 is not divisible by parallel.micro_batch_size x data-parallel size = 3 x 32"),
-    ({"parallel.tensor": 3}, 256, True, "256 processes are not divisible by tensor x pipeline x context = 3"),
-    ({"parallel.tensor": 8, "parallel.pipeline": 4, "parallel.virtual_pipeline": 2, "schedule.global_batch_size": 48},
-     256, True, "needs the 6 micro-batches per step (global batch / (micro_batch_size x data-parallel size)) to be a "
-     "multiple of parallel.pipeline=4"),
-    ({"parallel.sequence_parallel": True}, 8, False, "parallel.sequence_parallel=true needs Transformer Engine"),
-    ({"parallel.context": 2}, 8, False, "parallel.context=2 needs Transformer Engine"),
-    ({"parallel.tensor": 8, "parallel.sequence_parallel": True, "data.seq_length": 32764}, 8, True,
-     "splits the 1 x 32764-token row across parallel.tensor=8 ranks"),
-    ({"data.seq_length": 16384}, 8, True, "data.seq_length=16384 but the data was packed at 32768"),
-    ({"schedule.warmup_ratio": 1.5}, 8, True, "schedule.warmup_ratio=1.5 must be in [0, 1)"),
-    ({"checkpoint.keep_last_n": 0}, 8, True, "checkpoint.keep_last_n must be >= 1, or null"),
-])
+@pytest.mark.parametrize(
+    "overrides, world_size, te, message",
+    [
+        ({"parallel.tensor": 16}, 256, True, "parallel.tensor=16 must divide the attention heads (40)"),
+        (
+            {"parallel.tensor": 8, "parallel.pipeline": 3},
+            264,
+            True,
+            "64 layers are not divisible by parallel.pipeline x virtual_pipeline = 3",
+        ),
+        (
+            {"parallel.pipeline": 4, "parallel.virtual_pipeline": 32},
+            256,
+            True,
+            "not divisible by parallel.pipeline x virtual_pipeline = 128",
+        ),
+        (
+            {"parallel.tensor": 8, "parallel.micro_batch_size": 3},
+            256,
+            True,
+            "global_batch_size=512 is not divisible by parallel.micro_batch_size x data-parallel size = 3 x 32",
+        ),
+        (
+            {"parallel.tensor": 3},
+            256,
+            True,
+            "256 processes are not divisible by tensor x pipeline x context = 3",
+        ),
+        (
+            {
+                "parallel.tensor": 8,
+                "parallel.pipeline": 4,
+                "parallel.virtual_pipeline": 2,
+                "schedule.global_batch_size": 48,
+            },
+            256,
+            True,
+            "needs the 6 micro-batches per step (global batch / (micro_batch_size x data-parallel size)) to be a "
+            "multiple of parallel.pipeline=4",
+        ),
+        (
+            {"parallel.sequence_parallel": True},
+            8,
+            False,
+            "parallel.sequence_parallel=true needs Transformer Engine",
+        ),
+        ({"parallel.context": 2}, 8, False, "parallel.context=2 needs Transformer Engine"),
+        (
+            {"parallel.tensor": 8, "parallel.sequence_parallel": True, "data.seq_length": 32764},
+            8,
+            True,
+            "splits the 1 x 32764-token row across parallel.tensor=8 ranks",
+        ),
+        ({"data.seq_length": 16384}, 8, True, "data.seq_length=16384 but the data was packed at 32768"),
+        ({"schedule.warmup_ratio": 1.5}, 8, True, "schedule.warmup_ratio=1.5 must be in [0, 1)"),
+        ({"checkpoint.keep_last_n": 0}, 8, True, "checkpoint.keep_last_n must be >= 1, or null"),
+    ],
+)
 def test_layout_problems_name_the_field(tmp_path, overrides, world_size, te, message):
     c = _ready(tmp_path, **overrides)
     with pytest.raises(ConfigError) as info:
@@ -109,10 +178,22 @@ def test_shipped_configs_load_and_take_paths_from_the_environment(monkeypatch, t
         load_config(root / "configs" / "k2think_qwen2.5_32b.yaml")
     monkeypatch.setenv("K2_DATA_PREFIX", "/data/am")
     c = load_config(root / "configs" / "k2think_qwen2.5_32b.yaml")
-    assert (c.data.prefixes, c.model.init_checkpoint, c.checkpoint.save_dir) == (["/data/am"], "/ckpt/qwen2.5-32b-mcore", "/runs/k2")
-    assert (c.optimizer.lr, c.schedule.global_batch_size, c.data.seq_length, c.schedule.epochs) == (1e-4, 512, 32768, 2)
+    assert (c.data.prefixes, c.model.init_checkpoint, c.checkpoint.save_dir) == (
+        ["/data/am"],
+        "/ckpt/qwen2.5-32b-mcore",
+        "/runs/k2",
+    )
+    assert (c.optimizer.lr, c.schedule.global_batch_size, c.data.seq_length, c.schedule.epochs) == (
+        1e-4,
+        512,
+        32768,
+        2,
+    )
     # The recipe's layout is valid for Qwen2.5-32B on 256 GPUs with Transformer Engine (paths aside).
-    problems = str(pytest.raises(ConfigError, c.validate, world_size=256, te_available=True, arch=ARCH_32B,
-                                 data_seq_length=32768).value)
+    problems = str(
+        pytest.raises(
+            ConfigError, c.validate, world_size=256, te_available=True, arch=ARCH_32B, data_seq_length=32768
+        ).value
+    )
     assert "parallel" not in problems and "data.seq_length" not in problems
     assert load_config(root / "configs" / "tiny_cpu.yaml").device == "cpu"

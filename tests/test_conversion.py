@@ -17,7 +17,13 @@ from formats.hf_safetensors import HFSafetensorsReader
 from convert.hf_to_mcore import plan_chunks
 from models.qwen2.arch import Qwen2Arch
 from models.qwen2.state_dict_adapter import bound_mappings
-from formats.torch_dist import Chunk, TorchDistReader, iteration_dir_name, resolve_checkpoint, write_checkpoint
+from formats.torch_dist import (
+    Chunk,
+    TorchDistReader,
+    iteration_dir_name,
+    resolve_checkpoint,
+    write_checkpoint,
+)
 from convert.verify import hf_logits, sample_token_ids, verify_conversion
 from formats.chat_template import AM_THINKING
 
@@ -25,7 +31,10 @@ from formats.chat_template import AM_THINKING
 @pytest.fixture(scope="module")
 def converted(tiny_qwen2_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("mcore") / "ckpt"
-    assert run_tool("convert_hf_to_mcore", ["--hf", str(tiny_qwen2_dir), "--out", str(out), "--chunk-mb", "1"]) == 0
+    assert (
+        run_tool("convert_hf_to_mcore", ["--hf", str(tiny_qwen2_dir), "--out", str(out), "--chunk-mb", "1"])
+        == 0
+    )
     return out
 
 
@@ -39,8 +48,22 @@ def assert_same_weights(expected_dir, actual_dir):
 
 def test_round_trip_through_files_is_bitwise(tiny_qwen2_dir, converted, qwen_tokenizer_dir, tmp_path):
     out = tmp_path / "release"
-    assert run_tool("convert_mcore_to_hf", ["--mcore", str(converted), "--out", str(out),
-                                            "--tokenizer", str(qwen_tokenizer_dir), "--max-shard-gb", "0.03"]) == 0
+    assert (
+        run_tool(
+            "convert_mcore_to_hf",
+            [
+                "--mcore",
+                str(converted),
+                "--out",
+                str(out),
+                "--tokenizer",
+                str(qwen_tokenizer_dir),
+                "--max-shard-gb",
+                "0.03",
+            ],
+        )
+        == 0
+    )
     assert_same_weights(tiny_qwen2_dir, out)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 2  # sharded at the requested size
@@ -63,28 +86,46 @@ def test_round_trip_through_files_is_bitwise(tiny_qwen2_dir, converted, qwen_tok
 
 @pytest.mark.slow
 def test_logits_match_transformers_at_tp2_pp2(tiny_qwen2_dir, converted):
-    result = verify_conversion(tiny_qwen2_dir, converted, tensor_parallel=2, pipeline_parallel=2, seq_length=24)
+    result = verify_conversion(
+        tiny_qwen2_dir, converted, tensor_parallel=2, pipeline_parallel=2, seq_length=24
+    )
     assert result.max_abs_diff <= 1e-4 and result.top1_agreement == 1.0, result.summary()
 
 
 @pytest.mark.slow
 def test_verify_tool_at_tp1(tiny_qwen2_dir, converted, capsys):
-    assert run_tool("verify_conversion", ["--hf", str(tiny_qwen2_dir), "--mcore", str(converted),
-                                          "--seq-length", "16", "--device", "cpu"]) == 0
+    assert (
+        run_tool(
+            "verify_conversion",
+            ["--hf", str(tiny_qwen2_dir), "--mcore", str(converted), "--seq-length", "16", "--device", "cpu"],
+        )
+        == 0
+    )
     assert "PASS" in capsys.readouterr().out
 
 
 @pytest.mark.slow
-def test_checkpoint_saved_at_tp2_pp2_exports_the_same_weights(tiny_qwen2_dir, converted, qwen_tokenizer_dir, tmp_path):
+def test_checkpoint_saved_at_tp2_pp2_exports_the_same_weights(
+    tiny_qwen2_dir, converted, qwen_tokenizer_dir, tmp_path
+):
     run_dir = tmp_path / "run"
     run_distributed(resave_at_layout, 4, str(converted), str(run_dir / iteration_dir_name(7)), 2, 2)
     (run_dir / iteration_dir_name(9)).mkdir()  # an interrupted save: not complete, never picked
     assert resolve_checkpoint(run_dir) == run_dir / iteration_dir_name(7)
-    chunks = TorchDistReader(run_dir / iteration_dir_name(7)).tensors["decoder.layers.mlp.linear_fc1.weight"].chunks
+    chunks = (
+        TorchDistReader(run_dir / iteration_dir_name(7))
+        .tensors["decoder.layers.mlp.linear_fc1.weight"]
+        .chunks
+    )
     assert len(chunks) == 2 * 2 * 2  # layers (one per stage) x TP x (gate, up): really a different layout
     out = tmp_path / "release"
-    assert run_tool("convert_mcore_to_hf", ["--mcore", str(run_dir), "--out", str(out),
-                                            "--tokenizer", str(qwen_tokenizer_dir)]) == 0
+    assert (
+        run_tool(
+            "convert_mcore_to_hf",
+            ["--mcore", str(run_dir), "--out", str(out), "--tokenizer", str(qwen_tokenizer_dir)],
+        )
+        == 0
+    )
     assert_same_weights(tiny_qwen2_dir, out)
 
 
@@ -97,8 +138,11 @@ def test_chunks_tile_every_tensor_within_the_size_cap(tiny_qwen2_dir):
         assert chunk.nbytes <= max(cap, 4 * chunk.global_shape[-1])  # one row may exceed a tiny cap
         by_key.setdefault(chunk.key, []).append(chunk)
     for m in bound_mappings(arch, "te"):
-        covered = sum(c.sizes[1 if m.layer is not None else 0] for c in by_key[m.dist_key]
-                      if m.layer is None or c.offsets[0] == m.layer)
+        covered = sum(
+            c.sizes[1 if m.layer is not None else 0]
+            for c in by_key[m.dist_key]
+            if m.layer is None or c.offsets[0] == m.layer
+        )
         assert covered == m.mcore_shape[0], m.dist_key
     fc1 = [c for c in by_key["decoder.layers.mlp.linear_fc1.weight"] if c.offsets[0] == 0]
     assert arch.ffn_hidden_size in {c.offsets[1] for c in fc1}  # cut at the gate/up boundary
@@ -106,8 +150,18 @@ def test_chunks_tile_every_tensor_within_the_size_cap(tiny_qwen2_dir):
 
 def test_reader_reassembles_any_region_from_any_chunking(tmp_path):
     full = torch.arange(5 * 6 * 4, dtype=torch.float32).reshape(5, 6, 4)
-    chunks = [Chunk("t", (5, 6, 4), (i, j, 0), (1, 3, 4), torch.float32,
-                    lambda i=i, j=j: full[i:i + 1, j:j + 3].clone()) for i in range(5) for j in (0, 3)]
+    chunks = [
+        Chunk(
+            "t",
+            (5, 6, 4),
+            (i, j, 0),
+            (1, 3, 4),
+            torch.float32,
+            lambda i=i, j=j: full[i : i + 1, j : j + 3].clone(),
+        )
+        for i in range(5)
+        for j in (0, 3)
+    ]
     write_checkpoint(tmp_path / "ckpt", chunks, threads=2)
     reader = TorchDistReader(tmp_path / "ckpt")
     assert torch.equal(reader.read("t", (1, 2, 1), (3, 3, 2)), full[1:4, 2:5, 1:3])
@@ -115,6 +169,7 @@ def test_reader_reassembles_any_region_from_any_chunking(tmp_path):
 
 
 # Bad inputs -------------------------------------------------------------------------------------------
+
 
 def test_bad_sources_are_named(tiny_qwen2_dir, tmp_path, capsys):
     def convert(hf) -> str:
@@ -135,11 +190,15 @@ def test_bad_sources_are_named(tiny_qwen2_dir, tmp_path, capsys):
 
     llama = shutil.copytree(tiny_qwen2_dir, tmp_path / "llama")
     config = json.loads((llama / "config.json").read_text())
-    (llama / "config.json").write_text(json.dumps({**config, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    (llama / "config.json").write_text(
+        json.dumps({**config, "model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    )
     assert "only Qwen2" in convert(llama)
 
     wider = shutil.copytree(tiny_qwen2_dir, tmp_path / "wider")
-    (wider / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
+    (wider / "config.json").write_text(
+        json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2})
+    )
     assert "gate_proj.weight: shape" in convert(wider)
 
     fewer = shutil.copytree(tiny_qwen2_dir, tmp_path / "fewer")
@@ -147,7 +206,9 @@ def test_bad_sources_are_named(tiny_qwen2_dir, tmp_path, capsys):
     assert "the config does not describe" in convert(fewer) and "model.layers.1." in convert(fewer)
 
 
-def test_existing_output_needs_force_and_a_crash_leaves_nothing(tiny_qwen2_dir, converted, tmp_path, monkeypatch, capsys):
+def test_existing_output_needs_force_and_a_crash_leaves_nothing(
+    tiny_qwen2_dir, converted, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep").write_text("x")
@@ -174,7 +235,10 @@ def test_existing_output_needs_force_and_a_crash_leaves_nothing(tiny_qwen2_dir, 
 
 def test_export_errors_are_named(converted, tmp_path, capsys):
     def export(*extra) -> str:
-        assert run_tool("convert_mcore_to_hf", ["--mcore", str(converted), "--out", str(tmp_path / "o"), *extra]) == 2
+        assert (
+            run_tool("convert_mcore_to_hf", ["--mcore", str(converted), "--out", str(tmp_path / "o"), *extra])
+            == 2
+        )
         return capsys.readouterr().err
 
     assert "pass --tokenizer" in export()

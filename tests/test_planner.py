@@ -7,11 +7,28 @@ import pytest
 
 from models.parallel_layout import ParallelLayout
 from models.qwen2.arch import Qwen2Arch
-from sft.planner import Hardware, activation_bytes_per_token_layer, estimate, layer_parameters, local_parameters, plan
+from sft.planner import (
+    Hardware,
+    activation_bytes_per_token_layer,
+    estimate,
+    layer_parameters,
+    local_parameters,
+    plan,
+)
 
-QWEN25_32B = Qwen2Arch(vocab_size=152064, hidden_size=5120, ffn_hidden_size=27648, num_layers=64, num_attention_heads=40,
-                       num_query_groups=8, head_dim=128, rms_norm_eps=1e-5, rope_base=1e6, tie_word_embeddings=False,
-                       max_position_embeddings=131072)
+QWEN25_32B = Qwen2Arch(
+    vocab_size=152064,
+    hidden_size=5120,
+    ffn_hidden_size=27648,
+    num_layers=64,
+    num_attention_heads=40,
+    num_query_groups=8,
+    head_dim=128,
+    rms_norm_eps=1e-5,
+    rope_base=1e6,
+    tie_word_embeddings=False,
+    max_position_embeddings=131072,
+)
 
 
 def test_parameter_count_is_qwen25_32b():
@@ -20,14 +37,19 @@ def test_parameter_count_is_qwen25_32b():
     # 64 layers + embedding + output layer + final norm: the published 32.76B
     assert local_parameters(QWEN25_32B, ParallelLayout()) == 32_763_876_352
     # TP8 x PP2: 32 layers and one vocabulary matrix over 8 ranks
-    assert local_parameters(QWEN25_32B, ParallelLayout(tensor=8, pipeline=2)) == (32 * 487_605_248 + 152064 * 5120) // 8 + 5120
+    assert (
+        local_parameters(QWEN25_32B, ParallelLayout(tensor=8, pipeline=2))
+        == (32 * 487_605_248 + 152064 * 5120) // 8 + 5120
+    )
 
 
 def test_activation_bytes_by_hand():
     h, gd, f = 5120, 8 * 128, 27648
     inside = 2 * h + 3 * gd + h + 3 * f
     assert activation_bytes_per_token_layer(QWEN25_32B, ParallelLayout(), "selective") == 2 * (6 * h + inside)
-    assert activation_bytes_per_token_layer(QWEN25_32B, ParallelLayout(tensor=8), "selective") == 2 * (6 * h + inside / 8)
+    assert activation_bytes_per_token_layer(QWEN25_32B, ParallelLayout(tensor=8), "selective") == 2 * (
+        6 * h + inside / 8
+    )
     tp8_sp = ParallelLayout(tensor=8, sequence_parallel=True)
     assert activation_bytes_per_token_layer(QWEN25_32B, tp8_sp, "selective") == 33024
     assert activation_bytes_per_token_layer(QWEN25_32B, tp8_sp, "full") == 2 * h / 8
@@ -36,7 +58,9 @@ def test_activation_bytes_by_hand():
 def test_memory_and_rules_of_one_layout():
     hw = Hardware(gpus=256)
     layout = ParallelLayout(tensor=8, pipeline=2, virtual_pipeline=4, context=2, sequence_parallel=True)
-    e = estimate(QWEN25_32B, layout, "selective", hw, seq_length=32768, global_batch=512, mean_conversation=4000)
+    e = estimate(
+        QWEN25_32B, layout, "selective", hw, seq_length=32768, global_batch=512, mean_conversation=4000
+    )
     params = local_parameters(QWEN25_32B, layout)
     assert e.data_parallel == 8
     assert e.memory_gb["weights"] == pytest.approx(2 * params / 1e9, abs=1e-3)
@@ -47,8 +71,13 @@ def test_memory_and_rules_of_one_layout():
     # Invalid layouts are not offered, by the trainer's own rules: TP must divide the 8 query groups; layers
     # must split into stages; interleaving needs the micro-batches per step in multiples of PP.
     assert estimate(QWEN25_32B, ParallelLayout(tensor=16), "selective", hw, 32768, 512, 4000) is None
-    assert estimate(QWEN25_32B, ParallelLayout(pipeline=3), "selective", Hardware(gpus=3), 32768, 512, 4000) is None
-    interleaved = ParallelLayout(tensor=8, pipeline=4, virtual_pipeline=2)  # DP8: 512 / 8 = 64 micro-batches, fine
+    assert (
+        estimate(QWEN25_32B, ParallelLayout(pipeline=3), "selective", Hardware(gpus=3), 32768, 512, 4000)
+        is None
+    )
+    interleaved = ParallelLayout(
+        tensor=8, pipeline=4, virtual_pipeline=2
+    )  # DP8: 512 / 8 = 64 micro-batches, fine
     assert estimate(QWEN25_32B, interleaved, "selective", hw, 32768, 512, 4000) is not None
     assert estimate(QWEN25_32B, interleaved, "selective", hw, 32768, 8 * 6, 4000) is None  # 6 % 4 != 0
     assert interleaved.problems(world_size=256, global_batch=48)  # the same rule the configuration applies
@@ -88,11 +117,18 @@ def test_memory_estimate_matches_a_measured_cpu_run(tmp_path):
 
     seq = 1024
     inputs = training_inputs(tmp_path, random_packs(4, seq, QWEN25_VOCAB_SIZE_SMALL, seed=0), seq, layers=2)
-    overrides = inputs.overrides(tmp_path / "run", "schedule.global_batch_size=2", "schedule.train_iters=2",
-                                 "model.recompute=none", "checkpoint.save_interval=100",
-                                 "checkpoint.save_at_end=false")  # the checkpoint writer's buffers are not a step's
+    overrides = inputs.overrides(
+        tmp_path / "run",
+        "schedule.global_batch_size=2",
+        "schedule.train_iters=2",
+        "model.recompute=none",
+        "checkpoint.save_interval=100",
+        "checkpoint.save_at_end=false",
+    )  # the checkpoint writer's buffers are not a step's
     (measured,) = run_distributed(_measure_peak, 1, overrides)
     arch = Qwen2Arch.from_path(inputs.hf)
-    estimated = estimate(arch, ParallelLayout(), "none", Hardware(gpus=1, buffer_gb=0), seq, 2, 256, weight_bytes=4)
+    estimated = estimate(
+        arch, ParallelLayout(), "none", Hardware(gpus=1, buffer_gb=0), seq, 2, 256, weight_bytes=4
+    )
     used_gb = (measured["peak"] - measured["baseline"]) / 1e9
     assert used_gb == pytest.approx(estimated.total_gb, rel=0.2), (used_gb, estimated.memory_gb)

@@ -21,7 +21,9 @@ SEQ = 2048  # small, so the sample yields many packs and several truncations
 
 
 def run(aligned, tokenizer_dir, prefix, **overrides):
-    cfg = PreprocessConfig(input=aligned, tokenizer=tokenizer_dir, output_prefix=prefix, seq_length=SEQ, workers=1)
+    cfg = PreprocessConfig(
+        input=aligned, tokenizer=tokenizer_dir, output_prefix=prefix, seq_length=SEQ, workers=1
+    )
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return preprocess(cfg, command=["test"])
@@ -74,7 +76,9 @@ def test_round_trip_through_megatron_indexed_dataset(packed, aligned_parquet, qw
     assert got == Counter((ids, mask) for ids, mask, _ in reference)
     assert meta["stats"]["truncated"] == sum(full > SEQ - 1 for _, _, full in reference) > 0
     assert meta["stats"]["loss_tokens"] == sum(sum(mask) for _, mask, _ in reference)
-    assert meta["stats"]["packing_efficiency"] == pytest.approx(pack_tokens.sum() / (len(pack_tokens) * SEQ), abs=1e-6)
+    assert meta["stats"]["packing_efficiency"] == pytest.approx(
+        pack_tokens.sum() / (len(pack_tokens) * SEQ), abs=1e-6
+    )
 
 
 def test_every_conversation_is_trained_and_starts_with_the_system_slot(packed, qwen_tokenizer):
@@ -108,7 +112,9 @@ def test_output_is_byte_identical_for_any_worker_count(packed, aligned_parquet, 
     assert meta4["stats"] == meta["stats"]
 
 
-def test_overlong_drop_and_system_column(aligned_parquet, qwen_tokenizer_dir, qwen_tokenizer, tmp_path, packed):
+def test_overlong_drop_and_system_column(
+    aligned_parquet, qwen_tokenizer_dir, qwen_tokenizer, tmp_path, packed
+):
     _, truncate_meta = packed
     meta = run(aligned_parquet, qwen_tokenizer_dir, tmp_path / "drop", overlong="drop")
     assert meta["stats"]["dropped"] == {"overlong": truncate_meta["stats"]["truncated"]}
@@ -125,7 +131,9 @@ def test_overlong_drop_and_system_column(aligned_parquet, qwen_tokenizer_dir, qw
     assert text.startswith("<|im_start|>system\n")
 
 
-def test_existing_outputs_need_force_and_failures_leave_nothing(aligned_parquet, qwen_tokenizer_dir, tmp_path, monkeypatch):
+def test_existing_outputs_need_force_and_failures_leave_nothing(
+    aligned_parquet, qwen_tokenizer_dir, tmp_path, monkeypatch
+):
     import preprocess.pipeline as pipeline
 
     prefix = tmp_path / "p"

@@ -15,13 +15,18 @@ from common.errors import CheckpointError, UnsupportedModelError
 from models.qwen2.arch import Qwen2Arch
 from models.qwen2.state_dict_adapter import bound_mappings
 
-TOKENS = [[151644, 872, 198, 6023, 11, 1879, 0, 17, 151645, 198, 151644, 77091], [9707, 1879, 220, 16, 17, 18, 19, 20, 21, 13, 198, 42]]
+TOKENS = [
+    [151644, 872, 198, 6023, 11, 1879, 0, 17, 151645, 198, 151644, 77091],
+    [9707, 1879, 220, 16, 17, 18, 19, 20, 21, 13, 198, 42],
+]
 
 
 def test_logits_match_transformers(tiny_qwen2_dir):
     from transformers import Qwen2ForCausalLM
 
-    hf = Qwen2ForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    hf = Qwen2ForCausalLM.from_pretrained(
+        tiny_qwen2_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     with torch.no_grad():
         expected = hf(torch.tensor(TOKENS)).logits
     (ours,) = run_distributed(megatron_logits_from_hf, 1, str(tiny_qwen2_dir), TOKENS)
@@ -46,15 +51,28 @@ def test_round_trip_is_bitwise_and_consumes_every_tensor_once(tiny_qwen2_dir):
     # The torch_dist naming of norms (TE names) binds the same HF tensors.
     te = {m.key: m.hf_keys for m in bound_mappings(arch, "te")}
     local = {m.key: m.hf_keys for m in mappings}
-    assert te["decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"] == \
-        local["decoder.layers.0.input_layernorm.weight"] == ("model.layers.0.input_layernorm.weight",)
+    assert (
+        te["decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"]
+        == local["decoder.layers.0.input_layernorm.weight"]
+        == ("model.layers.0.input_layernorm.weight",)
+    )
 
 
 def test_qkv_layout_by_hand():
     # 4 query heads in 2 KV groups, head_dim 1, hidden 1: rows are labelled by their origin.
-    arch = Qwen2Arch(vocab_size=8, hidden_size=1, ffn_hidden_size=2, num_layers=1, num_attention_heads=4,
-                     num_query_groups=2, head_dim=1, rms_norm_eps=1e-6, rope_base=1e6, tie_word_embeddings=True,
-                     max_position_embeddings=16)
+    arch = Qwen2Arch(
+        vocab_size=8,
+        hidden_size=1,
+        ffn_hidden_size=2,
+        num_layers=1,
+        num_attention_heads=4,
+        num_query_groups=2,
+        head_dim=1,
+        rms_norm_eps=1e-6,
+        rope_base=1e6,
+        tie_word_embeddings=True,
+        max_position_embeddings=16,
+    )
     q = torch.tensor([[10.0], [11.0], [12.0], [13.0]])  # heads 0, 1 (group 0), 2, 3 (group 1)
     k = torch.tensor([[20.0], [21.0]])
     v = torch.tensor([[30.0], [31.0]])
@@ -85,14 +103,17 @@ def test_arch_reads_everything_from_the_config(tiny_qwen2_dir):
     assert Qwen2Arch.from_hf_config(config).rope_base == 5e5  # transformers 5 layout
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "only Qwen2"),
-    ({"use_sliding_window": True}, "sliding-window"),
-    ({"hidden_act": "gelu"}, "SwiGLU"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling"),
-    ({"rope_theta": None, "rope_parameters": None}, "no rope_theta"),
-    ({"num_key_value_heads": 3}, "inconsistent"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "only Qwen2"),
+        ({"use_sliding_window": True}, "sliding-window"),
+        ({"hidden_act": "gelu"}, "SwiGLU"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling"),
+        ({"rope_theta": None, "rope_parameters": None}, "no rope_theta"),
+        ({"num_key_value_heads": 3}, "inconsistent"),
+    ],
+)
 def test_unsupported_configs_are_refused(tiny_qwen2_dir, change, message):
     config = {**_config(tiny_qwen2_dir), **change}
     with pytest.raises(UnsupportedModelError, match=message):

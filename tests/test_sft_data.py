@@ -53,7 +53,9 @@ def test_each_epoch_visits_every_pack_once_in_a_seeded_order():
     for epoch in epochs:
         assert sorted(epoch) == sorted([(0, i) for i in range(7)] + [(1, i) for i in range(5)])
     assert epochs[0] != epochs[1] != epochs[2]
-    assert PackOrder([7, 5], None, seed=3).slots(5, 10) == (epochs[0] + epochs[1])[5:15]  # deterministic, any start
+    assert (
+        PackOrder([7, 5], None, seed=3).slots(5, 10) == (epochs[0] + epochs[1])[5:15]
+    )  # deterministic, any start
     assert PackOrder([7, 5], None, seed=4).slots(0, 12) != epochs[0]
 
 
@@ -70,10 +72,14 @@ def test_weights_over_and_under_sample_evenly():
 def test_data_parallel_ranks_split_the_global_batch(tmp_path):
     prefix = write_packed_dataset(tmp_path / "d", random_packs(10, 32, 1000, seed=1), 32, 1000)
     data = SFTData([str(prefix)], None, seed=5)
-    whole = data.micro_batches(4, global_batch_size=4, layout=ParallelLayout(), data_parallel_rank=0,
-                               data_parallel_size=1)
+    whole = data.micro_batches(
+        4, global_batch_size=4, layout=ParallelLayout(), data_parallel_rank=0, data_parallel_size=1
+    )
     split = [mb for rank in range(2) for mb in data.micro_batches(4, 4, ParallelLayout(), rank, 2)]
-    assert all(torch.equal(a.tokens, b.tokens) and torch.equal(a.loss_mask, b.loss_mask) for a, b in zip(whole, split))
+    assert all(
+        torch.equal(a.tokens, b.tokens) and torch.equal(a.loss_mask, b.loss_mask)
+        for a, b in zip(whole, split)
+    )
     assert data.iterations(epochs=2, global_batch_size=4) == 5  # 20 slots, the last 0 packs unused
     lengths = data.conversation_lengths(4, 4)
     assert lengths.sum() == sum(mb.real_tokens for mb in whole)
@@ -89,7 +95,9 @@ def test_dataset_reads_packs_back_and_rejects_mismatched_files(tmp_path):
         assert np.array_equal(dataset[i].loss_mask, np.concatenate([mask for _, mask in pack]))
         assert dataset[i].lengths.tolist() == [len(ids) for ids, _ in pack]
     assert dataset.longest_padded_pack(1) == max(sum(len(ids) for ids, _ in pack) for pack in packs)
-    assert dataset.longest_padded_pack(8) == max(sum(-(-len(ids) // 8) * 8 for ids, _ in pack) for pack in packs)
+    assert dataset.longest_padded_pack(8) == max(
+        sum(-(-len(ids) // 8) * 8 for ids, _ in pack) for pack in packs
+    )
     write_packed_dataset(tmp_path / "other", random_packs(5, 48, 500, seed=9), 48, 500)
     for suffix in (".bin", ".idx"):
         (tmp_path / f"d_loss_mask{suffix}").write_bytes((tmp_path / f"other_loss_mask{suffix}").read_bytes())
@@ -106,14 +114,17 @@ def test_packed_attention_equals_block_diagonal_causal_reference():
     lengths = [5, 1, 9, 3]
     total, heads, groups, dim = sum(lengths), 4, 2, 8
     q = torch.randn(total, heads, dim, dtype=torch.float64)
-    k, v = torch.randn(total, groups, dim, dtype=torch.float64), torch.randn(total, groups, dim, dtype=torch.float64)
+    k, v = (
+        torch.randn(total, groups, dim, dtype=torch.float64),
+        torch.randn(total, groups, dim, dtype=torch.float64),
+    )
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
-    out = packed_causal_attention(q, k, v, cu, max(lengths), scale=dim ** -0.5)
+    out = packed_causal_attention(q, k, v, cu, max(lengths), scale=dim**-0.5)
     # Dense reference: one softmax over the whole pack with a block-diagonal causal mask.
     segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     allowed = (segment[:, None] == segment[None, :]) & torch.ones(total, total, dtype=torch.bool).tril()
     kk, vv = k.repeat_interleave(heads // groups, dim=1), v.repeat_interleave(heads // groups, dim=1)
-    scores = torch.einsum("thd,shd->hts", q, kk) * dim ** -0.5
+    scores = torch.einsum("thd,shd->hts", q, kk) * dim**-0.5
     reference = torch.einsum("hts,shd->thd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), vv)
     assert torch.allclose(out, reference, atol=1e-12)
 
@@ -142,7 +153,9 @@ def test_context_parallel_padding_and_split_by_hand():
     assert halves[0].tokens.tolist() == [[1, 0, 4, 5, 0, 0, 0, 0]]
     assert halves[1].labels.tolist() == [[3, 0, 7, 8, 9, 0, 0, 0]]
     assert sum(float(h.loss_mask.sum()) for h in halves) == float(batch.loss_mask.sum())
-    assert all(torch.equal(h.cu_seqlens_padded, batch.cu_seqlens_padded) for h in halves)  # offsets stay global
+    assert all(
+        torch.equal(h.cu_seqlens_padded, batch.cu_seqlens_padded) for h in halves
+    )  # offsets stay global
 
 
 def test_layout_drives_padding_and_the_context_parallel_split(tmp_path):
@@ -151,11 +164,14 @@ def test_layout_drives_padding_and_the_context_parallel_split(tmp_path):
     prefix = write_packed_dataset(tmp_path / "d", random_packs(6, 40, 1000, seed=3), 40, 1000)
     data = SFTData([str(prefix)], None, seed=2)
     layout = ParallelLayout(context=2, micro_batch_size=2)
-    assert layout.pad_multiple == 4 and ParallelLayout(context=2, tensor=2, sequence_parallel=True).pad_multiple == 8
+    assert (
+        layout.pad_multiple == 4
+        and ParallelLayout(context=2, tensor=2, sequence_parallel=True).pad_multiple == 8
+    )
     width = data.row_width(layout)
     assert width % 4 == 0 and width >= 2 * max(40, data.longest_padded_pack(4))
     packs = [data.datasets[0][pack] for _, pack in data.order.slots(0, 4)]
-    whole = [make_micro_batch(packs[i:i + 2], 40, pad_multiple=4, width=width) for i in (0, 2)]
+    whole = [make_micro_batch(packs[i : i + 2], 40, pad_multiple=4, width=width) for i in (0, 2)]
     shares = [data.micro_batches(0, 4, layout, 0, 1, context_parallel_rank=r) for r in range(2)]
     for i, row in enumerate(whole):
         halves = [shares[r][i] for r in range(2)]

@@ -57,7 +57,9 @@ def run_inputs(tmp_path_factory):
 
 
 def _overrides(run_inputs, save_dir: Path) -> list[str]:
-    return run_inputs.overrides(save_dir, f"schedule.global_batch_size={GLOBAL_BATCH}", "checkpoint.save_interval=100")
+    return run_inputs.overrides(
+        save_dir, f"schedule.global_batch_size={GLOBAL_BATCH}", "checkpoint.save_interval=100"
+    )
 
 
 def _losses(save_dir: Path) -> dict[int, float]:
@@ -84,12 +86,31 @@ def _wait_for(condition, timeout: float, what: str, poll: float = 1.0):
 
 def test_sbatch_trains_on_two_nodes_checkpoints_on_usr1_and_resumes(cluster, run_inputs, tmp_path):
     save_dir, logs = tmp_path / "run", tmp_path / "logs"
-    env = {**os.environ, "CONFIG": "configs/tiny_cpu.yaml", "GPUS_PER_NODE": "2", "LOG_DIR": str(logs),
-           "REPO": str(ROOT), "VENV": str(Path(sys.executable).parents[1]),
-           "OVERRIDES": " ".join(_overrides(run_inputs, save_dir))}
-    submitted = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--time=30",
-                                f"--output={tmp_path}/job-%j.out", "slurm/sft.sh"],
-                               cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    env = {
+        **os.environ,
+        "CONFIG": "configs/tiny_cpu.yaml",
+        "GPUS_PER_NODE": "2",
+        "LOG_DIR": str(logs),
+        "REPO": str(ROOT),
+        "VENV": str(Path(sys.executable).parents[1]),
+        "OVERRIDES": " ".join(_overrides(run_inputs, save_dir)),
+    }
+    submitted = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=2",
+            "--gpus-per-node=0",
+            "--time=30",
+            f"--output={tmp_path}/job-%j.out",
+            "slurm/sft.sh",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     job = submitted.stdout.strip().split(";")[0]
     try:
         metrics = save_dir / "metrics.jsonl"
@@ -112,7 +133,11 @@ def test_sbatch_trains_on_two_nodes_checkpoints_on_usr1_and_resumes(cluster, run
     assert "requeueing job" in output and "training finished" in output
 
     stopped_at = min(int(p.name[5:]) for p in save_dir.glob("iter_*"))  # the USR1 checkpoint (interval 100)
-    assert 2 <= stopped_at < 8 and (save_dir / "iter_0000008").is_dir() and (save_dir / "finished.json").is_file()
+    assert (
+        2 <= stopped_at < 8
+        and (save_dir / "iter_0000008").is_dir()
+        and (save_dir / "finished.json").is_file()
+    )
     ranks = {int(f.name.split("_")[2]) for f in (save_dir / "iter_0000008").glob("__*_*.distcp")}
     assert ranks == {0, 1, 2, 3}, ranks  # four processes wrote their optimizer shards (DP=4)
     node_logs = sorted((logs / job).glob("node*.log"))
@@ -122,9 +147,21 @@ def test_sbatch_trains_on_two_nodes_checkpoints_on_usr1_and_resumes(cluster, run
 
     # The same run started by a plain torchrun on one node: the same losses.
     plain = tmp_path / "plain"
-    subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node=4",
-                    "pretrain_sft.py", "--config", "configs/tiny_cpu.yaml", *_overrides(run_inputs, plain)],
-                   cwd=ROOT, check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            str(Path(sys.executable).parent / "torchrun"),
+            "--standalone",
+            "--nproc-per-node=4",
+            "pretrain_sft.py",
+            "--config",
+            "configs/tiny_cpu.yaml",
+            *_overrides(run_inputs, plain),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     expected, got = _losses(plain), _losses(save_dir)
     assert sorted(got) == list(range(1, 9)) and got.keys() == expected.keys()
     assert all(got[i] == pytest.approx(expected[i], rel=1e-6) for i in expected), (got, expected)

@@ -63,10 +63,17 @@ def test_single_turn_ids_and_mask(qwen_tokenizer):
 
 @pytest.mark.parametrize("system", [None, "", "You are a patient tutor."])
 def test_multi_turn_with_system(qwen_tokenizer, system):
-    turns = ["Привет! 设 x=1.", "<think>a</think> <answer>b</answer>", "and then? 🙂", "<think>c</think> <answer>d</answer>"]
+    turns = [
+        "Привет! 设 x=1.",
+        "<think>a</think> <answer>b</answer>",
+        "and then? 🙂",
+        "<think>c</think> <answer>d</answer>",
+    ]
     ids, mask, _ = encode(encoder_for(qwen_tokenizer), system, turns, NO_LIMIT)
     assert (ids, mask) == expected(qwen_tokenizer, system or RECIPE_SYSTEM, turns)  # empty falls back
-    assert sum(mask) == sum(len(qwen_tokenizer.encode(t + "<|im_end|>\n", add_special_tokens=False)) for t in turns[1::2])
+    assert sum(mask) == sum(
+        len(qwen_tokenizer.encode(t + "<|im_end|>\n", add_special_tokens=False)) for t in turns[1::2]
+    )
     assert qwen_tokenizer.decode(ids) == AM_THINKING.render(system, turns)
 
 
@@ -138,7 +145,12 @@ def _hf_with_template(tokenizer):
 @pytest.mark.parametrize("system", [None, "", "Be brief."])
 def test_jinja_renders_exactly_the_encoded_text(qwen_tokenizer, system):
     tok = _hf_with_template(qwen_tokenizer)
-    turns = ["Q1 with {braces} and 'quotes' \"and\" \\ backslash", "<think>x</think> <answer>1</answer>", "Q2 ✓", "A2"]
+    turns = [
+        "Q1 with {braces} and 'quotes' \"and\" \\ backslash",
+        "<think>x</think> <answer>1</answer>",
+        "Q2 ✓",
+        "A2",
+    ]
     messages = ([] if system is None else [{"role": "system", "content": system}]) + [
         {"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)
     ]
@@ -146,8 +158,10 @@ def test_jinja_renders_exactly_the_encoded_text(qwen_tokenizer, system):
     assert text == AM_THINKING.render(system, turns)
     expected_text = "".join(
         [f"<|im_start|>system\n{system or RECIPE_SYSTEM}<|im_end|>\n"]
-        + [f"<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n" if i % 2 == 0 else f"{t}<|im_end|>\n"
-           for i, t in enumerate(turns)]
+        + [
+            f"<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n" if i % 2 == 0 else f"{t}<|im_end|>\n"
+            for i, t in enumerate(turns)
+        ]
     )
     assert text == expected_text
     ids, _, _ = encode(encoder_for(qwen_tokenizer), system, turns, NO_LIMIT)
@@ -156,7 +170,12 @@ def test_jinja_renders_exactly_the_encoded_text(qwen_tokenizer, system):
 
 def test_jinja_generation_prompt_matches_training_prefix(qwen_tokenizer):
     tok = _hf_with_template(qwen_tokenizer)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
-    assert prompt == f"<|im_start|>system\n{RECIPE_SYSTEM}<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert (
+        prompt
+        == f"<|im_start|>system\n{RECIPE_SYSTEM}<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
     with pytest.raises(Exception, match="unsupported role"):
         tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)

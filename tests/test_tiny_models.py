@@ -23,7 +23,9 @@ def test_sharded_checkpoint_with_qwen25_traits(tiny_qwen2_dir):
     assert rope == 1_000_000.0 and config["num_key_value_heads"] < config["num_attention_heads"]
 
     with safe_open(str(tiny_qwen2_dir / index["weight_map"]["model.norm.weight"]), "pt") as f:
-        assert not torch.allclose(f.get_tensor("model.norm.weight"), torch.ones(64))  # randomised, not default
+        assert not torch.allclose(
+            f.get_tensor("model.norm.weight"), torch.ones(64)
+        )  # randomised, not default
 
     model = Qwen2ForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32).eval()
     logits = model(torch.tensor([[151644, 872, 198, 6023, 151645]])).logits

@@ -12,8 +12,18 @@ import pytest
 from testing.tokenizer import QWEN25_ADDED_TOKENS, QWEN25_PRETOKENIZE_REGEX, qwen_tiktoken_ranks_file
 
 _BLOCKS = [
-    (0x20, 0x7E), (0xA0, 0x24F), (0x300, 0x36F), (0x370, 0x3FF), (0x400, 0x4FF), (0x590, 0x6FF),
-    (0x900, 0x97F), (0x3040, 0x30FF), (0x4E00, 0x4FFF), (0xAC00, 0xAD00), (0x1F300, 0x1F64F), (0x2200, 0x22FF),
+    (0x20, 0x7E),
+    (0xA0, 0x24F),
+    (0x300, 0x36F),
+    (0x370, 0x3FF),
+    (0x400, 0x4FF),
+    (0x590, 0x6FF),
+    (0x900, 0x97F),
+    (0x3040, 0x30FF),
+    (0x4E00, 0x4FFF),
+    (0xAC00, 0xAD00),
+    (0x1F300, 0x1F64F),
+    (0x2200, 0x22FF),
 ]
 _WHITESPACE = [" ", "  ", "\n", "\n\n", "\t", "\r\n", " \n ", "   \t"]
 
@@ -29,7 +39,9 @@ def _random_text(rng: random.Random) -> str:
         elif kind < 0.35:
             parts.append(rng.choice(QWEN25_ADDED_TOKENS)[0])
         elif kind < 0.45:
-            parts.append(rng.choice(["'s", "'LL", "don't", "<think>", "</answer>", "```python", "x**2", "=>"]))
+            parts.append(
+                rng.choice(["'s", "'LL", "don't", "<think>", "</answer>", "```python", "x**2", "=>"])
+            )
         else:
             lo, hi = rng.choice(_BLOCKS)
             parts.append("".join(chr(rng.randint(lo, hi)) for _ in range(rng.randint(1, 12))))
@@ -43,7 +55,9 @@ def tiktoken_reference():
 
     ranks = load_tiktoken_bpe(str(qwen_tiktoken_ranks_file()))
     specials = {content: i for i, (content, _) in enumerate(QWEN25_ADDED_TOKENS, start=151643)}
-    enc = tiktoken.Encoding("qwen2.5", pat_str=QWEN25_PRETOKENIZE_REGEX, mergeable_ranks=ranks, special_tokens=specials)
+    enc = tiktoken.Encoding(
+        "qwen2.5", pat_str=QWEN25_PRETOKENIZE_REGEX, mergeable_ranks=ranks, special_tokens=specials
+    )
     return enc, ranks
 
 
@@ -104,4 +118,6 @@ def test_sample_corpus_matches_tiktoken_and_round_trips(qwen_tokenizer, tiktoken
     ours = qwen_tokenizer(texts, add_special_tokens=False)["input_ids"]
     for text, ids in zip(texts, ours):
         assert ids == _reference_ids(enc, text)
-        assert qwen_tokenizer.decode(ids) == unicodedata.normalize("NFC", text)  # no added tokens in this text
+        assert qwen_tokenizer.decode(ids) == unicodedata.normalize(
+            "NFC", text
+        )  # no added tokens in this text

@@ -32,9 +32,16 @@ def _make_setup(root: Path, tied: bool) -> TrainingInputs:
 
 
 def _overrides(setup: TrainingInputs, save_dir: Path, *extra: str) -> list[str]:
-    return setup.overrides(save_dir, f"schedule.global_batch_size={GLOBAL_BATCH}", f"optimizer.lr={LR}",
-                           f"schedule.warmup_ratio={WARMUP_RATIO}", "checkpoint.save_interval=2",
-                           "checkpoint.keep_last_n=null", "model.recompute=none", *extra)
+    return setup.overrides(
+        save_dir,
+        f"schedule.global_batch_size={GLOBAL_BATCH}",
+        f"optimizer.lr={LR}",
+        f"schedule.warmup_ratio={WARMUP_RATIO}",
+        "checkpoint.save_interval=2",
+        "checkpoint.keep_last_n=null",
+        "model.recompute=none",
+        *extra,
+    )
 
 
 def _train(setup, save_dir: Path, world_size: int = 1, *extra: str, fault=None) -> dict:
@@ -45,8 +52,11 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     from formats.torch_dist import TorchDistReader
 
     reader = TorchDistReader(checkpoint)
-    return {key: reader.read(key, (0,) * len(meta.size), tuple(meta.size)) for key, meta in reader.tensors.items()
-            if not key.startswith("optimizer")}
+    return {
+        key: reader.read(key, (0,) * len(meta.size), tuple(meta.size))
+        for key, meta in reader.tensors.items()
+        if not key.startswith("optimizer")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +70,9 @@ def reference(setup, tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("reference")
     result = _train(setup, save_dir)
     assert result["iterations"] == ITERS and not result["stopped"]
-    return SimpleNamespace(losses=result["losses"], save_dir=save_dir, weights=_weights(save_dir / "iter_0000006"))
+    return SimpleNamespace(
+        losses=result["losses"], save_dir=save_dir, weights=_weights(save_dir / "iter_0000006")
+    )
 
 
 # Final weights: Adam divides each gradient by its running RMS, so entries whose gradients are ~eps
@@ -69,19 +81,26 @@ def reference(setup, tmp_path_factory):
 WEIGHT_ATOL = LR * 1e-2
 
 
-def _assert_same_training(run: dict, save_dir: Path, reference, rtol: float = 1e-5,
-                          weight_atol: float = WEIGHT_ATOL) -> None:
+def _assert_same_training(
+    run: dict, save_dir: Path, reference, rtol: float = 1e-5, weight_atol: float = WEIGHT_ATOL
+) -> None:
     assert sorted(run["losses"]) == list(range(1, ITERS + 1))
     for iteration, loss in reference.losses.items():
         assert run["losses"][iteration] == pytest.approx(loss, rel=rtol), iteration
     weights = _weights(save_dir / f"iter_{ITERS:07d}")
     assert weights.keys() == reference.weights.keys()
     for key, value in reference.weights.items():
-        assert torch.allclose(weights[key], value, rtol=0, atol=weight_atol), (key, (weights[key] - value).abs().max())
+        assert torch.allclose(weights[key], value, rtol=0, atol=weight_atol), (
+            key,
+            (weights[key] - value).abs().max(),
+        )
 
 
 LAYOUTS = {
-    "tp2-selective-recompute": (2, ["parallel.tensor=2", "parallel.micro_batch_size=2", "model.recompute=selective"]),
+    "tp2-selective-recompute": (
+        2,
+        ["parallel.tensor=2", "parallel.micro_batch_size=2", "model.recompute=selective"],
+    ),
     "pp2-full-recompute": (2, ["parallel.pipeline=2", "model.recompute=full"]),
     "dp2-grad-accumulation": (2, []),  # 2 micro-batches per rank
     "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
@@ -114,7 +133,9 @@ def test_first_loss_equals_transformers_conversation_by_conversation(setup, refe
 
     from sft.data import PackOrder
 
-    model = Qwen2ForCausalLM.from_pretrained(setup.hf, dtype=torch.float32, attn_implementation="eager").eval()
+    model = Qwen2ForCausalLM.from_pretrained(
+        setup.hf, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     total, count = 0.0, 0
     for _, pack in PackOrder([PACKS], None, seed=1234).slots(0, GLOBAL_BATCH):
         for ids, mask in setup.packs[pack]:
@@ -166,7 +187,9 @@ def test_resume_is_exact_after_a_kill_during_a_save_and_after_a_signal(setup, re
     final = _weights(tmp_path / "iter_0000006")
     assert all(torch.equal(final[k], reference.weights[k]) for k in final)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in records] == list(range(1, ITERS + 1))  # the crashed attempt's lines are gone
+    assert [r["iteration"] for r in records] == list(
+        range(1, ITERS + 1)
+    )  # the crashed attempt's lines are gone
 
 
 @pytest.mark.slow
@@ -175,8 +198,14 @@ def test_a_non_finite_step_is_skipped_and_too_many_abort(setup, tmp_path):
     assert math.isnan(run["losses"][2]) and run["skipped"] == 1
     assert math.isfinite(run["losses"][1]) and math.isfinite(run["losses"][3])
     with pytest.raises(RuntimeError, match="2 consecutive iterations"):
-        _train(setup, tmp_path / "always", 1, "schedule.train_iters=3", "schedule.max_consecutive_nonfinite=2",
-               fault=("nan_loss", 0))
+        _train(
+            setup,
+            tmp_path / "always",
+            1,
+            "schedule.train_iters=3",
+            "schedule.max_consecutive_nonfinite=2",
+            fault=("nan_loss", 0),
+        )
 
 
 def test_run_checks_name_the_problem_before_training(setup, tmp_path):

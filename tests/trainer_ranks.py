@@ -29,25 +29,32 @@ def _inject(trainer, fault) -> None:
     step = trainer.train_step
 
     if kind == "crash_after":
+
         def crashing_step():
             if trainer.state.iteration == k:
                 raise InjectedCrash(f"killed during iteration {k + 1}")
             return step()
+
         trainer.train_step = crashing_step
     elif kind == "signal":
+
         def signalled_step():
             if trainer.state.iteration == k - 1 and trainer.rank == 0:
                 os.kill(os.getpid(), signal.SIGUSR1)
             return step()
+
         trainer.train_step = signalled_step
     elif kind == "crash_in_save":
         save = dist_checkpointing.save
 
         def dying_save(state, path, **kwargs):
             if trainer.state.iteration == k:
-                save({key: value for key, value in state.items() if key != "optimizer"}, path)  # model written, then death
+                save(
+                    {key: value for key, value in state.items() if key != "optimizer"}, path
+                )  # model written, then death
                 raise InjectedCrash(f"killed while saving iteration {k}")
             return save(state, path, **kwargs)
+
         dist_checkpointing.save = dying_save
     elif kind == "nan_loss":
         loss_func = trainer_module.loss_func
@@ -59,6 +66,7 @@ def _inject(trainer, fault) -> None:
                 reduced = reduced.clone()
                 reduced[0] = math.nan
             return total, count, reduced
+
         trainer_module.loss_func = poisoned
 
 
@@ -73,5 +81,10 @@ def train(rank: int, world_size: int, overrides: list[str], fault=None) -> dict:
         result = trainer.train()
     except InjectedCrash as crash:
         return {"crashed": str(crash), "iteration": trainer.state.iteration}
-    return {"losses": result.losses, "iterations": result.iterations_done, "stopped": result.stopped_by_signal,
-            "skipped": trainer.state.skipped_steps, "checkpoint": str(result.last_checkpoint)}
+    return {
+        "losses": result.losses,
+        "iterations": result.iterations_done,
+        "stopped": result.stopped_by_signal,
+        "skipped": trainer.state.skipped_steps,
+        "checkpoint": str(result.last_checkpoint),
+    }

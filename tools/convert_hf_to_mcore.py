@@ -28,16 +28,36 @@ from convert.hf_to_mcore import DEFAULT_CHUNK_BYTES, DTYPES, convert_hf_to_mcore
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hf", type=Path, required=True, help="local Hugging Face model directory to convert")
-    parser.add_argument("--out", type=Path, required=True, help="directory to create for the torch_dist checkpoint")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="dtype of the stored weights (default: keep the source's, bf16 for Qwen2.5)")
-    parser.add_argument("--force", action="store_true", help="replace --out if it exists (only once the new one is complete)")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="writer threads, one output file each; 2 (default) overlaps reading and writing")
-    parser.add_argument("--chunk-mb", type=int, default=DEFAULT_CHUNK_BYTES >> 20,
-                        help="largest stored chunk in MiB; bounds the converter's memory (default %(default)s)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--hf", type=Path, required=True, help="local Hugging Face model directory to convert"
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="directory to create for the torch_dist checkpoint"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="dtype of the stored weights (default: keep the source's, bf16 for Qwen2.5)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace --out if it exists (only once the new one is complete)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="writer threads, one output file each; 2 (default) overlaps reading and writing",
+    )
+    parser.add_argument(
+        "--chunk-mb",
+        type=int,
+        default=DEFAULT_CHUNK_BYTES >> 20,
+        help="largest stored chunk in MiB; bounds the converter's memory (default %(default)s)",
+    )
     return parser
 
 
@@ -46,8 +66,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def convert() -> int:
-        convert_hf_to_mcore(args.hf, args.out, dtype=args.dtype, force=args.force, threads=args.threads,
-                            max_chunk_bytes=args.chunk_mb << 20)
+        convert_hf_to_mcore(
+            args.hf,
+            args.out,
+            dtype=args.dtype,
+            force=args.force,
+            threads=args.threads,
+            max_chunk_bytes=args.chunk_mb << 20,
+        )
         return 0
 
     return exit_status(convert)

@@ -26,19 +26,45 @@ from convert.mcore_to_hf import DEFAULT_SHARD_BYTES, convert_mcore_to_hf  # noqa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mcore", type=Path, required=True,
-                        help="torch_dist checkpoint directory, or a training run directory of iter_NNNNNNN/ checkpoints")
-    parser.add_argument("--out", type=Path, required=True, help="directory to create for the Hugging Face model")
-    parser.add_argument("--iteration", type=int, default=None,
-                        help="which saved iteration of a run directory to export (default: the latest complete one)")
-    parser.add_argument("--tokenizer", type=Path, default=None,
-                        help="tokenizer directory (default: the tokenizer/ the checkpoint carries from its source)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="dtype of the exported weights (default: the checkpoint's)")
-    parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 1e9,
-                        help="largest safetensors shard in GB (default %(default)s, as transformers)")
-    parser.add_argument("--force", action="store_true", help="replace --out if it exists (only once the new one is complete)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--mcore",
+        type=Path,
+        required=True,
+        help="torch_dist checkpoint directory, or a training run directory of iter_NNNNNNN/ checkpoints",
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="directory to create for the Hugging Face model"
+    )
+    parser.add_argument(
+        "--iteration",
+        type=int,
+        default=None,
+        help="which saved iteration of a run directory to export (default: the latest complete one)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="tokenizer directory (default: the tokenizer/ the checkpoint carries from its source)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="dtype of the exported weights (default: the checkpoint's)",
+    )
+    parser.add_argument(
+        "--max-shard-gb",
+        type=float,
+        default=DEFAULT_SHARD_BYTES / 1e9,
+        help="largest safetensors shard in GB (default %(default)s, as transformers)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace --out if it exists (only once the new one is complete)"
+    )
     return parser
 
 
@@ -47,8 +73,15 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def export() -> int:
-        convert_mcore_to_hf(args.mcore, args.out, iteration=args.iteration, tokenizer_dir=args.tokenizer,
-                            dtype=args.dtype, force=args.force, max_shard_bytes=int(args.max_shard_gb * 1e9))
+        convert_mcore_to_hf(
+            args.mcore,
+            args.out,
+            iteration=args.iteration,
+            tokenizer_dir=args.tokenizer,
+            dtype=args.dtype,
+            force=args.force,
+            max_shard_bytes=int(args.max_shard_gb * 1e9),
+        )
         return 0
 
     return exit_status(export)

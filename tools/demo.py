@@ -47,20 +47,35 @@ def answer(release: Path, prompt: str, max_new_tokens: int = 24) -> str:
 
     tok = AutoTokenizer.from_pretrained(release)
     model = AutoModelForCausalLM.from_pretrained(release, dtype=torch.float32).eval()
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
     ids = tok(text, return_tensors="pt").input_ids
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
-    reply = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=False)
+        out = model.generate(
+            ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    reply = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=False)
     return f"prompt (chat template applied):\n{text}\nreply ({out.shape[1] - ids.shape[1]} tokens): {reply!r}"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "demo", help="output directory (default outputs/demo)")
-    parser.add_argument("--seq-length", type=int, default=2048,
-                        help="packed sequence length (default 2048 on CPU; the recipe uses 32768)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "outputs" / "demo", help="output directory (default outputs/demo)"
+    )
+    parser.add_argument(
+        "--seq-length",
+        type=int,
+        default=2048,
+        help="packed sequence length (default 2048 on CPU; the recipe uses 32768)",
+    )
     parser.add_argument("--train-iters", type=int, default=6, help="training iterations (default 6)")
     args = parser.parse_args()
     out = args.out.resolve()
@@ -73,8 +88,10 @@ def main() -> int:
     print(f"[1/9] tokenizer: {tokenizer}")
 
     snapshot = write_sample_snapshot(out / "snapshot")
-    print(f"[2/9] sample snapshot: {snapshot.root} ({len(list(snapshot.root.iterdir()))} subset files, "
-          f"{snapshot.kept} valid rows, {sum(snapshot.dropped_per_reason.values())} malformed on purpose)")
+    print(
+        f"[2/9] sample snapshot: {snapshot.root} ({len(list(snapshot.root.iterdir()))} subset files, "
+        f"{snapshot.kept} valid rows, {sum(snapshot.dropped_per_reason.values())} malformed on purpose)"
+    )
 
     print("[3/9] aligning the subsets")
     aligned = out / "AM-Thinking-sample.parquet"
@@ -82,8 +99,18 @@ def main() -> int:
 
     print("[4/9] tokenising and packing")
     data = out / "data" / "am_sample"
-    run("tools/preprocess_sft.py", "--input", aligned, "--tokenizer", tokenizer,
-        "--output-prefix", data, "--seq-length", args.seq_length, "--force")
+    run(
+        "tools/preprocess_sft.py",
+        "--input",
+        aligned,
+        "--tokenizer",
+        tokenizer,
+        "--output-prefix",
+        data,
+        "--seq-length",
+        args.seq_length,
+        "--force",
+    )
 
     print("[5/9] a tiny Qwen2.5-architecture model (random weights) as an HF snapshot")
     tiny_hf = out / "tiny-qwen2.5-hf"
@@ -98,11 +125,25 @@ def main() -> int:
     print("[7/9] SFT on 2 CPU processes, tensor parallel 2")
     run_dir = out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time (a kept one would resume, finished)
-    run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", 2, "pretrain_sft.py",
-        "--config", "configs/tiny_cpu.yaml", f"data.prefixes=[{data}]", f"model.init_checkpoint={tiny_mcore}",
-        f"checkpoint.save_dir={run_dir}", f"data.seq_length={args.seq_length}", "parallel.tensor=2",
-        "schedule.global_batch_size=4", f"schedule.train_iters={args.train_iters}", "schedule.warmup_ratio=0.25",
-        "optimizer.lr=1e-3")
+    run(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        2,
+        "pretrain_sft.py",
+        "--config",
+        "configs/tiny_cpu.yaml",
+        f"data.prefixes=[{data}]",
+        f"model.init_checkpoint={tiny_mcore}",
+        f"checkpoint.save_dir={run_dir}",
+        f"data.seq_length={args.seq_length}",
+        "parallel.tensor=2",
+        "schedule.global_batch_size=4",
+        f"schedule.train_iters={args.train_iters}",
+        "schedule.warmup_ratio=0.25",
+        "optimizer.lr=1e-3",
+    )
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     print(f"[7/9] trained {len(losses)} iterations: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 

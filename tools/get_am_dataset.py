@@ -26,13 +26,26 @@ from preprocess.align import AM_THINKING_REPO, AM_THINKING_REVISION, align_snaps
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("output", type=Path, help="aligned parquet to write (e.g. data/AM-Thinking-3697c18.parquet)")
-    parser.add_argument("--revision", default=AM_THINKING_REVISION,
-                        help=f"dataset commit on the hub (default: the recipe's, {AM_THINKING_REVISION})")
-    parser.add_argument("--source", type=Path, default=None,
-                        help="read this local snapshot directory (jsonl and/or parquet files) instead of the hub")
-    parser.add_argument("--repo", default=AM_THINKING_REPO, help=f"hub dataset id (default {AM_THINKING_REPO})")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "output", type=Path, help="aligned parquet to write (e.g. data/AM-Thinking-3697c18.parquet)"
+    )
+    parser.add_argument(
+        "--revision",
+        default=AM_THINKING_REVISION,
+        help=f"dataset commit on the hub (default: the recipe's, {AM_THINKING_REVISION})",
+    )
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        help="read this local snapshot directory (jsonl and/or parquet files) instead of the hub",
+    )
+    parser.add_argument(
+        "--repo", default=AM_THINKING_REPO, help=f"hub dataset id (default {AM_THINKING_REPO})"
+    )
     parser.add_argument("--cache-dir", default=None, help="Hugging Face cache directory for the hub download")
     parser.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     return parser

@@ -22,23 +22,47 @@ from common.errors import InputError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", type=Path,
-                        help="HF config.json, a model directory holding one, or a converted checkpoint (hf_config.json)")
-    source.add_argument("--config", type=Path,
-                        help="a trainer YAML config: the model comes from its model.init_checkpoint, and the sequence "
-                             "length and global batch from it unless given")
-    parser.add_argument("--seq-length", type=int, help="packed sequence length (default 32768, or the config's)")
-    parser.add_argument("--global-batch", type=int, help="packs per optimizer step (default 512, or the config's)")
+    source.add_argument(
+        "--model",
+        type=Path,
+        help="HF config.json, a model directory holding one, or a converted checkpoint (hf_config.json)",
+    )
+    source.add_argument(
+        "--config",
+        type=Path,
+        help="a trainer YAML config: the model comes from its model.init_checkpoint, and the sequence "
+        "length and global batch from it unless given",
+    )
+    parser.add_argument(
+        "--seq-length", type=int, help="packed sequence length (default 32768, or the config's)"
+    )
+    parser.add_argument(
+        "--global-batch", type=int, help="packs per optimizer step (default 512, or the config's)"
+    )
     parser.add_argument("--gpus", type=int, default=256, help="number of GPUs (default 256 = 32 nodes x 8)")
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GB (default 80)")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (default 989, H100)")
-    parser.add_argument("--efficiency", type=float, default=0.6, help="fraction of peak the GEMMs reach (default 0.6)")
-    parser.add_argument("--mean-conversation", type=float, default=4000.0,
-                        help="mean conversation length in tokens, for attention FLOPs (default 4000; see PREFIX_meta.json)")
-    parser.add_argument("--buffer-gb", type=float, default=6.0, help="allowance for CUDA context, NCCL, fragmentation")
-    parser.add_argument("--no-te", action="store_true", help="Transformer Engine absent: no sequence/context parallelism")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (default 989, H100)"
+    )
+    parser.add_argument(
+        "--efficiency", type=float, default=0.6, help="fraction of peak the GEMMs reach (default 0.6)"
+    )
+    parser.add_argument(
+        "--mean-conversation",
+        type=float,
+        default=4000.0,
+        help="mean conversation length in tokens, for attention FLOPs (default 4000; see PREFIX_meta.json)",
+    )
+    parser.add_argument(
+        "--buffer-gb", type=float, default=6.0, help="allowance for CUDA context, NCCL, fragmentation"
+    )
+    parser.add_argument(
+        "--no-te", action="store_true", help="Transformer Engine absent: no sequence/context parallelism"
+    )
     parser.add_argument("--top", type=int, default=15, help="layouts to print (default 15)")
     parser.add_argument("--json", type=Path, help="also write every estimate to this JSON file")
     return parser
@@ -63,11 +87,20 @@ def main(argv: list[str] | None = None) -> int:
             seq_length = args.seq_length or config.data.seq_length
             global_batch = args.global_batch or config.schedule.global_batch_size
         arch = Qwen2Arch.from_path(path)
-        hw = Hardware(gpus=args.gpus, gpu_memory_gb=args.gpu_memory_gb, peak_tflops=args.peak_tflops,
-                      efficiency=args.efficiency, buffer_gb=args.buffer_gb)
-        estimates = plan(arch, hw, seq_length, global_batch, args.mean_conversation, te_available=not args.no_te)
-        print(f"{find_hf_config(path)}: {arch.num_layers} layers, hidden {arch.hidden_size}; seq {seq_length}, "
-              f"global batch {global_batch}, {args.gpus} GPUs x {args.gpu_memory_gb:g} GB\n")
+        hw = Hardware(
+            gpus=args.gpus,
+            gpu_memory_gb=args.gpu_memory_gb,
+            peak_tflops=args.peak_tflops,
+            efficiency=args.efficiency,
+            buffer_gb=args.buffer_gb,
+        )
+        estimates = plan(
+            arch, hw, seq_length, global_batch, args.mean_conversation, te_available=not args.no_te
+        )
+        print(
+            f"{find_hf_config(path)}: {arch.num_layers} layers, hidden {arch.hidden_size}; seq {seq_length}, "
+            f"global batch {global_batch}, {args.gpus} GPUs x {args.gpu_memory_gb:g} GB\n"
+        )
         print(format_table(estimates, args.top))
         feasible = [e for e in estimates if e.fits]
         if not feasible:
@@ -75,10 +108,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         best = feasible[0]
         layout = best.layout
-        print(f"\nrecommended: parallel.tensor={layout.tensor} parallel.pipeline={layout.pipeline} "
-              f"parallel.virtual_pipeline={layout.virtual_pipeline or 'null'} parallel.context={layout.context} "
-              f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()} model.recompute={best.recompute} "
-              f"parallel.micro_batch_size={layout.micro_batch_size}")
+        print(
+            f"\nrecommended: parallel.tensor={layout.tensor} parallel.pipeline={layout.pipeline} "
+            f"parallel.virtual_pipeline={layout.virtual_pipeline or 'null'} parallel.context={layout.context} "
+            f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()} model.recompute={best.recompute} "
+            f"parallel.micro_batch_size={layout.micro_batch_size}"
+        )
         if args.json:
             args.json.write_text(json.dumps([e.to_dict() for e in estimates], indent=1))
         return 0

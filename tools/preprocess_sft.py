@@ -26,27 +26,61 @@ from preprocess.pipeline import PreprocessConfig, preprocess, report  # noqa: E4
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", type=Path, required=True,
-                        help="aligned parquet from tools/get_am_dataset.py (columns conversations, system, subset)")
-    parser.add_argument("--tokenizer", type=Path, required=True,
-                        help="local Hugging Face tokenizer directory (the base model's, e.g. Qwen2.5-32B)")
-    parser.add_argument("--output-prefix", type=Path, required=True,
-                        help="path prefix P of the outputs P_input_ids.*, P_loss_mask.*, P_meta.json")
-    parser.add_argument("--seq-length", type=int, default=32768,
-                        help="tokens per packed sequence (default 32768, the recipe's); each conversation is cut "
-                             "to seq_length - 1 tokens, as LLaMA-Factory does when packing")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="tokeniser processes (default: all cores); the output is identical for any value")
-    parser.add_argument("--overlong", choices=("truncate", "drop"), default="truncate",
-                        help="conversations longer than the cutoff: 'truncate' with the recipe's per-turn rule "
-                             "(default) or 'drop' them; either way they are counted")
-    parser.add_argument("--system-source", choices=("turn", "column"), default="turn",
-                        help="where a sample's system text comes from: 'turn' (default, the recipe) = a leading "
-                             "turn with from == 'system', else the default AM-thinking prompt; 'column' = the "
-                             "aligned `system` column, else the default prompt (a deviation from the recipe)")
-    parser.add_argument("--seed", type=int, default=1234,
-                        help="seed for tie-breaking among equal lengths and for the order of packs (default 1234)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--input",
+        type=Path,
+        required=True,
+        help="aligned parquet from tools/get_am_dataset.py (columns conversations, system, subset)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        required=True,
+        help="local Hugging Face tokenizer directory (the base model's, e.g. Qwen2.5-32B)",
+    )
+    parser.add_argument(
+        "--output-prefix",
+        type=Path,
+        required=True,
+        help="path prefix P of the outputs P_input_ids.*, P_loss_mask.*, P_meta.json",
+    )
+    parser.add_argument(
+        "--seq-length",
+        type=int,
+        default=32768,
+        help="tokens per packed sequence (default 32768, the recipe's); each conversation is cut "
+        "to seq_length - 1 tokens, as LLaMA-Factory does when packing",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="tokeniser processes (default: all cores); the output is identical for any value",
+    )
+    parser.add_argument(
+        "--overlong",
+        choices=("truncate", "drop"),
+        default="truncate",
+        help="conversations longer than the cutoff: 'truncate' with the recipe's per-turn rule "
+        "(default) or 'drop' them; either way they are counted",
+    )
+    parser.add_argument(
+        "--system-source",
+        choices=("turn", "column"),
+        default="turn",
+        help="where a sample's system text comes from: 'turn' (default, the recipe) = a leading "
+        "turn with from == 'system', else the default AM-thinking prompt; 'column' = the "
+        "aligned `system` column, else the default prompt (a deviation from the recipe)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=1234,
+        help="seed for tie-breaking among equal lengths and for the order of packs (default 1234)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs of this prefix")
     return parser
 
@@ -54,8 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> PreprocessConfig:
     args = build_parser().parse_args(argv)
     return PreprocessConfig(
-        input=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix, seq_length=args.seq_length,
-        workers=args.workers, overlong=args.overlong, system_source=args.system_source, seed=args.seed,
+        input=args.input,
+        tokenizer=args.tokenizer,
+        output_prefix=args.output_prefix,
+        seq_length=args.seq_length,
+        workers=args.workers,
+        overlong=args.overlong,
+        system_source=args.system_source,
+        seed=args.seed,
         force=args.force,
     )
 

@@ -25,19 +25,37 @@ from convert.verify import verify_conversion  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hf", type=Path, required=True, help="the Hugging Face model directory (the reference)")
-    parser.add_argument("--mcore", type=Path, required=True, help="the torch_dist checkpoint (or run directory) to check")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to load the checkpoint at (default 1)")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to load the checkpoint at (default 1)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--hf", type=Path, required=True, help="the Hugging Face model directory (the reference)"
+    )
+    parser.add_argument(
+        "--mcore", type=Path, required=True, help="the torch_dist checkpoint (or run directory) to check"
+    )
+    parser.add_argument(
+        "--tp", type=int, default=1, help="tensor-parallel size to load the checkpoint at (default 1)"
+    )
+    parser.add_argument(
+        "--pp", type=int, default=1, help="pipeline-parallel size to load the checkpoint at (default 1)"
+    )
     parser.add_argument("--batch", type=int, default=2, help="number of token sequences (default 2)")
     parser.add_argument("--seq-length", type=int, default=64, help="tokens per sequence (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random token ids (default 0)")
-    parser.add_argument("--atol", type=float, default=1e-4,
-                        help="largest accepted absolute logit difference (default 1e-4); deep models in fp32 "
-                             "accumulate summation-order differences, so judge a near miss by the mean and top-1")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="where both models run (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--atol",
+        type=float,
+        default=1e-4,
+        help="largest accepted absolute logit difference (default 1e-4); deep models in fp32 "
+        "accumulate summation-order differences, so judge a near miss by the mean and top-1",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="where both models run (default: cuda when available, else cpu)",
+    )
     return parser
 
 
@@ -46,9 +64,17 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def verify() -> int:
-        result = verify_conversion(args.hf, args.mcore, tensor_parallel=args.tp, pipeline_parallel=args.pp,
-                                   batch=args.batch, seq_length=args.seq_length, seed=args.seed, atol=args.atol,
-                                   device=args.device)
+        result = verify_conversion(
+            args.hf,
+            args.mcore,
+            tensor_parallel=args.tp,
+            pipeline_parallel=args.pp,
+            batch=args.batch,
+            seq_length=args.seq_length,
+            seed=args.seed,
+            atol=args.atol,
+            device=args.device,
+        )
         print(f"TP={args.tp} PP={args.pp}, {args.batch} x {args.seq_length} tokens: {result.summary()}")
         return 0 if result.passed else 1
 

@@ -60,18 +60,26 @@ class Qwen2Arch:
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], source: str = "config.json") -> Qwen2Arch:
         architectures = config.get("architectures") or []
-        if config.get("model_type") != "qwen2" or (architectures and architectures[0] not in SUPPORTED_ARCHITECTURES):
+        if config.get("model_type") != "qwen2" or (
+            architectures and architectures[0] not in SUPPORTED_ARCHITECTURES
+        ):
             raise UnsupportedModelError(
                 f"{source}: model_type={config.get('model_type')!r}, architectures={architectures}; "
                 f"only Qwen2/Qwen2.5 causal LMs ({', '.join(SUPPORTED_ARCHITECTURES)}) are supported"
             )
         if config.get("hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"{source}: hidden_act={config['hidden_act']!r}; Qwen2 uses SwiGLU (silu)")
+            raise UnsupportedModelError(
+                f"{source}: hidden_act={config['hidden_act']!r}; Qwen2 uses SwiGLU (silu)"
+            )
         if config.get("use_sliding_window"):
-            raise UnsupportedModelError(f"{source}: sliding-window attention is not supported (use_sliding_window=true)")
+            raise UnsupportedModelError(
+                f"{source}: sliding-window attention is not supported (use_sliding_window=true)"
+            )
         rope_parameters = config.get("rope_parameters") or {}
         scaling = config.get("rope_scaling") or {}
-        rope_type = scaling.get("rope_type", scaling.get("type")) or rope_parameters.get("rope_type", "default")
+        rope_type = scaling.get("rope_type", scaling.get("type")) or rope_parameters.get(
+            "rope_type", "default"
+        )
         if rope_type != "default":
             raise UnsupportedModelError(f"{source}: rope scaling {rope_type!r} is not supported")
         rope_base = config.get("rope_theta", rope_parameters.get("rope_theta"))
@@ -81,7 +89,9 @@ class Qwen2Arch:
         groups = config.get("num_key_value_heads", heads)
         head_dim = config.get("head_dim") or hidden // heads
         if head_dim * heads != hidden or heads % groups:
-            raise UnsupportedModelError(f"{source}: hidden {hidden}, heads {heads}, kv heads {groups}, head_dim {head_dim} are inconsistent")
+            raise UnsupportedModelError(
+                f"{source}: hidden {hidden}, heads {heads}, kv heads {groups}, head_dim {head_dim} are inconsistent"
+            )
         return cls(
             vocab_size=config["vocab_size"],
             hidden_size=hidden,

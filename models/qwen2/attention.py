@@ -38,8 +38,14 @@ def _varlen_attention():
     return varlen_attn, "window_size" in parameters, "enable_gqa" in parameters
 
 
-def packed_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
-                            max_seqlen: int, scale: float) -> torch.Tensor:
+def packed_causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+) -> torch.Tensor:
     """Causal attention within each segment [cu_seqlens[i], cu_seqlens[i+1]); returns [T, heads, dim]."""
     varlen = _varlen_attention() if query.is_cuda else None
     if varlen is not None:
@@ -69,33 +75,61 @@ def _per_segment_sdpa(query, key, value, cu_seqlens, scale):
     gqa = key.shape[1] != query.shape[1]
     for start, end in zip(bounds[:-1], bounds[1:]):
         q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))  # [heads, L, dim]
-        out[start:end] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                        enable_gqa=gqa).transpose(0, 1)
+        out[start:end] = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, enable_gqa=gqa
+        ).transpose(0, 1)
     return out
 
 
 class PackedCoreAttention(torch.nn.Module):
     """Drop-in `core_attention` submodule for megatron-core's local spec that requires THD packing."""
 
-    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str, attention_dropout=None,
-                 softmax_scale: float | None = None, cp_comm_type=None, pg_collection=None):
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str,
+        attention_dropout=None,
+        softmax_scale: float | None = None,
+        cp_comm_type=None,
+        pg_collection=None,
+    ):
         super().__init__()
         if config.context_parallel_size != 1:
-            raise ValueError("PackedCoreAttention does not implement context parallelism; it needs Transformer Engine")
+            raise ValueError(
+                "PackedCoreAttention does not implement context parallelism; it needs Transformer Engine"
+            )
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
-            raise ValueError(f"PackedCoreAttention has no attention dropout (got {dropout}); Qwen2.5 uses none")
+            raise ValueError(
+                f"PackedCoreAttention has no attention dropout (got {dropout}); Qwen2.5 uses none"
+            )
         self.config = config
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
 
-    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask=None,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ):
         if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
             raise ValueError("PackedCoreAttention needs packed (THD) input: pass packed_seq_params")
         if attention_bias is not None:
             raise ValueError("PackedCoreAttention does not support an attention bias")
-        return packed_causal_attention(query, key, value, packed_seq_params.cu_seqlens_q,
-                                       packed_seq_params.max_seqlen_q, self.softmax_scale)
+        return packed_causal_attention(
+            query,
+            key,
+            value,
+            packed_seq_params.cu_seqlens_q,
+            packed_seq_params.max_seqlen_q,
+            self.softmax_scale,
+        )
 
 
 def with_packed_attention(local_spec):
@@ -109,5 +143,7 @@ def describe_backend(device: str) -> str:
     if device != "cuda":
         return "per-conversation torch SDPA on CPU"
     if _varlen_attention() is None:
-        return f"per-conversation torch SDPA on CUDA (torch {torch.__version__} has no varlen flash attention)"
+        return (
+            f"per-conversation torch SDPA on CUDA (torch {torch.__version__} has no varlen flash attention)"
+        )
     return "torch varlen flash attention (torch.nn.attention.varlen)"

@@ -19,7 +19,13 @@ import numpy as np
 
 def dense_flops_per_token(arch) -> float:
     """Forward FLOPs per token outside attention scores (projections, MLP, vocabulary)."""
-    h, d, n, g, f = arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_query_groups, arch.ffn_hidden_size
+    h, d, n, g, f = (
+        arch.hidden_size,
+        arch.head_dim,
+        arch.num_attention_heads,
+        arch.num_query_groups,
+        arch.ffn_hidden_size,
+    )
     per_layer = 2 * h * (n + 2 * g) * d + 2 * n * d * h + 2 * 3 * h * f
     return arch.num_layers * per_layer + 2 * h * arch.vocab_size
 

@@ -81,7 +81,9 @@ def layer_spec(backend: Backend, *, packed: bool):
     return spec
 
 
-def build_model(arch: Qwen2Arch, config, spec, *, pre_process: bool = True, post_process: bool = True, vp_stage=None):
+def build_model(
+    arch: Qwen2Arch, config, spec, *, pre_process: bool = True, post_process: bool = True, vp_stage=None
+):
     """A GPTModel (this rank's pipeline stage) for `arch` with megatron-core's RoPE at the config's base."""
     from megatron.core.models.gpt import GPTModel
 

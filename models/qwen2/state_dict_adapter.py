@@ -67,7 +67,11 @@ class QKV(Direct):
         blocks = []
         for g in range(arch.num_query_groups):
             start = g * (q + 2 * d)
-            blocks += [Rows(0, g * q, start, q), Rows(1, g * d, start + q, d), Rows(2, g * d, start + q + d, d)]
+            blocks += [
+                Rows(0, g * q, start, q),
+                Rows(1, g * d, start + q, d),
+                Rows(2, g * d, start + q + d, d),
+            ]
         return blocks
 
 
@@ -92,18 +96,41 @@ _M = "decoder.layers.{layer}."
 EMBEDDING = Direct(("model.embed_tokens.weight",), "embedding.word_embeddings.weight", (_vocab,))
 LAYER_MAPPINGS = (
     Direct((_L + "input_layernorm.weight",), _M + "input_layernorm.weight", (_h,)),
-    QKV(tuple(_L + f"self_attn.{p}_proj.weight" for p in "qkv"), _M + "self_attention.linear_qkv.weight",
-        (lambda a: (_q(a), a.hidden_size), lambda a: (_kv(a), a.hidden_size), lambda a: (_kv(a), a.hidden_size))),
-    QKV(tuple(_L + f"self_attn.{p}_proj.bias" for p in "qkv"), _M + "self_attention.linear_qkv.bias",
-        (lambda a: (_q(a),), lambda a: (_kv(a),), lambda a: (_kv(a),))),
-    Direct((_L + "self_attn.o_proj.weight",), _M + "self_attention.linear_proj.weight", (lambda a: (a.hidden_size, _q(a)),)),
+    QKV(
+        tuple(_L + f"self_attn.{p}_proj.weight" for p in "qkv"),
+        _M + "self_attention.linear_qkv.weight",
+        (
+            lambda a: (_q(a), a.hidden_size),
+            lambda a: (_kv(a), a.hidden_size),
+            lambda a: (_kv(a), a.hidden_size),
+        ),
+    ),
+    QKV(
+        tuple(_L + f"self_attn.{p}_proj.bias" for p in "qkv"),
+        _M + "self_attention.linear_qkv.bias",
+        (lambda a: (_q(a),), lambda a: (_kv(a),), lambda a: (_kv(a),)),
+    ),
+    Direct(
+        (_L + "self_attn.o_proj.weight",),
+        _M + "self_attention.linear_proj.weight",
+        (lambda a: (a.hidden_size, _q(a)),),
+    ),
     Direct((_L + "post_attention_layernorm.weight",), _M + "pre_mlp_layernorm.weight", (_h,)),
-    GatedMLP((_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), _M + "mlp.linear_fc1.weight",
-             (lambda a: (a.ffn_hidden_size, a.hidden_size),) * 2),
-    Direct((_L + "mlp.down_proj.weight",), _M + "mlp.linear_fc2.weight", (lambda a: (a.hidden_size, a.ffn_hidden_size),)),
+    GatedMLP(
+        (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"),
+        _M + "mlp.linear_fc1.weight",
+        (lambda a: (a.ffn_hidden_size, a.hidden_size),) * 2,
+    ),
+    Direct(
+        (_L + "mlp.down_proj.weight",),
+        _M + "mlp.linear_fc2.weight",
+        (lambda a: (a.hidden_size, a.ffn_hidden_size),),
+    ),
 )
 FINAL_NORM = Direct(("model.norm.weight",), "decoder.final_layernorm.weight", (_h,))
-OUTPUT_LAYER = Direct(("lm_head.weight",), "output_layer.weight", (_vocab,))  # absent when embeddings are tied
+OUTPUT_LAYER = Direct(
+    ("lm_head.weight",), "output_layer.weight", (_vocab,)
+)  # absent when embeddings are tied
 _TE_NORM_NAMES = {
     _M + "input_layernorm.weight": _M + "self_attention.linear_qkv.layer_norm_weight",
     _M + "pre_mlp_layernorm.weight": _M + "mlp.linear_fc1.layer_norm_weight",
@@ -137,7 +164,9 @@ class BoundMapping:
         """The whole megatron-core tensor from the whole HF tensors (through the streaming blocks)."""
         for key, tensor, shape in zip(self.hf_keys, tensors, self.hf_shapes):
             if tuple(tensor.shape) != shape:
-                raise CheckpointError(f"{key}: shape {tuple(tensor.shape)}, expected {shape} from config.json")
+                raise CheckpointError(
+                    f"{key}: shape {tuple(tensor.shape)}, expected {shape} from config.json"
+                )
         out = torch.empty(self.mcore_shape, dtype=tensors[0].dtype)
         for hf, row, dest, count in self.blocks_for_mcore_rows(0, self.mcore_shape[0]):
             out[dest : dest + count] = tensors[hf][row : row + count]
