@@ -7,8 +7,9 @@ groups, vocabulary 152064, untied, bf16) and fewer layers (default 3: 6.0 GB), i
 1. the cold sequential-read speed of the source files (page cache dropped first), and the speed of a
    plain copy of them (read + write + fsync: the I/O floor of any converter);
 2. tools/convert_hf_to_mcore.py as a subprocess, source evicted from the page cache: wall time,
-   GB/s, and its ratios to the read speed (goal >= 0.5) and to the copy speed; peak anonymous memory (RssAnon, which the kernel cannot
-   reclaim, unlike memory-mapped file pages) as a fraction of the checkpoint size (goal <= 0.25);
+   GB/s, and its ratios to the read speed (goal >= 0.5) and to the copy speed; peak anonymous memory
+   (RssAnon, which the kernel cannot reclaim, unlike memory-mapped file pages) as a fraction of the
+   checkpoint size (goal <= 0.25);
 3. the same for tools/convert_mcore_to_hf.py against the cold read speed of the torch_dist files;
 4. that the exported tensors are bitwise identical to the source.
 
@@ -119,7 +120,8 @@ def main() -> int:
         "round_trip_bitwise": bitwise,
     }
     print(
-        f"\n{'direction':<13}{'wall s':>7}{'GB/s':>6}{'read GB/s':>10}{'x read':>7}{'copy GB/s':>10}{'x copy':>7}"
+        f"\n{'direction':<13}{'wall s':>7}{'GB/s':>6}{'read GB/s':>10}{'x read':>7}"
+        f"{'copy GB/s':>10}{'x copy':>7}"
         f"{'peak RssAnon':>14}{'/ ckpt':>7}"
     )
     for name, f in (("hf -> mcore", to_mcore), ("mcore -> hf", to_hf)):

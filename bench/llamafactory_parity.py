@@ -46,8 +46,10 @@ def dump_llamafactory(aligned: str, tokenizer_dir: str, seq_length: int, out: st
         format_system=StringFormatter(slots=["<|im_start|>system\n{{content}}<|im_end|>\n"]),
         default_system=(
             "You are a helpful assistant. To answer the user's question, you first think about the reasoning "
-            "process and then provide the user with the answer. The reasoning process and answer are enclosed "
-            "within <think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process "
+            "process and then provide the user with the answer. The reasoning process and answer are "
+            "enclosed "
+            "within <think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning "
+            "process "
             "here </think> <answer> answer here </answer>."
         ),
         stop_words=["<|im_end|>"],
@@ -76,8 +78,8 @@ def dump_llamafactory(aligned: str, tokenizer_dir: str, seq_length: int, out: st
 
 def compare(lf_python: str, seq_lengths: list[int]) -> int:
     sys.path.insert(0, str(ROOT))
-    from preprocess.align import align_snapshot
     from formats.packed import indexed_dataset_module
+    from preprocess.align import align_snapshot
     from preprocess.pipeline import PreprocessConfig, preprocess
     from testing.sample_data import write_sample_snapshot
     from testing.tokenizer import build_qwen25_tokenizer

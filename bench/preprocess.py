@@ -32,9 +32,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from formats.chat_template import AM_THINKING  # noqa: E402
 from preprocess.packing import best_fit_decreasing, llamafactory_greedy_knapsack  # noqa: E402
 from testing.sample_data import UNICODE_SNIPPETS, WORDS  # noqa: E402
-from formats.chat_template import AM_THINKING  # noqa: E402
 
 from measure import run_with_peak_rss  # noqa: E402  (bench/measure.py)
 
@@ -78,7 +78,8 @@ def raw_tokenizer_throughput(tokenizer_dir: Path, texts: list[str]) -> tuple[int
         "tok.encode_batch_fast(texts[:64], add_special_tokens=False)\n"
         "t = time.perf_counter(); n = 0\n"
         "for i in range(0, len(texts), 1024):\n"
-        "    n += sum(len(e.ids) for e in tok.encode_batch_fast(texts[i:i + 1024], add_special_tokens=False))\n"
+        "    n += sum(len(e.ids) for e in tok.encode_batch_fast(texts[i:i + 1024], "
+        "add_special_tokens=False))\n"
         "print(n, time.perf_counter() - t)\n"
     )
     import pyarrow as pa
@@ -153,7 +154,8 @@ def main() -> int:
         texts = write_corpus(corpus, args.megabytes)
         text_mb = sum(len(x.encode()) for x in texts) / 1e6
         print(
-            f"corpus: {len(texts):,} conversations, {text_mb:.0f} MB of text ({time.perf_counter() - t:.0f} s to make)"
+            f"corpus: {len(texts):,} conversations, {text_mb:.0f} MB of text "
+            f"({time.perf_counter() - t:.0f} s to make)"
         )
 
         raw_tokens, raw_s = raw_tokenizer_throughput(tokenizer_dir, texts)
@@ -212,16 +214,19 @@ def main() -> int:
         f"peak RSS {peak_rss / 2**20:,.0f} MiB, of it anonymous {peak_anon / 2**20:,.0f} MiB (process tree)"
     )
     print(
-        f"  of which the tokenise stage: {stage_tps:,.0f} tokens/s = {stage_tps / raw_tps:.2f}x raw; the rest is "
+        f"  of which the tokenise stage: {stage_tps:,.0f} tokens/s = {stage_tps / raw_tps:.2f}x raw; the "
+        "rest is "
         f"start-up and fixed costs ({wall - stages['tokenise']:.1f} s: "
         + ", ".join(f"{k} {v} s" for k, v in stages.items() if k != "tokenise")
         + ", process start and imports)"
     )
     for name, f in (("corpus lengths", corpus_full), ("2M synthetic lengths", synthetic)):
         print(
-            f"packing at {SEQ} on {name} ({f['conversations']:,}): best-fit decreasing {f['best_fit_packs']:,} packs, "
+            f"packing at {SEQ} on {name} ({f['conversations']:,}): best-fit decreasing "
+            f"{f['best_fit_packs']:,} packs, "
             f"fill {f['best_fit_fill']:.4%} ({f['best_fit_seconds']:.2f} s); LLaMA-Factory greedy "
-            f"{f['llamafactory_packs']:,} packs, fill {f['llamafactory_fill']:.4%} ({f['llamafactory_seconds']:.2f} s); "
+            f"{f['llamafactory_packs']:,} packs, fill {f['llamafactory_fill']:.4%} "
+            f"({f['llamafactory_seconds']:.2f} s); "
             f"lower bound {f['lower_bound_packs']:,}"
         )
     if args.json:

@@ -95,7 +95,8 @@ def main() -> int:
                 }
             )
     print(
-        f"\ntiny Qwen2 ({args.layers} layers, hidden 64, vocab {QWEN25_VOCAB_SIZE_SMALL}), seq {args.seq_length}, "
+        f"\ntiny Qwen2 ({args.layers} layers, hidden 64, vocab {QWEN25_VOCAB_SIZE_SMALL}), seq "
+        f"{args.seq_length}, "
         f"global batch {args.global_batch}, {args.iters} iterations, {os.cpu_count()} CPU cores"
     )
     print(f"{'layout':<10} {'procs':>5} {'tokens/s':>10} {'step s':>8} {'peak RSS GB':>12} {'wall s':>8}")

@@ -201,7 +201,9 @@ def run_checks(device: str, work: Path) -> dict:
         )
         (losses[where],) = run_distributed(_two_step_losses, 1, overrides, where, device=where)
     checks["two_step_losses"] = losses
-    checks["two_step_max_rel_diff"] = max(abs(a - b) / abs(b) for a, b in zip(losses[device], losses["cpu"]))
+    checks["two_step_max_rel_diff"] = max(
+        abs(a - b) / abs(b) for a, b in zip(losses[device], losses["cpu"], strict=True)
+    )
     return checks
 
 

@@ -11,7 +11,7 @@ megatron-core) propagates with its traceback.
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from common.errors import UserError
 

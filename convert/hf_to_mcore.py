@@ -59,7 +59,7 @@ def check_source(arch: Qwen2Arch, reader: HFSafetensorsReader) -> torch.dtype:
     """Every tensor the config implies is present with its shape, nothing else is, and all share one
     floating dtype, which is returned. Raises CheckpointError naming the offending tensors."""
     mappings = bound_mappings(arch)
-    expected = {key: shape for m in mappings for key, shape in zip(m.hf_keys, m.hf_shapes)}
+    expected = {key: shape for m in mappings for key, shape in zip(m.hf_keys, m.hf_shapes, strict=True)}
     missing = sorted(expected.keys() - reader.keys())
     unexpected = sorted(reader.keys() - expected.keys())
     problems = []

@@ -175,7 +175,11 @@ def convert_mcore_to_hf(
     target = DTYPES[dtype] if dtype else source_dtype
     tokenizer_path = find_tokenizer(checkpoint, tokenizer_dir)
     tokenizer = load_release_tokenizer(tokenizer_path)
-    specs = [TensorSpec(key, shape, target) for m in mappings for key, shape in zip(m.hf_keys, m.hf_shapes)]
+    specs = [
+        TensorSpec(key, shape, target)
+        for m in mappings
+        for key, shape in zip(m.hf_keys, m.hf_shapes, strict=True)
+    ]
     total = sum(s.nbytes for s in specs)
     stored_chunk_bytes = {m.dist_key: _largest_stored_chunk_bytes(reader, m.dist_key) for m in mappings}
     owner = {key: m for m in mappings for key in m.hf_keys}

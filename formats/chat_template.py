@@ -18,8 +18,8 @@ preprocessing for the K2-Think template:
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 AM_THINKING_DEFAULT_SYSTEM = (
     "You are a helpful assistant. To answer the user's question, you first think about the reasoning "
@@ -47,10 +47,10 @@ class ChatTemplate:
                 f"{self.name}: the user slot must end with the assistant header {self.assistant_header!r}"
             )
 
-    def system_text(self, system: Optional[str]) -> str:
+    def system_text(self, system: str | None) -> str:
         return system or self.default_system
 
-    def pieces(self, system: Optional[str], turns: Sequence[str]) -> list[str]:
+    def pieces(self, system: str | None, turns: Sequence[str]) -> list[str]:
         """Slot strings in order: the system slot, then one per turn (user, assistant, user, ...).
 
         Each piece is tokenised separately; pair k's source is pieces[2k+1] (plus pieces[0] for k=0)
@@ -61,7 +61,7 @@ class ChatTemplate:
         out.extend(_fill(slots[i % 2], text) for i, text in enumerate(turns))
         return out
 
-    def render(self, system: Optional[str], turns: Sequence[str]) -> str:
+    def render(self, system: str | None, turns: Sequence[str]) -> str:
         """The whole conversation as text (what the encoder tokenises, piece by piece)."""
         return "".join(self.pieces(system, turns))
 
@@ -81,7 +81,9 @@ class ChatTemplate:
             "{%- if messages and messages[0]['role'] == 'system' -%}"
             "{%- set system_message = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}"
             "{%- else -%}{%- set system_message = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
-            f"{{%- if not system_message -%}}{{%- set system_message = {q(self.default_system)} -%}}{{%- endif -%}}"
+            "{%- if not system_message -%}"
+            f"{{%- set system_message = {q(self.default_system)} -%}}"
+            "{%- endif -%}"
             f"{{{{- {q(sys_open)} + system_message + {q(sys_close)} -}}}}"
             "{%- for message in loop_messages -%}"
             "{%- if message['role'] == 'user' -%}"

@@ -1,12 +1,12 @@
 """Hugging Face safetensors checkpoints (sharded with an index, or a single file), read and written
 a few rows at a time, so a 32B model never has to fit in memory.
 
-Reading (`HFSafetensorsReader`): rows are read with positioned reads (`preadv`) straight into the destination tensor: one copy, large
-sequential I/O, no page-fault-driven reads of a memory map, and the GIL released while the kernel
-copies, so several writer threads overlap reading and writing. Every shard is validated by
-safetensors when the reader opens, so a missing, truncated or corrupt file is named before any work
-starts, and the rows read per tensor are counted, so a converter can prove each tensor was consumed
-exactly once.
+Reading (`HFSafetensorsReader`): rows are read with positioned reads (`preadv`) straight into the
+destination tensor: one copy, large sequential I/O, no page-fault-driven reads of a memory map, and
+the GIL released while the kernel copies, so several writer threads overlap reading and writing.
+Every shard is validated by safetensors when the reader opens, so a missing, truncated or corrupt
+file is named before any work starts, and the rows read per tensor are counted, so a converter can
+prove each tensor was consumed exactly once.
 
 Writing (`write_sharded`): `safetensors.torch.save_file` needs every tensor of a file in memory at
 once (5 GB of anonymous memory for a 5 GB shard). The format is simple enough to stream instead: an
@@ -25,10 +25,10 @@ import os
 import struct
 import threading
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -229,14 +229,14 @@ def write_sharded(
     out_dir = Path(out_dir)
     shards = plan_shards(specs, max_shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
+    for name, shard in zip(names, shards, strict=True):
         with open(out_dir / name, "wb") as f:
             _write_file(f, shard, read_rows, piece_bytes, on_written)
             f.flush()
             os.fsync(f.fileno())
     index = {
         "metadata": {"total_size": sum(s.nbytes for s in specs)},
-        "weight_map": {spec.key: name for name, shard in zip(names, shards) for spec in shard},
+        "weight_map": {spec.key: name for name, shard in zip(names, shards, strict=True) for spec in shard},
     }
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return [out_dir / name for name in names]

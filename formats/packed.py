@@ -197,12 +197,14 @@ class PackedDataset:
             self._lengths, self._mask.sequence_lengths
         ):
             raise DataError(
-                f"{self.paths.input_ids}.idx and {self.paths.loss_mask}.idx describe different packs: the two "
+                f"{self.paths.input_ids}.idx and {self.paths.loss_mask}.idx describe different packs: the "
+                "two "
                 "files come from different preprocessing runs; re-run tools/preprocess_sft.py"
             )
         if len(self) != self.meta["stats"]["packs"]:
             raise DataError(
-                f"{self.prefix}: {len(self)} packs on disk, {self.paths.meta} says {self.meta['stats']['packs']}"
+                f"{self.prefix}: {len(self)} packs on disk, {self.paths.meta} says "
+                f"{self.meta['stats']['packs']}"
             )
         longest = int(np.add.reduceat(self._lengths, self._documents[:-1]).max(initial=0)) if len(self) else 0
         if longest > self.seq_length:

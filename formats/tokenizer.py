@@ -54,7 +54,8 @@ def load_backend_tokenizer(path: str | Path):
     for token_id, token in declared.items():
         if backend.token_to_id(token["content"]) != int(token_id):
             raise InputError(
-                f"{config_file} declares added token {token['content']!r} at id {token_id}, but tokenizer.json "
+                f"{config_file} declares added token {token['content']!r} at id {token_id}, but "
+                "tokenizer.json "
                 f"has it at {backend.token_to_id(token['content'])}: the tokenizer files are inconsistent"
             )
     return backend

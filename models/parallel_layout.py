@@ -120,7 +120,8 @@ class ParallelLayout:
             # megatron-core's interleaved schedule runs micro-batches in groups of PP per virtual stage
             return [
                 f"parallel.virtual_pipeline needs the {micro_batches} micro-batches per step (global batch / "
-                f"(micro_batch_size x data-parallel size)) to be a multiple of parallel.pipeline={self.pipeline}"
+                "(micro_batch_size x data-parallel size)) to be a multiple of "
+                f"parallel.pipeline={self.pipeline}"
             ]
         return []
 
@@ -138,7 +139,8 @@ class ParallelLayout:
         stages = self.pipeline * self.virtual_stages
         if arch.num_layers % stages:
             problems.append(
-                f"{arch.num_layers} layers are not divisible by parallel.pipeline x virtual_pipeline = {stages}"
+                f"{arch.num_layers} layers are not divisible by parallel.pipeline x virtual_pipeline = "
+                f"{stages}"
             )
         return problems
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 from common.errors import InputError
 from common.files import atomic_output, file_fingerprint, write_json_atomic
@@ -105,7 +106,7 @@ def subset_name(path: Path, source: Path) -> str:
     return str(path.relative_to(source).with_suffix(""))
 
 
-def download_snapshot(revision: str, cache_dir: Optional[str] = None, repo: str = AM_THINKING_REPO) -> Path:
+def download_snapshot(revision: str, cache_dir: str | None = None, repo: str = AM_THINKING_REPO) -> Path:
     """Downloads the dataset's data files at a pinned revision (HF cache) and returns the local snapshot.
 
     The hub files are then read by the same streaming reader as a local snapshot: reading them through
@@ -124,7 +125,7 @@ def download_snapshot(revision: str, cache_dir: Optional[str] = None, repo: str 
     )
 
 
-def iter_jsonl(path: Path, progress) -> Iterator[tuple[Any, Optional[str]]]:
+def iter_jsonl(path: Path, progress) -> Iterator[tuple[Any, str | None]]:
     """(row, None) for each parsed line, or (None, reason) for a line that cannot be a row."""
     with open(path, "rb") as f:
         for raw in f:
@@ -142,7 +143,7 @@ def iter_jsonl(path: Path, progress) -> Iterator[tuple[Any, Optional[str]]]:
                 yield None, C.BROKEN_JSONL_LINE
 
 
-def iter_parquet(path: Path, progress) -> Iterator[tuple[Any, Optional[str]]]:
+def iter_parquet(path: Path, progress) -> Iterator[tuple[Any, str | None]]:
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(path)
@@ -153,7 +154,7 @@ def iter_parquet(path: Path, progress) -> Iterator[tuple[Any, Optional[str]]]:
             yield row, None
 
 
-def align_row(row: Any, subset: str, summary: AlignSummary) -> Optional[dict[str, Any]]:
+def align_row(row: Any, subset: str, summary: AlignSummary) -> dict[str, Any] | None:
     """The aligned record for one source row, or None (counted) when the row is invalid."""
     if not isinstance(row, dict):
         return _drop(summary, subset, C.NOT_AN_OBJECT)
@@ -178,7 +179,7 @@ def _drop(summary: AlignSummary, subset: str, reason: str) -> None:
     return None
 
 
-def align_snapshot(source: Path, output: Path, revision: Optional[str] = None) -> AlignSummary:
+def align_snapshot(source: Path, output: Path, revision: str | None = None) -> AlignSummary:
     """Streams every data file under `source` into the aligned parquet `output` (written atomically)."""
     import pyarrow as pa
     import pyarrow.parquet as pq

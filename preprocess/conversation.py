@@ -9,7 +9,7 @@ row is judged the same way at every stage.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 SYSTEM, HUMAN, ASSISTANT = "system", "human", "assistant"
 KNOWN_ROLES = frozenset({SYSTEM, HUMAN, ASSISTANT})
@@ -39,7 +39,7 @@ DROP_REASONS = (
 )
 
 
-def conversation_problem(conversations: Any) -> Optional[str]:
+def conversation_problem(conversations: Any) -> str | None:
     """Returns the drop reason for `conversations` (a list of {from, value} turns), or None if valid."""
     if conversations is None:
         return MISSING_CONVERSATIONS
@@ -66,7 +66,8 @@ def conversation_problem(conversations: Any) -> Optional[str]:
 
 
 def is_encodable(text: str) -> bool:
-    """False for strings that cannot be written as UTF-8 (lone surrogates from `\\ud800`-style JSON escapes)."""
+    """False for strings that cannot be written as UTF-8 (lone surrogates from `\\ud800`-style JSON
+    escapes)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -74,7 +75,7 @@ def is_encodable(text: str) -> bool:
     return True
 
 
-def split_system(conversations: list[dict[str, str]]) -> tuple[Optional[str], list[dict[str, str]]]:
+def split_system(conversations: list[dict[str, str]]) -> tuple[str | None, list[dict[str, str]]]:
     """(text of a leading system turn or None, the human/assistant turns) of a valid conversation."""
     if conversations[0]["from"] == SYSTEM:
         return conversations[0]["value"], conversations[1:]

@@ -45,7 +45,7 @@ class PackPlan:
         sums = np.concatenate([[0], np.cumsum(lengths[self.order], dtype=np.int64)])
         return sums[self.offsets[1:]] - sums[self.offsets[:-1]]
 
-    def shuffled(self, seed: int) -> "PackPlan":
+    def shuffled(self, seed: int) -> PackPlan:
         """The same packs in a seeded random order (so any prefix of the output is a fair sample)."""
         perm = np.random.default_rng(seed).permutation(self.num_packs)
         sizes = np.diff(self.offsets)[perm]
@@ -78,7 +78,7 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int, seed: int = 0) -> Pa
     # Runs of equal length, longest first.
     starts = np.flatnonzero(np.concatenate([[True], sorted_lengths[1:] != sorted_lengths[:-1]]))
     ends = np.append(starts[1:], n)
-    for start, end in zip(starts.tolist(), ends.tolist()):
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
         size, pos = int(sorted_lengths[start]), start
         while pos < end:
             count = end - pos

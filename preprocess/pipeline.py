@@ -20,9 +20,10 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 
@@ -165,7 +166,7 @@ class ChunkEncoder:
         )
 
 
-_worker_encoder: Optional[ChunkEncoder] = None
+_worker_encoder: ChunkEncoder | None = None
 
 
 def _init_worker(*args) -> None:
@@ -224,7 +225,8 @@ def tokenise_to_spill(
     names = parquet.schema_arrow.names
     if "conversations" not in names:
         raise InputError(
-            f"{cfg.input} has no `conversations` column (columns: {names}); align it with tools/get_am_dataset.py"
+            f"{cfg.input} has no `conversations` column (columns: {names}); align it with "
+            "tools/get_am_dataset.py"
         )
     if cfg.system_source == "column" and "system" not in names:
         raise InputError(f"--system-source column needs a `system` column in {cfg.input}")
@@ -249,7 +251,7 @@ def tokenise_to_spill(
             loss_tokens += int(result.mask.sum(dtype=np.int64))
             dropped.update(result.dropped)
             rows += result.rows
-            for subset, n in zip(result.subsets, result.lengths.tolist()):
+            for subset, n in zip(result.subsets, result.lengths.tolist(), strict=True):
                 counter = per_subset.setdefault(subset, Counter())
                 counter["conversations"] += 1
                 counter["tokens"] += n
@@ -287,7 +289,7 @@ def write_packs(
 # The whole run
 
 
-def preprocess(cfg: PreprocessConfig, command: Optional[list[str]] = None) -> dict[str, Any]:
+def preprocess(cfg: PreprocessConfig, command: list[str] | None = None) -> dict[str, Any]:
     """Runs the three stages and returns the metadata written to PREFIX_meta.json."""
     cfg.validate()
     timer = _StageTimer()
@@ -380,11 +382,14 @@ def report(meta: dict[str, Any]) -> str:
     """A human-readable summary of PREFIX_meta.json."""
     s = meta["stats"]
     lines = [
-        f"conversations   {s['conversations']:>12,} of {s['rows_read']:,} rows  (truncated {s['truncated']:,}, "
+        f"conversations   {s['conversations']:>12,} of {s['rows_read']:,} rows  (truncated "
+        f"{s['truncated']:,}, "
         f"{s['tokens_lost_to_truncation']:,} tokens cut)",
         f"dropped         {sum(s['dropped'].values()):>12,}  {s['dropped'] or ''}",
-        f"tokens          {s['tokens']:>12,}  (loss tokens {s['loss_tokens']:,}, {s['loss_tokens'] / s['tokens']:.1%})",
-        f"packs           {s['packs']:>12,}  x {meta['seq_length']} tokens, efficiency {s['packing_efficiency']:.4%}, "
+        f"tokens          {s['tokens']:>12,}  (loss tokens {s['loss_tokens']:,}, "
+        f"{s['loss_tokens'] / s['tokens']:.1%})",
+        f"packs           {s['packs']:>12,}  x {meta['seq_length']} tokens, efficiency "
+        f"{s['packing_efficiency']:.4%}, "
         f"{s['conversations_per_pack']} conversations/pack",
         "length          "
         + "  ".join(f"{k}={v}" for k, v in s["lengths"]["percentiles"].items())
@@ -392,7 +397,8 @@ def report(meta: dict[str, Any]) -> str:
     ]
     for subset, counts in s["per_subset"].items():
         lines.append(
-            f"  subset {subset or '(none)':<14} {counts['conversations']:>10,} conversations {counts['tokens']:>14,} tokens"
+            f"  subset {subset or '(none)':<14} {counts['conversations']:>10,} conversations "
+            f"{counts['tokens']:>14,} tokens"
         )
     lines.append("tokens per conversation:\n" + format_histogram(s["length_histogram_log2"]))
     return "\n".join(lines)

@@ -19,7 +19,7 @@ def length_summary(lengths: np.ndarray) -> dict[str, Any]:
         "mean": round(float(lengths.mean()), 2),
         "min": int(lengths.min()),
         "max": int(lengths.max()),
-        "percentiles": {f"p{p:g}": int(v) for p, v in zip(_PERCENTILES, values)},
+        "percentiles": {f"p{p:g}": int(v) for p, v in zip(_PERCENTILES, values, strict=True)},
     }
 
 
@@ -30,7 +30,7 @@ def log2_histogram(lengths: np.ndarray, upper: int) -> list[tuple[int, int, int]
         edges.append(min(edges[-1] * 2, upper))
     edges[-1] = upper + 1
     counts, _ = np.histogram(lengths, bins=edges)
-    return [(lo, hi - 1, int(c)) for lo, hi, c in zip(edges[:-1], edges[1:], counts) if c]
+    return [(lo, hi - 1, int(c)) for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=True) if c]
 
 
 def format_histogram(rows: list, width: int = 40) -> str:

@@ -36,7 +36,7 @@ from models.parallel_layout import ParallelLayout
 
 
 class PackOrder:
-    """Maps the global sample stream (slot 0, 1, 2, ...) to (prefix number, pack) pairs; see the module doc."""
+    """Maps the global sample stream (slot 0, 1, 2, ...) to (prefix number, pack) pairs (module doc)."""
 
     def __init__(self, sizes: list[int], weights: list[float] | None, seed: int):
         if not sizes or min(sizes) < 1:
@@ -99,7 +99,7 @@ class MicroBatch:
     real_tokens: int  # tokens that are not padding, in the whole row
     cu_seqlens_padded: torch.Tensor | None = None
 
-    def to(self, device) -> "MicroBatch":
+    def to(self, device) -> MicroBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return MicroBatch(
             move(self.tokens),
@@ -165,13 +165,13 @@ def make_micro_batch(
         ids = np.concatenate(
             [
                 np.concatenate([c, np.full(pl - len(c), pad_token_id, np.int32)])
-                for c, pl in zip(np.split(np.concatenate(ids), np.cumsum(lengths)[:-1]), padded)
+                for c, pl in zip(np.split(np.concatenate(ids), np.cumsum(lengths)[:-1]), padded, strict=True)
             ]
         )
         mask = np.concatenate(
             [
                 np.concatenate([c, np.zeros(pl - len(c), np.uint8)])
-                for c, pl in zip(np.split(np.concatenate(mask), np.cumsum(lengths)[:-1]), padded)
+                for c, pl in zip(np.split(np.concatenate(mask), np.cumsum(lengths)[:-1]), padded, strict=True)
             ]
         )
     else:
@@ -212,7 +212,7 @@ def context_parallel_indices(cu_seqlens_padded: np.ndarray, cp_size: int, cp_ran
     equal chunks and rank r takes chunks r and 2 CP - 1 - r, balancing causal attention work (the
     split Transformer Engine's THD attention expects, as its thd_get_partitioned_indices)."""
     out = []
-    for start, end in zip(cu_seqlens_padded[:-1], cu_seqlens_padded[1:]):
+    for start, end in zip(cu_seqlens_padded[:-1], cu_seqlens_padded[1:], strict=True):
         chunk = (end - start) // (2 * cp_size)
         for part in (cp_rank, 2 * cp_size - 1 - cp_rank):
             out.append(np.arange(start + part * chunk, start + (part + 1) * chunk))

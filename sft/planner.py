@@ -39,7 +39,8 @@ gradients and all-gather of the bf16 weights over the inter-node network (--netw
 not overlapped (the trainer does not overlap them yet); context parallelism's ring exchange of K/V
 (forward) and of K/V and their gradients (backward), (CP - 1) chunks per layer, half hidden, over NVLink
 when TP x CP fits a node; pipeline sends of activations and their gradients at the PP x VP - 1 stage
-boundaries (a rank takes part in 1/PP of them), half hidden, over the network. MFU = model FLOPs / (step time x GPUs x peak).
+boundaries (a rank takes part in 1/PP of them), half hidden, over the network.
+MFU = model FLOPs / (step time x GPUs x peak).
 """
 
 from __future__ import annotations
@@ -262,7 +263,8 @@ def plan(
 def format_table(estimates: list[Estimate], limit: int = 15) -> str:
     header = (
         f"{'TP':>3} {'PP':>3} {'VP':>3} {'CP':>3} {'SP':>3} {'recompute':>9} {'mb':>3} {'DP':>4} | "
-        f"{'weights':>7} {'grads':>6} {'optim':>6} {'activ':>6} {'logits':>6} {'buffers':>7} {'total':>6} GB | "
+        f"{'weights':>7} {'grads':>6} {'optim':>6} {'activ':>6} {'logits':>6} {'buffers':>7} {'total':>6} "
+        "GB | "
         f"{'step s':>7} {'MFU':>6}"
     )
     rows = [header, "-" * len(header)]

@@ -401,8 +401,10 @@ class Trainer:
         self._log(loss, lr, grad_norm, loss_tokens, consumed_before, step_time, finite)
         if not finite and s.consecutive_nonfinite >= c.schedule.max_consecutive_nonfinite:
             raise NonFiniteLossError(
-                f"{s.consecutive_nonfinite} consecutive iterations (up to {s.iteration}) had a non-finite loss or "
-                f"gradient norm (loss {loss}, grad norm {grad_norm}); the weights are those of the last good step. "
+                f"{s.consecutive_nonfinite} consecutive iterations (up to {s.iteration}) had a non-finite "
+                "loss or "
+                f"gradient norm (loss {loss}, grad norm {grad_norm}); the weights are those of the last "
+                "good step. "
                 "Lower optimizer.lr, check the data, or resume from an earlier checkpoint."
             )
         return loss

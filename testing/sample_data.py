@@ -235,5 +235,6 @@ if __name__ == "__main__":
         raise SystemExit("usage: python -m testing.sample_data OUT_DIR")
     snapshot = write_sample_snapshot(sys.argv[1])
     print(
-        f"wrote {snapshot.root}: {snapshot.kept} valid rows, {sum(snapshot.dropped_per_reason.values())} malformed"
+        f"wrote {snapshot.root}: {snapshot.kept} valid rows, {sum(snapshot.dropped_per_reason.values())} "
+        "malformed"
     )

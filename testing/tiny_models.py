@@ -110,7 +110,9 @@ def write_qwen25_32b_shaped(out: str | Path, layers: int, std: float = 1.0) -> P
     (out / "config.json").write_text(json.dumps(config, indent=2))
     arch = Qwen2Arch.from_hf_config(config)
     specs = [
-        TensorSpec(k, s, torch.bfloat16) for m in bound_mappings(arch) for k, s in zip(m.hf_keys, m.hf_shapes)
+        TensorSpec(k, s, torch.bfloat16)
+        for m in bound_mappings(arch)
+        for k, s in zip(m.hf_keys, m.hf_shapes, strict=True)
     ]
     generator = torch.Generator().manual_seed(0)
 

@@ -42,7 +42,10 @@ QWEN25_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
 )
 QWEN25_FIRST_ADDED_ID = 151643
 # The pre-tokenizer regex of Qwen2/2.5 (single digits, unlike GPT-4's \p{N}{1,3}).
-QWEN25_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN25_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 
 def qwen_tiktoken_ranks_file() -> Path:

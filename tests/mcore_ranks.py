@@ -16,7 +16,8 @@ def setup_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: i
 def megatron_logits_from_hf(
     rank: int, world_size: int, hf_dir: str, token_ids: list[list[int]]
 ) -> torch.Tensor:
-    """Builds the Qwen2 GPTModel (local spec, TP1/PP1), loads HF weights through the mapping, returns logits."""
+    """Builds the Qwen2 GPTModel (local spec, TP1/PP1), loads HF weights through the mapping, returns
+    its logits."""
     from formats.hf_safetensors import HFSafetensorsReader
     from models.backends import choose_backend
     from models.qwen2.arch import Qwen2Arch
@@ -50,8 +51,8 @@ def resave_at_layout(
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from formats.torch_dist import HF_CONFIG_FILE
     from convert.verify import load_model_stage
+    from formats.torch_dist import HF_CONFIG_FILE
 
     model = load_model_stage(source, tensor_parallel, pipeline_parallel, "cpu")
     if rank == 0:

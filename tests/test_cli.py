@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tools_runner import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from models.qwen2.arch import Qwen2Arch
 from common.errors import ConfigError
+from models.qwen2.arch import Qwen2Arch
 from sft.config import TrainConfig, dump_config, load_config
 
 ARCH_32B = Qwen2Arch(
@@ -112,7 +112,8 @@ def test_a_valid_layout_passes(tmp_path):
             {"parallel.tensor": 8, "parallel.micro_batch_size": 3},
             256,
             True,
-            "global_batch_size=512 is not divisible by parallel.micro_batch_size x data-parallel size = 3 x 32",
+            "global_batch_size=512 is not divisible by parallel.micro_batch_size x data-parallel size = 3 "
+            "x 32",
         ),
         (
             {"parallel.tensor": 3},
@@ -129,7 +130,8 @@ def test_a_valid_layout_passes(tmp_path):
             },
             256,
             True,
-            "needs the 6 micro-batches per step (global batch / (micro_batch_size x data-parallel size)) to be a "
+            "needs the 6 micro-batches per step (global batch / (micro_batch_size x data-parallel size)) "
+            "to be a "
             "multiple of parallel.pipeline=4",
         ),
         (

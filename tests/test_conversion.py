@@ -9,14 +9,12 @@ import shutil
 
 import pytest
 import torch
-from mcore_ranks import resave_at_layout
-from tools_runner import run_tool
 
 from common.distributed import run_distributed
-from formats.hf_safetensors import HFSafetensorsReader
 from convert.hf_to_mcore import plan_chunks
-from models.qwen2.arch import Qwen2Arch
-from models.qwen2.state_dict_adapter import bound_mappings
+from convert.verify import hf_logits, sample_token_ids, verify_conversion
+from formats.chat_template import AM_THINKING
+from formats.hf_safetensors import HFSafetensorsReader
 from formats.torch_dist import (
     Chunk,
     TorchDistReader,
@@ -24,8 +22,11 @@ from formats.torch_dist import (
     resolve_checkpoint,
     write_checkpoint,
 )
-from convert.verify import hf_logits, sample_token_ids, verify_conversion
-from formats.chat_template import AM_THINKING
+from models.qwen2.arch import Qwen2Arch
+from models.qwen2.state_dict_adapter import bound_mappings
+
+from mcore_ranks import resave_at_layout
+from tools_runner import run_tool
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def test_round_trip_through_files_is_bitwise(tiny_qwen2_dir, converted, qwen_tok
     assert torch.equal(hf_logits(out, ids), hf_logits(tiny_qwen2_dir, ids))
     tokenizer = AutoTokenizer.from_pretrained(out)
     turns = ["What is 2+2?", "<think>\nsimple\n</think>\n<answer>4</answer>"]
-    messages = [{"role": r, "content": c} for r, c in zip(("user", "assistant"), turns)]
+    messages = [{"role": r, "content": c} for r, c in zip(("user", "assistant"), turns, strict=True)]
     assert tokenizer.apply_chat_template(messages, tokenize=False) == AM_THINKING.render(None, turns)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert tokenizer.eos_token == "<|im_end|>" and exported["eos_token_id"] == im_end

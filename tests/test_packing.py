@@ -35,7 +35,8 @@ def plan_as_lengths(plan, lengths) -> list[list[int]]:
 
 def test_hand_worked_example():
     lengths = np.array([2, 6, 3, 5, 2, 4])
-    # 6 -> new A (room 4); 5 -> new B (5); 4 -> A (least room that fits, now 0); 3 -> B (2); 2 -> B (0); 2 -> new C.
+    # 6 -> new A (room 4); 5 -> new B (5); 4 -> A (least room that fits, now 0); 3 -> B (2);
+    # 2 -> B (0); 2 -> new C.
     plan = best_fit_decreasing(lengths, capacity=10)
     assert plan_as_lengths(plan, lengths) == [[6, 4], [5, 3, 2], [2]]
     assert sorted(plan.order.tolist()) == list(range(6))
@@ -82,7 +83,8 @@ def test_invariants_and_determinism_on_a_long_tail():
 
 
 def test_llamafactory_greedy_knapsack_hand_worked():
-    # Ascending [1, 2, 3, 7, 8]; capacity 10: take 8, then the largest that fits 2 -> 2; next pack 7, 3; then 1.
+    # Ascending [1, 2, 3, 7, 8]; capacity 10: take 8, then the largest that fits 2 -> 2;
+    # next pack 7, 3; then 1.
     assert llamafactory_greedy_knapsack([3, 8, 1, 7, 2], 10) == [[8, 2], [7, 3], [1]]
     # Batches never share a pack: two batches of 2 -> 2 packs although one would do.
     assert llamafactory_greedy_knapsack([1, 1, 1, 1], 10, batch_size=2) == [[1, 1], [1, 1]]

@@ -65,7 +65,8 @@ def test_memory_and_rules_of_one_layout():
     assert e.data_parallel == 8
     assert e.memory_gb["weights"] == pytest.approx(2 * params / 1e9, abs=1e-3)
     assert e.memory_gb["optimizer"] == pytest.approx(12 * params / 8 / 1e9, abs=1e-3)
-    # 16384 tokens per rank (CP2) x 32 layers x 2 micro-batches in flight x (1 + 1/8) interleaved x 33024 bytes
+    # 16384 tokens per rank (CP2) x 32 layers x 2 micro-batches in flight x (1 + 1/8) interleaved
+    # x 33024 bytes
     assert e.memory_gb["activations"] == pytest.approx(16384 * 32 * 2 * 1.125 * 33024 / 1e9, abs=1e-3)
     assert e.fits and 0 < e.mfu < 1
     # Invalid layouts are not offered, by the trainer's own rules: TP must divide the 8 query groups; layers
@@ -89,13 +90,12 @@ def test_memory_and_rules_of_one_layout():
 def _measure_peak(rank: int, world_size: int, overrides: list[str]) -> dict:
     import resource
 
+    import megatron.core.models.gpt  # noqa: F401  (imported before the baseline: not what is estimated)
+    import megatron.core.optimizer  # noqa: F401
     import psutil
 
     from sft.config import load_config
     from sft.trainer import Trainer
-
-    import megatron.core.models.gpt  # noqa: F401  (imported before the baseline: not what is estimated)
-    import megatron.core.optimizer  # noqa: F401
 
     baseline = psutil.Process().memory_info().rss  # the interpreter, torch, megatron-core, the process group
     Trainer(load_config(None, overrides), "cpu").train()

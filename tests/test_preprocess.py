@@ -107,7 +107,9 @@ def test_output_is_byte_identical_for_any_worker_count(packed, aligned_parquet, 
     prefix, meta = packed
     other = tmp_path / "am4"
     meta4 = run(aligned_parquet, qwen_tokenizer_dir, other, workers=4)
-    for ours, theirs in zip(PackedPaths(str(prefix)).data_files(), PackedPaths(str(other)).data_files()):
+    for ours, theirs in zip(
+        PackedPaths(str(prefix)).data_files(), PackedPaths(str(other)).data_files(), strict=True
+    ):
         assert ours.read_bytes() == theirs.read_bytes(), ours.name
     assert meta4["stats"] == meta["stats"]
 

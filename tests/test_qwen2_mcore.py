@@ -7,13 +7,14 @@ import json
 
 import pytest
 import torch
-from common.distributed import run_distributed
-from mcore_ranks import megatron_logits_from_hf
 
-from formats.hf_safetensors import HFSafetensorsReader
+from common.distributed import run_distributed
 from common.errors import CheckpointError, UnsupportedModelError
+from formats.hf_safetensors import HFSafetensorsReader
 from models.qwen2.arch import Qwen2Arch
 from models.qwen2.state_dict_adapter import bound_mappings
+
+from mcore_ranks import megatron_logits_from_hf
 
 TOKENS = [
     [151644, 872, 198, 6023, 11, 1879, 0, 17, 151645, 198, 151644, 77091],
@@ -42,7 +43,9 @@ def test_round_trip_is_bitwise_and_consumes_every_tensor_once(tiny_qwen2_dir):
     mcore = {m.key: m.to_mcore([reader.read(key) for key in m.hf_keys]) for m in mappings}
     assert not reader.not_read_exactly_once()
     assert len(mcore) == len(mappings)
-    back = {key: tensor for m in mappings for key, tensor in zip(m.hf_keys, m.to_hf(mcore[m.key]))}
+    back = {
+        key: tensor for m in mappings for key, tensor in zip(m.hf_keys, m.to_hf(mcore[m.key]), strict=True)
+    }
     assert back.keys() == reader.keys()
     fresh = HFSafetensorsReader(tiny_qwen2_dir)
     for key, tensor in back.items():

@@ -78,7 +78,7 @@ def test_data_parallel_ranks_split_the_global_batch(tmp_path):
     split = [mb for rank in range(2) for mb in data.micro_batches(4, 4, ParallelLayout(), rank, 2)]
     assert all(
         torch.equal(a.tokens, b.tokens) and torch.equal(a.loss_mask, b.loss_mask)
-        for a, b in zip(whole, split)
+        for a, b in zip(whole, split, strict=True)
     )
     assert data.iterations(epochs=2, global_batch_size=4) == 5  # 20 slots, the last 0 packs unused
     lengths = data.conversation_lengths(4, 4)

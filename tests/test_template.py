@@ -55,7 +55,7 @@ def test_single_turn_ids_and_mask(qwen_tokenizer):
     assert (ids, mask) == expected(qwen_tokenizer, RECIPE_SYSTEM, turns)
     assert full == len(ids)
     # Trained tokens are exactly the answer plus its <|im_end|>\n; the assistant header is not trained.
-    trained = [t for t, m in zip(ids, mask) if m]
+    trained = [t for t, m in zip(ids, mask, strict=True) if m]
     assert qwen_tokenizer.decode(trained) == turns[1] + "<|im_end|>\n"
     assert qwen_tokenizer.decode(ids[: mask.index(1)]).endswith("<|im_start|>assistant\n")
     assert ids[0] == qwen_tokenizer.convert_tokens_to_ids("<|im_start|>")  # no BOS
@@ -174,8 +174,8 @@ def test_jinja_generation_prompt_matches_training_prefix(qwen_tokenizer):
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
     assert (
-        prompt
-        == f"<|im_start|>system\n{RECIPE_SYSTEM}<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        prompt == f"<|im_start|>system\n{RECIPE_SYSTEM}<|im_end|>\n"
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     )
     with pytest.raises(Exception, match="unsupported role"):
         tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)

@@ -91,7 +91,7 @@ def test_random_texts_match_tiktoken(qwen_tokenizer, tiktoken_reference):
     rng = random.Random(0)
     texts = [_random_text(rng) for _ in range(3000)]
     ours = qwen_tokenizer(texts, add_special_tokens=False)["input_ids"]
-    mismatches = [t for t, ids in zip(texts, ours) if ids != _reference_ids(enc, t)]
+    mismatches = [t for t, ids in zip(texts, ours, strict=True) if ids != _reference_ids(enc, t)]
     assert not mismatches, f"{len(mismatches)} of {len(texts)} differ, e.g. {mismatches[0]!r}"
 
 
@@ -105,7 +105,7 @@ def test_every_vocabulary_token_matches_tiktoken(qwen_tokenizer, tiktoken_refere
             continue  # partial UTF-8 sequences are not text
     assert len(texts) > 100_000
     ours = qwen_tokenizer(texts, add_special_tokens=False)["input_ids"]
-    mismatches = [t for t, ids in zip(texts, ours) if ids != _reference_ids(enc, t)]
+    mismatches = [t for t, ids in zip(texts, ours, strict=True) if ids != _reference_ids(enc, t)]
     assert not mismatches, f"{len(mismatches)} vocabulary tokens differ, e.g. {mismatches[:3]!r}"
 
 
@@ -116,7 +116,7 @@ def test_sample_corpus_matches_tiktoken_and_round_trips(qwen_tokenizer, tiktoken
     rows = pq.read_table(aligned_parquet).to_pylist()
     texts = [turn["value"] for row in rows for turn in row["conversations"]]
     ours = qwen_tokenizer(texts, add_special_tokens=False)["input_ids"]
-    for text, ids in zip(texts, ours):
+    for text, ids in zip(texts, ours, strict=True):
         assert ids == _reference_ids(enc, text)
         assert qwen_tokenizer.decode(ids) == unicodedata.normalize(
             "NFC", text

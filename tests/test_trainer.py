@@ -17,6 +17,7 @@ from common.distributed import run_distributed
 from testing.fixtures import TrainingInputs, training_inputs
 from testing.synthetic_packs import random_packs, write_packed_dataset
 from testing.tiny_models import QWEN25_VOCAB_SIZE_SMALL
+
 from trainer_ranks import train
 
 SEQ = 64

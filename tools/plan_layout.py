@@ -110,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         layout = best.layout
         print(
             f"\nrecommended: parallel.tensor={layout.tensor} parallel.pipeline={layout.pipeline} "
-            f"parallel.virtual_pipeline={layout.virtual_pipeline or 'null'} parallel.context={layout.context} "
-            f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()} model.recompute={best.recompute} "
+            f"parallel.virtual_pipeline={layout.virtual_pipeline or 'null'} "
+            f"parallel.context={layout.context} "
+            f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()} "
+            f"model.recompute={best.recompute} "
             f"parallel.micro_batch_size={layout.micro_batch_size}"
         )
         if args.json:

@@ -90,7 +90,8 @@ class Qwen2Arch:
         head_dim = config.get("head_dim") or hidden // heads
         if head_dim * heads != hidden or heads % groups:
             raise UnsupportedModelError(
-                f"{source}: hidden {hidden}, heads {heads}, kv heads {groups}, head_dim {head_dim} are inconsistent"
+                f"{source}: hidden {hidden}, heads {heads}, kv heads {groups}, head_dim {head_dim} are "
+                "inconsistent"
             )
         return cls(
             vocab_size=config["vocab_size"],

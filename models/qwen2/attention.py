@@ -73,7 +73,7 @@ def _per_segment_sdpa(query, key, value, cu_seqlens, scale):
     out = torch.empty_like(query)
     bounds = cu_seqlens.tolist()
     gqa = key.shape[1] != query.shape[1]
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))  # [heads, L, dim]
         out[start:end] = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=scale, enable_gqa=gqa

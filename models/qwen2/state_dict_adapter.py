@@ -19,8 +19,9 @@ layer axis, under the TE names (`BoundMapping.dist_key`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import torch
 
@@ -162,7 +163,7 @@ class BoundMapping:
 
     def to_mcore(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """The whole megatron-core tensor from the whole HF tensors (through the streaming blocks)."""
-        for key, tensor, shape in zip(self.hf_keys, tensors, self.hf_shapes):
+        for key, tensor, shape in zip(self.hf_keys, tensors, self.hf_shapes, strict=True):
             if tuple(tensor.shape) != shape:
                 raise CheckpointError(
                     f"{key}: shape {tuple(tensor.shape)}, expected {shape} from config.json"
