@@ -28,12 +28,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(device: str) -> None:
-    """The default process group for `device` ("cuda" or "cpu"), from torchrun's environment."""
+def init_process_group(device: str, timeout_minutes: float = 60) -> None:
+    """The default process group for `device` ("cuda" or "cpu"), from torchrun's environment. The timeout
+    bounds every collective, checkpoint saves and loads included (torch's default is 10 minutes)."""
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
+    timeout = timedelta(minutes=timeout_minutes)
     if "RANK" not in os.environ:  # a plain `python pretrain_sft.py`: a group of one
         os.environ.update(
             RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
@@ -41,12 +45,12 @@ def init_process_group(device: str) -> None:
     if device == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), timeout=timeout)
     else:
         from common import megatron_cpu
 
         megatron_cpu.enable()
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
 
 
 def _rank_main(rank: int, world_size: int, port: int, device: str, fn, args, results) -> None:

@@ -100,10 +100,11 @@ def save_checkpoint(
     state: TrainState,
     layout: dict[str, Any],
     config_yaml: str,
-    source_checkpoint: Path,
+    hf_config_file: Path,
+    tokenizer_dir: Path | None,
 ) -> Path:
-    """Collective: writes SAVE_DIR/iter_N via iter_N.partial; hf_config.json and tokenizer/ are copied
-    from `source_checkpoint` (the converted or resumed checkpoint)."""
+    """Collective: writes SAVE_DIR/iter_N via iter_N.partial, with the model's HF config as hf_config.json
+    and, when the starting checkpoint had one, its tokenizer/."""
     from megatron.core import dist_checkpointing
 
     final = Path(save_dir) / iteration_dir_name(state.iteration)
@@ -118,9 +119,9 @@ def save_checkpoint(
     )
     dist.barrier()
     if rank0:
-        shutil.copy(source_checkpoint / HF_CONFIG_FILE, partial / HF_CONFIG_FILE)
-        if (source_checkpoint / TOKENIZER_DIR).is_dir():
-            shutil.copytree(source_checkpoint / TOKENIZER_DIR, partial / TOKENIZER_DIR)
+        shutil.copy(hf_config_file, partial / HF_CONFIG_FILE)
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, partial / TOKENIZER_DIR)
         (partial / CONFIG_FILE).write_text(config_yaml)
         write_json_atomic(
             partial / PROVENANCE_FILE,

@@ -30,9 +30,10 @@ from models.parallel_layout import ParallelLayout
 
 @dataclass
 class ModelConfig:
-    init_checkpoint: str | None = (
-        None  # torch_dist from tools/convert_hf_to_mcore.py (architecture from its hf_config.json)
-    )
+    # torch_dist from tools/convert_hf_to_mcore.py (architecture from its hf_config.json)
+    init_checkpoint: str | None = None
+    # instead of init_checkpoint: random weights of the architecture in this HF config.json (benchmarks)
+    random_init_config: str | None = None
     recompute: Literal["none", "selective", "full"] = "selective"
     attention: Literal["auto", "te", "torch"] = "auto"  # auto: Transformer Engine when importable on CUDA
 
@@ -43,6 +44,7 @@ class DataConfig:
     weights: list[float] | None = None  # relative sampling weights of several prefixes
     seq_length: int = 32768
     seed: int = 1234  # order of packs; a different permutation per epoch
+    prefetch: bool = True  # prepare the next step's micro-batches in a background thread
 
 
 @dataclass
@@ -71,7 +73,7 @@ class CheckpointConfig:
     save_interval: int = 500
     keep_last_n: int | None = 3
     resume: str = "auto"  # auto: latest complete checkpoint in save_dir, if any; none; or a path
-    save_at_end: bool = True  # off only for throughput measurements (bench/train_gpu.py)
+    save_at_end: bool = True  # off only for throughput measurements (bench/gpu/stages.py)
 
 
 @dataclass
@@ -95,6 +97,8 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     seed: int = 1234
+    # process-group (NCCL/gloo) timeout: well above the longest checkpoint save or load of the run
+    timeout_minutes: int = 60
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -149,7 +153,13 @@ def _check_values(c: TrainConfig) -> list[str]:
             f"model.init_checkpoint={c.model.init_checkpoint} is not a converted checkpoint "
             f"(no {HF_CONFIG_FILE}): run tools/convert_hf_to_mcore.py"
         )
-    if c.model.init_checkpoint is None and c.checkpoint.resume == "none":
+    if c.model.init_checkpoint and c.model.random_init_config:
+        problems.append("model.init_checkpoint and model.random_init_config are both set: choose one")
+    if c.model.random_init_config and not Path(c.model.random_init_config).is_file():
+        problems.append(
+            f"model.random_init_config={c.model.random_init_config} is not a file (an HF config.json)"
+        )
+    if not (c.model.init_checkpoint or c.model.random_init_config) and c.checkpoint.resume == "none":
         problems.append("model.init_checkpoint is not set and checkpoint.resume=none: nothing to start from")
     if not 0 <= c.schedule.warmup_ratio < 1:
         problems.append(f"schedule.warmup_ratio={c.schedule.warmup_ratio} must be in [0, 1)")
@@ -161,6 +171,8 @@ def _check_values(c: TrainConfig) -> list[str]:
         problems.append("checkpoint.keep_last_n must be >= 1, or null to keep every checkpoint")
     if c.checkpoint.save_interval < 1:
         problems.append("checkpoint.save_interval must be >= 1")
+    if c.timeout_minutes < 1:
+        problems.append("timeout_minutes must be >= 1 (the process-group timeout; default 60)")
     for name in ("epochs", "global_batch_size", "max_consecutive_nonfinite"):
         if getattr(c.schedule, name) < 1:
             problems.append(f"schedule.{name} must be >= 1")

@@ -99,18 +99,17 @@ class MicroBatch:
     real_tokens: int  # tokens that are not padding, in the whole row
     cu_seqlens_padded: torch.Tensor | None = None
 
+    def _apply(self, fn) -> MicroBatch:
+        tensors = (self.tokens, self.position_ids, self.labels, self.loss_mask, self.cu_seqlens)
+        padded = None if self.cu_seqlens_padded is None else fn(self.cu_seqlens_padded)
+        return MicroBatch(*map(fn, tensors), self.max_seqlen, self.real_tokens, padded)
+
     def to(self, device) -> MicroBatch:
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return MicroBatch(
-            move(self.tokens),
-            move(self.position_ids),
-            move(self.labels),
-            move(self.loss_mask),
-            move(self.cu_seqlens),
-            self.max_seqlen,
-            self.real_tokens,
-            move(self.cu_seqlens_padded),
-        )
+        return self._apply(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> MicroBatch:
+        """Page-locked copies, so that the copy to the GPU runs asynchronously."""
+        return self._apply(torch.Tensor.pin_memory)
 
     def packed_seq_params(self):
         from megatron.core.packed_seq_params import PackedSeqParams

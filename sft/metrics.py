@@ -2,8 +2,11 @@
 
 Only rank 0 writes. The JSONL file (default SAVE_DIR/metrics.jsonl) gets one object per logged
 iteration; on resume, lines of iterations after the checkpoint (from the interrupted attempt) are
-dropped, so the file reads as one uninterrupted run. wandb runs online, offline or disabled
-(logging.wandb_mode); its API key is read by wandb from WANDB_API_KEY and never written anywhere.
+dropped (`resume_at`), so the file reads as one uninterrupted run. wandb runs online, offline or
+disabled (logging.wandb_mode); its API key is read by wandb from WANDB_API_KEY and never written
+anywhere. The logger starts before the model is built: wandb `online` without an API key, or without a
+reachable server, falls back to `offline` with a warning (sync later with `wandb sync SAVE_DIR/wandb`)
+instead of failing or hanging a job that has already paid for its start-up.
 """
 
 from __future__ import annotations
@@ -40,8 +43,25 @@ def _truncate_after(path: Path, iteration: int) -> None:
         tmp.write_text("".join(line + "\n" for line in kept))
 
 
+WANDB_INIT_TIMEOUT_S = 90
+
+
+def wandb_mode(requested: str, environ) -> tuple[str, str | None]:
+    """The wandb mode to use and, when it differs from the requested one, why: `online` needs an API key
+    (WANDB_API_KEY, or a `wandb login` in ~/.netrc)."""
+    if requested != "online" or environ.get("WANDB_API_KEY"):
+        return requested, None
+    netrc = Path(environ.get("NETRC") or Path(environ.get("HOME", "~")).expanduser() / ".netrc")
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace"):
+        return requested, None
+    return "offline", "logging.wandb_mode=online but no WANDB_API_KEY (nor a wandb login in ~/.netrc)"
+
+
 class MetricsLogger:
-    def __init__(self, config, is_writer: bool, resume_iteration: int = 0):
+    """Created before the model is built; `resume_at(iteration)` opens the JSONL file once the starting
+    iteration is known, before the first `log`."""
+
+    def __init__(self, config, is_writer: bool):
         self.enabled = is_writer
         self._file = None
         self._wandb = None
@@ -50,24 +70,41 @@ class MetricsLogger:
         path = config.logging.metrics_file or str(Path(config.checkpoint.save_dir) / "metrics.jsonl")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            _truncate_after(self.path, resume_iteration)
-        self._file = self.path.open("a")
         if config.logging.wandb_mode != "disabled":
             self._wandb = self._start_wandb(config)
 
+    def resume_at(self, iteration: int) -> None:
+        """Opens the JSONL file for appending, without the lines of iterations after `iteration` (those of
+        an interrupted attempt)."""
+        if not self.enabled:
+            return
+        if self.path.exists():
+            _truncate_after(self.path, iteration)
+        self._file = self.path.open("a")
+
     @staticmethod
     def _start_wandb(config):
+        import os
+
         import wandb
 
-        run = wandb.init(
-            mode=config.logging.wandb_mode,
+        mode, why = wandb_mode(config.logging.wandb_mode, os.environ)
+        if why:
+            log.warning("%s: wandb runs offline (sync later with `wandb sync`)", why)
+        kwargs = dict(
             project=config.logging.wandb_project,
             name=config.logging.wandb_run_name,
             config=config.to_dict(),
             dir=config.checkpoint.save_dir,
         )
-        log.info("wandb: %s run %s", config.logging.wandb_mode, run.name)
+        try:
+            run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S), **kwargs)
+        except Exception as exc:  # an unreachable server or a refused key: keep training, log offline
+            if mode != "online":
+                raise
+            log.warning("wandb online failed (%s): wandb runs offline (sync later with `wandb sync`)", exc)
+            run = wandb.init(mode="offline", **kwargs)
+        log.info("wandb: %s run %s", run.settings.mode, run.name)
         return run
 
     def log(self, iteration: int, metrics: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ import logging
 import math
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,9 +30,10 @@ import torch.distributed as dist
 from common.distributed import init_process_group
 from common.errors import ConfigError, DataError
 from common.files import write_json_atomic
+from formats.torch_dist import TOKENIZER_DIR
 from models.backends import choose_backend, te_available
-from models.qwen2.arch import Qwen2Arch
-from models.qwen2.attention import describe_backend
+from models.qwen2.arch import Qwen2Arch, find_hf_config
+from models.qwen2.attention import packed_attention_kernel
 from models.qwen2.flops import training_flops
 from models.qwen2.model import build_model, layer_spec, transformer_config
 from models.weights import load_weights
@@ -74,7 +76,8 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     the gradients by the global token count (calculate_per_token_loss)."""
     losses = output_tensor.float().view(-1)
     mask = loss_mask.view(-1)
-    total = torch.sum(losses * mask)
+    # where, not a product: a NaN or inf at a masked position (padding, a prompt token) stays out
+    total = torch.where(mask > 0, losses, 0.0).sum()
     count = mask.sum().to(torch.int)
     return total, count, torch.stack([total.detach(), count.detach().float()])
 
@@ -98,8 +101,14 @@ class RunInputs:
     data: SFTData
     arch: Qwen2Arch
     resume_from: Path | None
-    source_checkpoint: Path  # where the architecture, hf_config.json and tokenizer/ come from
+    hf_config_file: Path  # the architecture, copied into every checkpoint
+    tokenizer_dir: Path | None  # the tokenizer the starting checkpoint carries, copied along
     train_iters: int
+
+
+def warmup_steps(warmup_ratio: float, train_iters: int) -> int:
+    """HF Trainer's warm-up length, ceil(ratio x iterations): the recipe's schedule."""
+    return math.ceil(warmup_ratio * train_iters)
 
 
 def check_run(config: TrainConfig, world_size: int, device: str) -> RunInputs:
@@ -108,14 +117,16 @@ def check_run(config: TrainConfig, world_size: int, device: str) -> RunInputs:
     config.validate(world_size=world_size, te_available=te_available(device))  # paths first: cheap, complete
     data = SFTData(config.data.prefixes, config.data.weights, config.data.seed)
     resume_from = find_resume_checkpoint(config.checkpoint.resume, config.checkpoint.save_dir)
-    if resume_from is None and config.model.init_checkpoint is None:
+    source = resume_from or config.model.init_checkpoint or config.model.random_init_config
+    if source is None:
         raise ConfigError(
             f"nothing to start from: checkpoint.save_dir={config.checkpoint.save_dir} holds no checkpoint "
             "to resume and model.init_checkpoint is not set (convert the HF weights with "
             "tools/convert_hf_to_mcore.py and set model.init_checkpoint=DIR)"
         )
-    source = Path(resume_from or config.model.init_checkpoint)
-    arch = Qwen2Arch.from_path(source)
+    hf_config_file = find_hf_config(source)
+    tokenizer_dir = Path(source) / TOKENIZER_DIR if (Path(source) / TOKENIZER_DIR).is_dir() else None
+    arch = Qwen2Arch.from_path(hf_config_file)
     config.validate(
         world_size=world_size, te_available=te_available(device), arch=arch, data_seq_length=data.seq_length
     )
@@ -132,7 +143,13 @@ def check_run(config: TrainConfig, world_size: int, device: str) -> RunInputs:
             f"{data.order.epoch_size} packs x {s.epochs} epochs do not fill one global batch of "
             f"{s.global_batch_size}: lower schedule.global_batch_size"
         )
-    return RunInputs(data, arch, resume_from, source, train_iters)
+    if warmup_steps(s.warmup_ratio, train_iters) >= train_iters:
+        raise ConfigError(
+            f"schedule.warmup_ratio={s.warmup_ratio} of {train_iters} iteration(s) is "
+            f"{warmup_steps(s.warmup_ratio, train_iters)} warm-up step(s), which leaves no step to decay "
+            "over: lower schedule.warmup_ratio (0 for a run this short) or train longer"
+        )
+    return RunInputs(data, arch, resume_from, hf_config_file, tokenizer_dir, train_iters)
 
 
 class Trainer:
@@ -144,19 +161,21 @@ class Trainer:
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         inputs = inputs or check_run(config, self.world_size, device)
         self.data, self.arch = inputs.data, inputs.arch
-        self.resume_from, self.source_checkpoint = inputs.resume_from, inputs.source_checkpoint
+        self.resume_from, self.inputs = inputs.resume_from, inputs
         p = self.layout = config.parallel
         parallel_state.initialize_model_parallel(
             p.tensor,
             p.pipeline,
             virtual_pipeline_model_parallel_size=p.virtual_pipeline,
             context_parallel_size=p.context,
+            distributed_timeout_minutes=config.timeout_minutes,
         )
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.cp_rank = parallel_state.get_context_parallel_rank()
         self.row_width = self.data.row_width(p)
         self.train_iters = inputs.train_iters
+        self.metrics = MetricsLogger(config, self.rank == 0)  # before the heavy set-up: wandb fails early
         self.chunks, self.tconfig = self._build_model()
         self.optimizer, self.scheduler = self._build_optimizer()
         self.state = TrainState()
@@ -170,9 +189,11 @@ class Trainer:
                 self.state.iteration,
                 self.state.consumed_samples,
             )
-        self.metrics = MetricsLogger(config, self.rank == 0, resume_iteration=self.state.iteration)
+        self.metrics.resume_at(self.state.iteration)
         self._stop_signal: int | None = None
         self._stop_agreed = False  # set by each step's loss all-reduce
+        self._prefetcher = ThreadPoolExecutor(1, "prefetch") if config.data.prefetch else None
+        self._prefetched: tuple[int, Future] | None = None  # (consumed samples it is for, its future)
 
     # Set-up ------------------------------------------------------------------------------------------
 
@@ -197,7 +218,7 @@ class Trainer:
             backend.describe(),
             "Transformer Engine THD attention"
             if backend.transformer_engine
-            else describe_backend(self.device),
+            else packed_attention_kernel(self.device),
         )
         recompute = {
             "none": {},
@@ -235,9 +256,13 @@ class Trainer:
             if on_gpu:
                 model.cuda(torch.cuda.current_device())
             chunks.append(model)
-        if self.resume_from is None:
+        if self.resume_from is None and c.model.init_checkpoint:
             load_weights(chunks, c.model.init_checkpoint)
             log.info("initial weights: %s", c.model.init_checkpoint)
+        elif self.resume_from is None:
+            log.info(
+                "initial weights: random (std %g) for %s", tconfig.init_method_std, c.model.random_init_config
+            )
         if tconfig.bf16:
             chunks = [Float16Module(tconfig, chunk) for chunk in chunks]
         ddp_config = DistributedDataParallelConfig(
@@ -279,7 +304,7 @@ class Trainer:
             mcore_optimizer.Adam.__name__,
         )
         # HF Trainer's warm-up length (ceil) and cosine: megatron-core's formula gives the same values.
-        warmup = math.ceil(self.config.schedule.warmup_ratio * self.train_iters)
+        warmup = warmup_steps(self.config.schedule.warmup_ratio, self.train_iters)
         scheduler = OptimizerParamScheduler(
             optimizer,
             init_lr=0.0,
@@ -331,6 +356,8 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.metrics.close()
+            if self._prefetcher is not None:
+                self._prefetcher.shutdown(wait=True, cancel_futures=True)
         if self.state.iteration >= self.train_iters and self.rank == 0:
             write_json_atomic(
                 Path(c.checkpoint.save_dir) / FINISHED_FILE,
@@ -354,14 +381,7 @@ class Trainer:
 
         c, s = self.config, self.state
         start = time.perf_counter()
-        micro_batches = self.data.micro_batches(
-            s.consumed_samples,
-            c.schedule.global_batch_size,
-            self.layout,
-            self.dp_rank,
-            self.dp_size,
-            self.cp_rank,
-        )
+        micro_batches = self._next_micro_batches(s.consumed_samples)
         if self.device == "cuda":
             micro_batches = [mb.to(torch.cuda.current_device()) for mb in micro_batches]
         for chunk in self.chunks:
@@ -408,6 +428,29 @@ class Trainer:
                 "Lower optimizer.lr, check the data, or resume from an earlier checkpoint."
             )
         return loss
+
+    def _prepare_micro_batches(self, consumed: int) -> list[MicroBatch]:
+        batches = self.data.micro_batches(
+            consumed,
+            self.config.schedule.global_batch_size,
+            self.layout,
+            self.dp_rank,
+            self.dp_size,
+            self.cp_rank,
+        )
+        return [mb.pin_memory() for mb in batches] if self.device == "cuda" else batches
+
+    def _next_micro_batches(self, consumed: int) -> list[MicroBatch]:
+        """This step's micro-batches; with data.prefetch, the next step's are prepared in a background
+        thread meanwhile (reading, packing and pinning stay off the critical path)."""
+        prefetched, self._prefetched = self._prefetched, None
+        batches = prefetched[1].result() if prefetched and prefetched[0] == consumed else None
+        if batches is None:
+            batches = self._prepare_micro_batches(consumed)
+        if self._prefetcher is not None:
+            following = consumed + self.config.schedule.global_batch_size
+            self._prefetched = (following, self._prefetcher.submit(self._prepare_micro_batches, following))
+        return batches
 
     def _global_loss(self, reduced: list[torch.Tensor]) -> tuple[float, int]:
         """[sum, count] over the global batch, known on every rank: only the first tensor-parallel rank of
@@ -472,7 +515,8 @@ class Trainer:
             self.state,
             self.layout.to_dict(self.world_size),
             dump_config(c),
-            self.source_checkpoint,
+            self.inputs.hf_config_file,
+            self.inputs.tokenizer_dir,
         )
         if self.rank == 0:
             for old in prune_checkpoints(c.checkpoint.save_dir, c.checkpoint.keep_last_n):
@@ -488,6 +532,26 @@ class Trainer:
 # Entry point -----------------------------------------------------------------------------------------
 
 
+def set_cuda_device_max_connections(layout, device: str, environ) -> None:
+    """Tensor/sequence parallelism overlaps its communication with compute only in issue order, which
+    needs one CUDA hardware queue: CUDA_DEVICE_MAX_CONNECTIONS=1, set before CUDA starts (as Megatron-LM
+    requires); an explicit other value is kept, with a warning."""
+    if device != "cuda" or (layout.tensor == 1 and not layout.sequence_parallel):
+        return
+    current = environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
+    if current is None:
+        environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+        log.info(
+            "CUDA_DEVICE_MAX_CONNECTIONS=1 (tensor parallelism orders its communication through one queue)"
+        )
+    elif current != "1":
+        log.warning(
+            "CUDA_DEVICE_MAX_CONNECTIONS=%s: tensor parallelism wants 1 (communication and compute may "
+            "interleave in the wrong order and lose overlap)",
+            current,
+        )
+
+
 def run(config: TrainConfig) -> TrainResult:
     """Validates, starts the process group, trains, tears down: the body of pretrain_sft.py."""
     import os
@@ -496,7 +560,8 @@ def run(config: TrainConfig) -> TrainResult:
 
     device = resolve_device(config)
     inputs = check_run(config, int(os.environ.get("WORLD_SIZE", "1")), device)
-    init_process_group(device)
+    set_cuda_device_max_connections(config.parallel, device, os.environ)
+    init_process_group(device, config.timeout_minutes)
     try:
         return Trainer(config, device, inputs).train()
     finally:

@@ -199,3 +199,23 @@ def test_shipped_configs_load_and_take_paths_from_the_environment(monkeypatch, t
     )
     assert "parallel" not in problems and "data.seq_length" not in problems
     assert load_config(root / "configs" / "tiny_cpu.yaml").device == "cpu"
+
+
+def test_random_initialisation_is_an_alternative_to_a_checkpoint(tmp_path):
+    config_file = tmp_path / "config.json"
+    config_file.write_text("{}")
+    both = _ready(tmp_path, **{"model.random_init_config": config_file})
+    with pytest.raises(ConfigError, match="model.init_checkpoint and model.random_init_config are both set"):
+        both.validate(world_size=1, te_available=False)
+    c = load_config(
+        None,
+        [
+            f"data.prefixes=[{tmp_path / 'am'}]",
+            f"model.random_init_config={tmp_path / 'no.json'}",
+            f"checkpoint.save_dir={tmp_path}",
+            "checkpoint.resume=none",
+        ],
+    )
+    with pytest.raises(ConfigError, match="random_init_config=.*no.json is not a file") as info:
+        c.validate(world_size=1, te_available=False)
+    assert "nothing to start from" not in str(info.value)

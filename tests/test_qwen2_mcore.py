@@ -22,6 +22,7 @@ TOKENS = [
 ]
 
 
+@pytest.mark.slow
 def test_logits_match_transformers(tiny_qwen2_dir):
     from transformers import Qwen2ForCausalLM
 
@@ -93,6 +94,23 @@ def test_qkv_layout_by_hand():
 
 def _config(tiny_qwen2_dir) -> dict:
     return json.loads((tiny_qwen2_dir / "config.json").read_text())
+
+
+def test_an_explicit_head_dim_may_differ_from_hidden_over_heads(tiny_qwen2_dir):
+    # One tensor-parallel-8 rank of Qwen2.5-32B: 5 heads of 128 on a 5120-wide residual stream.
+    config = {
+        **_config(tiny_qwen2_dir),
+        "hidden_size": 5120,
+        "num_attention_heads": 5,
+        "num_key_value_heads": 1,
+        "head_dim": 128,
+    }
+    arch = Qwen2Arch.from_hf_config(config)
+    assert (arch.num_attention_heads * arch.head_dim, arch.hidden_size) == (640, 5120)
+    qkv = next(m for m in bound_mappings(arch) if m.key.endswith("linear_qkv.weight"))
+    assert qkv.mcore_shape == (640 + 2 * 128, 5120)
+    with pytest.raises(UnsupportedModelError, match="inconsistent"):  # without head_dim, 5120 / 3 is no width
+        Qwen2Arch.from_hf_config({**config, "num_attention_heads": 3, "head_dim": None})
 
 
 def test_arch_reads_everything_from_the_config(tiny_qwen2_dir):

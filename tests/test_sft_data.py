@@ -179,3 +179,14 @@ def test_layout_drives_padding_and_the_context_parallel_split(tmp_path):
         assert sorted(torch.cat([h.tokens for h in halves], 1)[0].tolist()) == sorted(row.tokens[0].tolist())
         assert sum(float(h.loss_mask.sum()) for h in halves) == float(row.loss_mask.sum())
         assert all(torch.equal(h.cu_seqlens_padded, row.cu_seqlens_padded) for h in halves)
+
+
+def test_the_loss_ignores_whatever_masked_positions_hold():
+    from sft.trainer import loss_func
+
+    losses = torch.tensor([[2.0, float("nan"), 4.0, float("inf")]], requires_grad=True)
+    mask = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    total, count, logged = loss_func(mask, losses)
+    assert total.item() == 6.0 and count.item() == 2 and logged.tolist() == [6.0, 2.0]
+    total.backward()
+    assert losses.grad.tolist() == [[1.0, 0.0, 1.0, 0.0]]  # no NaN flows back through the mask either

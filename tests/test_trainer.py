@@ -118,6 +118,16 @@ def test_layouts_train_like_one_process(setup, reference, layout, tmp_path):
 
 
 @pytest.mark.slow
+def test_prefetching_the_next_batch_changes_nothing(setup, reference, tmp_path):
+    """The reference run prepares each next step's micro-batches in a background thread; without it the
+    batches, hence the losses and weights, are bitwise the same."""
+    run = _train(setup, tmp_path, 1, "data.prefetch=false")
+    assert run["losses"] == reference.losses
+    final = _weights(tmp_path / f"iter_{ITERS:07d}")
+    assert all(torch.equal(final[k], reference.weights[k]) for k in final)
+
+
+@pytest.mark.slow
 def test_tied_embeddings_train_alike_across_pipeline_stages(tmp_path_factory):
     root = tmp_path_factory.mktemp("tied")
     tied = _make_setup(root, tied=True)
@@ -221,6 +231,9 @@ def test_run_checks_name_the_problem_before_training(setup, tmp_path):
     config = load_config(None, _overrides(setup, tmp_path) + [f"data.prefixes=[{wide}]"])
     with pytest.raises(DataError, match="200000 tokens, the model's vocabulary only 151936"):
         check_run(config, world_size=1, device="cpu")
+    config = load_config(None, _overrides(setup, tmp_path) + ["schedule.train_iters=1"])
+    with pytest.raises(ConfigError, match=r"warmup_ratio=0.2 of 1 iteration\(s\) is 1 warm-up step\(s\)"):
+        check_run(config, world_size=1, device="cpu")  # megatron-core's scheduler would only assert
     config = load_config(None, _overrides(setup, tmp_path) + ["parallel.tensor=3"])
     with pytest.raises(ConfigError, match="parallel.tensor=3 must divide the attention heads"):
         check_run(config, world_size=3, device="cpu")

@@ -87,8 +87,10 @@ class Qwen2Arch:
             raise UnsupportedModelError(f"{source}: no rope_theta (nor rope_parameters.rope_theta)")
         heads, hidden = config["num_attention_heads"], config["hidden_size"]
         groups = config.get("num_key_value_heads", heads)
+        # An explicit head_dim may differ from hidden / heads (transformers' Qwen2 honours it, and so does
+        # megatron-core's kv_channels): one tensor-parallel rank's shapes form such a model.
         head_dim = config.get("head_dim") or hidden // heads
-        if head_dim * heads != hidden or heads % groups:
+        if (not config.get("head_dim") and head_dim * heads != hidden) or heads % groups:
             raise UnsupportedModelError(
                 f"{source}: hidden {hidden}, heads {heads}, kv heads {groups}, head_dim {head_dim} are "
                 "inconsistent"

@@ -139,7 +139,8 @@ def with_packed_attention(local_spec):
     return spec
 
 
-def describe_backend(device: str) -> str:
+def packed_attention_kernel(device: str) -> str:
+    """Which kernel `packed_causal_attention` runs on `device`, for the log."""
     if device != "cuda":
         return "per-conversation torch SDPA on CPU"
     if _varlen_attention() is None:

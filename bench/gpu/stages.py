@@ -1,0 +1,621 @@
+#!/usr/bin/env python
+"""The stages of bench/gpu/run.sh: the trainer's first contact with a GPU, checked and measured.
+
+    python bench/gpu/stages.py STAGE --out OUTDIR [--device cuda|cpu] [--tiny]
+
+Each call runs one stage and appends one JSON line {"stage", "pass", "seconds", "figures"} to
+OUTDIR/results.jsonl the moment it ends (bench/gpu/run.sh gives every stage its own process, log and
+time limit, so a crash or time-out loses nothing already measured). Stages:
+
+  env          GPU, driver, torch, CUDA, Python, megatron-core, and the attention/norm paths chosen
+  train_vs_cpu a tiny Qwen2 (the real 151,936 vocabulary) converted from HF: 3 training steps on the
+               device (bf16) against the same 3 steps in fp32 on the CPU (a child process that sees no
+               GPU), per-step loss within a stated bf16 tolerance
+  attention    the packed attention on the device (bf16) against per-conversation attention in fp32
+  verify       tools/verify_conversion.py on the device against transformers
+  resume       save at iteration 2, resume, and continue with the uninterrupted run's losses
+  shard        throughput of the recipe's per-GPU shard: Qwen2.5-32B layers as one tensor-parallel-8
+               rank holds them (hidden 5120; 5 query heads, 1 KV head, FFN 3456; the vocabulary shard),
+               as many layers as the memory budget allows, random initialisation on the device
+  full_width   throughput of full-width Qwen2.5-32B layers at a token count that fits, and of
+               transformers' Qwen2 on the same layers and packs
+  summary      bench/results/gpu_<device>.json from the stages' lines (also written to OUTDIR)
+
+Sizes come from a memory budget computed before anything is allocated (`budget`): usable memory
+(78 GiB on an H100) less a 15% margin must hold the bf16 weights, fp32 gradients, fp32 main weights and
+Adam moments (distributed optimizer at DP=1), the activations (sft/planner.py's model) and the logits.
+--tiny shrinks every model and row so that all stages run on a CPU in the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+PEAK_TFLOPS = 989.0  # H100 SXM dense bf16
+USABLE_GIB = 78.0
+MARGIN = 0.15
+BF16_LOSS_RTOL = 0.02  # bf16 weights/activations vs fp32 after 3 steps of a tiny model
+ATTENTION_RTOL = 0.02  # bf16 packed attention vs fp32, relative to the largest reference value
+RESUME_RTOL = 1e-3  # a resumed GPU run vs the uninterrupted one (cuBLAS/atomics non-determinism)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Everything that differs between the GPU run and the CPU (--tiny) rehearsal."""
+
+    seq_length: int
+    shard: dict  # HF config fields of the per-GPU shard model (num_hidden_layers from the budget)
+    full_width: dict  # HF config fields of the full-width model
+    full_width_layers: int
+    warmup: int
+    iters: int
+    max_shard_layers: int
+
+
+SHARD_32B = {  # one tensor-parallel-8 rank of Qwen2.5-32B (40 heads, 8 KV groups, FFN 27648, vocab 152064)
+    "hidden_size": 5120,
+    "num_attention_heads": 5,
+    "num_key_value_heads": 1,
+    "head_dim": 128,
+    "intermediate_size": 3456,
+    "vocab_size": 152064 // 8,
+}
+FULL_32B = {
+    "hidden_size": 5120,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 27648,
+    "vocab_size": 152064,
+}
+GPU = Sizes(32768, SHARD_32B, FULL_32B, full_width_layers=2, warmup=2, iters=5, max_shard_layers=64)
+TINY = Sizes(
+    512,
+    {**SHARD_32B, "hidden_size": 64, "head_dim": 16, "intermediate_size": 96, "vocab_size": 1024},
+    {
+        **FULL_32B,
+        "hidden_size": 128,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "intermediate_size": 256,
+        "vocab_size": 2048,
+    },
+    full_width_layers=2,
+    warmup=1,
+    iters=2,
+    max_shard_layers=4,
+)
+
+
+def hf_config(fields: dict, layers: int) -> dict:
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+        "max_position_embeddings": 131072,
+        "use_sliding_window": False,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "num_hidden_layers": layers,
+        **fields,
+    }
+
+
+# The memory budget ------------------------------------------------------------------------------------
+
+
+def budget(fields: dict, layers: int, tokens: int, recompute: str) -> dict:
+    """Estimated GiB of one training step on one GPU (TP1, DP1, distributed optimizer) by the planner's
+    model, and whether it fits the usable memory less the margin."""
+    from models.parallel_layout import ParallelLayout
+    from models.qwen2.arch import Qwen2Arch
+    from sft.planner import Hardware, estimate
+
+    arch = Qwen2Arch.from_hf_config(hf_config(fields, layers))
+    hw = Hardware(gpus=1, gpu_memory_gb=USABLE_GIB * 2**30 / 1e9, buffer_gb=2.0)
+    found = estimate(arch, ParallelLayout(), recompute, hw, tokens, 1, mean_conversation=3000)
+    total_gib = found.total_gb * 1e9 / 2**30
+    return {
+        "gib": round(total_gib, 2),
+        "fits": total_gib <= USABLE_GIB * (1 - MARGIN),
+        "parts_gb": found.memory_gb,
+    }
+
+
+def largest_fitting_layers(fields: dict, tokens: int, recompute: str, most: int) -> int:
+    fitting = [n for n in range(1, most + 1) if budget(fields, n, tokens, recompute)["fits"]]
+    if not fitting:
+        raise SystemExit(f"not even one layer fits {USABLE_GIB} GiB less {MARGIN:.0%} at {tokens} tokens")
+    return max(fitting)
+
+
+# Shared pieces --------------------------------------------------------------------------------------
+
+
+def record(out: Path, stage: str, passed: bool, seconds: float, figures: dict) -> None:
+    line = {"stage": stage, "pass": passed, "seconds": round(seconds, 2), "figures": figures}
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+    print(json.dumps(line, indent=1), flush=True)
+
+
+def lognormal_packs(seq_length: int, vocab_size: int, count: int, seed: int = 0):
+    """Packs of conversations whose lengths follow reasoning traces (log-normal, median 3,000 tokens or
+    seq_length / 4), packed by the pipeline's own best fit."""
+    from testing.synthetic_packs import packs_from_lengths
+
+    rng = np.random.default_rng(seed)
+    median = min(3000, seq_length // 4)
+    lengths = np.maximum(rng.lognormal(np.log(median), 1.0, 16 * count), 64).astype(np.int64)
+    return packs_from_lengths(lengths, seq_length, vocab_size, seed=seed)[:count]
+
+
+def pretrain(overrides: list[str], *, cpu_only: bool = False, timeout: float = 600) -> list[float]:
+    """Runs pretrain_sft.py (one process) and returns its per-iteration losses from metrics.jsonl."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if cpu_only:
+        env["CUDA_VISIBLE_DEVICES"] = (
+            ""  # megatron-core's CPU redirection refuses to run where CUDA is visible
+        )
+    cmd = [sys.executable, str(ROOT / "pretrain_sft.py"), *overrides]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    sys.stderr.write(done.stderr[-6000:])
+    if done.returncode:
+        raise RuntimeError(f"{shlex.join(cmd)} exited {done.returncode}")
+    save_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint.save_dir="))
+    return [json.loads(line)["loss"] for line in (Path(save_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def tiny_inputs(work: Path, seq_length: int = 256):
+    """A tiny Qwen2 (the real vocabulary) converted from HF, and random packs: made by the first stage
+    that needs them, reused by the later ones (each stage is its own process)."""
+    from testing.fixtures import TrainingInputs, training_inputs
+    from testing.synthetic_packs import random_packs
+    from testing.tiny_models import QWEN25_VOCAB_SIZE_SMALL
+
+    root = work / "tiny"
+    if (root / "data" / "packs_meta.json").is_file():
+        return TrainingInputs(root / "hf", root / "mcore", root / "data" / "packs", seq_length, packs=[])
+    return training_inputs(root, random_packs(8, seq_length, QWEN25_VOCAB_SIZE_SMALL, seed=0), seq_length)
+
+
+def _relative(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
+
+
+# Stages -------------------------------------------------------------------------------------------
+
+
+def stage_env(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
+    from importlib import metadata
+
+    from models.backends import choose_backend
+    from models.qwen2.attention import packed_attention_kernel
+
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    figures = {
+        "device": device_name(args.device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "megatron_core": version("megatron-core"),
+        "transformers": version("transformers"),
+        "layers": choose_backend(args.device).describe(),
+        "packed_attention": packed_attention_kernel(args.device),
+    }
+    if args.device == "cuda":
+        figures["driver"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        figures["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return figures["megatron_core"] is not None, figures
+
+
+def stage_train_vs_cpu(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
+    inputs = tiny_inputs(work)
+    common = [
+        "schedule.global_batch_size=2",
+        "schedule.train_iters=3",
+        "schedule.warmup_ratio=0",
+        "optimizer.lr=1e-3",
+        "checkpoint.save_at_end=false",
+        "checkpoint.save_interval=100",
+    ]
+    device = pretrain(inputs.overrides(work / "steps-device", *common, f"device={args.device}"))
+    cpu = pretrain(inputs.overrides(work / "steps-cpu", *common, "device=cpu"), cpu_only=True)
+    diff = _relative(device, cpu)
+    return diff <= BF16_LOSS_RTOL, {
+        "device_losses": device,
+        "cpu_fp32_losses": cpu,
+        "max_rel_diff": diff,
+        "tolerance": BF16_LOSS_RTOL,
+    }
+
+
+def stage_attention(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
+    from models.qwen2.attention import packed_attention_kernel, packed_causal_attention
+
+    torch.manual_seed(0)
+    lengths = [700, 3000, 1, 29, 4000] if not args.tiny else [70, 300, 1, 29, 40]
+    heads, groups, dim = 40, 8, 128
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
+    q = torch.randn(sum(lengths), heads, dim)
+    k, v = torch.randn(sum(lengths), groups, dim), torch.randn(sum(lengths), groups, dim)
+    reference = torch.empty_like(q)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):  # fp32, one conversation at a time
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        reference[start:end] = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=True, scale=dim**-0.5, enable_gqa=True
+        ).transpose(0, 1)
+    ours = (
+        packed_causal_attention(
+            *(t.to(args.device, torch.bfloat16) for t in (q, k, v)),
+            cu.to(args.device),
+            max(lengths),
+            dim**-0.5,
+        )
+        .float()
+        .cpu()
+    )
+    error = float((ours - reference).abs().max() / reference.abs().max())
+    return error <= ATTENTION_RTOL, {
+        "kernel": packed_attention_kernel(args.device),
+        "max_rel_error_bf16": error,
+        "tolerance": ATTENTION_RTOL,
+    }
+
+
+def stage_verify(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
+    inputs = tiny_inputs(work)
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "verify_conversion.py"),
+        "--hf",
+        str(inputs.hf),
+        "--mcore",
+        str(inputs.mcore),
+        "--device",
+        args.device,
+        "--atol",
+        "1e-3",
+        "--seq-length",
+        "128",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    sys.stderr.write(done.stderr[-4000:])
+    return done.returncode == 0, {
+        "output": done.stdout.strip().splitlines()[-1:],
+        "exit_status": done.returncode,
+    }
+
+
+def stage_resume(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
+    import shutil
+
+    inputs = tiny_inputs(work)
+    common = [
+        "schedule.global_batch_size=2",
+        "schedule.train_iters=4",
+        "optimizer.lr=1e-3",
+        "checkpoint.save_interval=2",
+        "checkpoint.keep_last_n=null",
+        f"device={args.device}",
+    ]
+    whole = pretrain(inputs.overrides(work / "resume-whole", *common))
+    (work / "resume-again").mkdir()
+    shutil.copytree(work / "resume-whole" / "iter_0000002", work / "resume-again" / "iter_0000002")
+    resumed = pretrain(inputs.overrides(work / "resume-again", *common))  # resume=auto: from iteration 2
+    diff = _relative(resumed, whole[2:])
+    return len(resumed) == 2 and diff <= RESUME_RTOL, {
+        "uninterrupted": whole,
+        "resumed_3_4": resumed,
+        "max_rel_diff": diff,
+        "tolerance": RESUME_RTOL,
+    }
+
+
+def _throughput_overrides(
+    prefix, config_file: Path, save_dir: Path, sizes: Sizes, device: str, recompute: str
+):
+    return [
+        f"data.prefixes=[{prefix}]",
+        f"model.random_init_config={config_file}",
+        f"checkpoint.save_dir={save_dir}",
+        f"data.seq_length={sizes.seq_length}",
+        "schedule.global_batch_size=1",
+        f"schedule.train_iters={sizes.warmup + sizes.iters + 1}",
+        "checkpoint.save_interval=1000000",
+        "checkpoint.save_at_end=false",
+        f"model.recompute={recompute}",
+        f"device={device}",
+        "schedule.warmup_ratio=0",
+    ]
+
+
+def _measure_trainer(rank: int, world_size: int, overrides: list[str], warmup: int, iters: int, device: str):
+    """Per-rank: trains warmup + iters steps (metrics to the run's JSONL), then profiles one more."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sft.config import load_config
+    from sft.trainer import Trainer
+
+    trainer = Trainer(load_config(None, overrides), device)
+    for _ in range(warmup + iters):
+        trainer.train_step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        trainer.train_step()
+    trainer.metrics.close()
+    return profile_split(prof, device)
+
+
+def measure_ours(
+    work: Path, name: str, fields: dict, layers: int, sizes: Sizes, device: str, recompute: str, packs
+) -> dict:
+    from common.distributed import run_distributed
+    from testing.synthetic_packs import write_packed_dataset
+
+    config_file = work / f"{name}-config.json"
+    config_file.write_text(json.dumps(hf_config(fields, layers)))
+    prefix = write_packed_dataset(
+        work / f"{name}-data" / "packs", packs, sizes.seq_length, fields["vocab_size"]
+    )
+    save_dir = work / f"{name}-run"
+    overrides = _throughput_overrides(prefix, config_file, save_dir, sizes, device, recompute)
+    (split,) = run_distributed(
+        _measure_trainer, 1, overrides, sizes.warmup, sizes.iters, device, device=device
+    )
+    records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    timed = records[sizes.warmup : sizes.warmup + sizes.iters]
+    seconds = sum(r["step_time_s"] for r in timed)
+    tflops = sum(r["tflops_per_device"] * r["step_time_s"] for r in timed) / seconds
+    return {
+        "layers": layers,
+        "seq_length": sizes.seq_length,
+        "recompute": recompute,
+        "tokens_per_s": sum(r["tokens"] for r in timed) / seconds,
+        "tflops_per_gpu": tflops,
+        "mfu": tflops / PEAK_TFLOPS,
+        "peak_mem_gb": max(r["peak_memory_gb"] for r in timed),
+        "losses": [r["loss"] for r in timed],
+        "profile": split,
+    }
+
+
+def stage_shard(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
+    recompute = "none"
+    layers = largest_fitting_layers(sizes.shard, sizes.seq_length, recompute, sizes.max_shard_layers)
+    packs = lognormal_packs(sizes.seq_length, sizes.shard["vocab_size"], sizes.warmup + sizes.iters + 2)
+    figures = measure_ours(work, "shard", sizes.shard, layers, sizes, args.device, recompute, packs)
+    figures["budget"] = budget(sizes.shard, layers, sizes.seq_length, recompute)
+    return all(np.isfinite(figures["losses"])), figures
+
+
+def _measure_transformers(
+    rank: int, world_size: int, config: dict, prefix: str, warmup: int, iters: int, device: str
+) -> dict:
+    """Per-rank: transformers' Qwen2 (random weights, fp32 master weights, bf16 autocast, fused AdamW,
+    the same per-token loss) on the same packs, packed through position ids."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from models.parallel_layout import ParallelLayout
+    from sft.data import SFTData
+
+    attention = "sdpa"  # the image has no flash-attn package; SDPA runs causal over the whole row
+    on_gpu = device == "cuda"
+    fields = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+    with torch.device(device):
+        model = Qwen2ForCausalLM(Qwen2Config(**fields, attn_implementation=attention)).float()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=on_gpu)
+    data = SFTData([prefix], None, seed=0)
+    times, tokens = [], []
+    for step in range(warmup + iters):
+        batch = data.micro_batches(step, 1, ParallelLayout(), 0, 1)[0].to(device)
+        if on_gpu:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=on_gpu):
+            logits = model(input_ids=batch.tokens, position_ids=batch.position_ids).logits
+        losses = torch.nn.functional.cross_entropy(logits[0].float(), batch.labels[0], reduction="none")
+        loss = (losses * batch.loss_mask[0]).sum() / batch.loss_mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if on_gpu:
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+            tokens.append(batch.real_tokens)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None
+    return {"attention": attention, "tokens_per_s": sum(tokens) / sum(times), "peak_mem_gb": peak}
+
+
+def stage_full_width(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
+    from common.distributed import run_distributed
+
+    recompute, layers, vocab = "none", sizes.full_width_layers, sizes.full_width["vocab_size"]
+    for tokens in (sizes.seq_length, sizes.seq_length // 2, sizes.seq_length // 4, sizes.seq_length // 8):
+        # transformers keeps fp32 weights, gradients and moments plus autocast's bf16 weight copies (18 bytes
+        # per parameter, like ours) and one more fp32 copy of the logits (the gradient of the fp32 loss input)
+        ours = budget(sizes.full_width, layers, tokens, recompute)
+        transformers_gib = ours["gib"] + tokens * vocab * 4 / 2**30
+        if ours["fits"] and transformers_gib <= USABLE_GIB * (1 - MARGIN):
+            break
+    else:
+        raise SystemExit("full-width layers fit at no token count tried")
+    width = Sizes(
+        tokens, sizes.shard, sizes.full_width, layers, sizes.warmup, sizes.iters, sizes.max_shard_layers
+    )
+    packs = lognormal_packs(tokens, sizes.full_width["vocab_size"], sizes.warmup + sizes.iters + 2)
+    figures = measure_ours(work, "full", sizes.full_width, layers, width, args.device, recompute, packs)
+    figures["budget"] = budget(sizes.full_width, layers, tokens, recompute)
+    (hf,) = run_distributed(
+        _measure_transformers,
+        1,
+        hf_config(sizes.full_width, layers),
+        str(work / "full-data" / "packs"),
+        sizes.warmup,
+        sizes.iters,
+        args.device,
+        device=args.device,
+    )
+    figures["transformers"] = hf
+    figures["speedup_vs_transformers"] = figures["tokens_per_s"] / hf["tokens_per_s"]
+    return all(np.isfinite(figures["losses"])), figures
+
+
+def stage_summary(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
+    lines = [json.loads(line) for line in (args.out / "results.jsonl").read_text().splitlines()]
+    by_stage = {line["stage"]: line for line in lines}
+    keys = ("layers", "seq_length", "tokens_per_s", "tflops_per_gpu", "mfu", "peak_mem_gb")
+    summary = {
+        "device": by_stage.get("env", {}).get("figures", {}).get("device", device_name(args.device)),
+        "command": os.environ.get("BENCH_COMMAND", "bench/gpu/run.sh"),
+        "date": time.strftime("%Y-%m-%d"),
+        "checks": {
+            name: {"pass": by_stage[name]["pass"], "figures": by_stage[name]["figures"]}
+            for name in ("train_vs_cpu", "attention", "verify", "resume")
+            if name in by_stage
+        },
+        "shard": {k: by_stage["shard"]["figures"].get(k) for k in keys} if "shard" in by_stage else None,
+        "full_width": None,
+        "stages": {line["stage"]: {"pass": line["pass"], "seconds": line["seconds"]} for line in lines},
+    }
+    if "full_width" in by_stage:
+        full = by_stage["full_width"]["figures"]
+        summary["full_width"] = {
+            **{k: full.get(k) for k in keys},
+            "transformers_tokens_per_s": full["transformers"]["tokens_per_s"],
+            "speedup_vs_transformers": full["speedup_vs_transformers"],
+        }
+    name = "".join(c if c.isalnum() else "_" for c in summary["device"].lower()).strip("_")
+    (args.out / f"gpu_{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    passed = all(line["pass"] for line in lines)
+    return passed, {
+        "file": f"gpu_{name}.json",
+        "stages_passed": sum(line["pass"] for line in lines),
+        "stages": len(lines),
+    }
+
+
+STAGES = {
+    "env": stage_env,
+    "train_vs_cpu": stage_train_vs_cpu,
+    "attention": stage_attention,
+    "verify": stage_verify,
+    "resume": stage_resume,
+    "shard": stage_shard,
+    "full_width": stage_full_width,
+    "summary": stage_summary,
+}
+
+
+# Profiling ------------------------------------------------------------------------------------------
+
+
+def _classify(name: str) -> str:
+    lowered = name.lower()
+    if any(k in lowered for k in ("flash", "fmha", "attn", "attention", "sdpa", "varlen")):
+        return "attention"
+    gemm_names = (
+        "gemm",
+        "matmul",
+        "cutlass",
+        "xmma",
+        "nvjet",
+        "aten::mm",
+        "aten::addmm",
+        "aten::bmm",
+        "cublas",
+    )
+    return "gemm" if any(k in lowered for k in gemm_names) else "other"
+
+
+def profile_split(profiler, device: str, top: int = 8) -> dict:
+    """Seconds of kernel (CUDA) or op self time (CPU) per class, and the top kernels."""
+    split, kernels = {"attention": 0.0, "gemm": 0.0, "other": 0.0}, []
+    for event in profiler.key_averages():
+        if device == "cuda":
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            seconds = event.self_device_time_total / 1e6
+        else:
+            seconds = event.self_cpu_time_total / 1e6
+        split[_classify(event.key)] += seconds
+        kernels.append((seconds, event.key[:80]))
+    return {
+        "split_s": split,
+        "top": [{"name": k, "s": round(s, 4)} for s, k in sorted(kernels, reverse=True)[:top]],
+    }
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("stage", choices=sorted(STAGES), help="the stage to run (see above)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="the run's output directory (results.jsonl, logs)"
+    )
+    parser.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda", help="where to run (default cuda)"
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny models and rows: rehearse every stage on a CPU"
+    )
+    args = parser.parse_args()
+    from common.logging_utils import setup_logging
+
+    setup_logging()
+    sizes = TINY if args.tiny else GPU
+    work = Path(os.environ.get("BENCH_WORK") or args.out / "work")  # run.sh: a scratch directory
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        passed, figures = STAGES[args.stage](args, sizes, work)
+    except Exception as exc:  # recorded, then re-raised for the log's traceback
+        record(
+            args.out,
+            args.stage,
+            False,
+            time.perf_counter() - start,
+            {"error": f"{type(exc).__name__}: {exc}"},
+        )
+        raise
+    record(args.out, args.stage, passed, time.perf_counter() - start, figures)
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
