@@ -29,7 +29,7 @@ from common.provenance import tool_info
 from formats.hf_safetensors import HFSafetensorsReader
 from formats.torch_dist import HF_CONFIG_FILE, PROVENANCE_FILE, TOKENIZER_DIR, Chunk, write_checkpoint
 from models.qwen2.arch import HF_CONFIG_NAME, Qwen2Arch
-from models.qwen2.state_dict_adapter import BoundMapping, bound_mappings
+from models.qwen2.state_dict_adapter import BoundMapping, bound_mappings, extra_state_objects
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,8 @@ def convert_hf_to_mcore(
                 refresh=False,
             )
 
-        write_checkpoint(tmp, chunks, threads=threads, on_chunk_written=written)
+        objects = extra_state_objects(arch)
+        write_checkpoint(tmp, chunks, objects=objects, threads=threads, on_chunk_written=written)
         if reader.not_read_exactly_once():
             raise AssertionError(
                 f"internal error: not read exactly once: {reader.not_read_exactly_once()[:5]}"

@@ -18,6 +18,7 @@ its directory exists under that name (the trainer writes under a temporary name 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -25,6 +26,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.distributed import checkpoint as dcp
@@ -70,10 +72,13 @@ def write_checkpoint(
     out_dir: str | Path,
     chunks: list[Chunk],
     *,
+    objects: dict[str, Any] | None = None,
     threads: int = 1,
     on_chunk_written: Callable[[Chunk], None] | None = None,
 ) -> None:
-    """Writes `chunks` as a torch_dist checkpoint into the (empty) directory `out_dir`.
+    """Writes `chunks` as a torch_dist checkpoint into the (empty) directory `out_dir`, with `objects`
+    as megatron-core ShardedObjects ({unique key "KEY/shard_OFFSET_SHAPE": value}, stored as
+    megatron-core stores them: the pickled list of the values under that key).
 
     With one thread, chunks are produced and written in list order (sequential reads of the source);
     with more, DCP spreads them over that many files and threads, largest first.
@@ -86,9 +91,8 @@ def write_checkpoint(
     try:
         with warnings.catch_warnings():  # "no process group, assuming a single process": yes, by design
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(
-                {}, storage_writer=writer, planner=_ChunkSavePlanner(chunks, on_chunk_written), no_dist=True
-            )
+            planner = _ChunkSavePlanner(chunks, objects or {}, on_chunk_written)
+            dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
     except dcp.api.CheckpointException as wrapped:  # a BaseException; surface what actually failed
         (error, _trace), *_ = wrapped.failures.values()
         raise error from None
@@ -97,16 +101,19 @@ def write_checkpoint(
 class _ChunkSavePlanner(dcp.DefaultSavePlanner):
     """A DCP save planner whose items are `Chunk`s, produced lazily in `resolve_data`."""
 
-    def __init__(self, chunks: list[Chunk], on_chunk_written):
+    def __init__(self, chunks: list[Chunk], objects: dict[str, Any], on_chunk_written):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
         self._chunks = {(c.key, tuple(c.offsets)): c for c in chunks}
         if len(self._chunks) != len(chunks):
             raise ValueError("two chunks share a key and offsets")
+        self._objects = objects
         self._on_written = on_chunk_written
 
     def create_local_plan(self):
+        objects = [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in self._objects]
         self.plan = SavePlan(
-            [
+            objects
+            + [
                 WriteItem(
                     index=MetadataIndex(c.key, torch.Size(c.offsets)),
                     type=WriteItemType.SHARD,
@@ -122,6 +129,10 @@ class _ChunkSavePlanner(dcp.DefaultSavePlanner):
         return self.plan
 
     def resolve_data(self, write_item):
+        if write_item.type == WriteItemType.BYTE_IO:
+            stored = io.BytesIO()
+            torch.save([self._objects[write_item.index.fqn]], stored)
+            return stored
         chunk = self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
         tensor = chunk.produce()
         if tuple(tensor.shape) != chunk.sizes or tensor.dtype != chunk.dtype:

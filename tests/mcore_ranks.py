@@ -61,3 +61,47 @@ def resave_at_layout(
     dist_checkpointing.save(model.sharded_state_dict(), dest)
     if rank == 0:
         shutil.copy(Path(source) / HF_CONFIG_FILE, Path(dest) / HF_CONFIG_FILE)
+
+
+def stock_load_matches_ours(
+    rank: int, world_size: int, checkpoint: str, tensor_parallel: int, pipeline_parallel: int
+) -> int:
+    """Loads a converted checkpoint with megatron-core's own calls only, as a Megatron-LM user would:
+    GPTModel (local spec) at TP x PP, `dist_checkpointing.load(model.sharded_state_dict(), dir)` with its
+    defaults, and a strict `load_state_dict`; checks every weight against the project's loader. Returns the
+    number of tensors compared."""
+    import torch
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from convert.verify import load_model_stage
+    from models.qwen2.arch import Qwen2Arch
+    from models.qwen2.model import transformer_config
+
+    ours = load_model_stage(checkpoint, tensor_parallel, pipeline_parallel, "cpu")  # initialises TP x PP
+    arch = Qwen2Arch.from_path(checkpoint)
+    config = transformer_config(
+        arch,
+        tensor_parallel=tensor_parallel,
+        pipeline_parallel=pipeline_parallel,
+        use_cpu_initialization=True,
+    )
+    stock = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=arch.vocab_size,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=arch.rope_base,
+    )
+    state = dist_checkpointing.load(stock.sharded_state_dict(), checkpoint)
+    stock.load_state_dict(state)  # strict: every key, _extra_state included
+    expected = {k: v for k, v in ours.state_dict().items() if isinstance(v, torch.Tensor)}
+    got = {k: v for k, v in stock.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert got.keys() == expected.keys(), sorted(got.keys() ^ expected.keys())[:5]
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+    return len(got)

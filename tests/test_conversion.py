@@ -25,7 +25,7 @@ from formats.torch_dist import (
 from models.qwen2.arch import Qwen2Arch
 from models.qwen2.state_dict_adapter import bound_mappings
 
-from mcore_ranks import resave_at_layout
+from mcore_ranks import resave_at_layout, stock_load_matches_ours
 from tools_runner import run_tool
 
 
@@ -128,6 +128,34 @@ def test_checkpoint_saved_at_tp2_pp2_exports_the_same_weights(
         == 0
     )
     assert_same_weights(tiny_qwen2_dir, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tensor_parallel, pipeline_parallel", [(1, 1), (2, 1), (1, 2)])
+def test_stock_megatron_core_loads_a_converted_checkpoint(converted, tensor_parallel, pipeline_parallel):
+    """No project code on the loading side: megatron-core's default dist_checkpointing.load and a strict
+    load_state_dict accept the converted checkpoint at every layout, and give the project loader's weights."""
+    counts = run_distributed(
+        stock_load_matches_ours,
+        tensor_parallel * pipeline_parallel,
+        str(converted),
+        tensor_parallel,
+        pipeline_parallel,
+    )
+    assert all(n > 0 for n in counts)
+
+
+def test_converted_checkpoints_hold_the_extra_state_megatron_core_expects(converted):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from models.qwen2.state_dict_adapter import extra_state_objects
+
+    stored = FileSystemReader(str(converted)).read_metadata().state_dict_metadata
+    objects = {key for key, meta in stored.items() if isinstance(meta, BytesStorageMetadata)}
+    arch = Qwen2Arch.from_path(converted)
+    assert objects == set(extra_state_objects(arch))
+    assert "decoder.layers.self_attention.linear_proj._extra_state/shard_1_2" in objects  # layer 1 of 2
 
 
 def test_chunks_tile_every_tensor_within_the_size_cap(tiny_qwen2_dir):

@@ -222,3 +222,27 @@ def bound_mappings(arch: Qwen2Arch, layer_names: LayerNames = "local") -> list[B
     if not arch.tie_word_embeddings:
         out.append(_bind(OUTPUT_LAYER, arch, None, layer_names))
     return out
+
+
+# Modules whose megatron-core state dict holds an `_extra_state` entry (Transformer Engine's FP8 scaling
+# state; None without FP8), one ShardedObject per layer whatever the TP size. A complete checkpoint holds
+# them, or megatron-core's default load refuses it ("Missing key in checkpoint state_dict"): the local
+# spec's four linear layers, and TE's fused attention besides.
+EXTRA_STATE_MODULES = (
+    "self_attention.linear_qkv",
+    "self_attention.linear_proj",
+    "mlp.linear_fc1",
+    "mlp.linear_fc2",
+    "self_attention.core_attention",
+)
+
+
+def extra_state_objects(arch: Qwen2Arch) -> dict[str, None]:
+    """The `_extra_state` ShardedObjects of a weights-only checkpoint by unique key, all None (no FP8
+    state yet), as megatron-core names them for the stacked layers."""
+    layers = arch.num_layers
+    return {
+        f"decoder.layers.{module}._extra_state/shard_{layer}_{layers}": None
+        for layer in range(layers)
+        for module in EXTRA_STATE_MODULES
+    }
