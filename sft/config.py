@@ -27,6 +27,8 @@ from formats.packed import PackedPaths
 from formats.torch_dist import HF_CONFIG_FILE
 from models.parallel_layout import ParallelLayout
 
+RECOMPUTE_MODULES = {"core_attn", "mlp", "layernorm"}  # megatron-core's, for a dense model
+
 
 @dataclass
 class ModelConfig:
@@ -35,6 +37,8 @@ class ModelConfig:
     # instead of init_checkpoint: random weights of the architecture in this HF config.json (benchmarks)
     random_init_config: str | None = None
     recompute: Literal["none", "selective", "full"] = "selective"
+    # with selective: megatron-core's modules to recompute (core_attn, mlp, layernorm); null = core_attn
+    recompute_modules: list[str] | None = None
     attention: Literal["auto", "te", "torch"] = "auto"  # auto: Transformer Engine when importable on CUDA
 
 
@@ -152,6 +156,13 @@ def _check_values(c: TrainConfig) -> list[str]:
         problems.append(
             f"model.init_checkpoint={c.model.init_checkpoint} is not a converted checkpoint "
             f"(no {HF_CONFIG_FILE}): run tools/convert_hf_to_mcore.py"
+        )
+    if c.model.recompute_modules is not None and c.model.recompute != "selective":
+        problems.append("model.recompute_modules applies to model.recompute=selective only")
+    unknown = set(c.model.recompute_modules or []) - RECOMPUTE_MODULES
+    if unknown:
+        problems.append(
+            f"model.recompute_modules: {sorted(unknown)} unknown; choose from {sorted(RECOMPUTE_MODULES)}"
         )
     if c.model.init_checkpoint and c.model.random_init_config:
         problems.append("model.init_checkpoint and model.random_init_config are both set: choose one")

@@ -35,7 +35,13 @@ from models.backends import choose_backend, te_available
 from models.qwen2.arch import Qwen2Arch, find_hf_config
 from models.qwen2.attention import packed_attention_kernel
 from models.qwen2.flops import training_flops
-from models.qwen2.model import build_model, layer_spec, transformer_config
+from models.qwen2.model import (
+    build_model,
+    kernel_settings,
+    layer_spec,
+    recompute_settings,
+    transformer_config,
+)
 from models.weights import load_weights
 
 from .checkpointing import (
@@ -220,11 +226,6 @@ class Trainer:
             if backend.transformer_engine
             else packed_attention_kernel(self.device),
         )
-        recompute = {
-            "none": {},
-            "selective": dict(recompute_granularity="selective"),
-            "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
-        }
         tconfig = transformer_config(
             self.arch,
             tensor_parallel=p.tensor,
@@ -240,7 +241,8 @@ class Trainer:
             # order there (seen at PP=2 with virtual stages: wrong activations, no error).
             overlap_p2p_comm=p.virtual_pipeline is not None,
             batch_p2p_comm=on_gpu and p.virtual_pipeline is None,
-            **recompute[c.model.recompute],
+            **recompute_settings(c.model.recompute, c.model.recompute_modules),
+            **kernel_settings(backend),
         )
         chunks = []
         for vp_stage in range(p.virtual_stages):
