@@ -14,12 +14,14 @@ Memory (mixed precision, megatron-core distributed optimizer):
 - gradients: 4 bytes per local parameter (fp32 gradient buffer, grad_reduce_in_fp32);
 - optimizer: 12 bytes per local parameter / DP (fp32 main weights, Adam moments, sharded over DP);
 - activations: per token and layer, the tensors the backward pass keeps (bf16): layer input, norm
-  outputs and residuals 6h, q/k/v before and q/k after RoPE 2h + 3gd, attention output h (flash
-  attention keeps no s^2 scores), the MLP's fc1 output 2f and SwiGLU output f: 2 x (9h + 3gd + 3f)
-  bytes in all. Tensor parallelism divides the parts inside the TP region (everything but the 6h
-  of norms and residuals, which sequence parallelism divides too). Full recomputation keeps only each
-  layer's input (2h, / TP with SP) plus one layer's full set during its recomputation. Selective
-  recomputation (core attention) saves little with flash attention and is counted like none.
+  outputs and residuals 6h; with q = n d the query width: q/k/v before and q/k after RoPE 2q + 3gd,
+  attention output q (flash attention keeps no s^2 scores); the MLP's fc1 output 2f, its SwiGLU
+  gate activation f and output f: 4f. 2 x (6h + 3q + 3gd + 4f) bytes in all. Tensor parallelism
+  divides the parts inside the TP region (everything but the 6h of norms and residuals, which
+  sequence parallelism divides too). Recomputation: `selective` (megatron-core's core_attn) saves
+  nothing with flash/fused attention (q, k, v stay as its inputs) and re-runs the attention forward;
+  `mlp` drops the MLP's 4f and re-runs its forward; `full` keeps only each layer's input (2h, / TP
+  with SP) plus one layer's full set during its recomputation, and re-runs every layer's forward.
   Tokens per micro-batch = micro_batch x seq / CP. The first pipeline stage holds PP micro-batches in
   flight under 1F1B (x (1 + (PP - 1) / (PP x VP)) interleaved), i.e. L/PP layers x PP micro-batches.
   Logits: the last stage keeps the vocabulary-parallel logits (bf16) and their fp32 softmax for the
@@ -30,17 +32,20 @@ Memory (mixed precision, megatron-core distributed optimizer):
 Layouts are `models.parallel_layout.ParallelLayout`s, valid by the same rules the trainer's configuration
 is checked with, each paired with a recomputation setting.
 
-Step time: model FLOPs (models/qwen2/flops.py, at the data's conversation lengths; --mean-conversation)
-divided by GPUs x peak x the GEMM efficiency (--efficiency, default 0.6 of peak), plus the pipeline
-bubble (PP - 1) / (VP x micro-batches per step), plus exposed communication: tensor parallel
-all-reduce/all-gather + reduce-scatter of the activations, 4 per layer and micro-batch over NVLink
-(--nvlink-gbps, bus bandwidth), half of it assumed hidden; data-parallel reduce-scatter of the fp32
-gradients and all-gather of the bf16 weights over the inter-node network (--network-gbps per GPU),
-not overlapped (the trainer does not overlap them yet); context parallelism's ring exchange of K/V
-(forward) and of K/V and their gradients (backward), (CP - 1) chunks per layer, half hidden, over NVLink
-when TP x CP fits a node; pipeline sends of activations and their gradients at the PP x VP - 1 stage
-boundaries (a rank takes part in 1/PP of them), half hidden, over the network.
-MFU = model FLOPs / (step time x GPUs x peak).
+Step time: the executed FLOPs (model FLOPs of models/qwen2/flops.py at the data's conversation
+lengths, --mean-conversation, on every token of the rows, padding included, plus what recomputation
+re-runs) divided by GPUs x peak x the GEMM efficiency (--efficiency, default 0.6 of peak), plus the
+pipeline bubble (PP - 1) / (VP x micro-batches per step), plus exposed communication: tensor parallel
+all-gathers/reduce-scatters (all-reduces without SP) of the activations, 4 per layer and micro-batch
+over NVLink (--nvlink-gbps, bus bandwidth), not hidden (the trainer does not turn on TE's TP overlap);
+data-parallel reduce-scatter of the fp32 gradients and all-gather of the bf16 weights over the
+inter-node network (--network-gbps per GPU), not overlapped (the trainer does not overlap them yet);
+context parallelism's ring exchange of each TP rank's K/V shard (forward) and of K/V and their
+gradients (backward), (CP - 1) chunks per layer, half hidden, over NVLink when TP x CP fits a node;
+pipeline sends of activations and their gradients at the PP x VP - 1 stage boundaries (a rank takes
+part in 1/PP of them), half hidden, over the network.
+MFU = model FLOPs of the real tokens (fill x seq: --packing-fill, the data's packing efficiency) /
+(step time x GPUs x peak).
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ class Hardware:
 @dataclass
 class Estimate:
     layout: ParallelLayout
-    recompute: str  # none, selective or full
+    recompute: str  # one of RECOMPUTE
     data_parallel: int
     memory_gb: dict[str, float] = field(default_factory=dict)
     step_time_s: float = 0.0
@@ -112,13 +117,25 @@ def local_parameters(arch, layout: ParallelLayout) -> int:
     return (layers + ends) // layout.tensor + arch.hidden_size  # + the final norm
 
 
+RECOMPUTE = ("none", "selective", "mlp", "full")  # selective = megatron-core's core_attn
+
+
+def recompute_overrides(recompute: str) -> str:
+    """The trainer configuration for one of RECOMPUTE."""
+    if recompute == "mlp":
+        return "model.recompute=selective model.recompute_modules=[mlp]"
+    return f"model.recompute={recompute}"
+
+
 def activation_bytes_per_token_layer(
     arch, layout: ParallelLayout, recompute: str, element_bytes: int = 2
 ) -> float:
     h, g, d, f = arch.hidden_size, arch.num_query_groups, arch.head_dim, arch.ffn_hidden_size
-    t = layout.tensor
+    q, t = arch.num_attention_heads * d, layout.tensor
     replicated = 6 * h  # norm and residual tensors: outside the TP region
-    inside = (2 * (h + 2 * g * d) - g * d) + h + 3 * f  # q/k/v (+ RoPE'd q, k), attention output, fc1, SwiGLU
+    attention = 3 * q + 3 * g * d  # q/k/v, RoPE'd q/k, attention output
+    mlp = 0 if recompute == "mlp" else 4 * f  # fc1 output (gate, up), SwiGLU's gate activation and output
+    inside = attention + mlp
     if recompute == "full":
         return element_bytes * h / (t if layout.sequence_parallel else 1)
     return element_bytes * (replicated / (t if layout.sequence_parallel else 1) + inside / t)
@@ -134,8 +151,10 @@ def estimate(
     mean_conversation: float,
     weight_bytes: int = 2,
     te_available: bool = True,
+    fill: float = 1.0,
 ) -> Estimate | None:
-    """The estimate for one layout, or None when the layout is not valid for the model and batch."""
+    """The estimate for one layout, or None when the layout is not valid for the model and batch;
+    `fill` is the fraction of row tokens that are real (the data's packing efficiency)."""
     if layout.problems(
         world_size=hw.gpus,
         arch=arch,
@@ -174,19 +193,36 @@ def estimate(
     result = Estimate(layout, recompute, dp, {k: round(v, 3) for k, v in memory.items()})
     result.fits = result.total_gb <= hw.gpu_memory_gb
     result.step_time_s, result.mfu = _step_time(
-        arch, layout, recompute, hw, seq_length, global_batch, mean_conversation, micro_batches, dp, params
+        arch,
+        layout,
+        recompute,
+        hw,
+        seq_length,
+        global_batch,
+        mean_conversation,
+        micro_batches,
+        dp,
+        params,
+        fill,
     )
     return result
 
 
 def _step_time(
-    arch, layout, recompute, hw, seq_length, global_batch, mean_conversation, micro_batches, dp, params
+    arch, layout, recompute, hw, seq_length, global_batch, mean_conversation, micro_batches, dp, params, fill
 ):
-    conversations = [mean_conversation] * max(1, round(seq_length / mean_conversation))
-    model_flops = (
-        3 * (dense_flops_per_token(arch) * seq_length + attention_flops(arch, conversations)) * global_batch
-    )
-    executed = model_flops * (4 / 3 if recompute == "full" else 1)  # full recompute runs the forward twice
+    real = fill * seq_length
+    conversations = [mean_conversation] * max(1, round(real / mean_conversation))
+    forward_attention = attention_flops(arch, conversations)
+    model_flops = 3 * (dense_flops_per_token(arch) * real + forward_attention) * global_batch
+    forward = dense_flops_per_token(arch) * seq_length + forward_attention  # padding runs through the GEMMs
+    rerun = {
+        "none": 0.0,
+        "selective": forward_attention,
+        "mlp": 2 * 3 * arch.hidden_size * arch.ffn_hidden_size * arch.num_layers * seq_length,
+        "full": forward,
+    }[recompute]
+    executed = (3 * forward + rerun) * global_batch
     compute = executed / (hw.gpus * hw.peak_tflops * 1e12 * hw.efficiency)
     bubble = (layout.pipeline - 1) / (layout.virtual_stages * micro_batches)
     tp_time = 0.0
@@ -194,11 +230,13 @@ def _step_time(
         tokens = layout.micro_batch_size * seq_length / layout.context
         per_collective = tokens * arch.hidden_size * 2 * 2 * (layout.tensor - 1) / layout.tensor
         tp_bytes = 4 * (arch.num_layers // layout.pipeline) * micro_batches * per_collective
-        tp_time = 0.5 * tp_bytes / (hw.nvlink_gbps * GB)  # half hidden behind GEMMs
+        tp_time = tp_bytes / (hw.nvlink_gbps * GB)  # exposed: TE's TP overlap is not turned on
     cp_time = 0.0
     if layout.context > 1:  # ring exchange of K/V (forward) and K/V + their gradients (backward), per layer
         tokens = layout.micro_batch_size * seq_length / layout.context
-        kv_bytes = tokens * 2 * arch.num_query_groups * arch.head_dim * 2
+        kv_bytes = (
+            tokens * 2 * arch.num_query_groups * arch.head_dim * 2 / layout.tensor
+        )  # this TP rank's heads
         cp_bytes = 3 * (layout.context - 1) * kv_bytes * (arch.num_layers // layout.pipeline) * micro_batches
         intra_node = layout.tensor * layout.context <= hw.gpus_per_node
         cp_time = 0.5 * cp_bytes / ((hw.nvlink_gbps if intra_node else hw.network_gbps) * GB)  # half hidden
@@ -228,6 +266,7 @@ def plan(
     global_batch: int,
     mean_conversation: float,
     te_available: bool = True,
+    fill: float = 1.0,
 ) -> list[Estimate]:
     """Every valid layout, feasible ones first, fastest first."""
     results = []
@@ -236,7 +275,7 @@ def plan(
         (1, 2, 4, 8, 16),
         (None, 2, 4),
         (1, 2, 4, 8),
-        ("selective", "full"),
+        RECOMPUTE,
         (1, 2),
         (False, True),
     )
@@ -253,11 +292,19 @@ def plan(
             global_batch,
             mean_conversation,
             te_available=te_available,
+            fill=fill,
         )
         if found is not None:
             results.append(found)
     results.sort(key=lambda e: (not e.fits, e.step_time_s, e.total_gb))
     return results
+
+
+def recommend(feasible: list[Estimate], within: float = 0.01) -> Estimate:
+    """Among the feasible layouts whose step time is within `within` of the fastest, the one with the most
+    memory to spare: the model's step times are not accurate to 1%, running out of memory is certain."""
+    fastest = min(e.step_time_s for e in feasible)
+    return min((e for e in feasible if e.step_time_s <= fastest * (1 + within)), key=lambda e: e.total_gb)
 
 
 def format_table(estimates: list[Estimate], limit: int = 15) -> str:

@@ -3,6 +3,8 @@ its memory estimate against the measured peak memory of a CPU training run of th
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from models.parallel_layout import ParallelLayout
@@ -44,15 +46,22 @@ def test_parameter_count_is_qwen25_32b():
 
 
 def test_activation_bytes_by_hand():
-    h, gd, f = 5120, 8 * 128, 27648
-    inside = 2 * h + 3 * gd + h + 3 * f
-    assert activation_bytes_per_token_layer(QWEN25_32B, ParallelLayout(), "selective") == 2 * (6 * h + inside)
+    # q = 40 x 128 = h: q/k/v + RoPE'd q/k + attention output 3q + 3gd; SwiGLU MLP 4f (fc1 2f, gate, output)
+    h, q, gd, f = 5120, 5120, 8 * 128, 27648
+    inside = 3 * q + 3 * gd + 4 * f
+    assert activation_bytes_per_token_layer(QWEN25_32B, ParallelLayout(), "none") == 2 * (6 * h + inside)
     assert activation_bytes_per_token_layer(QWEN25_32B, ParallelLayout(tensor=8), "selective") == 2 * (
         6 * h + inside / 8
     )
     tp8_sp = ParallelLayout(tensor=8, sequence_parallel=True)
-    assert activation_bytes_per_token_layer(QWEN25_32B, tp8_sp, "selective") == 33024
+    assert activation_bytes_per_token_layer(QWEN25_32B, tp8_sp, "none") == 2 * (3840 + 16128) == 39936
+    assert activation_bytes_per_token_layer(QWEN25_32B, tp8_sp, "mlp") == 2 * (3840 + (3 * q + 3 * gd) / 8)
     assert activation_bytes_per_token_layer(QWEN25_32B, tp8_sp, "full") == 2 * h / 8
+    # one TP-8 rank's shapes as a model of their own (5 heads of 128 on 5120): q is 640, not h
+    shard = dataclasses.replace(QWEN25_32B, num_attention_heads=5, num_query_groups=1, ffn_hidden_size=3456)
+    assert activation_bytes_per_token_layer(shard, ParallelLayout(), "none") == 2 * (
+        6 * h + 3 * 640 + 3 * 128 + 4 * 3456
+    )
 
 
 def test_memory_and_rules_of_one_layout():
@@ -66,8 +75,8 @@ def test_memory_and_rules_of_one_layout():
     assert e.memory_gb["weights"] == pytest.approx(2 * params / 1e9, abs=1e-3)
     assert e.memory_gb["optimizer"] == pytest.approx(12 * params / 8 / 1e9, abs=1e-3)
     # 16384 tokens per rank (CP2) x 32 layers x 2 micro-batches in flight x (1 + 1/8) interleaved
-    # x 33024 bytes
-    assert e.memory_gb["activations"] == pytest.approx(16384 * 32 * 2 * 1.125 * 33024 / 1e9, abs=1e-3)
+    # x 39936 bytes
+    assert e.memory_gb["activations"] == pytest.approx(16384 * 32 * 2 * 1.125 * 39936 / 1e9, abs=1e-3)
     assert e.fits and 0 < e.mfu < 1
     # Invalid layouts are not offered, by the trainer's own rules: TP must divide the 8 query groups; layers
     # must split into stages; interleaving needs the micro-batches per step in multiples of PP.
@@ -132,3 +141,35 @@ def test_memory_estimate_matches_a_measured_cpu_run(tmp_path):
     )
     used_gb = (measured["peak"] - measured["baseline"]) / 1e9
     assert used_gb == pytest.approx(estimated.total_gb, rel=0.2), (used_gb, estimated.memory_gb)
+
+
+def test_recomputation_trades_memory_for_time_and_padding_costs_mfu():
+    hw, layout = Hardware(gpus=256), ParallelLayout(tensor=8, pipeline=2, context=2, sequence_parallel=True)
+    runs = {
+        r: estimate(QWEN25_32B, layout, r, hw, 32768, 512, 4000) for r in ("none", "selective", "mlp", "full")
+    }
+    # core_attn recomputation keeps the same tensors with fused attention and re-runs the attention forward
+    assert runs["selective"].memory_gb == runs["none"].memory_gb
+    assert runs["selective"].step_time_s > runs["none"].step_time_s
+    assert (
+        runs["full"].memory_gb["activations"]
+        < runs["mlp"].memory_gb["activations"]
+        < runs["none"].memory_gb["activations"]
+    )
+    assert runs["none"].step_time_s < runs["mlp"].step_time_s < runs["full"].step_time_s
+    padded = estimate(QWEN25_32B, layout, "none", hw, 32768, 512, 4000, fill=0.9)
+    # the same rows run through the GEMMs (only the attention of the missing conversations is saved)
+    assert padded.step_time_s == pytest.approx(runs["none"].step_time_s, rel=0.01)
+    assert padded.mfu < 0.91 * runs["none"].mfu  # but a tenth of them carries no model FLOPs
+
+
+def test_the_recommendation_keeps_memory_to_spare_among_equally_fast_layouts():
+    from sft.planner import recommend, recompute_overrides
+
+    estimates = [e for e in plan(QWEN25_32B, Hardware(gpus=256), 32768, 512, 4000) if e.fits]
+    chosen = recommend(estimates)
+    assert chosen.step_time_s <= 1.01 * estimates[0].step_time_s
+    assert chosen.total_gb == min(
+        e.total_gb for e in estimates if e.step_time_s <= 1.01 * estimates[0].step_time_s
+    )
+    assert recompute_overrides("mlp") == "model.recompute=selective model.recompute_modules=[mlp]"

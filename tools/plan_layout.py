@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--efficiency", type=float, default=0.6, help="fraction of peak the GEMMs reach (default 0.6)"
     )
     parser.add_argument(
+        "--packing-fill",
+        type=float,
+        default=1.0,
+        help="fraction of packed-row tokens that are real, not padding (default 1.0; "
+        "stats.packing_efficiency in PREFIX_meta.json): padding costs compute but counts as no model FLOPs",
+    )
+    parser.add_argument(
         "--mean-conversation",
         type=float,
         default=4000.0,
@@ -73,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         from models.qwen2.arch import Qwen2Arch, find_hf_config
-        from sft.planner import Hardware, format_table, plan
+        from sft.planner import Hardware, format_table, plan, recommend, recompute_overrides
 
         seq_length, global_batch = args.seq_length or 32768, args.global_batch or 512
         path = args.model
@@ -95,7 +102,13 @@ def main(argv: list[str] | None = None) -> int:
             buffer_gb=args.buffer_gb,
         )
         estimates = plan(
-            arch, hw, seq_length, global_batch, args.mean_conversation, te_available=not args.no_te
+            arch,
+            hw,
+            seq_length,
+            global_batch,
+            args.mean_conversation,
+            te_available=not args.no_te,
+            fill=args.packing_fill,
         )
         print(
             f"{find_hf_config(path)}: {arch.num_layers} layers, hidden {arch.hidden_size}; seq {seq_length}, "
@@ -106,14 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         if not feasible:
             print("\nno layout fits: add GPUs, lower the sequence length, or raise --gpu-memory-gb")
             return 1
-        best = feasible[0]
+        best = recommend(feasible)
         layout = best.layout
         print(
             f"\nrecommended: parallel.tensor={layout.tensor} parallel.pipeline={layout.pipeline} "
             f"parallel.virtual_pipeline={layout.virtual_pipeline or 'null'} "
             f"parallel.context={layout.context} "
             f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()} "
-            f"model.recompute={best.recompute} "
+            f"{recompute_overrides(best.recompute)} "
             f"parallel.micro_batch_size={layout.micro_batch_size}"
         )
         if args.json:
