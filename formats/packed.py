@@ -91,9 +91,9 @@ class PackedWriter:
     """Writes packs under temporary names; `commit(meta)` renames the data files into place and writes
     the meta file last. Leaving the `with` block without a commit removes the temporary files."""
 
-    def __init__(self, prefix: str | Path, seq_length: int):
+    def __init__(self, prefix: str | Path, seq_length: int, pad_multiple: int = 1):
         self.paths = PackedPaths(str(prefix))
-        self.seq_length = seq_length
+        self.seq_length, self.pad_multiple = seq_length, pad_multiple
         self.packs = 0
         self.paths.meta.parent.mkdir(parents=True, exist_ok=True)
         builder = indexed_dataset_module().IndexedDatasetBuilder
@@ -102,14 +102,11 @@ class PackedWriter:
 
     def add(self, input_ids: np.ndarray, loss_mask: np.ndarray, lengths: list[int]) -> None:
         """One pack: the concatenated conversations' ids and mask, and each conversation's length."""
-        if (
-            len(input_ids) != len(loss_mask)
-            or sum(lengths) != len(input_ids)
-            or sum(lengths) > self.seq_length
-        ):
+        padded = sum(-(-n // self.pad_multiple) * self.pad_multiple for n in lengths)
+        if len(input_ids) != len(loss_mask) or sum(lengths) != len(input_ids) or padded > self.seq_length:
             raise ValueError(
                 f"pack {self.packs}: {len(input_ids)} ids, {len(loss_mask)} mask values, lengths sum to "
-                f"{sum(lengths)}, seq_length {self.seq_length}"
+                f"{sum(lengths)} ({padded} padded to {self.pad_multiple}), seq_length {self.seq_length}"
             )
         self._ids.add_document(np.asarray(input_ids, dtype=TOKEN_DTYPE), lengths)
         self._mask.add_document(np.asarray(loss_mask, dtype=MASK_DTYPE), lengths)
@@ -123,6 +120,7 @@ class PackedWriter:
         meta = {
             "format": FORMAT_VERSION,
             "seq_length": self.seq_length,
+            "pad_multiple": self.pad_multiple,
             "files": {"input_ids": f"{name}_input_ids", "loss_mask": f"{name}_loss_mask"},
             "dtypes": {"input_ids": "int32", "loss_mask": "uint8"},
             "layout": "one Megatron document = one pack; one sequence = one conversation",
@@ -183,6 +181,12 @@ class PackedDataset:
         self._check()
 
     @property
+    def pad_multiple(self) -> int:
+        """Conversations were packed as if rounded up to this multiple (1: as they are), so every pack
+        still fits seq_length when each conversation is padded to any divisor of it."""
+        return int(self.meta.get("pad_multiple", 1))
+
+    @property
     def vocab_size(self) -> int:
         """The size of the tokenizer's vocabulary the data was made with."""
         return int(self.meta["tokenizer"]["vocab_size"])
@@ -206,10 +210,12 @@ class PackedDataset:
                 f"{self.prefix}: {len(self)} packs on disk, {self.paths.meta} says "
                 f"{self.meta['stats']['packs']}"
             )
-        longest = int(np.add.reduceat(self._lengths, self._documents[:-1]).max(initial=0)) if len(self) else 0
+        longest = self.longest_padded_pack(self.pad_multiple)
         if longest > self.seq_length:
             raise DataError(
-                f"{self.prefix}: a pack holds {longest} tokens, more than seq_length {self.seq_length}"
+                f"{self.prefix}: a pack holds {longest} tokens (conversations padded to multiples of "
+                f"{self.pad_multiple}), more than seq_length {self.seq_length}; "
+                "re-run tools/preprocess_sft.py"
             )
 
     def __len__(self) -> int:

@@ -53,6 +53,7 @@ class PreprocessConfig:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     overlong: str = "truncate"
     system_source: str = "turn"
+    pad_multiple: int = 64
     seed: int = 1234
     force: bool = False
 
@@ -72,6 +73,10 @@ class PreprocessConfig:
             raise InputError(f"--overlong must be one of {OVERLONG_CHOICES}, got {self.overlong!r}")
         if self.system_source not in SYSTEM_SOURCES:
             raise InputError(f"--system-source must be one of {SYSTEM_SOURCES}, got {self.system_source!r}")
+        if self.pad_multiple < 1 or self.seq_length % self.pad_multiple:
+            raise InputError(
+                f"--pad-multiple {self.pad_multiple} must be >= 1 and divide --seq-length {self.seq_length}"
+            )
         existing = [p for p in output_files(self.output_prefix) if p.exists()]
         if existing and not self.force:
             raise InputError(
@@ -303,9 +308,10 @@ def preprocess(cfg: PreprocessConfig, command: list[str] | None = None) -> dict[
         if len(tok.lengths) == 0:
             raise InputError(f"no conversation of {cfg.input} survived preprocessing: {dict(tok.dropped)}")
         timer.done("tokenise")
-        plan = best_fit_decreasing(tok.lengths, cfg.seq_length, seed=cfg.seed).shuffled(cfg.seed)
+        padded = -(-tok.lengths.astype(np.int64) // cfg.pad_multiple) * cfg.pad_multiple
+        plan = best_fit_decreasing(padded, cfg.seq_length, seed=cfg.seed).shuffled(cfg.seed)
         timer.done(f"pack {len(tok.lengths)} conversations")
-        with PackedWriter(cfg.output_prefix, cfg.seq_length) as writer:
+        with PackedWriter(cfg.output_prefix, cfg.seq_length, cfg.pad_multiple) as writer:
             write_packs(plan, tok.lengths, spill_ids, spill_mask, writer)
             timer.done(f"write {plan.num_packs} packs")
             with atomic_output(histogram_path(cfg.output_prefix)) as png:
@@ -346,6 +352,7 @@ def _metadata(
     truncated = int((tok.full_lengths > tok.lengths).sum())
     dropped = {r: tok.dropped[r] for r in C.DROP_REASONS if tok.dropped[r]}
     pack_tokens = plan.pack_tokens(tok.lengths)
+    padded_tokens = plan.pack_tokens(-(-tok.lengths.astype(np.int64) // cfg.pad_multiple) * cfg.pad_multiple)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "force"}
     return {
         "template": AM_THINKING.name,
@@ -369,8 +376,12 @@ def _metadata(
             "tokens_lost_to_truncation": int((tok.full_lengths - tok.lengths).sum()),
             "packs": plan.num_packs,
             "packing_efficiency": round(total_tokens / (plan.num_packs * cfg.seq_length), 6),
+            "packing_efficiency_padded": round(
+                int(padded_tokens.sum()) / (plan.num_packs * cfg.seq_length), 6
+            ),
             "conversations_per_pack": round(len(tok.lengths) / plan.num_packs, 3),
             "max_pack_tokens": int(pack_tokens.max()),
+            "max_pack_tokens_padded": int(padded_tokens.max()),
             "lengths": length_summary(tok.lengths),
             "length_histogram_log2": [list(row) for row in log2_histogram(tok.lengths, cfg.seq_length)],
             "per_subset": tok.per_subset,
@@ -389,8 +400,8 @@ def report(meta: dict[str, Any]) -> str:
         f"tokens          {s['tokens']:>12,}  (loss tokens {s['loss_tokens']:,}, "
         f"{s['loss_tokens'] / s['tokens']:.1%})",
         f"packs           {s['packs']:>12,}  x {meta['seq_length']} tokens, efficiency "
-        f"{s['packing_efficiency']:.4%}, "
-        f"{s['conversations_per_pack']} conversations/pack",
+        f"{s['packing_efficiency']:.4%} ({s['packing_efficiency_padded']:.4%} with conversations padded to "
+        f"multiples of {meta['pad_multiple']}), {s['conversations_per_pack']} conversations/pack",
         "length          "
         + "  ".join(f"{k}={v}" for k, v in s["lengths"]["percentiles"].items())
         + f"  max={s['lengths']['max']}",

@@ -129,15 +129,6 @@ def _round_up(value, multiple):
     return -(-value // multiple) * multiple
 
 
-def row_width(
-    micro_batch_size: int, seq_length: int, pad_multiple: int = 1, longest_padded_pack: int = 0
-) -> int:
-    """The fixed THD row width: micro_batch_size packs of seq_length tokens, or of the longest pack once
-    its conversations are padded to `pad_multiple` (context parallelism) if that is longer, rounded up
-    to the multiple."""
-    return _round_up(micro_batch_size * max(seq_length, longest_padded_pack), pad_multiple)
-
-
 def make_micro_batch(
     packs: list[Pack],
     seq_length: int,
@@ -147,8 +138,9 @@ def make_micro_batch(
     width: int | None = None,
 ) -> MicroBatch:
     """Concatenates `packs` into one THD row of `width` tokens (default len(packs) x seq_length); see the
-    module doc. With pad_multiple > 1 every conversation is padded to a multiple of it (no loss on the
-    padding) and the padded offsets are kept."""
+    module doc. With pad_multiple > 1 every conversation is padded to a multiple of it inside its own
+    segment (the padding after its real tokens, without loss; causal attention keeps the real tokens
+    from seeing it), so the segment offsets are the padded offsets (cu_seqlens == cu_seqlens_padded)."""
     width = width or len(packs) * seq_length
     ids = [p.input_ids for p in packs]
     mask = [p.loss_mask for p in packs]
@@ -193,16 +185,16 @@ def make_micro_batch(
     labels[no_target] = 0
     target[no_target] = 0.0
     row = lambda a: torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(0)  # noqa: E731
-    offsets = lambda a: torch.from_numpy(np.concatenate([[0], np.cumsum(a)]).astype(np.int32))  # noqa: E731
+    segments = torch.from_numpy(np.concatenate([[0], np.cumsum(padded)]).astype(np.int32))
     return MicroBatch(
         row(ids),
         row(positions),
         row(labels),
         row(target),
-        offsets(lengths),
+        segments,
         int(padded.max()),
         real,
-        offsets(padded) if pad_multiple > 1 else None,
+        segments if pad_multiple > 1 else None,
     )
 
 
@@ -255,14 +247,23 @@ class SFTData:
         """Optimizer steps for `epochs` passes; the < 1 global batch left over at the end is not trained."""
         return epochs * self.order.epoch_size // global_batch_size
 
-    def longest_padded_pack(self, pad_multiple: int) -> int:
-        """Tokens of the longest pack of any prefix once each conversation is padded to the multiple."""
-        return max(d.longest_padded_pack(pad_multiple) for d in self.datasets)
+    def layout_problems(self, layout: ParallelLayout) -> list[str]:
+        """Why rows of this data cannot serve `layout`: its conversations must have been packed with a
+        padding multiple that the layout's (2 x CP, x TP with sequence parallelism) divides."""
+        need = layout.pad_multiple
+        return [
+            f"the layout pads every conversation to a multiple of {need} (2 x parallel.context"
+            f"{' x parallel.tensor' if layout.sequence_parallel else ''}), but {d.prefix} was packed with "
+            f"--pad-multiple {d.pad_multiple}: re-run tools/preprocess_sft.py with a --pad-multiple that is "
+            f"a multiple of {need} (the default, 64, serves every layout up to 2 x CP x TP = 64)"
+            for d in self.datasets
+            if d.pad_multiple % need
+        ]
 
     def row_width(self, layout: ParallelLayout) -> int:
-        """The fixed width of every THD row of a run at `layout` (see `row_width`)."""
-        pad = layout.pad_multiple
-        return row_width(layout.micro_batch_size, self.seq_length, pad, self.longest_padded_pack(pad))
+        """Every THD row is micro_batch_size packs of seq_length tokens, padding included (the packs were
+        made to fit once padded: see `layout_problems`)."""
+        return layout.micro_batch_size * self.seq_length
 
     def micro_batches(
         self,

@@ -136,6 +136,9 @@ def check_run(config: TrainConfig, world_size: int, device: str) -> RunInputs:
     config.validate(
         world_size=world_size, te_available=te_available(device), arch=arch, data_seq_length=data.seq_length
     )
+    problems = data.layout_problems(config.parallel)
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     for dataset in data.datasets:
         if dataset.vocab_size > arch.vocab_size:
             raise DataError(

@@ -39,9 +39,11 @@ def random_packs(
     return packs
 
 
-def write_packed_dataset(prefix: str | Path, packs, seq_length: int, vocab_size: int) -> Path:
+def write_packed_dataset(
+    prefix: str | Path, packs, seq_length: int, vocab_size: int, pad_multiple: int = 1
+) -> Path:
     """Writes PREFIX_input_ids/_loss_mask (.bin/.idx) and PREFIX_meta.json; returns the prefix."""
-    with PackedWriter(prefix, seq_length) as writer:
+    with PackedWriter(prefix, seq_length, pad_multiple) as writer:
         for pack in packs:
             writer.add(
                 np.concatenate([ids for ids, _ in pack]),
@@ -63,15 +65,21 @@ def write_packed_dataset(prefix: str | Path, packs, seq_length: int, vocab_size:
 
 
 def packs_from_lengths(
-    conversation_lengths, capacity: int, vocab_size: int, seed: int = 0, prompt_fraction: float = 0.1
+    conversation_lengths,
+    capacity: int,
+    vocab_size: int,
+    seed: int = 0,
+    prompt_fraction: float = 0.1,
+    pad_multiple: int = 1,
 ):
     """Packs of conversations with the given lengths (cut to capacity), packed by the pipeline's own
-    best-fit decreasing; each conversation is a prompt without loss followed by a trained response."""
+    best-fit decreasing (of the lengths rounded up to `pad_multiple`, as tools/preprocess_sft.py does);
+    each conversation is a prompt without loss followed by a trained response."""
     from preprocess.packing import best_fit_decreasing
 
     rng = np.random.default_rng(seed)
     lengths = np.minimum(np.asarray(conversation_lengths, dtype=np.int64), capacity)
-    plan = best_fit_decreasing(lengths, capacity, seed=seed)
+    plan = best_fit_decreasing(-(-lengths // pad_multiple) * pad_multiple, capacity, seed=seed)
     packs = []
     for p in range(plan.num_packs):
         pack = []

@@ -164,3 +164,22 @@ def test_bad_inputs_are_named(qwen_tokenizer_dir, tmp_path):
         run(tmp_path / "plain.parquet", qwen_tokenizer_dir, tmp_path / "x")
     with pytest.raises(InputError, match="tokenizer.json"):
         run(tmp_path / "plain.parquet", tmp_path, tmp_path / "x")
+
+
+def test_packs_fit_once_every_conversation_is_padded_for_context_parallelism(
+    packed, aligned_parquet, tmp_path
+):
+    prefix, meta = packed  # the default --pad-multiple 64
+    assert meta["pad_multiple"] == 64
+    ids_ds, _ = read_packed(prefix)
+    docs, lengths = ids_ds.document_indices, ids_ds.sequence_lengths.astype(np.int64)
+    padded = -(-lengths // 64) * 64
+    assert np.add.reduceat(padded, docs[:-1]).max() <= SEQ  # a CP layout's row is never wider than SEQ
+    stats = meta["stats"]
+    assert stats["max_pack_tokens_padded"] == np.add.reduceat(padded, docs[:-1]).max() <= SEQ
+    assert stats["packing_efficiency_padded"] == pytest.approx(
+        padded.sum() / (stats["packs"] * SEQ), abs=1e-6
+    )
+    assert stats["packing_efficiency"] < stats["packing_efficiency_padded"] <= 1
+    with pytest.raises(InputError, match="--pad-multiple 96 must be >= 1 and divide --seq-length 2048"):
+        run(aligned_parquet, meta["tokenizer"]["path"], tmp_path / "x", pad_multiple=96)

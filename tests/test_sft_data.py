@@ -130,17 +130,15 @@ def test_packed_attention_equals_block_diagonal_causal_reference():
 
 
 def test_context_parallel_padding_and_split_by_hand():
-    from sft.data import context_parallel_indices, row_width, split_for_context_parallel
+    from sft.data import context_parallel_indices, split_for_context_parallel
 
-    # CP=2 pads each conversation to a multiple of 2 x CP = 4: 3 -> 4, 6 -> 8; padded, the pack needs 12
-    # of a 9-token row: the row widens to 12 (24 for two packs); here a 16-wide row shows the tail.
+    # CP=2 pads each conversation to a multiple of 2 x CP = 4, inside its own segment: 3 -> 4, 6 -> 8;
+    # a 16-token row leaves a 4-token padding segment at the end.
     pack = _pack(([1, 2, 3], [0, 1, 1]), ([4, 5, 6, 7, 8, 9], [0, 0, 1, 1, 1, 1]))
-    assert row_width(1, seq_length=9, pad_multiple=4, longest_padded_pack=12) == 12
-    assert row_width(2, seq_length=9, pad_multiple=4, longest_padded_pack=12) == 24
-    assert row_width(1, seq_length=30, pad_multiple=4, longest_padded_pack=12) == 32
-    batch = make_micro_batch([pack], seq_length=9, pad_token_id=0, pad_multiple=4, width=16)
+    batch = make_micro_batch([pack], seq_length=16, pad_token_id=0, pad_multiple=4)
     assert batch.tokens.tolist() == [[1, 2, 3, 0, 4, 5, 6, 7, 8, 9, 0, 0, 0, 0, 0, 0]]
-    assert batch.cu_seqlens.tolist() == [0, 3, 9, 13] and batch.cu_seqlens_padded.tolist() == [0, 4, 12, 16]
+    # the segments are the padded conversations: cu_seqlens == cu_seqlens_padded (no pad-between mode in TE)
+    assert batch.cu_seqlens.tolist() == batch.cu_seqlens_padded.tolist() == [0, 4, 12, 16]
     assert batch.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]]
     assert batch.labels.tolist() == [[2, 3, 0, 0, 5, 6, 7, 8, 9, 0, 0, 0, 0, 0, 0, 0]]
     assert batch.loss_mask.tolist() == [[1, 1, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]]
@@ -159,26 +157,34 @@ def test_context_parallel_padding_and_split_by_hand():
 
 
 def test_layout_drives_padding_and_the_context_parallel_split(tmp_path):
-    """The run's ParallelLayout decides the row width and padding (2 x CP per conversation) and which
-    tokens each context-parallel rank holds: the two ranks' shares are the whole padded row."""
-    prefix = write_packed_dataset(tmp_path / "d", random_packs(6, 40, 1000, seed=3), 40, 1000)
+    """The run's ParallelLayout decides the padding (2 x CP per conversation) and which tokens each
+    context-parallel rank holds: the rows are exactly micro_batch_size x seq_length wide, the two ranks'
+    shares are the whole padded row; data packed for a smaller padding multiple is refused."""
+    from testing.synthetic_packs import packs_from_lengths
+
+    lengths = np.random.default_rng(3).integers(5, 30, size=40)
+    packs = packs_from_lengths(lengths, 40, 1000, seed=3, pad_multiple=8)  # fits 40 once padded to 8
+    prefix = write_packed_dataset(tmp_path / "d", packs, 40, 1000, pad_multiple=8)
     data = SFTData([str(prefix)], None, seed=2)
     layout = ParallelLayout(context=2, micro_batch_size=2)
     assert (
         layout.pad_multiple == 4
         and ParallelLayout(context=2, tensor=2, sequence_parallel=True).pad_multiple == 8
     )
-    width = data.row_width(layout)
-    assert width % 4 == 0 and width >= 2 * max(40, data.longest_padded_pack(4))
+    assert data.layout_problems(layout) == [] and data.row_width(layout) == 80
+    assert data.layout_problems(ParallelLayout(context=4, tensor=2, sequence_parallel=True))  # needs 16
     packs = [data.datasets[0][pack] for _, pack in data.order.slots(0, 4)]
-    whole = [make_micro_batch(packs[i : i + 2], 40, pad_multiple=4, width=width) for i in (0, 2)]
+    whole = [make_micro_batch(packs[i : i + 2], 40, pad_multiple=4, width=80) for i in (0, 2)]
     shares = [data.micro_batches(0, 4, layout, 0, 1, context_parallel_rank=r) for r in range(2)]
     for i, row in enumerate(whole):
+        assert torch.equal(row.cu_seqlens, row.cu_seqlens_padded)  # padding inside each segment
         halves = [shares[r][i] for r in range(2)]
-        assert all(h.tokens.shape[1] == width // 2 for h in halves)
+        assert all(h.tokens.shape[1] == 40 for h in halves)
         assert sorted(torch.cat([h.tokens for h in halves], 1)[0].tolist()) == sorted(row.tokens[0].tolist())
         assert sum(float(h.loss_mask.sum()) for h in halves) == float(row.loss_mask.sum())
-        assert all(torch.equal(h.cu_seqlens_padded, row.cu_seqlens_padded) for h in halves)
+    unpadded = write_packed_dataset(tmp_path / "u", random_packs(4, 40, 1000, seed=1), 40, 1000)
+    problems = SFTData([str(unpadded)], None, seed=2).layout_problems(layout)
+    assert len(problems) == 1 and "--pad-multiple 1" in problems[0] and "a multiple of 4" in problems[0]
 
 
 def test_the_loss_ignores_whatever_masked_positions_hold():

@@ -76,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
         "aligned `system` column, else the default prompt (a deviation from the recipe)",
     )
     parser.add_argument(
+        "--pad-multiple",
+        type=int,
+        default=64,
+        help="pack conversations as if each were rounded up to a multiple of N tokens (default 64), so that "
+        "every pack still fits --seq-length when the trainer pads each conversation for context "
+        "parallelism (to 2 x CP, x TP with sequence parallelism; 64 serves every layout up to that); "
+        "recorded in PREFIX_meta.json; 1 packs the real lengths, as LLaMA-Factory does",
+    )
+    parser.add_argument(
         "--seed",
         type=int,
         default=1234,
@@ -93,6 +102,7 @@ def parse_args(argv=None) -> PreprocessConfig:
         output_prefix=args.output_prefix,
         seq_length=args.seq_length,
         workers=args.workers,
+        pad_multiple=args.pad_multiple,
         overlong=args.overlong,
         system_source=args.system_source,
         seed=args.seed,
