@@ -13,7 +13,10 @@ micro-batch has the same shape (pipeline stages exchange fixed-size activations)
 - `cu_seqlens` are the conversation boundaries; attention never crosses them;
 - position ids restart at 0 in every conversation;
 - the label at position t is the token at t+1 of the same conversation, and it is trained when the
-  loss mask of that token is set; the last position of a conversation has no target.
+  loss mask of that token is set; the last position of a conversation has no target;
+- with context parallelism every conversation is padded to a multiple of 2 x CP (x TP with sequence
+  parallelism) inside its own segment, so cu_seqlens == cu_seqlens_padded; the packs still fit the
+  row because preprocessing packed the lengths rounded up to its --pad-multiple (`layout_problems`).
 
 The sample stream is an endless sequence of epochs; epoch e visits every pack exactly once, in an
 order drawn from (seed, e). With several prefixes and weights, an epoch takes round(w_i / sum(w) x

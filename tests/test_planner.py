@@ -17,20 +17,9 @@ from sft.planner import (
     local_parameters,
     plan,
 )
+from testing.tiny_models import QWEN25_32B_CONFIG
 
-QWEN25_32B = Qwen2Arch(
-    vocab_size=152064,
-    hidden_size=5120,
-    ffn_hidden_size=27648,
-    num_layers=64,
-    num_attention_heads=40,
-    num_query_groups=8,
-    head_dim=128,
-    rms_norm_eps=1e-5,
-    rope_base=1e6,
-    tie_word_embeddings=False,
-    max_position_embeddings=131072,
-)
+QWEN25_32B = Qwen2Arch.from_hf_config({**QWEN25_32B_CONFIG, "num_hidden_layers": 64})  # Qwen2.5-32B
 
 
 def test_parameter_count_is_qwen25_32b():
