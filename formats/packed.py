@@ -84,6 +84,13 @@ def indexed_dataset_module():
     return indexed_dataset
 
 
+def padded_lengths(lengths, multiple: int) -> np.ndarray:
+    """Conversation lengths rounded up to `multiple`: the space each takes in a row once padded (for
+    context parallelism); packs are made so that these fit `seq_length` (`pad_multiple` in the meta)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return -(-lengths // multiple) * multiple
+
+
 # Writing ---------------------------------------------------------------------------------------------
 
 
@@ -102,7 +109,7 @@ class PackedWriter:
 
     def add(self, input_ids: np.ndarray, loss_mask: np.ndarray, lengths: list[int]) -> None:
         """One pack: the concatenated conversations' ids and mask, and each conversation's length."""
-        padded = sum(-(-n // self.pad_multiple) * self.pad_multiple for n in lengths)
+        padded = int(padded_lengths(lengths, self.pad_multiple).sum())
         if len(input_ids) != len(loss_mask) or sum(lengths) != len(input_ids) or padded > self.seq_length:
             raise ValueError(
                 f"pack {self.packs}: {len(input_ids)} ids, {len(loss_mask)} mask values, lengths sum to "
@@ -227,7 +234,7 @@ class PackedDataset:
     def longest_padded_pack(self, pad_multiple: int) -> int:
         """Tokens of the longest pack once each conversation is padded to a multiple of `pad_multiple`."""
         if pad_multiple not in self._longest_padded:
-            padded = -(-self._lengths.astype(np.int64) // pad_multiple) * pad_multiple
+            padded = padded_lengths(self._lengths, pad_multiple)
             longest = int(np.add.reduceat(padded, self._documents[:-1]).max()) if len(self) else 0
             self._longest_padded[pad_multiple] = longest
         return self._longest_padded[pad_multiple]

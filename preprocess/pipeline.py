@@ -30,7 +30,7 @@ import numpy as np
 from common.errors import InputError
 from common.files import atomic_output, file_fingerprint
 from formats.chat_template import AM_THINKING, ChatTemplate, assemble
-from formats.packed import PackedPaths, PackedWriter
+from formats.packed import PackedPaths, PackedWriter, padded_lengths
 from formats.tokenizer import load_backend_tokenizer, tokenizer_fingerprint
 
 from . import conversation as C
@@ -308,7 +308,7 @@ def preprocess(cfg: PreprocessConfig, command: list[str] | None = None) -> dict[
         if len(tok.lengths) == 0:
             raise InputError(f"no conversation of {cfg.input} survived preprocessing: {dict(tok.dropped)}")
         timer.done("tokenise")
-        padded = -(-tok.lengths.astype(np.int64) // cfg.pad_multiple) * cfg.pad_multiple
+        padded = padded_lengths(tok.lengths, cfg.pad_multiple)
         plan = best_fit_decreasing(padded, cfg.seq_length, seed=cfg.seed).shuffled(cfg.seed)
         timer.done(f"pack {len(tok.lengths)} conversations")
         with PackedWriter(cfg.output_prefix, cfg.seq_length, cfg.pad_multiple) as writer:
@@ -352,7 +352,7 @@ def _metadata(
     truncated = int((tok.full_lengths > tok.lengths).sum())
     dropped = {r: tok.dropped[r] for r in C.DROP_REASONS if tok.dropped[r]}
     pack_tokens = plan.pack_tokens(tok.lengths)
-    padded_tokens = plan.pack_tokens(-(-tok.lengths.astype(np.int64) // cfg.pad_multiple) * cfg.pad_multiple)
+    padded_tokens = plan.pack_tokens(padded_lengths(tok.lengths, cfg.pad_multiple))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "force"}
     return {
         "template": AM_THINKING.name,

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from common.errors import DataError
-from formats.packed import Pack, PackedDataset
+from formats.packed import Pack, PackedDataset, padded_lengths
 from models.parallel_layout import ParallelLayout
 
 
@@ -128,10 +128,6 @@ class MicroBatch:
         )
 
 
-def _round_up(value, multiple):
-    return -(-value // multiple) * multiple
-
-
 def make_micro_batch(
     packs: list[Pack],
     seq_length: int,
@@ -149,7 +145,7 @@ def make_micro_batch(
     mask = [p.loss_mask for p in packs]
     lengths = np.concatenate([p.lengths for p in packs]).astype(np.int64)
     real = int(lengths.sum())
-    padded = _round_up(lengths, pad_multiple) if pad_multiple > 1 else lengths
+    padded = padded_lengths(lengths, pad_multiple)
     if padded.sum() > width:
         raise DataError(
             f"{len(packs)} packs hold {real} tokens ({int(padded.sum())} padded), more than the row "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from formats.packed import PackedWriter
+from formats.packed import PackedWriter, padded_lengths
 
 
 def random_packs(
@@ -79,7 +79,7 @@ def packs_from_lengths(
 
     rng = np.random.default_rng(seed)
     lengths = np.minimum(np.asarray(conversation_lengths, dtype=np.int64), capacity)
-    plan = best_fit_decreasing(-(-lengths // pad_multiple) * pad_multiple, capacity, seed=seed)
+    plan = best_fit_decreasing(padded_lengths(lengths, pad_multiple), capacity, seed=seed)
     packs = []
     for p in range(plan.num_packs):
         pack = []
