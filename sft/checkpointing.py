@@ -11,12 +11,23 @@ Atomicity: everything is written to iter_NNNNNNN.partial/ and renamed once all r
 partial directory is never picked up (formats.torch_dist.complete_iterations), so a kill during a save
 leaves the previous checkpoint as the latest. The training step draws no random numbers (Qwen2.5 has
 no dropout), so no RNG state is needed for an exact resume.
+
+At scale (checkpoint.async_save) the tensors are copied to host memory and written by a background
+process per rank while training goes on; megatron-core's AsyncCallsQueue reports when every rank's
+writer has finished, and only then are the metadata written and the directory renamed (CheckpointSaver).
+With checkpoint.fully_parallel_save the data/context-parallel replicas of a shard split its writing.
+Old checkpoints are renamed out of sight at once and deleted by a background thread.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import shutil
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,16 +46,16 @@ from formats.torch_dist import (
     resolve_checkpoint,
 )
 from models.parallel_layout import ParallelLayout
-from models.weights import assign_weights
+from models.weights import assign_weights, load_strategy
 
 log = logging.getLogger(__name__)
 
 # The only sharding type that loads with torch's Adam (docs/architecture.md): it reshards across DP only.
 OPTIMIZER_SHARDING = "dp_reshardable"
 CONFIG_FILE = "config.yaml"
-FINISHED_FILE = (
-    "finished.json"  # in SAVE_DIR once every iteration is trained (slurm/sft.sh requeues until then)
-)
+# in SAVE_DIR once every iteration is trained (slurm/sft.sh requeues until then)
+FINISHED_FILE = "finished.json"
+_DELETING = ".deleting-"  # a retired checkpoint's name while a background thread deletes it
 
 
 @dataclass
@@ -92,62 +103,143 @@ def _full_state(
     }
 
 
-def save_checkpoint(
-    save_dir: str | Path,
-    chunks,
-    optimizer,
-    scheduler,
-    state: TrainState,
-    layout: dict[str, Any],
-    config_yaml: str,
-    hf_config_file: Path,
-    tokenizer_dir: Path | None,
-) -> Path:
-    """Collective: writes SAVE_DIR/iter_N via iter_N.partial, with the model's HF config as hf_config.json
-    and, when the starting checkpoint had one, its tokenizer/."""
-    from megatron.core import dist_checkpointing
+class CheckpointSaver:
+    """Writes SAVE_DIR/iter_N checkpoints; collective: every rank calls every method, in the same order.
 
-    final = Path(save_dir) / iteration_dir_name(state.iteration)
-    partial = partial_path(final)
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
-        partial.mkdir(parents=True)
-    dist.barrier()
-    dist_checkpointing.save(
-        _full_state(chunks, optimizer, scheduler, state, layout, loading=False), str(partial)
-    )
-    dist.barrier()
-    if rank0:
-        shutil.copy(hf_config_file, partial / HF_CONFIG_FILE)
-        if tokenizer_dir is not None:
-            shutil.copytree(tokenizer_dir, partial / TOKENIZER_DIR)
-        (partial / CONFIG_FILE).write_text(config_yaml)
-        write_json_atomic(
-            partial / PROVENANCE_FILE,
-            {
-                **tool_info("pretrain_sft"),
-                "iteration": state.iteration,
-                "consumed_samples": state.consumed_samples,
-                "layout": layout,
-            },
+    `save` is synchronous unless `async_save`: then it returns once this rank's tensors are staged in
+    host memory, and `poll` (between iterations) or `wait` publishes the checkpoint after all ranks'
+    writers finished. A save first waits for the previous one, so at most one is in flight."""
+
+    def __init__(
+        self,
+        save_dir: str | Path,
+        *,
+        keep_last_n: int | None,
+        async_save: bool,
+        fully_parallel_save: bool,
+        parallel_group,
+        hf_config_file: Path,
+        tokenizer_dir: Path | None,
+        config_yaml: str,
+    ):
+        from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+            FullyParallelSaveStrategyWrapper,
         )
-        publish_directory(
-            partial, final
-        )  # a same-iteration checkpoint of an earlier attempt stays until replaced
-    dist.barrier()
-    return final
 
+        self.save_dir = Path(save_dir)
+        self.keep_last_n = keep_last_n
+        # Read now: they may come from the checkpoint the run resumed from, which keep_last_n retires.
+        self._run_files = {
+            HF_CONFIG_FILE: Path(hf_config_file).read_bytes(),
+            CONFIG_FILE: config_yaml.encode(),
+        }
+        if tokenizer_dir is not None:
+            self._run_files.update(
+                (f"{TOKENIZER_DIR}/{f.relative_to(tokenizer_dir)}", f.read_bytes())
+                for f in sorted(Path(tokenizer_dir).rglob("*"))
+                if f.is_file()
+            )
+        self._rank0 = dist.get_rank() == 0
+        strategy = get_default_save_sharded_strategy()
+        self._strategy = (
+            FullyParallelSaveStrategyWrapper(strategy, parallel_group) if fully_parallel_save else strategy
+        )
+        self._queue = AsyncCallsQueue() if async_save else None
+        self._published: list[Path] = []
+        self._deleter = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-delete") if self._rank0 else None
+        if self._rank0 and self.save_dir.is_dir():
+            # deletions that a previous run did not finish
+            for leftover in self.save_dir.glob(f"*{_DELETING}*"):
+                self._deleter.submit(shutil.rmtree, leftover, ignore_errors=True)
 
-def prune_checkpoints(save_dir: str | Path, keep_last_n: int | None) -> list[Path]:
-    """Rank 0: deletes all but the newest `keep_last_n` complete checkpoints; returns what it deleted."""
-    if keep_last_n is None:
-        return []
-    iterations = complete_iterations(save_dir)
-    doomed = [iterations[i] for i in sorted(iterations)[:-keep_last_n]]
-    for path in doomed:
-        shutil.rmtree(path)
-    return doomed
+    def save(self, chunks, optimizer, scheduler, state: TrainState, layout: dict[str, Any]) -> Path:
+        """Starts (async) or writes (sync) the checkpoint of `state.iteration`; returns its final path."""
+        from megatron.core import dist_checkpointing
+
+        self.wait()
+        started = time.monotonic()
+        final = self.save_dir / iteration_dir_name(state.iteration)
+        partial = partial_path(final)
+        if self._rank0:
+            self._discard(partial)  # left by a save that was killed
+            partial.mkdir(parents=True)
+        dist.barrier()
+        request = dist_checkpointing.save(
+            _full_state(chunks, optimizer, scheduler, state, layout, loading=False),
+            str(partial),
+            sharded_strategy=self._strategy,
+            async_sharded_save=self._queue is not None,
+        )
+        provenance = {**asdict(state), "layout": layout}
+        if request is None:
+            self._publish(final, provenance, started)
+            return final
+        request.add_finalize_fn(functools.partial(self._publish, final, provenance, started))
+        self._queue.schedule_async_request(request)
+        if self._rank0:
+            log.info(
+                "checkpoint of iteration %d staged in %.1f s; writing in the background",
+                state.iteration,
+                time.monotonic() - started,
+            )
+        return final
+
+    def poll(self) -> list[Path]:
+        """Publishes the checkpoint in flight if every rank's writer has finished; returns what it
+        published. Cheap (one all-reduce) while a save is in flight, free otherwise."""
+        if self._queue is not None and self._queue.get_num_unfinalized_calls():
+            self._queue.maybe_finalize_async_calls(blocking=False)
+        published, self._published = self._published, []
+        return published
+
+    def wait(self) -> list[Path]:
+        """Blocks until the checkpoint in flight (if any) is published; returns what was published."""
+        if self._queue is not None and self._queue.get_num_unfinalized_calls():
+            self._queue.maybe_finalize_async_calls(blocking=True)
+        return self.poll()
+
+    def close(self, *, abort: bool = False) -> None:
+        """Publishes what is in flight, or with `abort` (a failing run, whose other ranks may be gone)
+        kills this rank's writer without any collective, leaving iter_N.partial behind."""
+        if self._queue is not None:
+            self._queue.close(abort=abort)
+        if self._deleter is not None:
+            self._deleter.shutdown(wait=not abort)
+
+    def _publish(self, final: Path, provenance: dict[str, Any], started: float) -> None:
+        """Collective, once every rank's tensors are written: rank 0 adds the run's files, renames
+        iter_N.partial to iter_N and retires old checkpoints."""
+        partial = partial_path(final)
+        if self._rank0:
+            for name, content in self._run_files.items():
+                (partial / name).parent.mkdir(parents=True, exist_ok=True)
+                (partial / name).write_bytes(content)
+            write_json_atomic(partial / PROVENANCE_FILE, {**tool_info("pretrain_sft"), **provenance})
+            # a same-iteration checkpoint of an earlier attempt stays until replaced
+            publish_directory(partial, final)
+            log.info("saved %s (%.1f s after the save started)", final, time.monotonic() - started)
+            self._retire_old_checkpoints()
+        dist.barrier()
+        self._published.append(final)
+
+    def _retire_old_checkpoints(self) -> None:
+        if self.keep_last_n is None:
+            return
+        iterations = complete_iterations(self.save_dir)
+        for iteration in sorted(iterations)[: -self.keep_last_n]:
+            log.info("removing old checkpoint %s (keep_last_n=%d)", iterations[iteration], self.keep_last_n)
+            self._discard(iterations[iteration])
+
+    def _discard(self, path: Path) -> None:
+        """Rank 0: renames `path` out of sight at once (no longer a checkpoint to anyone) and deletes it
+        in the background, so that removing a checkpoint's terabyte never holds up the step loop."""
+        if not path.exists():
+            return
+        doomed = path.with_name(f"{path.name}{_DELETING}{uuid.uuid4().hex[:8]}")
+        os.replace(path, doomed)
+        self._deleter.submit(shutil.rmtree, doomed, ignore_errors=True)
 
 
 def find_resume_checkpoint(resume: str, save_dir: str | Path | None) -> Path | None:
@@ -201,9 +293,10 @@ def _restore_adam_step(optimizer, successful_steps: int) -> None:
 
 
 def load_checkpoint(
-    path: Path, chunks, optimizer, scheduler, layout: ParallelLayout, world_size: int
+    path: Path, chunks, optimizer, scheduler, layout: ParallelLayout, world_size: int, parallel_group=None
 ) -> TrainState:
-    """Collective: restores model, optimizer, scheduler and trainer state saved by `save_checkpoint`."""
+    """Collective: restores model, optimizer, scheduler and trainer state saved by `CheckpointSaver`; with
+    a `parallel_group` (data/context-parallel replicas) the replicas split the reading."""
     import torch
     from megatron.core import dist_checkpointing
 
@@ -225,7 +318,7 @@ def load_checkpoint(
     template = _full_state(
         chunks, optimizer, scheduler, TrainState(), layout.to_dict(world_size), loading=True
     )
-    state = dist_checkpointing.load(template, str(path))
+    state = dist_checkpointing.load(template, str(path), sharded_strategy=load_strategy(path, parallel_group))
     for i, chunk in enumerate(chunks):
         assign_weights(unwrap(chunk), state[_model_key(i, len(chunks))], path)
     # Under no_grad, or torch refuses the in-place copy into views of leaves that require grad.

@@ -78,6 +78,13 @@ class CheckpointConfig:
     keep_last_n: int | None = 3
     resume: str = "auto"  # auto: latest complete checkpoint in save_dir, if any; none; or a path
     save_at_end: bool = True  # off only for throughput measurements (bench/gpu/stages.py)
+    # write the tensors in a background process once they are in host memory: training goes on, and
+    # iter_N.partial becomes iter_N when every rank has finished (checked between iterations)
+    async_save: bool = False
+    # data/context-parallel replicas of a tensor share its writing instead of one of them writing it all
+    fully_parallel_save: bool = True
+    # the same for reading (resume and model.init_checkpoint): each replica reads a share, then broadcasts
+    fully_parallel_load: bool = False
 
 
 @dataclass

@@ -46,11 +46,10 @@ from models.weights import load_weights
 
 from .checkpointing import (
     FINISHED_FILE,
+    CheckpointSaver,
     TrainState,
     find_resume_checkpoint,
     load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
 )
 from .config import TrainConfig, dump_config
 from .data import MicroBatch, SFTData
@@ -190,7 +189,13 @@ class Trainer:
         self.state = TrainState()
         if self.resume_from is not None:
             self.state = load_checkpoint(
-                self.resume_from, self.chunks, self.optimizer, self.scheduler, self.layout, self.world_size
+                self.resume_from,
+                self.chunks,
+                self.optimizer,
+                self.scheduler,
+                self.layout,
+                self.world_size,
+                self._load_group(),
             )
             log.info(
                 "resumed from %s at iteration %d (%d samples consumed)",
@@ -203,6 +208,25 @@ class Trainer:
         self._stop_agreed = False  # set by each step's loss all-reduce
         self._prefetcher = ThreadPoolExecutor(1, "prefetch") if config.data.prefetch else None
         self._prefetched: tuple[int, Future] | None = None  # (consumed samples it is for, its future)
+        cc = config.checkpoint
+        self.checkpoints = CheckpointSaver(
+            cc.save_dir,
+            keep_last_n=cc.keep_last_n,
+            async_save=cc.async_save,
+            fully_parallel_save=cc.fully_parallel_save,
+            parallel_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
+            hf_config_file=inputs.hf_config_file,
+            tokenizer_dir=inputs.tokenizer_dir,
+            config_yaml=dump_config(config),
+        )
+
+    def _load_group(self):
+        """The replicas that split the reading of a checkpoint (checkpoint.fully_parallel_load), or None."""
+        from megatron.core import parallel_state
+
+        if not self.config.checkpoint.fully_parallel_load:
+            return None
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
     # Set-up ------------------------------------------------------------------------------------------
 
@@ -262,7 +286,7 @@ class Trainer:
                 model.cuda(torch.cuda.current_device())
             chunks.append(model)
         if self.resume_from is None and c.model.init_checkpoint:
-            load_weights(chunks, c.model.init_checkpoint)
+            load_weights(chunks, c.model.init_checkpoint, self._load_group())
             log.info("initial weights: %s", c.model.init_checkpoint)
         elif self.resume_from is None:
             log.info(
@@ -340,16 +364,18 @@ class Trainer:
                 self.layout.describe(self.world_size),
             )
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
-        losses, last_checkpoint = {}, None
+        losses, last_checkpoint, failed = {}, None, True
         try:
             while self.state.iteration < self.train_iters:
                 loss = self.train_step()
                 losses[self.state.iteration] = loss
+                self.checkpoints.poll()
                 stop = self._stop_agreed
                 at_end = self.state.iteration == self.train_iters and c.checkpoint.save_at_end
                 if stop or at_end or self.state.iteration % c.checkpoint.save_interval == 0:
                     last_checkpoint = self.save()
                 if stop:
+                    self.checkpoints.wait()
                     log.warning(
                         "stopping after iteration %d on signal %s; checkpoint %s",
                         self.state.iteration,
@@ -357,7 +383,10 @@ class Trainer:
                         last_checkpoint,
                     )
                     break
+            self.checkpoints.wait()
+            failed = False
         finally:
+            self.checkpoints.close(abort=failed)  # a failing run's other ranks may be gone: no collective
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.metrics.close()
@@ -511,23 +540,11 @@ class Trainer:
     # Checkpoints and signals -------------------------------------------------------------------------
 
     def save(self) -> Path:
-        c = self.config
-        path = save_checkpoint(
-            c.checkpoint.save_dir,
-            self.chunks,
-            self.optimizer,
-            self.scheduler,
-            self.state,
-            self.layout.to_dict(self.world_size),
-            dump_config(c),
-            self.inputs.hf_config_file,
-            self.inputs.tokenizer_dir,
+        """The checkpoint of the current iteration; with checkpoint.async_save it is complete only once
+        `self.checkpoints` has published it (between later iterations, or at the end)."""
+        return self.checkpoints.save(
+            self.chunks, self.optimizer, self.scheduler, self.state, self.layout.to_dict(self.world_size)
         )
-        if self.rank == 0:
-            for old in prune_checkpoints(c.checkpoint.save_dir, c.checkpoint.keep_last_n):
-                log.info("removed old checkpoint %s (keep_last_n=%s)", old, c.checkpoint.keep_last_n)
-            log.info("saved %s", path)
-        return path
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum

@@ -1,6 +1,7 @@
 """The trainer end to end on CPU (gloo processes): layout invariance against a single-process run, the
 packed loss against transformers conversation by conversation, exact resumption (after a kill during a
-save and after a stop signal, across an epoch boundary), non-finite steps, the learning-rate schedule
+save and after a stop signal, across an epoch boundary), asynchronous fully-parallel checkpoints
+(resumed after a kill mid-write, bitwise like synchronous ones), non-finite steps, the learning-rate schedule
 in closed form, and run validation."""
 
 from __future__ import annotations
@@ -103,7 +104,6 @@ LAYOUTS = {
         ["parallel.tensor=2", "parallel.micro_batch_size=2", "model.recompute=selective"],
     ),
     "pp2-full-recompute": (2, ["parallel.pipeline=2", "model.recompute=full"]),
-    "dp2-grad-accumulation": (2, []),  # 2 micro-batches per rank
     "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
     "pp2xvp2-interleaved": (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]),
 }
@@ -115,6 +115,55 @@ def test_layouts_train_like_one_process(setup, reference, layout, tmp_path):
     world_size, extra = LAYOUTS[layout]
     run = _train(setup, tmp_path, world_size, *extra)
     _assert_same_training(run, tmp_path, reference)
+
+
+@pytest.fixture(scope="module")
+def data_parallel(setup, tmp_path_factory):
+    """DP2 with 2 micro-batches per rank, synchronous saves, each tensor written by one replica."""
+    save_dir = tmp_path_factory.mktemp("dp2")
+    run = _train(setup, save_dir, 2, "checkpoint.fully_parallel_save=false")
+    return SimpleNamespace(run=run, save_dir=save_dir)
+
+
+@pytest.mark.slow
+def test_data_parallel_with_accumulation_trains_like_one_process(data_parallel, reference):
+    _assert_same_training(data_parallel.run, data_parallel.save_dir, reference)
+
+
+def _bytes_written_by_rank(checkpoint: Path) -> dict[int, int]:
+    written: dict[int, int] = {}
+    for file in checkpoint.glob("__*_*.distcp"):
+        rank = int(file.name.split("_")[2])
+        written[rank] = written.get(rank, 0) + file.stat().st_size
+    return written
+
+
+@pytest.mark.slow
+def test_async_fully_parallel_checkpoints_resume_bitwise_like_synchronous_ones(
+    setup, data_parallel, tmp_path
+):
+    background = (
+        "checkpoint.async_save=true",
+        "checkpoint.fully_parallel_load=true",
+    )  # parallel save: default
+    # 1. Writers slowed down; killed during iteration 5 while the checkpoint of iteration 4 is being written.
+    crashed = _train(setup, tmp_path, 2, *background, fault=("crash_during_async_save", 4))
+    assert "killed during iteration 5" in crashed["crashed"]
+    assert crashed["saves_saw"] == {2: [], 4: [2]}  # each save began once the previous one was published
+    assert (tmp_path / "iter_0000004.partial").is_dir() and not (tmp_path / "iter_0000004").exists()
+    # 2. Resumes from iteration 2 (read in parallel by the two replicas), keeping only the newest checkpoint.
+    finished = _train(setup, tmp_path, 2, *background, "checkpoint.keep_last_n=1")
+    assert sorted(finished["losses"]) == [3, 4, 5, 6]
+    assert all(finished["losses"][i] == data_parallel.run["losses"][i] for i in finished["losses"])  # bitwise
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("iter_")) == ["iter_0000006"]
+    final = _weights(tmp_path / "iter_0000006")
+    expected = _weights(data_parallel.save_dir / "iter_0000006")
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
+    # Replicas split the model's tensors: rank 1 writes more than its own optimizer shard.
+    parallel = _bytes_written_by_rank(tmp_path / "iter_0000006")
+    single = _bytes_written_by_rank(data_parallel.save_dir / "iter_0000006")
+    assert single[1] < single[0] and parallel[1] > single[1] and parallel[0] < single[0], (parallel, single)
+    assert sum(parallel.values()) == pytest.approx(sum(single.values()), rel=0.01)
 
 
 @pytest.mark.slow

@@ -5,6 +5,9 @@ per-iteration losses. `fault` injects what a real run meets, inside the real cod
 
 - ("crash_after", k): the process dies (an exception escapes) during iteration k + 1;
 - ("crash_in_save", k): the save at iteration k dies after writing part of the checkpoint;
+- ("crash_during_async_save", k): the background writers are slowed down, and the process dies during
+  iteration k + 1 while the checkpoint of iteration k is still being written; the result records which
+  checkpoints were complete when each save started;
 - ("signal", k): rank 0 receives SIGUSR1 during iteration k;
 - ("nan_loss", k): the loss of iteration k is NaN (k = 0: every iteration).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import time
 
 
 class InjectedCrash(RuntimeError):
@@ -56,6 +60,16 @@ def _inject(trainer, fault) -> None:
             return save(state, path, **kwargs)
 
         dist_checkpointing.save = dying_save
+    elif kind == "crash_during_async_save":
+        _slow_down_async_writers(seconds=2.0)
+        _record_complete_checkpoints_at_each_save(trainer)
+
+        def crashing_step():
+            if trainer.state.iteration == k:
+                raise InjectedCrash(f"killed during iteration {k + 1}")
+            return step()
+
+        trainer.train_step = crashing_step
     elif kind == "nan_loss":
         loss_func = trainer_module.loss_func
 
@@ -70,6 +84,33 @@ def _inject(trainer, fault) -> None:
         trainer_module.loss_func = poisoned
 
 
+def _slow_down_async_writers(seconds: float) -> None:
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    write = FileSystemWriterAsync.write_preloaded_data_multiproc
+
+    def slow_write(*args, **kwargs):
+        time.sleep(seconds)
+        return write(*args, **kwargs)
+
+    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(slow_write)
+
+
+def _record_complete_checkpoints_at_each_save(trainer) -> None:
+    from megatron.core import dist_checkpointing
+
+    from formats.torch_dist import complete_iterations
+
+    save = dist_checkpointing.save
+    trainer.saves_saw = {}
+
+    def recording_save(*args, **kwargs):
+        trainer.saves_saw[trainer.state.iteration] = sorted(complete_iterations(trainer.checkpoints.save_dir))
+        return save(*args, **kwargs)
+
+    dist_checkpointing.save = recording_save
+
+
 def train(rank: int, world_size: int, overrides: list[str], fault=None) -> dict:
     from sft.config import load_config
     from sft.trainer import Trainer
@@ -80,7 +121,11 @@ def train(rank: int, world_size: int, overrides: list[str], fault=None) -> dict:
     try:
         result = trainer.train()
     except InjectedCrash as crash:
-        return {"crashed": str(crash), "iteration": trainer.state.iteration}
+        return {
+            "crashed": str(crash),
+            "iteration": trainer.state.iteration,
+            "saves_saw": getattr(trainer, "saves_saw", None),
+        }
     return {
         "losses": result.losses,
         "iterations": result.iterations_done,
