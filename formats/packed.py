@@ -35,6 +35,14 @@ FORMAT_VERSION = "k2think-packed-sft/1"
 TOKEN_DTYPE, MASK_DTYPE = np.int32, np.uint8  # int32: Qwen's 152K vocabulary exceeds uint16
 
 
+VALIDATION_SUFFIX = "_valid"
+
+
+def validation_prefix(prefix: str | Path) -> str:
+    """Where tools/preprocess_sft.py --valid-fraction writes the held-out packs of the dataset `prefix`."""
+    return f"{prefix}{VALIDATION_SUFFIX}"
+
+
 @dataclass(frozen=True)
 class PackedPaths:
     """The files of the dataset at `prefix`."""

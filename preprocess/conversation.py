@@ -9,6 +9,8 @@ row is judged the same way at every stage.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 SYSTEM, HUMAN, ASSISTANT = "system", "human", "assistant"
@@ -80,3 +82,14 @@ def split_system(conversations: list[dict[str, str]]) -> tuple[str | None, list[
     if conversations[0]["from"] == SYSTEM:
         return conversations[0]["value"], conversations[1:]
     return None, conversations
+
+
+def held_out(conversations: list[dict[str, str]], fraction: float, seed: int) -> bool:
+    """Whether a valid conversation belongs to the validation split: decided by a seeded hash of its
+    turns (roles and texts) alone, so a conversation keeps its side when the dataset grows, shrinks or is
+    reordered, and duplicates always land on the same side."""
+    if fraction <= 0:
+        return False
+    content = json.dumps([[t["from"], t["value"]] for t in conversations], ensure_ascii=False)
+    digest = hashlib.blake2b(content.encode("utf-8"), digest_size=8, key=f"valid-{seed}".encode()).digest()
+    return int.from_bytes(digest, "big") < fraction * 2**64

@@ -12,11 +12,16 @@ Stages, each with a progress bar:
    document = one pack, one sequence = one conversation. Everything is written under temporary names
    and renamed at the end; `PREFIX_meta.json` is written last, so its presence marks a complete output.
 
+With `valid_fraction` > 0 a held-out split (`preprocess.conversation.held_out`: a seeded hash of each
+conversation's content) is packed and written the same way as its own dataset `PREFIX_valid`, before
+the training dataset; the training meta records the split.
+
 Entry point: tools/preprocess_sft.py.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import Counter, deque
@@ -30,7 +35,7 @@ import numpy as np
 from common.errors import InputError
 from common.files import atomic_output, file_fingerprint
 from formats.chat_template import AM_THINKING, ChatTemplate, assemble
-from formats.packed import PackedPaths, PackedWriter, padded_lengths
+from formats.packed import PackedPaths, PackedWriter, padded_lengths, validation_prefix
 from formats.tokenizer import load_backend_tokenizer, tokenizer_fingerprint
 
 from . import conversation as C
@@ -54,6 +59,7 @@ class PreprocessConfig:
     overlong: str = "truncate"
     system_source: str = "turn"
     pad_multiple: int = 64
+    valid_fraction: float = 0.0
     seed: int = 1234
     force: bool = False
 
@@ -77,6 +83,8 @@ class PreprocessConfig:
             raise InputError(
                 f"--pad-multiple {self.pad_multiple} must be >= 1 and divide --seq-length {self.seq_length}"
             )
+        if not 0 <= self.valid_fraction < 1:
+            raise InputError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
         existing = [p for p in output_files(self.output_prefix) if p.exists()]
         if existing and not self.force:
             raise InputError(
@@ -88,9 +96,14 @@ def histogram_path(prefix: Path | str) -> Path:
     return Path(f"{prefix}_lengths.png")
 
 
-def output_files(prefix: Path | str) -> list[Path]:
-    """Everything a run writes for `prefix`: the packed dataset and the length histogram."""
+def dataset_files(prefix: Path | str) -> list[Path]:
+    """A packed dataset and its length histogram."""
     return [*PackedPaths(str(prefix)).all_files(), histogram_path(prefix)]
+
+
+def output_files(prefix: Path | str) -> list[Path]:
+    """Everything a run may write for `prefix`: the training dataset and the held-out one."""
+    return dataset_files(prefix) + dataset_files(validation_prefix(prefix))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -106,6 +119,8 @@ class ChunkResult:
     mask: np.ndarray
     lengths: np.ndarray  # kept conversations, after truncation
     full_lengths: np.ndarray  # the same conversations before truncation
+    loss_tokens: np.ndarray  # per kept conversation
+    held_out: np.ndarray  # bool per kept conversation: in the validation split
     subsets: list[str]
     dropped: Counter
 
@@ -114,7 +129,14 @@ class ChunkEncoder:
     """Applies the template to a record batch of aligned rows."""
 
     def __init__(
-        self, tokenizer_json: str, template: ChatTemplate, cutoff_len: int, overlong: str, system_source: str
+        self,
+        tokenizer_json: str,
+        template: ChatTemplate,
+        cutoff_len: int,
+        overlong: str,
+        system_source: str,
+        valid_fraction: float = 0.0,
+        seed: int = 0,
     ):
         from tokenizers import Tokenizer
 
@@ -123,6 +145,7 @@ class ChunkEncoder:
         self.cutoff_len = cutoff_len
         self.overlong = overlong
         self.system_source = system_source
+        self.valid_fraction, self.seed = valid_fraction, seed
 
     def encode_pieces(self, pieces: list[str]) -> list[list[int]]:
         # Equal to transformers' tokenizer.encode(piece, add_special_tokens=False) for each piece.
@@ -131,7 +154,7 @@ class ChunkEncoder:
     def __call__(self, batch) -> ChunkResult:
         rows = batch.to_pylist()
         dropped: Counter = Counter()
-        valid: list[tuple[int, str]] = []  # (number of pieces, subset)
+        valid: list[tuple[int, str, bool]] = []  # (number of pieces, subset, held out)
         pieces: list[str] = []
         for row in rows:
             problem = C.conversation_problem(row.get("conversations"))
@@ -142,14 +165,15 @@ class ChunkEncoder:
             system = row.get("system") if self.system_source == "column" else turn_system
             row_pieces = self.template.pieces(system, [t["value"] for t in turns])
             pieces += row_pieces
-            valid.append((len(row_pieces), row.get("subset") or ""))
+            held = C.held_out(row["conversations"], self.valid_fraction, self.seed)
+            valid.append((len(row_pieces), row.get("subset") or "", held))
 
         encoded = self.encode_pieces(pieces)
         ids: list[int] = []
         mask: list[int] = []
-        lengths, full_lengths, subsets = [], [], []
+        lengths, full_lengths, loss_tokens, held_out, subsets = [], [], [], [], []
         start = 0
-        for n_pieces, subset in valid:
+        for n_pieces, subset, held in valid:
             conv_ids, conv_mask, full = assemble(encoded[start : start + n_pieces], self.cutoff_len)
             start += n_pieces
             if full > self.cutoff_len and self.overlong == "drop":
@@ -159,6 +183,8 @@ class ChunkEncoder:
             mask += conv_mask
             lengths.append(len(conv_ids))
             full_lengths.append(full)
+            loss_tokens.append(sum(conv_mask))
+            held_out.append(held)
             subsets.append(subset)
         return ChunkResult(
             rows=len(rows),
@@ -166,6 +192,8 @@ class ChunkEncoder:
             mask=np.asarray(mask, dtype=np.uint8),
             lengths=np.asarray(lengths, dtype=np.int32),
             full_lengths=np.asarray(full_lengths, dtype=np.int64),
+            loss_tokens=np.asarray(loss_tokens, dtype=np.int64),
+            held_out=np.asarray(held_out, dtype=bool),
             subsets=subsets,
             dropped=dropped,
         )
@@ -209,12 +237,15 @@ def _ordered_parallel_map(encoder_args: tuple, batches: Iterable, workers: int) 
 
 @dataclass
 class TokeniseResult:
+    """Per kept conversation, in input (= spill) order: lengths, loss tokens, split; plus the counts."""
+
     lengths: np.ndarray
     full_lengths: np.ndarray
-    loss_tokens: int
+    loss_tokens: np.ndarray
+    held_out: np.ndarray
     rows: int
     dropped: Counter
-    per_subset: dict[str, dict[str, int]]
+    per_subset: dict[str, dict[str, dict[str, int]]]  # split ("train"/"valid") -> subset -> counts
 
 
 def tokenise_to_spill(
@@ -237,12 +268,20 @@ def tokenise_to_spill(
         raise InputError(f"--system-source column needs a `system` column in {cfg.input}")
     columns = [c for c in ("conversations", "system", "subset") if c in names]
     batches = parquet.iter_batches(batch_size=ROWS_PER_TASK, columns=columns)
-    encoder_args = (tokenizer_json, AM_THINKING, cfg.cutoff_len, cfg.overlong, cfg.system_source)
+    encoder_args = (
+        tokenizer_json,
+        AM_THINKING,
+        cfg.cutoff_len,
+        cfg.overlong,
+        cfg.system_source,
+        cfg.valid_fraction,
+        cfg.seed,
+    )
 
-    lengths, full_lengths = [], []
+    lengths, full_lengths, loss_tokens, held_out = [], [], [], []
     dropped: Counter = Counter()
-    per_subset: dict[str, Counter] = {}
-    rows = loss_tokens = 0
+    per_subset: dict[tuple[str, str], Counter] = {}
+    rows = 0
     with (
         open(spill_ids, "wb") as f_ids,
         open(spill_mask, "wb") as f_mask,
@@ -253,21 +292,29 @@ def tokenise_to_spill(
             result.mask.tofile(f_mask)
             lengths.append(result.lengths)
             full_lengths.append(result.full_lengths)
-            loss_tokens += int(result.mask.sum(dtype=np.int64))
+            loss_tokens.append(result.loss_tokens)
+            held_out.append(result.held_out)
             dropped.update(result.dropped)
             rows += result.rows
-            for subset, n in zip(result.subsets, result.lengths.tolist(), strict=True):
-                counter = per_subset.setdefault(subset, Counter())
+            for subset, n, held in zip(
+                result.subsets, result.lengths.tolist(), result.held_out.tolist(), strict=True
+            ):
+                counter = per_subset.setdefault(("valid" if held else "train", subset), Counter())
                 counter["conversations"] += 1
                 counter["tokens"] += n
             bar.update(result.rows)
+    splits: dict[str, dict[str, dict[str, int]]] = {"train": {}, "valid": {}}
+    for (split, subset), counter in sorted(per_subset.items()):
+        splits[split][subset] = dict(counter)
+    joined = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
     return TokeniseResult(
-        lengths=np.concatenate(lengths) if lengths else np.zeros(0, np.int32),
-        full_lengths=np.concatenate(full_lengths) if full_lengths else np.zeros(0, np.int64),
-        loss_tokens=loss_tokens,
+        lengths=joined(lengths, np.int32),
+        full_lengths=joined(full_lengths, np.int64),
+        loss_tokens=joined(loss_tokens, np.int64),
+        held_out=joined(held_out, bool),
         rows=rows,
         dropped=dropped,
-        per_subset={k: dict(v) for k, v in sorted(per_subset.items())},
+        per_subset=splits,
     )
 
 
@@ -276,15 +323,23 @@ def tokenise_to_spill(
 
 
 def write_packs(
-    plan: PackPlan, lengths: np.ndarray, spill_ids: Path, spill_mask: Path, writer: PackedWriter
+    plan: PackPlan,
+    members: np.ndarray,
+    lengths: np.ndarray,
+    spill_ids: Path,
+    spill_mask: Path,
+    writer: PackedWriter,
+    desc: str = "write",
 ) -> None:
+    """Writes the packs of `plan`, whose conversation numbers index `members` (this dataset's
+    conversations among all in the spill files, whose lengths are `lengths`)."""
     from tqdm import tqdm
 
     starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     ids_spill = np.memmap(spill_ids, dtype=np.int32, mode="r")
     mask_spill = np.memmap(spill_mask, dtype=np.uint8, mode="r")
-    for p in tqdm(range(plan.num_packs), unit="pack", desc="write"):
-        convs = plan.pack(p)
+    for p in tqdm(range(plan.num_packs), unit="pack", desc=desc):
+        convs = members[plan.pack(p)]
         ids = np.concatenate([ids_spill[starts[c] : starts[c + 1]] for c in convs])
         mask = np.concatenate([mask_spill[starts[c] : starts[c + 1]] for c in convs])
         writer.add(ids, mask, lengths[convs].tolist())
@@ -295,36 +350,78 @@ def write_packs(
 
 
 def preprocess(cfg: PreprocessConfig, command: list[str] | None = None) -> dict[str, Any]:
-    """Runs the three stages and returns the metadata written to PREFIX_meta.json."""
+    """Runs the stages and returns the metadata written to PREFIX_meta.json."""
     cfg.validate()
     timer = _StageTimer()
     backend = load_backend_tokenizer(cfg.tokenizer)
     Path(cfg.output_prefix).parent.mkdir(parents=True, exist_ok=True)
-    spill_ids = Path(f"{cfg.output_prefix}_spill_ids.partial")
-    spill_mask = Path(f"{cfg.output_prefix}_spill_mask.partial")
+    spill = (Path(f"{cfg.output_prefix}_spill_ids.partial"), Path(f"{cfg.output_prefix}_spill_mask.partial"))
+    valid_prefix = validation_prefix(cfg.output_prefix)
     try:
         timer.done("load tokenizer")
-        tok = tokenise_to_spill(cfg, backend.to_str(), spill_ids, spill_mask)
+        tok = tokenise_to_spill(cfg, backend.to_str(), *spill)
         if len(tok.lengths) == 0:
             raise InputError(f"no conversation of {cfg.input} survived preprocessing: {dict(tok.dropped)}")
         timer.done("tokenise")
-        padded = padded_lengths(tok.lengths, cfg.pad_multiple)
-        plan = best_fit_decreasing(padded, cfg.seq_length, seed=cfg.seed).shuffled(cfg.seed)
-        timer.done(f"pack {len(tok.lengths)} conversations")
-        with PackedWriter(cfg.output_prefix, cfg.seq_length, cfg.pad_multiple) as writer:
-            write_packs(plan, tok.lengths, spill_ids, spill_mask, writer)
-            timer.done(f"write {plan.num_packs} packs")
-            with atomic_output(histogram_path(cfg.output_prefix)) as png:
-                title = f"{Path(cfg.output_prefix).name}: {len(tok.lengths)} conversations"
-                save_histogram_png(tok.lengths, cfg.seq_length, png, title)
-            meta = writer.commit(
-                _metadata(cfg, tok, plan, backend.get_vocab_size(with_added_tokens=True), command)
+        train, valid = np.flatnonzero(~tok.held_out), np.flatnonzero(tok.held_out)
+        if len(train) == 0:
+            raise InputError(
+                f"--valid-fraction {cfg.valid_fraction} held out all {len(valid)} conversations: lower it"
             )
-        timer.done("statistics and commit")
+        split = {
+            "valid_fraction": cfg.valid_fraction,
+            "seed": cfg.seed,
+            "train_conversations": len(train),
+            "valid_conversations": len(valid),
+        }
+        for stale in dataset_files(valid_prefix):  # from an earlier run (replacing it needs --force)
+            stale.unlink(missing_ok=True)
+        vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        dataset = functools.partial(_write_dataset, cfg, tok, spill, vocab_size, command, timer)
+        if len(valid):
+            dataset(valid_prefix, valid, {**split, "role": "valid"})
+            split["valid_prefix"] = Path(valid_prefix).name
+        elif cfg.valid_fraction > 0:
+            log.warning(
+                "--valid-fraction %s held out none of %d conversations", cfg.valid_fraction, len(train)
+            )
+        meta = dataset(cfg.output_prefix, train, {**split, "role": "train"})
         log.info("stage times: %s", timer)
+    except BaseException:
+        for partial_output in dataset_files(valid_prefix):  # never a held-out set without its training set
+            partial_output.unlink(missing_ok=True)
+        raise
     finally:
-        spill_ids.unlink(missing_ok=True)
-        spill_mask.unlink(missing_ok=True)
+        for path in spill:
+            path.unlink(missing_ok=True)
+    return meta
+
+
+def _write_dataset(
+    cfg: PreprocessConfig,
+    tok: TokeniseResult,
+    spill: tuple[Path, Path],
+    vocab_size: int,
+    command: list[str] | None,
+    timer: _StageTimer,
+    prefix: str | Path,
+    members: np.ndarray,
+    split: dict[str, Any],
+) -> dict[str, Any]:
+    """Packs and writes the conversations `members` (indices in spill order) as the dataset `prefix`."""
+    role = split["role"]
+    lengths = tok.lengths[members]
+    plan = best_fit_decreasing(padded_lengths(lengths, cfg.pad_multiple), cfg.seq_length, seed=cfg.seed)
+    plan = plan.shuffled(cfg.seed)
+    timer.done(f"pack {len(members)} {role} conversations")
+    with PackedWriter(prefix, cfg.seq_length, cfg.pad_multiple) as writer:
+        write_packs(plan, members, tok.lengths, *spill, writer, desc=f"write {role}")
+        timer.done(f"write {plan.num_packs} {role} packs")
+        with atomic_output(histogram_path(prefix)) as png:
+            title = f"{Path(prefix).name}: {len(members)} conversations"
+            save_histogram_png(lengths, cfg.seq_length, png, title)
+        meta = writer.commit(_metadata(cfg, tok, members, plan, vocab_size, command, split))
+    timer.done(f"{role} statistics and commit")
     return meta
 
 
@@ -346,13 +443,21 @@ class _StageTimer:
 
 
 def _metadata(
-    cfg: PreprocessConfig, tok: TokeniseResult, plan: PackPlan, vocab_size: int, command
+    cfg: PreprocessConfig,
+    tok: TokeniseResult,
+    members: np.ndarray,
+    plan: PackPlan,
+    vocab_size: int,
+    command,
+    split: dict[str, Any],
 ) -> dict[str, Any]:
-    total_tokens = int(tok.lengths.sum(dtype=np.int64))
-    truncated = int((tok.full_lengths > tok.lengths).sum())
+    """The meta of the dataset of conversations `members`; rows read and dropped are the input's."""
+    lengths, full_lengths = tok.lengths[members], tok.full_lengths[members]
+    total_tokens = int(lengths.sum(dtype=np.int64))
+    truncated = int((full_lengths > lengths).sum())
     dropped = {r: tok.dropped[r] for r in C.DROP_REASONS if tok.dropped[r]}
-    pack_tokens = plan.pack_tokens(tok.lengths)
-    padded_tokens = plan.pack_tokens(padded_lengths(tok.lengths, cfg.pad_multiple))
+    pack_tokens = plan.pack_tokens(lengths)
+    padded_tokens = plan.pack_tokens(padded_lengths(lengths, cfg.pad_multiple))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "force"}
     return {
         "template": AM_THINKING.name,
@@ -366,25 +471,26 @@ def _metadata(
         },
         "inputs": [file_fingerprint(cfg.input)],
         "command": command,
+        "split": split,
         "stats": {
             "rows_read": tok.rows,
-            "conversations": int(len(tok.lengths)),
+            "conversations": int(len(lengths)),
             "dropped": dropped,
             "truncated": truncated,
             "tokens": total_tokens,
-            "loss_tokens": tok.loss_tokens,
-            "tokens_lost_to_truncation": int((tok.full_lengths - tok.lengths).sum()),
+            "loss_tokens": int(tok.loss_tokens[members].sum()),
+            "tokens_lost_to_truncation": int((full_lengths - lengths).sum()),
             "packs": plan.num_packs,
             "packing_efficiency": round(total_tokens / (plan.num_packs * cfg.seq_length), 6),
             "packing_efficiency_padded": round(
                 int(padded_tokens.sum()) / (plan.num_packs * cfg.seq_length), 6
             ),
-            "conversations_per_pack": round(len(tok.lengths) / plan.num_packs, 3),
+            "conversations_per_pack": round(len(lengths) / plan.num_packs, 3),
             "max_pack_tokens": int(pack_tokens.max()),
             "max_pack_tokens_padded": int(padded_tokens.max()),
-            "lengths": length_summary(tok.lengths),
-            "length_histogram_log2": [list(row) for row in log2_histogram(tok.lengths, cfg.seq_length)],
-            "per_subset": tok.per_subset,
+            "lengths": length_summary(lengths),
+            "length_histogram_log2": [list(row) for row in log2_histogram(lengths, cfg.seq_length)],
+            "per_subset": tok.per_subset[split["role"]],
         },
     }
 
@@ -406,6 +512,12 @@ def report(meta: dict[str, Any]) -> str:
         + "  ".join(f"{k}={v}" for k, v in s["lengths"]["percentiles"].items())
         + f"  max={s['lengths']['max']}",
     ]
+    split = meta.get("split") or {}
+    if split.get("valid_conversations"):
+        lines.append(
+            f"held out        {split['valid_conversations']:>12,}  conversations (--valid-fraction "
+            f"{split['valid_fraction']}, seed {split['seed']}) in {split['valid_prefix']}"
+        )
     for subset, counts in s["per_subset"].items():
         lines.append(
             f"  subset {subset or '(none)':<14} {counts['conversations']:>10,} conversations "

@@ -183,3 +183,60 @@ def test_packs_fit_once_every_conversation_is_padded_for_context_parallelism(
     assert stats["packing_efficiency"] < stats["packing_efficiency_padded"] <= 1
     with pytest.raises(InputError, match="--pad-multiple 96 must be >= 1 and divide --seq-length 2048"):
         run(aligned_parquet, meta["tokenizer"]["path"], tmp_path / "x", pad_multiple=96)
+
+
+def _conversations(prefix) -> Counter:
+    ids_ds, mask_ds = read_packed(prefix)
+    return Counter((tuple(ids_ds[i].tolist()), tuple(mask_ds[i].tolist())) for i in range(len(ids_ds)))
+
+
+def test_held_out_split_is_decided_by_content(
+    packed, aligned_parquet, qwen_tokenizer_dir, qwen_tokenizer, tmp_path
+):
+    from formats.packed import validation_prefix
+    from preprocess.conversation import held_out
+
+    rows = pq.read_table(aligned_parquet).to_pylist()
+    encoded = reference_conversations(aligned_parquet, qwen_tokenizer, SEQ - 1)
+    side = [held_out(row["conversations"], 0.2, 1234) for row in rows]
+    expected_valid = Counter((ids, mask) for (ids, mask, _), held in zip(encoded, side, strict=True) if held)
+    assert 30 <= sum(expected_valid.values()) <= 90  # ~20% of 300
+
+    prefix = tmp_path / "all" / "am"
+    meta = run(aligned_parquet, qwen_tokenizer_dir, prefix, valid_fraction=0.2)
+    valid_meta = json.loads(PackedPaths(validation_prefix(prefix)).meta.read_text())
+    assert _conversations(validation_prefix(prefix)) == expected_valid
+    assert _conversations(prefix) + expected_valid == _conversations(packed[0])  # nothing lost, nothing twice
+    assert meta["split"] == {
+        "valid_fraction": 0.2,
+        "seed": 1234,
+        "train_conversations": 300 - sum(expected_valid.values()),
+        "valid_conversations": sum(expected_valid.values()),
+        "valid_prefix": "am_valid",
+        "role": "train",
+    }
+    assert valid_meta["split"]["role"] == "valid" and valid_meta["stats"]["conversations"] == len(
+        list(expected_valid.elements())
+    )
+    assert (
+        valid_meta["stats"]["loss_tokens"] + meta["stats"]["loss_tokens"] == packed[1]["stats"]["loss_tokens"]
+    )
+
+    # The same conversations in another order, with a third of the dataset gone: each keeps its side.
+    shuffled = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))[:200]]
+    smaller = tmp_path / "smaller.parquet"
+    pq.write_table(
+        pq.read_table(aligned_parquet).from_pylist(shuffled, schema=pq.read_schema(aligned_parquet)), smaller
+    )
+    kept = {id(row) for row in shuffled}
+    expected_smaller = Counter(
+        (ids, mask)
+        for row, (ids, mask, _), held in zip(rows, encoded, side, strict=True)
+        if held and id(row) in kept
+    )
+    run(smaller, qwen_tokenizer_dir, tmp_path / "smaller" / "am", valid_fraction=0.2)
+    assert _conversations(validation_prefix(tmp_path / "smaller" / "am")) == expected_smaller
+
+    # Re-run without a split (--force): the stale held-out set goes, so no trainer picks it up.
+    run(aligned_parquet, qwen_tokenizer_dir, prefix, force=True)
+    assert not any(p.exists() for p in PackedPaths(validation_prefix(prefix)).all_files())

@@ -9,6 +9,8 @@ PREFIX_lengths.png (length histogram) and, last, PREFIX_meta.json (settings, sta
 input fingerprints, this command line). One Megatron document is one packed sequence of at most
 --seq-length tokens; each sequence inside it is one conversation. Token ids and loss masks match
 LLaMA-Factory 0.9.3's for the recipe's template and cutoff (seq_length - 1), truncation included.
+With --valid-fraction F, about F of the conversations are held out as a validation set, written the
+same way under the prefix PREFIX_valid.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from common.cli import exit_status  # noqa: E402
 from common.logging_utils import setup_logging  # noqa: E402
+from formats.packed import validation_prefix  # noqa: E402
 from preprocess.pipeline import PreprocessConfig, preprocess, report  # noqa: E402
 
 
@@ -85,10 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
         "recorded in PREFIX_meta.json; 1 packs the real lengths, as LLaMA-Factory does",
     )
     parser.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=0.0,
+        help="hold out about this fraction of the conversations (default 0: none) as a validation set, "
+        "written as the dataset PREFIX_valid (the trainer evaluates on it); a conversation's side is "
+        "decided by a seeded hash of its content, so it stays held out when the dataset grows or is "
+        "reordered",
+    )
+    parser.add_argument(
         "--seed",
         type=int,
         default=1234,
-        help="seed for tie-breaking among equal lengths and for the order of packs (default 1234)",
+        help="seed for tie-breaking among equal lengths, the order of packs and the held-out split "
+        "(default 1234)",
     )
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs of this prefix")
     return parser
@@ -103,6 +116,7 @@ def parse_args(argv=None) -> PreprocessConfig:
         seq_length=args.seq_length,
         workers=args.workers,
         pad_multiple=args.pad_multiple,
+        valid_fraction=args.valid_fraction,
         overlong=args.overlong,
         system_source=args.system_source,
         seed=args.seed,
@@ -118,6 +132,8 @@ def main(argv=None) -> int:
         meta = preprocess(cfg, command=[Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)])
         print(report(meta))
         print(f"wrote {cfg.output_prefix}_{{input_ids,loss_mask}}.{{bin,idx}}, _lengths.png, _meta.json")
+        if meta["split"].get("valid_prefix"):
+            print(f"and the held-out set {validation_prefix(cfg.output_prefix)}_* (the same files)")
         return 0
 
     return exit_status(body)
