@@ -9,6 +9,7 @@ import json
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -157,7 +158,6 @@ def test_existing_outputs_need_force_and_failures_leave_nothing(
 def test_bad_inputs_are_named(qwen_tokenizer_dir, tmp_path):
     with pytest.raises(InputError, match="get_am_dataset"):
         run(tmp_path / "missing.parquet", qwen_tokenizer_dir, tmp_path / "x")
-    import pyarrow as pa
 
     pq.write_table(pa.table({"text": ["a"]}), tmp_path / "plain.parquet")
     with pytest.raises(InputError, match="no `conversations` column"):
@@ -225,9 +225,7 @@ def test_held_out_split_is_decided_by_content(
     # The same conversations in another order, with a third of the dataset gone: each keeps its side.
     shuffled = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))[:200]]
     smaller = tmp_path / "smaller.parquet"
-    pq.write_table(
-        pq.read_table(aligned_parquet).from_pylist(shuffled, schema=pq.read_schema(aligned_parquet)), smaller
-    )
+    pq.write_table(pa.Table.from_pylist(shuffled, schema=pq.read_schema(aligned_parquet)), smaller)
     kept = {id(row) for row in shuffled}
     expected_smaller = Counter(
         (ids, mask)
