@@ -49,6 +49,9 @@ class DataConfig:
     seq_length: int = 32768
     seed: int = 1234  # order of packs; a different permutation per epoch
     prefetch: bool = True  # prepare the next step's micro-batches in a background thread
+    # held-out packed datasets for the validation loss; null: PREFIX_valid next to each training prefix
+    # where preprocess_sft.py --valid-fraction wrote one; [] = no validation
+    valid_prefixes: list[str] | None = None
 
 
 @dataclass
@@ -60,6 +63,15 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     clip_grad: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    # global_token: every trained token of a step weighs the same (megatron-core's per-token loss);
+    # per_group: the recipe's weighting: the mean over groups of group_size consecutive packs of the
+    # global batch of each group's per-token mean (HF Trainer's loss per GPU, averaged over GPUs)
+    normalization: Literal["global_token", "per_group"] = "global_token"
+    group_size: int = 2  # packs per group with per_group: the recipe's 2 packs per GPU
 
 
 @dataclass
@@ -88,12 +100,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    interval: int = 0  # iterations between validation losses; 0 = only at the end (always evaluated there)
+    max_packs: int | None = None  # evaluate the first N held-out packs; null = all of them
+
+
+@dataclass
 class LoggingConfig:
     log_interval: int = 1
     metrics_file: str | None = None  # JSONL; default SAVE_DIR/metrics.jsonl
     wandb_mode: Literal["online", "offline", "disabled"] = "disabled"
     wandb_project: str = "k2think-sft"
     wandb_run_name: str | None = None
+    tensorboard: bool = True  # event files with the same scalars as wandb, in SAVE_DIR/tensorboard
+    tensorboard_dir: str | None = None  # instead of SAVE_DIR/tensorboard
+    plot: bool = True  # SAVE_DIR/metrics.png (tools/plot_metrics.py) at the end of the run
     peak_tflops_per_device: float = 989.0  # H100 SXM dense bf16, for MFU
 
 
@@ -104,7 +125,9 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     seed: int = 1234
@@ -155,6 +178,24 @@ def _check_values(c: TrainConfig) -> list[str]:
         missing = [path for path in PackedPaths(prefix).all_files() if not path.is_file()]
         if missing:
             problems.append(f"data.prefixes: {missing[0]} not found (run tools/preprocess_sft.py first)")
+    for prefix in c.data.valid_prefixes or []:
+        missing = [path for path in PackedPaths(prefix).all_files() if not path.is_file()]
+        if missing:
+            problems.append(
+                f"data.valid_prefixes: {missing[0]} not found (tools/preprocess_sft.py --valid-fraction "
+                "writes PREFIX_valid)"
+            )
+    if c.loss.normalization == "per_group" and (
+        c.loss.group_size < 1 or c.schedule.global_batch_size % c.loss.group_size
+    ):
+        problems.append(
+            f"loss.group_size={c.loss.group_size} must be >= 1 and divide schedule.global_batch_size="
+            f"{c.schedule.global_batch_size} (groups are consecutive packs of the global batch)"
+        )
+    if c.eval.interval < 0:
+        problems.append("eval.interval must be >= 0 (0: evaluate only at the end)")
+    if c.eval.max_packs is not None and c.eval.max_packs < 1:
+        problems.append("eval.max_packs must be >= 1, or null for every held-out pack")
     if c.data.weights is not None and (
         len(c.data.weights) != len(c.data.prefixes) or min(c.data.weights) <= 0
     ):

@@ -28,13 +28,15 @@ parallel layout, which is what makes resumption and layout changes exact.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from common.errors import DataError
-from formats.packed import Pack, PackedDataset, padded_lengths
+from formats.packed import Pack, PackedDataset, padded_lengths, validation_prefix
 from models.parallel_layout import ParallelLayout
 
 
@@ -151,7 +153,7 @@ def make_micro_batch(
             f"{len(packs)} packs hold {real} tokens ({int(padded.sum())} padded), more than the row "
             f"width {width} ({len(packs)} x seq_length {seq_length})"
         )
-    if pad_multiple > 1:  # each conversation followed by its padding
+    if pad_multiple > 1 and len(lengths):  # each conversation followed by its padding
         ids = np.concatenate(
             [
                 np.concatenate([c, np.full(pl - len(c), pad_token_id, np.int32)])
@@ -228,6 +230,20 @@ def split_for_context_parallel(batch: MicroBatch, cp_size: int, cp_rank: int) ->
     )
 
 
+def layout_problems(datasets: list[PackedDataset], layout: ParallelLayout) -> list[str]:
+    """Why rows of these datasets cannot serve `layout`: their conversations must have been packed with a
+    padding multiple that the layout's (2 x CP, x TP with sequence parallelism) divides."""
+    need = layout.pad_multiple
+    return [
+        f"the layout pads every conversation to a multiple of {need} (2 x parallel.context"
+        f"{' x parallel.tensor' if layout.sequence_parallel else ''}), but {d.prefix} was packed with "
+        f"--pad-multiple {d.pad_multiple}: re-run tools/preprocess_sft.py with a --pad-multiple that is "
+        f"a multiple of {need} (the default, 64, serves every layout up to 2 x CP x TP = 64)"
+        for d in datasets
+        if d.pad_multiple % need
+    ]
+
+
 class SFTData:
     """The run's data: datasets of every prefix, their order, and the micro-batches of each global batch."""
 
@@ -247,17 +263,7 @@ class SFTData:
         return epochs * self.order.epoch_size // global_batch_size
 
     def layout_problems(self, layout: ParallelLayout) -> list[str]:
-        """Why rows of this data cannot serve `layout`: its conversations must have been packed with a
-        padding multiple that the layout's (2 x CP, x TP with sequence parallelism) divides."""
-        need = layout.pad_multiple
-        return [
-            f"the layout pads every conversation to a multiple of {need} (2 x parallel.context"
-            f"{' x parallel.tensor' if layout.sequence_parallel else ''}), but {d.prefix} was packed with "
-            f"--pad-multiple {d.pad_multiple}: re-run tools/preprocess_sft.py with a --pad-multiple that is "
-            f"a multiple of {need} (the default, 64, serves every layout up to 2 x CP x TP = 64)"
-            for d in self.datasets
-            if d.pad_multiple % need
-        ]
+        return layout_problems(self.datasets, layout)
 
     def row_width(self, layout: ParallelLayout) -> int:
         """Every THD row is micro_batch_size packs of seq_length tokens, padding included (the packs were
@@ -272,12 +278,18 @@ class SFTData:
         data_parallel_rank: int,
         data_parallel_size: int,
         context_parallel_rank: int = 0,
+        loss_group_size: int | None = None,
     ) -> list[MicroBatch]:
         """This data-parallel rank's micro-batches of the global batch starting at slot `consumed`, each row
-        split across the layout's context-parallel ranks (this one's share)."""
+        split across the layout's context-parallel ranks (this one's share). With `loss_group_size`, the
+        loss mask carries the recipe's per-group weights (`group_loss_weights`)."""
         per_rank, size = global_batch_size // data_parallel_size, layout.micro_batch_size
         start = consumed + data_parallel_rank * per_rank
         packs = [self.datasets[prefix][pack] for prefix, pack in self.order.slots(start, per_rank)]
+        if loss_group_size is not None:
+            weights = self.group_loss_weights(consumed, global_batch_size, loss_group_size)
+            mine = weights[start - consumed : start - consumed + per_rank]
+            packs = [Pack(p.input_ids, p.loss_mask * w, p.lengths) for p, w in zip(packs, mine, strict=True)]
         width, pad = self.row_width(layout), layout.pad_multiple
         rows = [
             make_micro_batch(packs[i : i + size], self.seq_length, pad_multiple=pad, width=width)
@@ -285,7 +297,78 @@ class SFTData:
         ]
         return [split_for_context_parallel(row, layout.context, context_parallel_rank) for row in rows]
 
+    def group_loss_weights(self, consumed: int, global_batch_size: int, group_size: int) -> np.ndarray:
+        """Per pack of the global batch at `consumed`, the weight that turns megatron-core's global
+        per-token loss into the recipe's: the mean over groups of `group_size` consecutive packs (in the
+        global order, so the same groups at every layout) of each group's per-token mean. A loss token
+        of group g weighs N / (G x N_g), with N_g the loss tokens of the group, G groups and N of them in
+        all: then sum(weight x token loss) / N = mean_g (S_g / N_g), and the weights' sum is still N."""
+        slots = self.order.slots(consumed, global_batch_size)
+        targets = np.array([self._loss_targets(prefix, pack) for prefix, pack in slots], dtype=np.float64)
+        per_group = targets.reshape(-1, group_size).sum(axis=1)
+        groups, total = len(per_group), targets.sum()
+        weight = np.divide(total, groups * per_group, out=np.zeros_like(per_group), where=per_group > 0)
+        return np.repeat(weight, group_size)
+
+    def _loss_targets(self, prefix: int, pack: int) -> int:
+        """Trained positions of a pack: loss-mask tokens that are not the first of their conversation
+        (a conversation's first token is nobody's target)."""
+        data = self.datasets[prefix][pack]
+        starts = np.concatenate([[0], np.cumsum(data.lengths)[:-1]]).astype(np.int64)
+        return int(data.loss_mask.sum(dtype=np.int64) - data.loss_mask[starts].sum(dtype=np.int64))
+
     def conversation_lengths(self, consumed: int, global_batch_size: int) -> np.ndarray:
         """Lengths of every conversation in the global batch at `consumed` (for FLOP counting)."""
         slots = self.order.slots(consumed, global_batch_size)
         return np.concatenate([self.datasets[prefix].conversation_lengths(pack) for prefix, pack in slots])
+
+
+def default_valid_prefixes(train_prefixes: list[str]) -> list[str]:
+    """The held-out datasets preprocess_sft.py --valid-fraction wrote next to the training prefixes."""
+    found = [validation_prefix(p) for p in train_prefixes]
+    return [p for p in found if Path(f"{p}_meta.json").is_file()]
+
+
+_EMPTY_PACK = Pack(np.zeros(0, np.int32), np.zeros(0, np.uint8), np.zeros(0, np.int32))
+
+
+class ValidationData:
+    """The held-out packs, in file order (the first `max_packs`), dealt to the data-parallel ranks in
+    rows of micro_batch_size packs: rank r takes a contiguous block of rows. The last rows are completed
+    with empty packs (no loss tokens), so every rank runs the same number of micro-batches and the
+    validation loss, a sum over loss tokens divided by their count, does not depend on the layout."""
+
+    def __init__(self, prefixes: list[str], seq_length: int, max_packs: int | None = None):
+        self.datasets = [PackedDataset(p) for p in prefixes]
+        for dataset in self.datasets:
+            if dataset.seq_length != seq_length:
+                raise DataError(
+                    f"{dataset.prefix} was packed at seq length {dataset.seq_length}, the training data at "
+                    f"{seq_length}: hold out with the same tools/preprocess_sft.py run"
+                )
+        self.seq_length = seq_length
+        self.packs = [(i, j) for i, d in enumerate(self.datasets) for j in range(len(d))][:max_packs]
+
+    def micro_batch_count(self, layout: ParallelLayout, data_parallel_size: int) -> int:
+        """Micro-batches per data-parallel rank (a multiple of PP with interleaved stages, as megatron-core's
+        interleaved schedule requires)."""
+        rows = -(-len(self.packs) // layout.micro_batch_size)
+        count = -(-rows // data_parallel_size)
+        group = layout.pipeline if layout.virtual_pipeline else 1
+        return -(-count // group) * group
+
+    def micro_batches(
+        self,
+        layout: ParallelLayout,
+        data_parallel_rank: int,
+        data_parallel_size: int,
+        context_parallel_rank: int = 0,
+    ) -> Iterator[MicroBatch]:
+        """This rank's rows, built one at a time (the held-out set may be large)."""
+        size, count = layout.micro_batch_size, self.micro_batch_count(layout, data_parallel_size)
+        width = size * self.seq_length
+        for row in range(data_parallel_rank * count, (data_parallel_rank + 1) * count):
+            slots = self.packs[row * size : (row + 1) * size]
+            packs = [self.datasets[i][j] for i, j in slots] or [_EMPTY_PACK]
+            batch = make_micro_batch(packs, self.seq_length, pad_multiple=layout.pad_multiple, width=width)
+            yield split_for_context_parallel(batch, layout.context, context_parallel_rank)

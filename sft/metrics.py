@@ -1,12 +1,15 @@
-"""Per-iteration metrics to the console (one compact line), a JSONL file and Weights & Biases.
+"""Per-iteration metrics to the console (one compact line), a JSONL file, TensorBoard and Weights & Biases.
 
 Only rank 0 writes. The JSONL file (default SAVE_DIR/metrics.jsonl) gets one object per logged
-iteration; on resume, lines of iterations after the checkpoint (from the interrupted attempt) are
-dropped (`resume_at`), so the file reads as one uninterrupted run. wandb runs online, offline or
+iteration (key `loss`) and one per validation (key `val_loss`); on resume, lines of iterations after
+the checkpoint (from the interrupted attempt) are dropped (`resume_at`), so the file reads as one
+uninterrupted run. wandb runs online, offline or
 disabled (logging.wandb_mode); its API key is read by wandb from WANDB_API_KEY and never written
 anywhere. The logger starts before the model is built: wandb `online` without an API key, or without a
 reachable server, falls back to `offline` with a warning (sync later with `wandb sync SAVE_DIR/wandb`)
-instead of failing or hanging a job that has already paid for its start-up.
+instead of failing or hanging a job that has already paid for its start-up. TensorBoard event files
+(logging.tensorboard, default SAVE_DIR/tensorboard) get the same scalars as wandb; a resumed run purges
+the interrupted attempt's later events, as it does the JSONL lines.
 """
 
 from __future__ import annotations
@@ -43,6 +46,24 @@ def _truncate_after(path: Path, iteration: int) -> None:
         tmp.write_text("".join(line + "\n" for line in kept))
 
 
+def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training records, validation records) of a metrics.jsonl file, each in file order."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+
+
+def _start_tensorboard(directory: Path, iteration: int):
+    """A SummaryWriter whose events after `iteration` (an interrupted attempt's) TensorBoard discards;
+    None, with a warning, where the tensorboard package is missing (e.g. a slim cluster environment)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        log.warning("TensorBoard logging off: %s (pip install tensorboard)", exc)
+        return None
+    log.info("TensorBoard: tensorboard --logdir %s", directory)
+    return SummaryWriter(str(directory), purge_step=iteration + 1 if iteration else None)
+
+
 WANDB_INIT_TIMEOUT_S = 90
 
 
@@ -65,11 +86,16 @@ class MetricsLogger:
         self.enabled = is_writer
         self._file = None
         self._wandb = None
+        self._tensorboard = None
         if not is_writer:
             return
         path = config.logging.metrics_file or str(Path(config.checkpoint.save_dir) / "metrics.jsonl")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tensorboard_dir = None
+        if config.logging.tensorboard:
+            default = Path(config.checkpoint.save_dir) / "tensorboard"
+            self.tensorboard_dir = Path(config.logging.tensorboard_dir or default)
         if config.logging.wandb_mode != "disabled":
             self._wandb = self._start_wandb(config)
 
@@ -81,6 +107,8 @@ class MetricsLogger:
         if self.path.exists():
             _truncate_after(self.path, iteration)
         self._file = self.path.open("a")
+        if self.tensorboard_dir is not None:
+            self._tensorboard = _start_tensorboard(self.tensorboard_dir, iteration)
 
     @staticmethod
     def _start_wandb(config):
@@ -113,8 +141,7 @@ class MetricsLogger:
         record = {"iteration": iteration, **metrics}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._wandb is not None:
-            self._wandb.log(metrics, step=iteration)
+        self._to_remote_loggers(iteration, metrics)
         log.info(
             "iter %d | loss %.4f | lr %.3g | grad norm %.3g | loss tokens %d | %.0f tok/s | %.3g TFLOP/s/dev "
             "(MFU %.1f%%) | mem %.2f GB | %.2f s%s",
@@ -131,7 +158,34 @@ class MetricsLogger:
             f" | SKIPPED (non-finite; {metrics['skipped_steps']} so far)" if metrics["step_skipped"] else "",
         )
 
+    def log_validation(self, iteration: int, metrics: dict[str, Any]) -> None:
+        """A validation result (val_loss, val_loss_tokens, ...): its own JSONL line, the same wandb step."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
+        self._file.flush()
+        self._to_remote_loggers(iteration, metrics)
+        log.info(
+            "iter %d | validation loss %.4f over %d loss tokens of %d held-out packs | %.2f s",
+            iteration,
+            metrics["val_loss"],
+            metrics["val_loss_tokens"],
+            metrics["val_packs"],
+            metrics["val_time_s"],
+        )
+
+    def _to_remote_loggers(self, iteration: int, metrics: dict[str, Any]) -> None:
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=iteration)
+        if self._tensorboard is not None:
+            for name, value in metrics.items():
+                self._tensorboard.add_scalar(name, float(value), iteration)
+            self._tensorboard.flush()
+
     def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
         if self._file is not None:
             self._file.close()
             self._file = None

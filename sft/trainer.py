@@ -52,8 +52,9 @@ from .checkpointing import (
     load_checkpoint,
 )
 from .config import TrainConfig, dump_config
-from .data import MicroBatch, SFTData
+from .data import MicroBatch, SFTData, ValidationData, default_valid_prefixes, layout_problems
 from .metrics import MetricsLogger, peak_memory_gb
+from .plots import plot_metrics
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,10 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     losses = output_tensor.float().view(-1)
     mask = loss_mask.view(-1)
     # where, not a product: a NaN or inf at a masked position (padding, a prompt token) stays out
-    total = torch.where(mask > 0, losses, 0.0).sum()
-    count = mask.sum().to(torch.int)
+    # The mask holds 1 per trained token, or the token's weight with loss.normalization=per_group: the
+    # count is always the number of trained tokens (megatron-core divides the gradients by its sum).
+    total = torch.where(mask > 0, losses * mask, 0.0).sum()
+    count = (mask > 0).sum().to(torch.int)
     return total, count, torch.stack([total.detach(), count.detach().float()])
 
 
@@ -109,6 +112,7 @@ class RunInputs:
     hf_config_file: Path  # the architecture, copied into every checkpoint
     tokenizer_dir: Path | None  # the tokenizer the starting checkpoint carries, copied along
     train_iters: int
+    valid: ValidationData | None = None  # the held-out packs, when there are any
 
 
 def warmup_steps(warmup_ratio: float, train_iters: int) -> int:
@@ -121,6 +125,7 @@ def check_run(config: TrainConfig, world_size: int, device: str) -> RunInputs:
     world size; raises ConfigError (listing every problem) or DataError before anything heavy starts."""
     config.validate(world_size=world_size, te_available=te_available(device))  # paths first: cheap, complete
     data = SFTData(config.data.prefixes, config.data.weights, config.data.seed)
+    valid = _validation_data(config, data.seq_length)
     resume_from = find_resume_checkpoint(config.checkpoint.resume, config.checkpoint.save_dir)
     source = resume_from or config.model.init_checkpoint or config.model.random_init_config
     if source is None:
@@ -136,6 +141,8 @@ def check_run(config: TrainConfig, world_size: int, device: str) -> RunInputs:
         world_size=world_size, te_available=te_available(device), arch=arch, data_seq_length=data.seq_length
     )
     problems = data.layout_problems(config.parallel)
+    if valid is not None:
+        problems += layout_problems(valid.datasets, config.parallel)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     for dataset in data.datasets:
@@ -157,7 +164,19 @@ def check_run(config: TrainConfig, world_size: int, device: str) -> RunInputs:
             f"{warmup_steps(s.warmup_ratio, train_iters)} warm-up step(s), which leaves no step to decay "
             "over: lower schedule.warmup_ratio (0 for a run this short) or train longer"
         )
-    return RunInputs(data, arch, resume_from, hf_config_file, tokenizer_dir, train_iters)
+    return RunInputs(data, arch, resume_from, hf_config_file, tokenizer_dir, train_iters, valid)
+
+
+def _validation_data(config: TrainConfig, seq_length: int) -> ValidationData | None:
+    prefixes = config.data.valid_prefixes
+    if prefixes is None:
+        prefixes = default_valid_prefixes(config.data.prefixes)
+        if prefixes:
+            log.info("validation data: %s (found next to data.prefixes)", ", ".join(prefixes))
+    if not prefixes:
+        log.info("no validation data (data.valid_prefixes; tools/preprocess_sft.py --valid-fraction)")
+        return None
+    return ValidationData(prefixes, seq_length, config.eval.max_packs)
 
 
 class Trainer:
@@ -168,7 +187,7 @@ class Trainer:
         self.config, self.device = config, device
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         inputs = inputs or check_run(config, self.world_size, device)
-        self.data, self.arch = inputs.data, inputs.arch
+        self.data, self.arch, self.valid = inputs.data, inputs.arch, inputs.valid
         self.resume_from, self.inputs = inputs.resume_from, inputs
         p = self.layout = config.parallel
         parallel_state.initialize_model_parallel(
@@ -371,6 +390,8 @@ class Trainer:
                 losses[self.state.iteration] = loss
                 self.checkpoints.poll()
                 stop = self._stop_agreed
+                if self._evaluation_due():
+                    self.evaluate()
                 at_end = self.state.iteration == self.train_iters and c.checkpoint.save_at_end
                 if stop or at_end or self.state.iteration % c.checkpoint.save_interval == 0:
                     last_checkpoint = self.save()
@@ -402,6 +423,8 @@ class Trainer:
                     "checkpoint": str(last_checkpoint) if last_checkpoint else None,
                 },
             )
+        if self.rank == 0 and c.logging.plot:
+            self._plot_curves()
         return TrainResult(
             self.state.iteration,
             losses,
@@ -463,6 +486,65 @@ class Trainer:
             )
         return loss
 
+    def _plot_curves(self) -> None:
+        """SAVE_DIR/metrics.png from metrics.jsonl; a failure to draw is no reason to fail a trained run."""
+        out = self.metrics.path.with_name("metrics.png")
+        try:
+            plot_metrics(self.metrics.path, out)
+        except Exception as exc:
+            log.warning("could not draw %s: %s", out, exc)
+        else:
+            log.info("training curves: %s", out)
+
+    # Validation --------------------------------------------------------------------------------------
+
+    def _evaluation_due(self) -> bool:
+        interval, iteration = self.config.eval.interval, self.state.iteration
+        at_interval = interval > 0 and iteration % interval == 0
+        return self.valid is not None and (at_interval or iteration == self.train_iters)
+
+    def evaluate(self) -> float:
+        """Collective: the validation loss, the per-token mean over every loss token of the held-out packs
+        (forward only, through the same pipeline schedule as training); logged and returned."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        start = time.perf_counter()
+        count = self.valid.micro_batch_count(self.layout, self.dp_size)
+
+        def batches():
+            for batch in self.valid.micro_batches(self.layout, self.dp_rank, self.dp_size, self.cp_rank):
+                yield batch.to(torch.cuda.current_device()) if self.device == "cuda" else batch
+
+        iterators = [batches() for _ in self.chunks]
+        for chunk in self.chunks:
+            chunk.eval()
+        try:
+            with torch.no_grad():
+                reduced = get_forward_backward_func()(
+                    forward_step_func=forward_step,
+                    data_iterator=iterators if len(self.chunks) > 1 else iterators[0],
+                    model=self.chunks,
+                    num_microbatches=count,
+                    seq_length=self.row_width,
+                    micro_batch_size=1,
+                    forward_only=True,
+                )
+        finally:
+            for chunk in self.chunks:
+                chunk.train()
+        loss_sum, loss_tokens = self._global_loss(reduced, carry_stop=False)
+        val_loss = loss_sum / max(loss_tokens, 1)
+        self.metrics.log_validation(
+            self.state.iteration,
+            {
+                "val_loss": val_loss,
+                "val_loss_tokens": loss_tokens,
+                "val_packs": len(self.valid.packs),
+                "val_time_s": time.perf_counter() - start,
+            },
+        )
+        return val_loss
+
     def _prepare_micro_batches(self, consumed: int) -> list[MicroBatch]:
         batches = self.data.micro_batches(
             consumed,
@@ -471,6 +553,7 @@ class Trainer:
             self.dp_rank,
             self.dp_size,
             self.cp_rank,
+            self.config.loss.group_size if self.config.loss.normalization == "per_group" else None,
         )
         return [mb.pin_memory() for mb in batches] if self.device == "cuda" else batches
 
@@ -486,10 +569,11 @@ class Trainer:
             self._prefetched = (following, self._prefetcher.submit(self._prepare_micro_batches, following))
         return batches
 
-    def _global_loss(self, reduced: list[torch.Tensor]) -> tuple[float, int]:
+    def _global_loss(self, reduced: list[torch.Tensor], carry_stop: bool = True) -> tuple[float, int]:
         """[sum, count] over the global batch, known on every rank: only the first tensor-parallel rank of
-        each last pipeline stage contributes (the others hold copies). The same all-reduce carries
-        whether any rank got a stop signal (saving is collective, so all ranks must agree)."""
+        each last pipeline stage contributes (the others hold copies). With `carry_stop` the same
+        all-reduce carries whether any rank got a stop signal (saving is collective, so all ranks must
+        agree)."""
         from megatron.core import parallel_state
 
         device = (
@@ -504,10 +588,11 @@ class Trainer:
         ):
             for item in reduced:
                 totals[:2] += item.to(device, torch.float64)
-        totals[2] = 1.0 if self._stop_signal is not None else 0.0
+        totals[2] = 1.0 if carry_stop and self._stop_signal is not None else 0.0
         dist.all_reduce(totals)
         loss_sum, loss_tokens, stops = totals.tolist()
-        self._stop_agreed = stops > 0
+        if carry_stop:
+            self._stop_agreed = stops > 0
         return loss_sum, int(loss_tokens)
 
     def _log(self, loss, lr, grad_norm, loss_tokens, consumed_before, step_time, finite) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from formats.packed import validation_prefix
+
 from .synthetic_packs import write_packed_dataset
 from .tiny_models import make_tiny_qwen2
 
@@ -21,6 +23,7 @@ class TrainingInputs:
     prefix: Path  # the packed dataset: data.prefixes
     seq_length: int
     packs: list  # what the dataset holds: per pack, a list of (token ids, loss mask) conversations
+    valid_packs: list | None = None  # the held-out dataset PREFIX_valid, when written
 
     def overrides(self, save_dir: str | Path, *extra: str) -> list[str]:
         """Trainer overrides for a run on these inputs, saving to `save_dir`, then `extra`."""
@@ -41,9 +44,10 @@ def training_inputs(
     hf: str | Path | None = None,
     layers: int = 2,
     tied: bool = False,
+    valid_packs: list | None = None,
 ) -> TrainingInputs:
     """Converts `hf` (default: a new tiny random Qwen2 with `layers` layers) with the project's converter
-    and writes `packs` as a packed dataset, all under `root`."""
+    and writes `packs` as a packed dataset, and `valid_packs` as its held-out set, all under `root`."""
     from convert.hf_to_mcore import convert_hf_to_mcore
     from models.qwen2.arch import Qwen2Arch
 
@@ -56,4 +60,6 @@ def training_inputs(
     convert_hf_to_mcore(hf, root / "mcore", progress=False)
     vocab_size = Qwen2Arch.from_path(hf).vocab_size
     prefix = write_packed_dataset(root / "data" / "packs", packs, seq_length, vocab_size)
-    return TrainingInputs(hf, root / "mcore", prefix, seq_length, packs)
+    if valid_packs is not None:
+        write_packed_dataset(validation_prefix(prefix), valid_packs, seq_length, vocab_size)
+    return TrainingInputs(hf, root / "mcore", prefix, seq_length, packs, valid_packs)

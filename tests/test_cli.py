@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
         "verify_conversion",
         "pretrain_sft",
         "plan_layout",
+        "plot_metrics",
     ],
 )
 def test_help_explains_every_flag(tool, capsys):
@@ -37,6 +38,24 @@ def test_help_explains_every_flag(tool, capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert all(opt in text for action in parser._actions for opt in action.option_strings)
+
+
+def test_plot_metrics_draws_a_run_and_names_a_missing_one(tmp_path, capsys):
+    import json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [
+        {"iteration": i, "loss": 3.0 / i, "lr": 1e-4, "grad_norm": 1.0, "tokens_per_s": 1e3, "mfu": 0.4}
+        | {"step_time_s": 1.0, "step_skipped": i == 2}
+        for i in range(1, 5)
+    ] + [{"iteration": 4, "val_loss": 1.0, "val_loss_tokens": 10, "val_packs": 1, "val_time_s": 0.1}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    tool = load_tool("plot_metrics")
+    assert tool.main([str(run)]) == 0
+    assert (run / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert tool.main([str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
 
 
 def test_trainer_rejects_a_bad_configuration_before_starting(tmp_path):

@@ -196,3 +196,48 @@ def test_the_loss_ignores_whatever_masked_positions_hold():
     assert total.item() == 6.0 and count.item() == 2 and logged.tolist() == [6.0, 2.0]
     total.backward()
     assert losses.grad.tolist() == [[1.0, 0.0, 1.0, 0.0]]  # no NaN flows back through the mask either
+
+
+def test_per_group_loss_weights_by_hand_at_every_layout(tmp_path):
+    """The recipe's weighting: groups of 2 consecutive packs of the global batch, each group's per-token
+    mean, averaged over groups; the same masks whatever the data-parallel split or micro-batch size."""
+    packs = [
+        [(np.arange(1, 5), np.array([0, 1, 1, 1], np.uint8))],  # 3 targets
+        [
+            (np.arange(5, 7), np.array([0, 1], np.uint8)),
+            (np.arange(7, 10), np.array([1, 1, 1], np.uint8)),
+        ],  # 1 + 2
+        [(np.arange(10, 18), np.array([0, 0, 0, 1, 1, 1, 1, 1], np.uint8))],  # 5
+        [(np.arange(18, 20), np.array([0, 1], np.uint8))],  # 1
+    ]
+    targets = {0: 3, 1: 3, 2: 5, 3: 1}
+    data = SFTData([str(write_packed_dataset(tmp_path / "d", packs, 8, 100))], None, seed=0)
+    order = [pack for _, pack in data.order.slots(0, 4)]
+    groups = [order[:2], order[2:]]
+    n_total = 12
+    expected_weight = {p: n_total / (2 * sum(targets[q] for q in g)) for g in groups for p in g}
+
+    def token_loss(labels):  # any per-position loss will do: a function of the label
+        return 0.1 * labels.double() + 1.0
+
+    expected_loss = np.mean(
+        [
+            sum(
+                float(token_loss(torch.tensor(ids[1:])).double().mul(torch.tensor(mask[1:])).sum())
+                for p in g
+                for ids, mask in packs[p]
+            )
+            / sum(targets[p] for p in g)
+            for g in groups
+        ]
+    )
+    for layout, dp in [(ParallelLayout(), 1), (ParallelLayout(), 2), (ParallelLayout(micro_batch_size=2), 1)]:
+        rows = [mb for r in range(dp) for mb in data.micro_batches(0, 4, layout, r, dp, loss_group_size=2)]
+        weights = torch.cat([mb.loss_mask.view(-1) for mb in rows]).double()
+        labels = torch.cat([mb.labels.view(-1) for mb in rows])
+        assert int((weights > 0).sum()) == n_total and float(weights.sum()) == pytest.approx(n_total)
+        assert float((weights * token_loss(labels)).sum() / n_total) == pytest.approx(expected_loss, rel=1e-6)
+        # pack by pack (one pack per 8-token row): each trained position carries its group's weight
+        for position, pack in enumerate(order if layout.micro_batch_size == 1 else []):
+            row = weights[position * 8 : (position + 1) * 8]
+            assert row[row > 0].tolist() == pytest.approx([expected_weight[pack]] * targets[pack])

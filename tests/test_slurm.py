@@ -9,7 +9,6 @@ Without a reachable cluster the test is skipped, unless K2_SLURM=required (as in
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -63,7 +62,9 @@ def _overrides(run_inputs, save_dir: Path) -> list[str]:
 
 
 def _losses(save_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    from sft.metrics import read_metrics
+
+    records = read_metrics(save_dir / "metrics.jsonl")[0]
     assert len({r["iteration"] for r in records}) == len(records), "an iteration was logged twice"
     return {r["iteration"]: r["loss"] for r in records}
 

@@ -6,15 +6,16 @@ in closed form, and run validation."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from common.distributed import run_distributed
+from sft.metrics import read_metrics
 from testing.fixtures import TrainingInputs, training_inputs
 from testing.synthetic_packs import random_packs, write_packed_dataset
 from testing.tiny_models import QWEN25_VOCAB_SIZE_SMALL
@@ -25,12 +26,15 @@ SEQ = 64
 PACKS = 12
 GLOBAL_BATCH = 4
 ITERS = 6  # 2 epochs x 12 packs / 4 per step; the epoch boundary lies between iterations 3 and 4
+VALID_PACKS = 5  # held out (PREFIX_valid); fills no layout's rows evenly, so empty rows complete them
+EVAL_INTERVAL = 3  # validation losses after iterations 3 and 6
 LR, WARMUP_RATIO = 1e-2, 0.2
 
 
 def _make_setup(root: Path, tied: bool) -> TrainingInputs:
     packs = random_packs(PACKS, SEQ, QWEN25_VOCAB_SIZE_SMALL, seed=0)
-    return training_inputs(root, packs, SEQ, layers=4, tied=tied)
+    valid = random_packs(VALID_PACKS, SEQ, QWEN25_VOCAB_SIZE_SMALL, seed=1)
+    return training_inputs(root, packs, SEQ, layers=4, tied=tied, valid_packs=valid)
 
 
 def _overrides(setup: TrainingInputs, save_dir: Path, *extra: str) -> list[str]:
@@ -42,6 +46,7 @@ def _overrides(setup: TrainingInputs, save_dir: Path, *extra: str) -> list[str]:
         "checkpoint.save_interval=2",
         "checkpoint.keep_last_n=null",
         "model.recompute=none",
+        f"eval.interval={EVAL_INTERVAL}",
         *extra,
     )
 
@@ -73,8 +78,24 @@ def reference(setup, tmp_path_factory):
     result = _train(setup, save_dir)
     assert result["iterations"] == ITERS and not result["stopped"]
     return SimpleNamespace(
-        losses=result["losses"], save_dir=save_dir, weights=_weights(save_dir / "iter_0000006")
+        losses=result["losses"],
+        save_dir=save_dir,
+        weights=_weights(save_dir / "iter_0000006"),
+        val_losses=_val_losses(save_dir),
     )
+
+
+def _tensorboard_scalars(save_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a scalar, read back by TensorBoard's own event reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(save_dir / "tensorboard"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def _val_losses(save_dir: Path) -> dict[int, float]:
+    return {r["iteration"]: r["val_loss"] for r in read_metrics(save_dir / "metrics.jsonl")[1]}
 
 
 # Final weights: Adam divides each gradient by its running RMS, so entries whose gradients are ~eps
@@ -89,6 +110,10 @@ def _assert_same_training(
     assert sorted(run["losses"]) == list(range(1, ITERS + 1))
     for iteration, loss in reference.losses.items():
         assert run["losses"][iteration] == pytest.approx(loss, rel=rtol), iteration
+    val_losses = _val_losses(save_dir)
+    assert sorted(val_losses) == sorted(reference.val_losses) == [EVAL_INTERVAL, ITERS]
+    for iteration, loss in reference.val_losses.items():
+        assert val_losses[iteration] == pytest.approx(loss, rel=rtol), ("validation", iteration)
     weights = _weights(save_dir / f"iter_{ITERS:07d}")
     assert weights.keys() == reference.weights.keys()
     for key, value in reference.weights.items():
@@ -181,32 +206,89 @@ def test_tied_embeddings_train_alike_across_pipeline_stages(tmp_path_factory):
     root = tmp_path_factory.mktemp("tied")
     tied = _make_setup(root, tied=True)
     single = _train(tied, root / "single")
-    reference = SimpleNamespace(losses=single["losses"], weights=_weights(root / "single" / "iter_0000006"))
+    reference = SimpleNamespace(
+        losses=single["losses"],
+        weights=_weights(root / "single" / "iter_0000006"),
+        val_losses=_val_losses(root / "single"),
+    )
     _assert_same_training(_train(tied, root / "pp2", 2, "parallel.pipeline=2"), root / "pp2", reference)
+
+
+def _transformers_loss(hf_dir: Path, conversations) -> tuple[float, int]:
+    """(sum of token losses, loss tokens) of each (ids, mask) conversation run alone through transformers'
+    Qwen2 in fp32: the label of position t is token t + 1, trained where its mask is set."""
+    from transformers import Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    total, count = 0.0, 0
+    for ids, mask in conversations:
+        ids = torch.tensor(ids, dtype=torch.long)
+        with torch.no_grad():
+            logits = model(ids[None]).logits[0, :-1].double()
+        losses = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none")
+        target = torch.tensor(mask[1:], dtype=torch.float64)
+        total += float((losses * target).sum())
+        count += int(target.sum())
+    return total, count
+
+
+def _valid_loss_tokens(setup) -> int:
+    return sum(int(mask[1:].sum()) for pack in setup.valid_packs for _, mask in pack)
 
 
 @pytest.mark.slow
 def test_first_loss_equals_transformers_conversation_by_conversation(setup, reference):
     """The packed first-iteration loss (initial weights) is the token-weighted mean of each conversation's
     loss computed alone by transformers' Qwen2, from the HF checkpoint the run was converted from."""
-    from transformers import Qwen2ForCausalLM
-
     from sft.data import PackOrder
 
-    model = Qwen2ForCausalLM.from_pretrained(
-        setup.hf, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
-    total, count = 0.0, 0
-    for _, pack in PackOrder([PACKS], None, seed=1234).slots(0, GLOBAL_BATCH):
-        for ids, mask in setup.packs[pack]:
-            ids = torch.tensor(ids, dtype=torch.long)
-            with torch.no_grad():
-                logits = model(ids[None]).logits[0, :-1].double()
-            losses = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none")
-            target = torch.tensor(mask[1:], dtype=torch.float64)
-            total += float((losses * target).sum())
-            count += int(target.sum())
+    slots = PackOrder([PACKS], None, seed=1234).slots(0, GLOBAL_BATCH)
+    total, count = _transformers_loss(setup.hf, [conv for _, pack in slots for conv in setup.packs[pack]])
     assert reference.losses[1] == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_recipe_loss_weighting_per_group_of_packs(setup, reference, tmp_path):
+    """loss.normalization=per_group: the first loss is the mean over the step's two groups of two packs
+    of each group's per-token loss computed by transformers, and DP2 trains like one process."""
+    from sft.data import PackOrder
+
+    per_group = ("loss.normalization=per_group", "loss.group_size=2")
+    single = _train(setup, tmp_path / "one", 1, *per_group)
+    slots = PackOrder([PACKS], None, seed=1234).slots(0, GLOBAL_BATCH)
+    group_means = []
+    for group in (slots[:2], slots[2:]):
+        total, count = _transformers_loss(setup.hf, [conv for _, pack in group for conv in setup.packs[pack]])
+        group_means.append(total / count)
+    assert single["losses"][1] == pytest.approx(sum(group_means) / 2, rel=1e-5)
+    assert single["losses"][1] != pytest.approx(reference.losses[1], rel=1e-4)  # not the global mean
+    data_parallel = _train(setup, tmp_path / "dp2", 2, *per_group)
+    for iteration, loss in single["losses"].items():
+        assert data_parallel["losses"][iteration] == pytest.approx(loss, rel=1e-5), iteration
+
+
+@pytest.mark.slow
+def test_validation_loss_equals_transformers_on_the_held_out_files(
+    setup, reference, qwen_tokenizer_dir, tmp_path
+):
+    """The final validation loss is the per-token loss transformers computes with the final weights
+    (exported by the project's converter) over every conversation read back from the PREFIX_valid files."""
+    from convert.mcore_to_hf import convert_mcore_to_hf
+    from formats.packed import PackedDataset, validation_prefix
+
+    convert_mcore_to_hf(
+        reference.save_dir, tmp_path / "hf", iteration=ITERS, tokenizer_dir=qwen_tokenizer_dir
+    )
+    held_out = PackedDataset(validation_prefix(setup.prefix))
+    conversations = []
+    for i in range(len(held_out)):
+        pack = held_out[i]
+        cuts = np.cumsum(pack.lengths)[:-1]
+        conversations += zip(np.split(pack.input_ids, cuts), np.split(pack.loss_mask, cuts), strict=True)
+    assert len(held_out) == VALID_PACKS
+    total, count = _transformers_loss(tmp_path / "hf", conversations)
+    assert count == _valid_loss_tokens(setup)
+    assert reference.val_losses[ITERS] == pytest.approx(total / count, rel=1e-5)
 
 
 def _closed_form_lr(step: int) -> float:
@@ -218,8 +300,15 @@ def _closed_form_lr(step: int) -> float:
 
 
 @pytest.mark.slow
-def test_schedule_and_metrics_file(reference):
-    records = [json.loads(line) for line in (reference.save_dir / "metrics.jsonl").read_text().splitlines()]
+def test_schedule_and_metrics_file(setup, reference):
+    records, validations = read_metrics(reference.save_dir / "metrics.jsonl")
+    assert [(r["iteration"], r["val_packs"]) for r in validations] == [(3, VALID_PACKS), (6, VALID_PACKS)]
+    assert all(r["val_loss_tokens"] == _valid_loss_tokens(setup) for r in validations)
+    # TensorBoard holds the same scalars; the curves were drawn at the end of the run.
+    for tag, lines in (("loss", records), ("lr", records), ("val_loss", validations)):
+        expected = [(r["iteration"], pytest.approx(r[tag], rel=1e-6)) for r in lines]
+        assert _tensorboard_scalars(reference.save_dir, tag) == expected, tag
+    assert (reference.save_dir / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [r["iteration"] for r in records] == list(range(1, ITERS + 1))
     for r in records:
         assert r["lr"] == pytest.approx(_closed_form_lr(r["iteration"] - 1), abs=1e-12)
@@ -246,7 +335,8 @@ def test_resume_is_exact_after_a_kill_during_a_save_and_after_a_signal(setup, re
     assert all(resumed[i] == reference.losses[i] for i in resumed), (resumed, reference.losses)  # bitwise
     final = _weights(tmp_path / "iter_0000006")
     assert all(torch.equal(final[k], reference.weights[k]) for k in final)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path / "metrics.jsonl")[0]
+    assert [step for step, _ in _tensorboard_scalars(tmp_path, "loss")] == list(range(1, ITERS + 1))
     assert [r["iteration"] for r in records] == list(
         range(1, ITERS + 1)
     )  # the crashed attempt's lines are gone

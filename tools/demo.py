@@ -19,7 +19,6 @@ answer is too; the point is that every stage runs and hands over to the next.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import shutil
 import subprocess
@@ -30,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sft.metrics import read_metrics  # noqa: E402
 from testing.sample_data import write_sample_snapshot  # noqa: E402
 from testing.tokenizer import build_qwen25_tokenizer  # noqa: E402
 
@@ -144,7 +144,7 @@ def main() -> int:
         "schedule.warmup_ratio=0.25",
         "optimizer.lr=1e-3",
     )
-    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")[0]]
     print(f"[7/9] trained {len(losses)} iterations: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
     print("[8/9] torch_dist -> HF release")

@@ -46,6 +46,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from sft.metrics import read_metrics  # noqa: E402
+
 PEAK_TFLOPS = 989.0  # H100 SXM dense bf16
 USABLE_GIB = 78.0
 MARGIN = 0.15
@@ -182,7 +184,7 @@ def pretrain(overrides: list[str], *, cpu_only: bool = False, timeout: float = 6
     if done.returncode:
         raise RuntimeError(f"{shlex.join(cmd)} exited {done.returncode}")
     save_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint.save_dir="))
-    return [json.loads(line)["loss"] for line in (Path(save_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in read_metrics(Path(save_dir) / "metrics.jsonl")[0]]
 
 
 def tiny_inputs(work: Path, seq_length: int = 256):
@@ -391,7 +393,7 @@ def measure_ours(
     (split,) = run_distributed(
         _measure_trainer, 1, overrides, sizes.warmup, sizes.iters, device, device=device
     )
-    records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(save_dir / "metrics.jsonl")[0]
     timed = records[sizes.warmup : sizes.warmup + sizes.iters]
     seconds = sum(r["step_time_s"] for r in timed)
     tflops = sum(r["tflops_per_device"] * r["step_time_s"] for r in timed) / seconds
