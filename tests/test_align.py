@@ -4,7 +4,11 @@ reason planted in the fixture, the fixed output schema, and errors for unreadabl
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -12,6 +16,8 @@ import pytest
 from common.errors import InputError
 from preprocess import conversation as C
 from preprocess.align import align_snapshot, aligned_schema, summary_path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_counts_match_the_planted_rows(sample_snapshot, aligned_parquet):
@@ -102,3 +108,99 @@ def test_cli_refuses_to_overwrite(sample_snapshot, tmp_path, capsys):
     run_tool("get_am_dataset", ["--source", str(sample_snapshot.root), str(out), "--force"])
     assert pq.read_metadata(out).num_rows == 300
     assert "kept 300 rows, dropped 15" in capsys.readouterr().out
+
+
+def _get_from_hub(hub, out, cache, *extra: str) -> subprocess.CompletedProcess:
+    """tools/get_am_dataset.py without --source, pointed at `hub` (a separate process, so that
+    huggingface_hub reads HF_ENDPOINT at import as it does for a user)."""
+    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "get_am_dataset.py"),
+        str(out),
+        "--cache-dir",
+        str(cache),
+        *extra,
+    ]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_hub_download_at_the_pinned_revision_equals_the_local_snapshot(
+    sample_snapshot, aligned_parquet, tmp_path
+):
+    from preprocess.align import AM_THINKING_REPO, AM_THINKING_REVISION
+    from testing.local_hub import LocalHub
+
+    with LocalHub.from_directory(AM_THINKING_REPO, sample_snapshot.root, AM_THINKING_REVISION) as hub:
+        done = _get_from_hub(hub, tmp_path / "hub.parquet", tmp_path / "cache")
+        assert done.returncode == 0, done.stderr[-3000:]
+        # The pinned commit was asked for by name, every data file fetched from it.
+        files = sorted(p.name for p in sample_snapshot.root.iterdir())
+        assert ("GET", f"/api/datasets/{AM_THINKING_REPO}/tree/{AM_THINKING_REVISION}") in hub.requests
+        fetched = sorted(
+            path.rsplit("/", 1)[1]
+            for method, path in hub.requests
+            if method == "GET" and f"/resolve/{AM_THINKING_REVISION}/" in path
+        )
+        assert fetched == files
+
+    snapshot = (
+        tmp_path
+        / "cache"
+        / "datasets--a-m-team--AM-Thinking-v1-Distilled"
+        / "snapshots"
+        / AM_THINKING_REVISION
+    )
+    assert sorted(p.name for p in snapshot.iterdir()) == files
+    for name in files:  # in the cache, byte for byte
+        assert (snapshot / name).read_bytes() == (sample_snapshot.root / name).read_bytes()
+    assert pq.read_table(tmp_path / "hub.parquet").equals(pq.read_table(aligned_parquet))
+    summary = json.loads(summary_path(tmp_path / "hub.parquet").read_text())
+    local = json.loads(summary_path(aligned_parquet).read_text())
+    assert summary["revision"] == AM_THINKING_REVISION and summary["rows_kept"] == 300
+    assert {k: v for k, v in summary.items() if k not in ("revision", "sources")} == {
+        k: v for k, v in local.items() if k not in ("revision", "sources")
+    }
+
+
+def test_hub_errors_name_the_revision_and_the_missing_file(sample_snapshot, tmp_path):
+    from preprocess.align import AM_THINKING_REPO, AM_THINKING_REVISION
+    from testing.local_hub import LocalHub
+
+    with LocalHub.from_directory(AM_THINKING_REPO, sample_snapshot.root, AM_THINKING_REVISION) as hub:
+        wrong = "0" * 40
+        done = _get_from_hub(hub, tmp_path / "a.parquet", tmp_path / "cache", "--revision", wrong)
+        assert done.returncode == 2 and f"no revision {wrong}" in done.stderr and "--revision" in done.stderr
+    assert not (tmp_path / "a.parquet").exists()
+
+    files = {p.name: p.read_bytes() for p in sample_snapshot.root.iterdir()}
+    with _HubMissingAFile(AM_THINKING_REPO, files, AM_THINKING_REVISION, missing="math.jsonl") as hub:
+        done = _get_from_hub(hub, tmp_path / "b.parquet", tmp_path / "cache2")
+        assert done.returncode == 2 and "cannot be downloaded" in done.stderr and "math.jsonl" in done.stderr
+    assert not (tmp_path / "b.parquet").exists()
+
+
+class _HubMissingAFile:
+    """A hub whose listing names a file that its download endpoint does not have."""
+
+    def __init__(self, repo, files, commit, missing):
+        from testing.local_hub import LocalHub
+
+        self.hub = LocalHub(repo, files, commit)
+        self.missing = missing
+
+    def __enter__(self):
+        hub = self.hub.__enter__()
+        serve_file = hub._file
+
+        def without_missing(request, revision, file, body):
+            if file == self.missing:
+                return hub._error(request, 404, "EntryNotFound", f"{file} does not exist at {revision}")
+            return serve_file(request, revision, file, body)
+
+        hub._file = without_missing
+        return hub
+
+    def __exit__(self, *exc):
+        self.hub.__exit__(*exc)
