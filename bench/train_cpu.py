@@ -47,6 +47,8 @@ def _rank_body(rank: int, world_size: int, overrides: list[str]) -> dict:
 
 
 def main() -> int:
+    from sft.metrics import read_metrics
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -81,7 +83,7 @@ def main() -> int:
             start = time.perf_counter()
             per_rank = run_distributed(_rank_body, processes, overrides)
             wall = time.perf_counter() - start
-            records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()][1:]
+            records = read_metrics(save_dir / "metrics.jsonl")[0][1:]
             tokens = sum(r["tokens"] for r in records)
             seconds = sum(r["step_time_s"] for r in records)
             rows.append(
