@@ -82,9 +82,10 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     the gradients by the global token count (calculate_per_token_loss)."""
     losses = output_tensor.float().view(-1)
     mask = loss_mask.view(-1)
-    # where, not a product: a NaN or inf at a masked position (padding, a prompt token) stays out
-    # The mask holds 1 per trained token, or the token's weight with loss.normalization=per_group: the
-    # count is always the number of trained tokens (megatron-core divides the gradients by its sum).
+    # The mask is 1 per trained token (its weight with loss.normalization=per_group), 0 elsewhere. `where`
+    # keeps a NaN or inf at a masked position (padding, a prompt token) out of the sum, which a plain
+    # product with the mask would not; the count is the number of trained tokens in either mode, the sum
+    # megatron-core divides the gradients by.
     total = torch.where(mask > 0, losses * mask, 0.0).sum()
     count = (mask > 0).sum().to(torch.int)
     return total, count, torch.stack([total.detach(), count.detach().float()])

@@ -26,12 +26,16 @@ class TrainingInputs:
     valid_packs: list | None = None  # the held-out dataset PREFIX_valid, when written
 
     def overrides(self, save_dir: str | Path, *extra: str) -> list[str]:
-        """Trainer overrides for a run on these inputs, saving to `save_dir`, then `extra`."""
+        """Trainer overrides for a run on these inputs, saving to `save_dir`, then `extra`. The end-of-run
+        plot and the TensorBoard files are off (seconds per run in a suite of dozens of runs); the tests
+        of those features turn them on in `extra`."""
         return [
             f"data.prefixes=[{self.prefix}]",
             f"model.init_checkpoint={self.mcore}",
             f"checkpoint.save_dir={save_dir}",
             f"data.seq_length={self.seq_length}",
+            "logging.plot=false",
+            "logging.tensorboard=false",
             *extra,
         ]
 

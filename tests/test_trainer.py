@@ -28,6 +28,7 @@ GLOBAL_BATCH = 4
 ITERS = 6  # 2 epochs x 12 packs / 4 per step; the epoch boundary lies between iterations 3 and 4
 VALID_PACKS = 5  # held out (PREFIX_valid); fills no layout's rows evenly, so empty rows complete them
 EVAL_INTERVAL = 3  # validation losses after iterations 3 and 6
+CURVES = ("logging.tensorboard=true", "logging.plot=true")  # off in the other runs (testing/fixtures.py)
 LR, WARMUP_RATIO = 1e-2, 0.2
 
 
@@ -75,7 +76,7 @@ def setup(tmp_path_factory):
 def reference(setup, tmp_path_factory):
     """The single-process run (TP1/PP1/DP1, 4 micro-batches of one pack) every other run is compared with."""
     save_dir = tmp_path_factory.mktemp("reference")
-    result = _train(setup, save_dir)
+    result = _train(setup, save_dir, 1, *CURVES)
     assert result["iterations"] == ITERS and not result["stopped"]
     return SimpleNamespace(
         losses=result["losses"],
@@ -253,7 +254,7 @@ def test_recipe_loss_weighting_per_group_of_packs(setup, reference, tmp_path):
     of each group's per-token loss computed by transformers, and DP2 trains like one process."""
     from sft.data import PackOrder
 
-    per_group = ("loss.normalization=per_group", "loss.group_size=2")
+    per_group = ("loss.normalization=per_group", "loss.group_size=2", "schedule.train_iters=3")
     single = _train(setup, tmp_path / "one", 1, *per_group)
     slots = PackOrder([PACKS], None, seed=1234).slots(0, GLOBAL_BATCH)
     group_means = []
@@ -321,15 +322,15 @@ def test_schedule_and_metrics_file(setup, reference):
 @pytest.mark.slow
 def test_resume_is_exact_after_a_kill_during_a_save_and_after_a_signal(setup, reference, tmp_path):
     # 1. Killed while writing the checkpoint of iteration 4: iteration 2 stays the latest complete one.
-    crashed = _train(setup, tmp_path, fault=("crash_in_save", 4))
+    crashed = _train(setup, tmp_path, 1, *CURVES, fault=("crash_in_save", 4))
     assert "killed while saving iteration 4" in crashed["crashed"]
     assert (tmp_path / "iter_0000004.partial").is_dir() and not (tmp_path / "iter_0000004").exists()
     # 2. Resumes from iteration 2 (crossing the epoch boundary after 3); SIGUSR1 during iteration 5.
-    stopped = _train(setup, tmp_path, fault=("signal", 5))
+    stopped = _train(setup, tmp_path, 1, *CURVES, fault=("signal", 5))
     assert stopped["stopped"] and sorted(stopped["losses"]) == [3, 4, 5]
     assert not (tmp_path / "iter_0000004.partial").exists() and (tmp_path / "iter_0000005").is_dir()
     # 3. Resumes from the signal's checkpoint and finishes.
-    finished = _train(setup, tmp_path)
+    finished = _train(setup, tmp_path, 1, *CURVES)
     assert sorted(finished["losses"]) == [6]
     resumed = {**stopped["losses"], **finished["losses"]}
     assert all(resumed[i] == reference.losses[i] for i in resumed), (resumed, reference.losses)  # bitwise

@@ -357,6 +357,7 @@ def _throughput_overrides(
         f"model.recompute={recompute}",
         f"device={device}",
         "schedule.warmup_ratio=0",
+        "logging.tensorboard=false",
     ]
 
 
