@@ -253,5 +253,8 @@ class PackedDataset:
         first = int(self._documents[pack])
         lengths = self.conversation_lengths(pack)
         total = int(lengths.sum())
-        # A pack's conversations are contiguous on disk: one read spanning them all.
-        return Pack(self._ids.get(first, 0, total), self._mask.get(first, 0, total), lengths)
+        # A pack's conversations are contiguous on disk: one read spanning them all. Copied out of the
+        # memory map, which megatron-core's IndexedDataset unmaps when it is collected: a view would
+        # then crash the process that still holds the pack.
+        ids, mask = self._ids.get(first, 0, total), self._mask.get(first, 0, total)
+        return Pack(ids.copy(), mask.copy(), lengths.copy())

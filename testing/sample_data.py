@@ -56,8 +56,9 @@ class SampleSnapshot:
 
 
 class _Writer:
-    def __init__(self, rng: random.Random):
+    def __init__(self, rng: random.Random, length_scale: float = 1.0):
         self.rng = rng
+        self.length_scale = length_scale
 
     def words(self, n: int) -> str:
         out = []
@@ -70,7 +71,7 @@ class _Writer:
         return " ".join(out)
 
     def length(self, median: int) -> int:
-        return max(5, int(self.rng.lognormvariate(0.0, 0.9) * median))
+        return max(5, int(self.rng.lognormvariate(0.0, 0.9) * median * self.length_scale))
 
     def question(self, median: int = 60) -> str:
         return self.words(self.length(median)) + "?"
@@ -135,12 +136,17 @@ def _chat_row(w: _Writer, i: int) -> dict:
     }
 
 
-def write_sample_snapshot(root: str | Path, rows_per_subset: int = 50, seed: int = 1234) -> SampleSnapshot:
-    """Writes the six subset files under `root` and returns the expected aligner counts."""
+def write_sample_snapshot(
+    root: str | Path, rows_per_subset: int = 50, seed: int = 1234, length_scale: float = 1.0
+) -> SampleSnapshot:
+    """Writes the six subset files under `root` and returns the expected aligner counts.
+
+    `length_scale` multiplies every drawn question and answer length (not the two long-tail rows): the
+    demo uses short conversations so that a tiny model sees many reply openings per CPU second."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    w = _Writer(rng)
+    w = _Writer(rng, length_scale)
     snap = SampleSnapshot(root)
     makers = {
         "math": _math_row,

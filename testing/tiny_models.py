@@ -55,18 +55,27 @@ def tiny_qwen2_config(
 
 
 def make_tiny_qwen2(
-    out_dir: str | Path, *, seed: int = 0, max_shard_size: str = "20MB", **config_kwargs
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    max_shard_size: str = "20MB",
+    plain_init: bool = False,
+    **config_kwargs,
 ) -> Path:
-    """Writes a random `Qwen2ForCausalLM` (config from `tiny_qwen2_config(**config_kwargs)`) to `out_dir`."""
+    """Writes a random `Qwen2ForCausalLM` (config from `tiny_qwen2_config(**config_kwargs)`) to `out_dir`.
+
+    By default biases and norm weights are random too (N(0, 0.1), N(1, 0.1)), so that a converter or a
+    mapping that drops or swaps them shows in a comparison. `plain_init` keeps transformers' own
+    initialisation (zero biases, unit norms), the better starting point for a model meant to learn."""
     import torch
     from transformers import Qwen2ForCausalLM
 
     config = tiny_qwen2_config(**config_kwargs)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).to(torch.float32)
-    with torch.no_grad():  # random non-zero biases and norm weights, so a mapping that drops them shows
+    with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith(".bias") or "norm" in name:
+            if not plain_init and (name.endswith(".bias") or "norm" in name):
                 param.normal_(mean=1.0 if "norm" in name else 0.0, std=0.1)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
@@ -135,7 +144,18 @@ if __name__ == "__main__":
     )
     parser.add_argument("--layers", type=int, default=2, help="number of decoder layers (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights (default 0)")
-    args = parser.parse_args()
-    print(
-        make_tiny_qwen2(args.out_dir, seed=args.seed, tie_word_embeddings=args.tied, num_layers=args.layers)
+    parser.add_argument(
+        "--plain-init",
+        action="store_true",
+        help="transformers' own initialisation (zero biases, unit norms) instead of random biases and norm "
+        "weights (which make conversion tests sensitive to them but slow learning down)",
     )
+    args = parser.parse_args()
+    model_dir = make_tiny_qwen2(
+        args.out_dir,
+        seed=args.seed,
+        tie_word_embeddings=args.tied,
+        num_layers=args.layers,
+        plain_init=args.plain_init,
+    )
+    print(model_dir)

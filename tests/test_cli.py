@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -75,17 +76,31 @@ def test_trainer_rejects_a_bad_configuration_before_starting(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path):
+def test_demo_runs_end_to_end_and_learns_the_answer_format(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "demo.py"), "--out", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "kept 300 rows, dropped 15" in result.stdout
-    assert re.search(r"packs\s+\d+\s+x 2048 tokens, efficiency", result.stdout)
+    assert "kept 600 rows, dropped 15" in result.stdout
+    assert re.search(r"packs\s+\d+\s+x 512 tokens, efficiency", result.stdout)
     assert (tmp_path / "data" / "am_sample_meta.json").is_file()
-    assert re.search(r"trained 6 iterations: loss \d+\.\d+ -> \d+\.\d+", result.stdout)
+    assert (tmp_path / "data" / "am_sample_valid_meta.json").is_file()
     assert (tmp_path / "run" / "finished.json").is_file() and (tmp_path / "release" / "config.json").is_file()
-    assert "<|im_start|>assistant\n" in result.stdout and re.search(r"reply \(\d+ tokens\)", result.stdout)
+    assert "<|im_start|>assistant\n" in result.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    # Before training the model spreads its probability over the vocabulary (ln 151,936 = 11.9 nats).
+    assert summary["train_iterations"] == 160 and summary["loss_first"] > 11
+    assert summary["before_training"]["p_think_first_token"] < 1e-3
+    assert not summary["before_training"]["reply"].startswith("<think>")
+    # After: the loss has fallen far, on held-out conversations too, and replies open with <think>.
+    assert summary["loss_last10_mean"] < summary["loss_first"] / 3
+    val = [v["val_loss"] for v in summary["validation"]]
+    assert [v["iteration"] for v in summary["validation"]] == [40, 80, 120, 160]
+    assert val[-1] < val[0] and val[-1] < 4
+    assert summary["after_training"]["p_think_first_token"] > 0.5
+    assert summary["after_training"]["reply"].startswith("<think>")
+    assert Path(summary["curves"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"loss curves: {summary['curves']}" in result.stdout

@@ -3,6 +3,8 @@ the data-parallel split, and packed attention against a dense block-diagonal ref
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -105,6 +107,19 @@ def test_dataset_reads_packs_back_and_rejects_mismatched_files(tmp_path):
         PackedDataset(prefix)
     with pytest.raises(DataError, match="preprocess_sft.py"):
         PackedDataset(tmp_path / "missing")
+
+
+def test_a_pack_outlives_its_dataset(tmp_path):
+    # megatron-core's IndexedDataset unmaps its files when collected: a pack holding views into them
+    # would crash the process (a segfault) on first touch afterwards, so packs own their arrays.
+    packs = random_packs(3, 64, 500, seed=4)
+    dataset = PackedDataset(write_packed_dataset(tmp_path / "d", packs, 64, 500))
+    pack = dataset[2]
+    assert all(a.flags.owndata for a in (pack.input_ids, pack.loss_mask, pack.lengths))
+    del dataset
+    gc.collect()
+    assert np.array_equal(pack.input_ids, np.concatenate([ids for ids, _ in packs[2]]))
+    assert pack.lengths.tolist() == [len(ids) for ids, _ in packs[2]]
 
 
 def test_packed_attention_equals_block_diagonal_causal_reference():
