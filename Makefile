@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 # The full suite: what CI runs.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=30
 
 # The tier to run while editing (< 2 minutes on 2 cores): every package, without the multi-process
 # training runs, the demo and the Slurm job (tests marked `slow`).
