@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,26 @@ class Pack:
     lengths: np.ndarray  # int32 [conversations], summing to n
 
 
+# megatron-core's .idx: magic, version (1), dtype code, sequence count, document count, then the int32
+# sequence lengths, int64 byte pointers and int64 document indices.
+_INDEX_MAGIC, _INDEX_HEADER = b"MMIDIDX\x00\x00", struct.Struct("<9sQBQQ")
+
+
+def _index_problem(path: Path) -> str | None:
+    """What is wrong with the header or size of a megatron-core .idx file; None if nothing is."""
+    size = path.stat().st_size
+    if size < _INDEX_HEADER.size:
+        return f"{size} bytes, shorter than the {_INDEX_HEADER.size}-byte header"
+    with open(path, "rb") as f:
+        magic, version, _dtype, sequences, documents = _INDEX_HEADER.unpack(f.read(_INDEX_HEADER.size))
+    if magic != _INDEX_MAGIC or version != 1:
+        return "not a megatron-core indexed dataset index"
+    expected = _INDEX_HEADER.size + 12 * sequences + 8 * documents
+    if size != expected:
+        return f"{size:,} bytes where its header describes {expected:,}"
+    return None
+
+
 class PackedDataset:
     """Random access to the packs of one prefix (memory-mapped, nothing loaded eagerly)."""
 
@@ -180,20 +201,60 @@ class PackedDataset:
                 f"{self.paths.meta} not found: run tools/preprocess_sft.py --output-prefix {prefix} "
                 "(the meta file is written last, so a missing one means an incomplete output)"
             )
-        self.meta = json.loads(self.paths.meta.read_text())
+        try:
+            self.meta = json.loads(self.paths.meta.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(
+                f"{self.paths.meta} cannot be read ({exc}): re-run tools/preprocess_sft.py --output-prefix "
+                f"{prefix} --force"
+            ) from exc
         if self.meta.get("format") != FORMAT_VERSION:
             raise DataError(
                 f"{self.paths.meta}: format {self.meta.get('format')!r}, this trainer reads "
                 f"{FORMAT_VERSION!r}; re-run tools/preprocess_sft.py"
             )
         self.seq_length = int(self.meta["seq_length"])
-        indexed = indexed_dataset_module().IndexedDataset
-        self._ids = indexed(self.paths.input_ids)
-        self._mask = indexed(self.paths.loss_mask)
+        self._ids = self._open(self.paths.input_ids, TOKEN_DTYPE)
+        self._mask = self._open(self.paths.loss_mask, MASK_DTYPE)
         self._documents = self._ids.document_indices
         self._lengths = self._ids.sequence_lengths
         self._longest_padded: dict[int, int] = {}
         self._check()
+        self._check_sampled_values()
+
+    @property
+    def _fix(self) -> str:
+        return (
+            f"re-run tools/preprocess_sft.py --output-prefix {self.prefix} --force (or copy the dataset "
+            "again, if this is a copy)"
+        )
+
+    def _open(self, stem: str, dtype: type):
+        """One indexed dataset, its .bin size checked against what its .idx describes (a truncated copy,
+        a full disk): megatron-core would otherwise fail at the first read past the end, unnamed."""
+        for suffix in (".idx", ".bin"):
+            if not Path(stem + suffix).is_file():
+                raise DataError(
+                    f"{stem}{suffix} not found: the dataset {self.prefix} is incomplete; {self._fix}"
+                )
+        problem = _index_problem(Path(stem + ".idx"))
+        if problem:
+            raise DataError(f"{stem}.idx cannot be read ({problem}): the file is damaged; {self._fix}")
+        try:
+            dataset = indexed_dataset_module().IndexedDataset(stem)
+        except Exception as exc:  # a damage the header check cannot see fails in numpy, unnamed
+            raise DataError(f"{stem}.idx cannot be read ({exc}): the file is damaged; {self._fix}") from exc
+        index = dataset.index
+        if index.dtype != dtype:
+            raise DataError(f"{stem}: {index.dtype} values, expected {np.dtype(dtype)}; {self._fix}")
+        expected = int(index.sequence_lengths.sum(dtype=np.int64)) * np.dtype(dtype).itemsize
+        actual = Path(stem + ".bin").stat().st_size
+        if actual != expected:
+            raise DataError(
+                f"{stem}.bin holds {actual:,} bytes, its .idx describes {expected:,} "
+                f"({'truncated' if actual < expected else 'extra bytes at the end'}): {self._fix}"
+            )
+        return dataset
 
     @property
     def pad_multiple(self) -> int:
@@ -207,11 +268,6 @@ class PackedDataset:
         return int(self.meta["tokenizer"]["vocab_size"])
 
     def _check(self) -> None:
-        if self._ids.index.dtype != TOKEN_DTYPE or self._mask.index.dtype != MASK_DTYPE:
-            raise DataError(
-                f"{self.prefix}: expected int32 token ids and uint8 loss masks, found "
-                f"{self._ids.index.dtype} and {self._mask.index.dtype}"
-            )
         if not np.array_equal(self._documents, self._mask.document_indices) or not np.array_equal(
             self._lengths, self._mask.sequence_lengths
         ):
@@ -220,10 +276,13 @@ class PackedDataset:
                 "two "
                 "files come from different preprocessing runs; re-run tools/preprocess_sft.py"
             )
-        if len(self) != self.meta["stats"]["packs"]:
+        stats = self.meta["stats"]
+        tokens = int(self._lengths.sum(dtype=np.int64))
+        if len(self) != stats["packs"] or tokens != stats.get("tokens", tokens):
             raise DataError(
-                f"{self.prefix}: {len(self)} packs on disk, {self.paths.meta} says "
-                f"{self.meta['stats']['packs']}"
+                f"{self.prefix}: {len(self)} packs of {tokens:,} tokens on disk, {self.paths.meta} says "
+                f"{stats['packs']} of {stats.get('tokens', tokens):,}: the meta file belongs to another "
+                f"preprocessing run; {self._fix}"
             )
         longest = self.longest_padded_pack(self.pad_multiple)
         if longest > self.seq_length:
@@ -232,6 +291,25 @@ class PackedDataset:
                 f"{self.pad_multiple}), more than seq_length {self.seq_length}; "
                 "re-run tools/preprocess_sft.py"
             )
+
+    def _check_sampled_values(self, max_packs: int = 64) -> None:
+        """Token ids within the tokenizer's vocabulary and loss-mask values 0/1, in up to `max_packs`
+        packs spread evenly over the dataset (bit rot or a foreign file; reading all of a 10^10-token
+        dataset here would take minutes)."""
+        for pack in np.unique(np.linspace(0, len(self) - 1, min(len(self), max_packs)).astype(np.int64)):
+            p = self[int(pack)]
+            bad_ids = (p.input_ids < 0) | (p.input_ids >= self.vocab_size)
+            if bad_ids.any():
+                raise DataError(
+                    f"{self.paths.input_ids}.bin: pack {pack} holds token id {int(p.input_ids[bad_ids][0])}, "
+                    f"outside the tokenizer's vocabulary of {self.vocab_size} ({self.paths.meta}): the file "
+                    f"is damaged or was written with another tokenizer; {self._fix}"
+                )
+            if p.loss_mask.max(initial=0) > 1:
+                raise DataError(
+                    f"{self.paths.loss_mask}.bin: pack {pack} holds the mask value {int(p.loss_mask.max())} "
+                    f"(only 0 and 1 are written): the file is damaged; {self._fix}"
+                )
 
     def __len__(self) -> int:
         return len(self._documents) - 1

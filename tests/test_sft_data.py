@@ -4,6 +4,8 @@ the data-parallel split, and packed attention against a dense block-diagonal ref
 from __future__ import annotations
 
 import gc
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,6 +109,64 @@ def test_dataset_reads_packs_back_and_rejects_mismatched_files(tmp_path):
         PackedDataset(prefix)
     with pytest.raises(DataError, match="preprocess_sft.py"):
         PackedDataset(tmp_path / "missing")
+
+
+def _truncate(path, size):
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def _overwrite(path, offset, value):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(value)
+
+
+def _edit_meta(prefix, edit):
+    meta = json.loads(Path(f"{prefix}_meta.json").read_text())
+    edit(meta)
+    Path(f"{prefix}_meta.json").write_text(json.dumps(meta))
+
+
+DAMAGE = {  # what happened to the files -> what the error must say
+    "truncated ids": (
+        lambda p: _truncate(f"{p}_input_ids.bin", Path(f"{p}_input_ids.bin").stat().st_size - 100),
+        r"d_input_ids\.bin holds [\d,]+ bytes, its \.idx describes [\d,]+ \(truncated\)",
+    ),
+    "extra mask bytes": (
+        lambda p: Path(f"{p}_loss_mask.bin").write_bytes(Path(f"{p}_loss_mask.bin").read_bytes() + b"\0"),
+        r"d_loss_mask\.bin holds .* \(extra bytes at the end\)",
+    ),
+    "missing index": (lambda p: Path(f"{p}_loss_mask.idx").unlink(), r"d_loss_mask\.idx not found"),
+    "damaged index": (
+        lambda p: _truncate(f"{p}_input_ids.idx", 50),
+        r"d_input_ids\.idx cannot be read \(50 bytes where its header describes [\d,]+\)",
+    ),
+    "id outside the vocabulary": (
+        lambda p: _overwrite(f"{p}_input_ids.bin", 8, np.int32(500).tobytes()),
+        r"d_input_ids\.bin: pack 0 holds token id 500, outside the tokenizer's vocabulary of 500",
+    ),
+    "mask value 7": (
+        lambda p: _overwrite(f"{p}_loss_mask.bin", 3, b"\x07"),
+        r"d_loss_mask\.bin: pack 0 holds the mask value 7",
+    ),
+    "meta of another run": (
+        lambda p: _edit_meta(p, lambda m: m["stats"].update(tokens=m["stats"]["tokens"] + 1)),
+        r"d_meta\.json says 5 of [\d,]+: the meta file belongs to another preprocessing run",
+    ),
+    "meta not JSON": (lambda p: Path(f"{p}_meta.json").write_text("{"), r"d_meta\.json cannot be read"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_files_are_named_with_the_fix(tmp_path, damage):
+    prefix = write_packed_dataset(tmp_path / "d", random_packs(5, 48, 500, seed=2), 48, 500)
+    PackedDataset(prefix)  # intact
+    harm, message = DAMAGE[damage]
+    harm(prefix)
+    with pytest.raises(DataError, match=message) as error:
+        PackedDataset(prefix)
+    assert f"tools/preprocess_sft.py --output-prefix {prefix}" in str(error.value)
 
 
 def test_a_pack_outlives_its_dataset(tmp_path):
