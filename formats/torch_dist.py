@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import re
 import warnings
@@ -46,6 +47,7 @@ HF_CONFIG_FILE = "hf_config.json"
 TOKENIZER_DIR = "tokenizer"
 PROVENANCE_FILE = "provenance.json"
 _ITERATION_DIR = re.compile(r"^iter_(\d{7})$")
+log = logging.getLogger(__name__)
 
 
 def iteration_dir_name(iteration: int) -> str:
@@ -210,9 +212,45 @@ def complete_iterations(run_dir: str | Path) -> dict[int, Path]:
     return found
 
 
+def checkpoint_problems(checkpoint_dir: str | Path) -> list[str]:
+    """What keeps a checkpoint directory from loading: a missing or unreadable file, or a data file
+    shorter than the byte ranges its `.metadata` refers to (a node that died mid-copy, a full quota).
+    Reads the metadata and stats the files; reads no tensor data."""
+    path = Path(checkpoint_dir)
+    missing = [name for name in (".metadata", "metadata.json", "common.pt") if not (path / name).is_file()]
+    if ".metadata" in missing:
+        return [f"missing {name}" for name in missing]
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as exc:  # a truncated or foreign pickle
+        return [f"{path / '.metadata'} cannot be read ({type(exc).__name__}: {exc})"]
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    problems = [f"missing {name}" for name in missing]
+    for name, end in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            problems.append(f"missing {name}")
+        elif file.stat().st_size < end:
+            problems.append(f"{name} holds {file.stat().st_size:,} bytes, the metadata refers to {end:,}")
+    return problems
+
+
+def verify_checkpoint(checkpoint_dir: str | Path) -> Path:
+    """`checkpoint_dir`, or CheckpointError naming what `checkpoint_problems` found in it."""
+    problems = checkpoint_problems(checkpoint_dir)
+    if problems:
+        raise CheckpointError(
+            f"{checkpoint_dir} is damaged: " + "; ".join(problems) + ". Use an earlier checkpoint (a run "
+            "directory resolves to its newest intact one) or restore these files"
+        )
+    return Path(checkpoint_dir)
+
+
 def resolve_checkpoint(path: str | Path, iteration: int | None = None) -> Path:
-    """A checkpoint directory from either a checkpoint or a run directory (latest complete iteration,
-    or `iteration`)."""
+    """An intact checkpoint directory from either a checkpoint or a run directory (`iteration`, or the
+    newest intact one: damaged newer ones are skipped with a warning that names them)."""
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"{path} does not exist")
@@ -221,20 +259,28 @@ def resolve_checkpoint(path: str | Path, iteration: int | None = None) -> Path:
             raise InputError(
                 f"{path} is a single checkpoint; --iteration applies to a training run directory"
             )
-        return path
+        return verify_checkpoint(path)
     iterations = complete_iterations(path)
     if not iterations:
         raise CheckpointError(
             f"{path} is neither a torch_dist checkpoint (metadata.json + .metadata) nor a run "
             f"directory with complete iter_NNNNNNN/ checkpoints"
         )
-    if iteration is None:
-        return iterations[max(iterations)]
-    if iteration not in iterations:
-        raise CheckpointError(
-            f"{path}: no complete checkpoint for iteration {iteration}; available: {sorted(iterations)}"
-        )
-    return iterations[iteration]
+    if iteration is not None:
+        if iteration not in iterations:
+            raise CheckpointError(
+                f"{path}: no complete checkpoint for iteration {iteration}; available: {sorted(iterations)}"
+            )
+        return verify_checkpoint(iterations[iteration])
+    for candidate in sorted(iterations, reverse=True):
+        problems = checkpoint_problems(iterations[candidate])
+        if not problems:
+            return iterations[candidate]
+        log.warning("skipping the damaged checkpoint %s: %s", iterations[candidate], "; ".join(problems))
+    raise CheckpointError(
+        f"{path}: every checkpoint is damaged ({', '.join(p.name for p in iterations.values())}; the "
+        "warnings above say how); restore the missing files or start over"
+    )
 
 
 def read_hf_config(checkpoint_dir: str | Path) -> dict:

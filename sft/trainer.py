@@ -30,7 +30,7 @@ import torch.distributed as dist
 from common.distributed import init_process_group
 from common.errors import ConfigError, DataError
 from common.files import write_json_atomic
-from formats.torch_dist import TOKENIZER_DIR
+from formats.torch_dist import TOKENIZER_DIR, verify_checkpoint
 from models.backends import choose_backend, te_available
 from models.qwen2.arch import Qwen2Arch, find_hf_config
 from models.qwen2.attention import packed_attention_kernel
@@ -135,6 +135,8 @@ def check_run(config: TrainConfig, world_size: int, device: str) -> RunInputs:
             "to resume and model.init_checkpoint is not set (convert the HF weights with "
             "tools/convert_hf_to_mcore.py and set model.init_checkpoint=DIR)"
         )
+    if resume_from is None and config.model.init_checkpoint:
+        verify_checkpoint(config.model.init_checkpoint)  # resume_from was verified when it was chosen
     hf_config_file = find_hf_config(source)
     tokenizer_dir = Path(source) / TOKENIZER_DIR if (Path(source) / TOKENIZER_DIR).is_dir() else None
     arch = Qwen2Arch.from_path(hf_config_file)

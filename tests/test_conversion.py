@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from common.distributed import run_distributed
+from common.errors import CheckpointError
 from convert.hf_to_mcore import plan_chunks
 from convert.verify import hf_logits, sample_token_ids, verify_conversion
 from formats.chat_template import AM_THINKING
@@ -18,6 +19,7 @@ from formats.hf_safetensors import HFSafetensorsReader
 from formats.torch_dist import (
     Chunk,
     TorchDistReader,
+    checkpoint_problems,
     iteration_dir_name,
     resolve_checkpoint,
     write_checkpoint,
@@ -276,3 +278,33 @@ def test_export_errors_are_named(converted, tmp_path, capsys):
     (run / iteration_dir_name(1)).mkdir(parents=True)
     assert run_tool("convert_mcore_to_hf", ["--mcore", str(run), "--out", str(tmp_path / "o")]) == 2
     assert "complete iter_NNNNNNN" in capsys.readouterr().err
+
+
+def test_damaged_checkpoints_are_skipped_or_named(converted, tmp_path, caplog, capsys):
+    run = tmp_path / "run"
+    for iteration in (2, 4):
+        shutil.copytree(converted, run / iteration_dir_name(iteration))
+    newest = run / iteration_dir_name(4)
+    lost = sorted(newest.glob("*.distcp"))[-1]
+    lost.unlink()  # a node died before its file was copied
+    with caplog.at_level("WARNING"):
+        assert resolve_checkpoint(run) == run / iteration_dir_name(2)
+    assert f"skipping the damaged checkpoint {newest}: missing {lost.name}" in caplog.text
+    with pytest.raises(CheckpointError, match=rf"iter_0000004 is damaged: missing {lost.name}\. Use an"):
+        resolve_checkpoint(run, 4)
+    assert run_tool("convert_mcore_to_hf", ["--mcore", str(newest), "--out", str(tmp_path / "o")]) == 2
+    assert f"is damaged: missing {lost.name}" in capsys.readouterr().err
+
+    short = sorted((run / iteration_dir_name(2)).glob("*.distcp"))[0]
+    full = short.stat().st_size  # a DCP data file is its items back to back
+    with open(short, "r+b") as f:  # a full quota: the file stops early
+        f.truncate(full // 2)
+    assert checkpoint_problems(run / iteration_dir_name(2)) == [
+        f"{short.name} holds {full // 2:,} bytes, the metadata refers to {full:,}"
+    ]
+    with pytest.raises(CheckpointError, match="every checkpoint is damaged"):
+        resolve_checkpoint(run)
+    (run / iteration_dir_name(2) / ".metadata").write_bytes(b"not a pickle")
+    assert checkpoint_problems(run / iteration_dir_name(2))[0].startswith(
+        f"{run / iteration_dir_name(2) / '.metadata'} cannot be read"
+    )

@@ -7,6 +7,7 @@ in closed form, and run validation."""
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -329,9 +330,13 @@ def test_resume_is_exact_after_a_kill_during_a_save_and_after_a_signal(setup, re
     stopped = _train(setup, tmp_path, 1, *CURVES, fault=("signal", 5))
     assert stopped["stopped"] and sorted(stopped["losses"]) == [3, 4, 5]
     assert not (tmp_path / "iter_0000004.partial").exists() and (tmp_path / "iter_0000005").is_dir()
-    # 3. Resumes from the signal's checkpoint and finishes.
+    # 3. The signal's checkpoint loses a data file (a node died mid-copy): resume=auto skips it, resumes
+    #    from iteration 4 and finishes.
+    assert (tmp_path / "iter_0000004").is_dir()
+    lost = sorted((tmp_path / "iter_0000005").glob("*.distcp"))[0]
+    lost.unlink()
     finished = _train(setup, tmp_path, 1, *CURVES)
-    assert sorted(finished["losses"]) == [6]
+    assert sorted(finished["losses"]) == [5, 6]
     resumed = {**stopped["losses"], **finished["losses"]}
     assert all(resumed[i] == reference.losses[i] for i in resumed), (resumed, reference.losses)  # bitwise
     final = _weights(tmp_path / "iter_0000006")
@@ -360,7 +365,7 @@ def test_a_non_finite_step_is_skipped_and_too_many_abort(setup, tmp_path):
 
 
 def test_run_checks_name_the_problem_before_training(setup, tmp_path):
-    from common.errors import ConfigError, DataError
+    from common.errors import CheckpointError, ConfigError, DataError
     from sft.config import load_config
     from sft.trainer import check_run
 
@@ -377,3 +382,8 @@ def test_run_checks_name_the_problem_before_training(setup, tmp_path):
     config = load_config(None, _overrides(setup, tmp_path) + ["parallel.tensor=3"])
     with pytest.raises(ConfigError, match="parallel.tensor=3 must divide the attention heads"):
         check_run(config, world_size=3, device="cpu")
+    damaged = shutil.copytree(setup.mcore, tmp_path / "damaged")
+    next(damaged.glob("*.distcp")).unlink()
+    config = load_config(None, _overrides(setup, tmp_path) + [f"model.init_checkpoint={damaged}"])
+    with pytest.raises(CheckpointError, match=r"damaged is damaged: missing __\d_\d\.distcp"):
+        check_run(config, world_size=1, device="cpu")
