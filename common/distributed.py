@@ -17,6 +17,7 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import time
 import traceback
 
 import torch
@@ -107,13 +108,17 @@ def run_distributed(fn, world_size: int, *args, device: str = "cpu", timeout: fl
     for process in ranks:
         process.start()
     outcomes = {}
+    deadline = time.monotonic() + timeout
     try:
         while len(outcomes) < world_size:
             try:
-                rank, ok, value = results.get(timeout=timeout)
+                rank, ok, value = results.get(timeout=1.0)
             except queue.Empty:
                 missing = sorted(set(range(world_size)) - set(outcomes))
-                raise TimeoutError(f"no result from ranks {missing} within {timeout:.0f} s") from None
+                _raise_if_exited_without_result(ranks, missing, results)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no result from ranks {missing} within {timeout:.0f} s") from None
+                continue
             if not ok:
                 raise RuntimeError(f"rank {rank} failed: {value}")
             outcomes[rank] = torch.load(io.BytesIO(value), weights_only=False)
@@ -123,3 +128,18 @@ def run_distributed(fn, world_size: int, *args, device: str = "cpu", timeout: fl
             if process.is_alive():
                 process.kill()
     return [outcomes[rank] for rank in range(world_size)]
+
+
+def _raise_if_exited_without_result(ranks: list, missing: list[int], results) -> None:
+    """RuntimeError when a rank's process has ended without reporting (killed, os._exit, a crash at
+    import), instead of waiting out the timeout. A result still in the queue's pipe is read first."""
+    exited = [rank for rank in missing if ranks[rank].exitcode is not None]
+    if not exited:
+        return
+    try:
+        results.put(results.get(timeout=5.0))  # a late result: the caller's next get() reads it
+        return
+    except queue.Empty:
+        pass
+    codes = ", ".join(f"rank {rank} exited with status {ranks[rank].exitcode}" for rank in exited)
+    raise RuntimeError(f"{codes} without a result")

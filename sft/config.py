@@ -27,6 +27,8 @@ from formats.packed import PackedPaths
 from formats.torch_dist import HF_CONFIG_FILE
 from models.parallel_layout import ParallelLayout
 
+from .watchdog import WatchdogConfig
+
 RECOMPUTE_MODULES = {"core_attn", "mlp", "layernorm"}  # megatron-core's, for a dense model
 
 
@@ -129,6 +131,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)  # sft/watchdog.py: hung steps
     device: Literal["auto", "cuda", "cpu"] = "auto"
     seed: int = 1234
     # process-group (NCCL/gloo) timeout: well above the longest checkpoint save or load of the run
@@ -230,6 +233,12 @@ def _check_values(c: TrainConfig) -> list[str]:
         problems.append("checkpoint.keep_last_n must be >= 1, or null to keep every checkpoint")
     if c.checkpoint.save_interval < 1:
         problems.append("checkpoint.save_interval must be >= 1")
+    w = c.watchdog
+    if w.step_factor <= 1 or w.min_step_seconds <= 0 or w.first_step_seconds <= 0:
+        problems.append(
+            "watchdog.step_factor must be > 1 and watchdog.min_step_seconds, first_step_seconds > 0 "
+            f"(got {w.step_factor}, {w.min_step_seconds}, {w.first_step_seconds})"
+        )
     if c.timeout_minutes < 1:
         problems.append("timeout_minutes must be >= 1 (the process-group timeout; default 60)")
     for name in ("epochs", "global_batch_size", "max_consecutive_nonfinite"):

@@ -55,6 +55,7 @@ from .config import TrainConfig, dump_config
 from .data import MicroBatch, SFTData, ValidationData, default_valid_prefixes, layout_problems
 from .metrics import MetricsLogger, peak_memory_gb
 from .plots import plot_metrics
+from .watchdog import StepWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,7 @@ class Trainer:
         self._stop_signal: int | None = None
         self._stop_agreed = False  # set by each step's loss all-reduce
         self._prefetcher = ThreadPoolExecutor(1, "prefetch") if config.data.prefetch else None
+        self.watchdog = StepWatchdog(config.watchdog, self.rank)
         self._prefetched: tuple[int, Future] | None = None  # (consumed samples it is for, its future)
         cc = config.checkpoint
         self.checkpoints = CheckpointSaver(
@@ -389,7 +391,8 @@ class Trainer:
         losses, last_checkpoint, failed = {}, None, True
         try:
             while self.state.iteration < self.train_iters:
-                loss = self.train_step()
+                with self.watchdog.step(self.state.iteration + 1):
+                    loss = self.train_step()
                 losses[self.state.iteration] = loss
                 self.checkpoints.poll()
                 stop = self._stop_agreed
@@ -414,6 +417,7 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.metrics.close()
+            self.watchdog.close()
             if self._prefetcher is not None:
                 self._prefetcher.shutdown(wait=True, cancel_futures=True)
         if self.state.iteration >= self.train_iters and self.rank == 0:
@@ -441,9 +445,11 @@ class Trainer:
 
         c, s = self.config, self.state
         start = time.perf_counter()
+        self.watchdog.phase("data")
         micro_batches = self._next_micro_batches(s.consumed_samples)
         if self.device == "cuda":
             micro_batches = [mb.to(torch.cuda.current_device()) for mb in micro_batches]
+        self.watchdog.phase("forward-backward (gradient reduction included)")
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -457,14 +463,17 @@ class Trainer:
             micro_batch_size=1,
             forward_only=False,
         )
+        self.watchdog.phase("loss all-reduce")
         loss_sum, loss_tokens = self._global_loss(reduced)
         loss = loss_sum / max(loss_tokens, 1)
+        self.watchdog.phase("gradient norm")
         # Checked before stepping: megatron-core's bf16/fp32 step has no finiteness check of its own (only
         # fp16 loss scaling has one). step() repeats prepare_grads, an idempotent copy into the main grads.
         found_inf = self.optimizer.prepare_grads()
         grad_norm = float(self.optimizer.get_grad_norm())
         finite = not found_inf and math.isfinite(loss) and math.isfinite(grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        self.watchdog.phase("optimizer step")
         if finite:
             self.optimizer.step()
             self.scheduler.step(increment=1)
@@ -478,6 +487,7 @@ class Trainer:
         if self.device == "cuda":
             torch.cuda.synchronize()
         step_time = time.perf_counter() - start
+        self.watchdog.phase("metrics")
         self._log(loss, lr, grad_norm, loss_tokens, consumed_before, step_time, finite)
         if not finite and s.consecutive_nonfinite >= c.schedule.max_consecutive_nonfinite:
             raise NonFiniteLossError(

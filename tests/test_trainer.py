@@ -7,6 +7,7 @@ in closed form, and run validation."""
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -346,6 +347,23 @@ def test_resume_is_exact_after_a_kill_during_a_save_and_after_a_signal(setup, re
     assert [r["iteration"] for r in records] == list(
         range(1, ITERS + 1)
     )  # the crashed attempt's lines are gone
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_ends_the_others_within_the_watchdog_bound(setup, tmp_path, capfd):
+    from sft.watchdog import EXIT_HUNG
+
+    watchdog = ("watchdog.min_step_seconds=4", "watchdog.step_factor=5")
+    with pytest.raises(RuntimeError, match=rf"rank 0 exited with status {EXIT_HUNG} without a result"):
+        _train(setup, tmp_path, 2, *watchdog, fault=("freeze", 3))
+    err = capfd.readouterr().err
+    report = re.search(
+        r"rank 0: iteration 3 has spent (\d+) s in phase '([^']+)', past the bound of (\d+) s", err
+    )
+    assert report, err[-3000:]
+    spent, phase, bound = int(report.group(1)), report.group(2), int(report.group(3))
+    assert phase.startswith("forward-backward") and 4 <= bound < spent <= bound + 2
+    assert "Stacks of this process" in err and "Thread" in err  # where it hung, for the post-mortem
 
 
 @pytest.mark.slow

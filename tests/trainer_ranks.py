@@ -9,7 +9,9 @@ per-iteration losses. `fault` injects what a real run meets, inside the real cod
   iteration k + 1 while the checkpoint of iteration k is still being written; the result records which
   checkpoints were complete when each save started;
 - ("signal", k): rank 0 receives SIGUSR1 during iteration k;
-- ("nan_loss", k): the loss of iteration k is NaN (k = 0: every iteration).
+- ("nan_loss", k): the loss of iteration k is NaN (k = 0: every iteration);
+- ("freeze", k): the last rank stops (SIGSTOP, as a frozen node: its threads too) at the start of
+  iteration k; the others block in the step's first collective.
 """
 
 from __future__ import annotations
@@ -70,6 +72,14 @@ def _inject(trainer, fault) -> None:
             return step()
 
         trainer.train_step = crashing_step
+    elif kind == "freeze":
+
+        def freezing_step():
+            if trainer.state.iteration == k - 1 and trainer.rank == trainer.world_size - 1:
+                os.kill(os.getpid(), signal.SIGSTOP)
+            return step()
+
+        trainer.train_step = freezing_step
     elif kind == "nan_loss":
         loss_func = trainer_module.loss_func
 

@@ -1,0 +1,115 @@
+"""A per-rank watchdog that ends a process whose training step hangs.
+
+A hung collective (another rank died, froze or lost its network) blocks every rank in it; torch's own
+timeouts (the process-group timeout, NCCL's watchdog) fire only after `timeout_minutes`, which has to
+cover the longest checkpoint save. Steps are far more regular than that, so each step is bounded by
+`max(min_step_seconds, step_factor x the median of recent steps)` (`first_step_seconds` until one step
+has completed): a daemon thread checks the step in progress, and past the bound logs which rank, which
+iteration and which phase, dumps every thread's stack, and exits the process with `EXIT_HUNG`, so that
+the job fails and the scheduler's requeue takes over instead of holding its GPUs.
+
+Only training steps are watched; checkpoint saves, loads and evaluation are bounded by the process-group
+timeout alone.
+
+    watchdog = StepWatchdog(WatchdogConfig(), rank=0)
+    with watchdog.step(iteration=7):
+        watchdog.phase("forward-backward")
+        ...
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import statistics
+import sys
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+EXIT_HUNG = 3  # the exit status of a process the watchdog ended
+
+
+@dataclass
+class WatchdogConfig:
+    enabled: bool = True
+    # a step is hung past max(min_step_seconds, step_factor x the median of the last 50 steps)
+    step_factor: float = 10.0
+    min_step_seconds: float = 300.0
+    first_step_seconds: float = 1800.0  # the bound until a step has completed (start-up, first batches)
+
+
+class StepWatchdog:
+    def __init__(self, config: WatchdogConfig, rank: int, poll_seconds: float = 1.0):
+        self.config, self.rank = config, rank
+        self._durations: deque[float] = deque(maxlen=50)
+        self._lock = threading.Lock()
+        self._armed: tuple[int, float] | None = None  # (iteration, start) of the step in progress
+        self._phase = ""
+        self._poll = poll_seconds
+        self._closed = threading.Event()
+        if config.enabled:
+            threading.Thread(target=self._watch, name="step-watchdog", daemon=True).start()
+
+    def close(self) -> None:
+        """Stops watching (the thread ends within one poll interval)."""
+        self._closed.set()
+
+    def bound(self) -> float:
+        """Seconds the next step may take."""
+        c = self.config
+        if not self._durations:
+            return c.first_step_seconds
+        return max(c.min_step_seconds, c.step_factor * statistics.median(self._durations))
+
+    @contextmanager
+    def step(self, iteration: int):
+        """Watches the block as the step of `iteration`; its duration joins the median when it completes."""
+        with self._lock:
+            self._armed, self._phase = (iteration, time.monotonic()), "start"
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._durations.append(time.monotonic() - self._armed[1])
+                self._armed = None
+
+    def phase(self, name: str) -> None:
+        """Names what the step in progress is doing now (reported if it hangs there)."""
+        self._phase = name
+
+    def _watch(self) -> None:
+        while not self._closed.wait(self._poll):
+            with self._lock:
+                armed, phase, bound = self._armed, self._phase, self.bound()
+            if armed is not None and time.monotonic() - armed[1] > bound:
+                self._fire(armed[0], phase, time.monotonic() - armed[1], bound)
+
+    def _fire(self, iteration: int, phase: str, elapsed: float, bound: float) -> None:
+        c = self.config
+        median = f"{statistics.median(self._durations):.2f} s" if self._durations else "none yet"
+        log.error(
+            "rank %d: iteration %d has spent %.0f s in phase '%s', past the bound of %.0f s "
+            "(max(watchdog.min_step_seconds=%g, watchdog.step_factor=%g x median step %s)): a collective is "
+            "probably hung on a rank that died or stalled; exiting with status %d so that the job fails "
+            "and can be requeued. Stacks of this process:",
+            self.rank,
+            iteration,
+            elapsed,
+            phase,
+            bound,
+            c.min_step_seconds,
+            c.step_factor,
+            median,
+            EXIT_HUNG,
+        )
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(EXIT_HUNG)  # the main thread is stuck in the collective: no clean way out of it
