@@ -19,6 +19,7 @@
 #                  sets up the environment instead (e.g. a container or module load)
 #   LOG_DIR        per-job log directory root (default REPO/logs): LOG_DIR/JOBID/nodeN-HOST.log holds
 #                  every rank of node N (appended to when the job is requeued)
+#   MAX_FAILURE_REQUEUES  requeues after failures over the whole run (default 3; USR1 stops don't count)
 #   WANDB_API_KEY  only read from the environment by wandb; this script never prints or stores it
 #
 # One srun task per node starts torchrun with a c10d rendezvous hosted on the first node of the
@@ -28,7 +29,10 @@
 # Fault handling: 15 minutes before the time limit Slurm sends USR1 to this script, which passes it
 # to the trainer; the trainer saves a checkpoint after its current iteration and stops; the script
 # then requeues the job, which resumes from that checkpoint (checkpoint.resume=auto). A job that
-# fails (non-zero exit) is not requeued: it fails, so a crash never turns into a resubmission loop.
+# fails (a rank's non-zero exit, a lost node, a hung step ended by the trainer's watchdog) is requeued
+# too, to resume from its newest intact checkpoint, at most MAX_FAILURE_REQUEUES times over the run
+# (default 3; counted in SAVE_DIR/failure_requeues.json), and not when it failed again without a new
+# checkpoint since the previous failure (sft/requeue.py), so a crash never turns into a loop.
 #
 #SBATCH --job-name=k2think-sft
 #SBATCH --nodes=32
@@ -106,10 +110,7 @@ done
 
 SAVE_DIR=$(python -c 'import sys; from sft.config import load_config; print(load_config(sys.argv[1], sys.argv[2].split()).checkpoint.save_dir)' \
     "$CONFIG" "$OVERRIDES")
-if [ "$STATUS" = 0 ] && [ -f "$SAVE_DIR/finished.json" ]; then
-    echo "training finished: $SAVE_DIR/finished.json"
-elif [ "$STATUS" = 0 ] && [ "$SIGNALLED" = 1 ]; then
-    echo "stopped on USR1 with a checkpoint; requeueing job $SLURM_JOB_ID to resume"
+requeue() {
     # Slurm refuses a requeue while the finished step is still completing: retry for a while.
     for attempt in $(seq 20); do
         scontrol requeue "$SLURM_JOB_ID" && exit 0
@@ -117,9 +118,25 @@ elif [ "$STATUS" = 0 ] && [ "$SIGNALLED" = 1 ]; then
         sleep 3
     done
     echo "could not requeue job $SLURM_JOB_ID; resubmit it to resume from the checkpoint" >&2
-    STATUS=1
+    exit 1
+}
+
+if [ "$STATUS" = 0 ] && [ -f "$SAVE_DIR/finished.json" ]; then
+    echo "training finished: $SAVE_DIR/finished.json"
+elif [ "$STATUS" = 0 ] && [ "$SIGNALLED" = 1 ]; then
+    echo "stopped on USR1 with a checkpoint; requeueing job $SLURM_JOB_ID to resume"
+    requeue
 else
-    echo "training failed (exit status $STATUS); not requeued, see $LOG_DIR" >&2
-    [ "$STATUS" = 0 ] && STATUS=1
+    [ "$STATUS" = 0 ] && STATUS=1  # stopped without finishing or being asked to: a failure too
+    # The cause: the watchdog's report of a hung step, else the last error line of any rank.
+    CAUSE=$( (grep -h "past the bound" "$LOG_DIR"/node*.log || grep -h -E "Error|error:" "$LOG_DIR"/node*.log) \
+        2>/dev/null | tail -n 1 | cut -c1-300 || true)
+    echo "training failed (exit status $STATUS): ${CAUSE:-no error line in the node logs}; logs in $LOG_DIR" >&2
+    if python -m sft.requeue "$SAVE_DIR" --status "$STATUS" --max-requeues "${MAX_FAILURE_REQUEUES:-3}" \
+            --cause "$CAUSE" --job "$SLURM_JOB_ID"; then
+        echo "requeueing job $SLURM_JOB_ID after the failure to resume from its newest intact checkpoint"
+        requeue
+    fi
+    echo "not requeued; fix the cause and resubmit (it resumes from the newest intact checkpoint)" >&2
 fi
 exit "$STATUS"

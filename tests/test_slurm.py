@@ -2,16 +2,20 @@
 
 The job trains the tiny model with configs/tiny_cpu.yaml on 2 nodes x 2 gloo processes; USR1 to the
 batch script makes the trainer checkpoint and stop, the script requeues the job, and the second run
-resumes and finishes. The losses must equal those of the same run started by a plain torchrun.
+resumes and finishes; a rank killed mid-run fails the job, which requeues itself and resumes; a job
+that fails at start-up is requeued once and then stops. The losses must equal those of the same run
+started by a plain torchrun.
 
 Without a reachable cluster the test is skipped, unless K2_SLURM=required (as in CI), where it fails.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -85,16 +89,15 @@ def _wait_for(condition, timeout: float, what: str, poll: float = 1.0):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def test_sbatch_trains_on_two_nodes_checkpoints_on_usr1_and_resumes(cluster, run_inputs, tmp_path):
-    save_dir, logs = tmp_path / "run", tmp_path / "logs"
+def _submit(run_inputs, tmp_path, save_dir: Path, overrides: list[str] | None = None) -> str:
     env = {
         **os.environ,
         "CONFIG": "configs/tiny_cpu.yaml",
         "GPUS_PER_NODE": "2",
-        "LOG_DIR": str(logs),
+        "LOG_DIR": str(tmp_path / "logs"),
         "REPO": str(ROOT),
         "VENV": str(Path(sys.executable).parents[1]),
-        "OVERRIDES": " ".join(_overrides(run_inputs, save_dir)),
+        "OVERRIDES": " ".join(overrides or _overrides(run_inputs, save_dir)),
     }
     submitted = subprocess.run(
         [
@@ -112,24 +115,81 @@ def test_sbatch_trains_on_two_nodes_checkpoints_on_usr1_and_resumes(cluster, run
         text=True,
         check=True,
     )
-    job = submitted.stdout.strip().split(";")[0]
+    return submitted.stdout.strip().split(";")[0]
+
+
+def _wait_for_the_end(job: str) -> str:
+    """The final state of `job`, through its requeues."""
+
+    def requeued_or_done():
+        state = _job_field(job, "JobState")
+        if state == "PENDING" and _job_field(job, "Reason") == "BeginTime":
+            # Slurm delays a requeued job's start by a couple of minutes; not what is tested here.
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+        return state if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
+
+    return _wait_for(requeued_or_done, 600, "the job to finish", poll=2.0)
+
+
+def _job_output(job: str, tmp_path: Path) -> str:
+    logs = "".join(p.read_text()[-3000:] for p in (tmp_path / "logs").rglob("*.log"))
+    return (tmp_path / f"job-{job}.out").read_text() + logs
+
+
+@pytest.fixture(scope="module")
+def plain_torchrun_losses(run_inputs, tmp_path_factory) -> dict[int, float]:
+    """The same run started by a plain torchrun on one node, uninterrupted."""
+    plain = tmp_path_factory.mktemp("plain") / "run"
+    subprocess.run(
+        [
+            str(Path(sys.executable).parent / "torchrun"),
+            "--standalone",
+            "--nproc-per-node=4",
+            "pretrain_sft.py",
+            "--config",
+            "configs/tiny_cpu.yaml",
+            *_overrides(run_inputs, plain),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return _losses(plain)
+
+
+def _worker_pids(save_dir: Path) -> list[int]:
+    """The trainer processes (torchrun's workers, not torchrun or the srun shell) of the run at save_dir."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in argv]
+        if (
+            "pretrain_sft.py" in args[:3]
+            and not any("torchrun" in a or a == "-c" for a in args[:3])
+            and f"checkpoint.save_dir={save_dir}" in args
+        ):
+            pids.append(int(cmdline.parent.name))
+    return sorted(pids)
+
+
+def test_sbatch_trains_on_two_nodes_checkpoints_on_usr1_and_resumes(
+    cluster, run_inputs, plain_torchrun_losses, tmp_path
+):
+    save_dir, logs = tmp_path / "run", tmp_path / "logs"
+    job = _submit(run_inputs, tmp_path, save_dir)
     try:
         metrics = save_dir / "metrics.jsonl"
         _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 300, "iteration 2")
         subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)  # as --signal=B:USR1@T does
-
-        def requeued_or_done():
-            state = _job_field(job, "JobState")
-            if state == "PENDING" and _job_field(job, "Reason") == "BeginTime":
-                # Slurm delays a requeued job's start by a couple of minutes; not what is tested here.
-                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
-            return state if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
-
-        final_state = _wait_for(requeued_or_done, 600, "the job to finish", poll=2.0)
+        final_state = _wait_for_the_end(job)
     finally:
         subprocess.run(["scancel", job], capture_output=True)
     output = (tmp_path / f"job-{job}.out").read_text()
-    assert final_state == "COMPLETED", output + "".join(p.read_text()[-3000:] for p in logs.rglob("*.log"))
+    assert final_state == "COMPLETED", _job_output(job, tmp_path)
     assert _job_field(job, "Restarts") == "1"
     assert "requeueing job" in output and "training finished" in output
 
@@ -146,23 +206,47 @@ def test_sbatch_trains_on_two_nodes_checkpoints_on_usr1_and_resumes(cluster, run
     # rank 0 (which logs at INFO) is on whichever node won the rendezvous, not necessarily node 0
     assert "resumed from" in "".join(p.read_text() for p in node_logs)
 
-    # The same run started by a plain torchrun on one node: the same losses.
-    plain = tmp_path / "plain"
-    subprocess.run(
-        [
-            str(Path(sys.executable).parent / "torchrun"),
-            "--standalone",
-            "--nproc-per-node=4",
-            "pretrain_sft.py",
-            "--config",
-            "configs/tiny_cpu.yaml",
-            *_overrides(run_inputs, plain),
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    expected, got = _losses(plain), _losses(save_dir)
-    assert sorted(got) == list(range(1, 9)) and got.keys() == expected.keys()
-    assert all(got[i] == pytest.approx(expected[i], rel=1e-6) for i in expected), (got, expected)
+    got = _losses(save_dir)
+    assert sorted(got) == list(range(1, 9)) and got.keys() == plain_torchrun_losses.keys()
+    assert all(got[i] == pytest.approx(plain_torchrun_losses[i], rel=1e-6) for i in got), got
+
+
+def test_a_killed_rank_fails_the_job_which_requeues_itself_and_resumes(
+    cluster, run_inputs, plain_torchrun_losses, tmp_path
+):
+    save_dir = tmp_path / "run"
+    overrides = _overrides(run_inputs, save_dir)[:-1] + ["checkpoint.save_interval=2"]
+    job = _submit(run_inputs, tmp_path, save_dir, overrides)
+    try:
+        metrics = save_dir / "metrics.jsonl"
+        _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 300, "iteration 3")
+        victim = _wait_for(lambda: _worker_pids(save_dir)[-1:], 60, "a trainer process")[0]
+        os.kill(victim, signal.SIGKILL)  # as the kernel's OOM killer or a dying node would
+        final_state = _wait_for_the_end(job)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    output = (tmp_path / f"job-{job}.out").read_text()
+    assert final_state == "COMPLETED", _job_output(job, tmp_path)
+    assert _job_field(job, "Restarts") == "1"
+    assert "training failed (exit status" in output and "requeue: failure requeue 1 of 3" in output
+    (failure,) = json.loads((save_dir / "failure_requeues.json").read_text())["failures"]
+    assert failure["job"] == job and failure["exit_status"] != 0 and failure["checkpoint_iteration"] >= 2
+    got = _losses(save_dir)
+    assert sorted(got) == list(range(1, 9))
+    assert all(got[i] == pytest.approx(plain_torchrun_losses[i], rel=1e-6) for i in got), got
+
+
+def test_a_job_failing_at_start_up_stops_after_one_retry_without_progress(cluster, run_inputs, tmp_path):
+    save_dir = tmp_path / "run"
+    overrides = [o for o in _overrides(run_inputs, save_dir) if not o.startswith("data.prefixes=")]
+    job = _submit(run_inputs, tmp_path, save_dir, [*overrides, f"data.prefixes=[{tmp_path / 'missing'}]"])
+    try:
+        final_state = _wait_for_the_end(job)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    output = (tmp_path / f"job-{job}.out").read_text()
+    assert final_state == "FAILED", _job_output(job, tmp_path)
+    assert _job_field(job, "Restarts") == "1"
+    assert "requeue: failure requeue 1 of 3 (newest intact checkpoint: none)" in output
+    assert "do not requeue: failed again without progress since the previous failure" in output
+    assert "not requeued; fix the cause and resubmit" in output
