@@ -6,7 +6,8 @@ reasoning-trace distribution (log-normal, median ~3K tokens, tail past 32K):
 
 1. raw tokenizer throughput: the same tokenizer's Rust batch encode of the same texts, all cores;
 2. end to end: `tools/preprocess_sft.py --workers <cores>` as a subprocess (tokenise, spill, pack,
-   write indexed files), tokens/s and peak RSS of its process tree; goal >= 0.8x (1);
+   write indexed files), tokens/s and peak RSS of its process tree; goal >= 0.8x (1); its write stage's
+   bytes/s against a plain sequential write of as many bytes to the same directory (goal >= 0.5x);
 3. packing quality at 32K: best-fit decreasing vs LLaMA-Factory's per-1000-sample greedy knapsack on
    the corpus's lengths and on 2 million synthetic lengths (goals: >= 99.5% fill, strictly fewer packs);
 4. packing time for 2 million lengths (goal < 10 s).
@@ -104,9 +105,23 @@ def stage_seconds(output: str) -> dict[str, float]:
     line = next(line for line in output.splitlines() if "stage times:" in line)
     stages = line.split("stage times:", 1)[1].split(",")
     return {
-        re.sub(r" \d+ \w+$", "", part.strip().rsplit(" ", 2)[0]): float(part.strip().rsplit(" ", 2)[1])
+        # "write 2753 train packs 7.8 s" -> "write"
+        re.sub(r" \d+( \w+)+$", "", part.strip().rsplit(" ", 2)[0]): float(part.strip().rsplit(" ", 2)[1])
         for part in stages
     }
+
+
+def plain_sequential_write(path: Path, nbytes: int, block: int = 64 << 20) -> float:
+    """Seconds to write `nbytes` to `path` in `block`-byte writes, without fsync, like the write stage
+    (its files are synced at commit, a later stage); the file is removed afterwards."""
+    data = np.random.default_rng(0).integers(0, 256, size=block, dtype=np.uint8).tobytes()
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        for offset in range(0, nbytes, block):
+            f.write(data[: min(block, nbytes - offset)])
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return seconds
 
 
 def packing_figures(lengths: np.ndarray) -> dict:
@@ -178,6 +193,8 @@ def main() -> int:
         stages = stage_seconds(output)
         meta = json.loads(Path(f"{prefix}_meta.json").read_text())
         stats = meta["stats"]
+        written = stats["tokens"] * 5  # int32 ids + uint8 mask
+        plain_s = plain_sequential_write(work / "out" / "plain.bin", written)
         from formats.packed import indexed_dataset_module
 
         dataset = indexed_dataset_module().IndexedDataset(f"{prefix}_input_ids")
@@ -201,6 +218,9 @@ def main() -> int:
         "tokenise_stage_tokens_per_s": round(stage_tps),
         "tokenise_stage_vs_raw": round(stage_tps / raw_tps, 3),
         "stage_seconds": stages,
+        "write_stage_mb_per_s": round(written / stages["write"] / 1e6, 1),
+        "plain_sequential_write_mb_per_s": round(written / plain_s / 1e6, 1),
+        "write_stage_vs_plain_write": round(plain_s / stages["write"], 3),
         "pipeline_peak_rss_mb": round(peak_rss / 2**20),
         "pipeline_peak_rss_anon_mb": round(peak_anon / 2**20),
         "pipeline_packing_efficiency": stats["packing_efficiency"],
@@ -219,6 +239,12 @@ def main() -> int:
         f"start-up and fixed costs ({wall - stages['tokenise']:.1f} s: "
         + ", ".join(f"{k} {v} s" for k, v in stages.items() if k != "tokenise")
         + ", process start and imports)"
+    )
+    write_mb_s, plain_mb_s = written / stages["write"] / 1e6, written / plain_s / 1e6
+    print(
+        f"write stage: {written / 1e6:,.0f} MB in {stages['write']:.2f} s = {write_mb_s:,.0f} MB/s; a plain "
+        f"sequential write of as many bytes to the same directory: {plain_mb_s:,.0f} MB/s -> "
+        f"{plain_s / stages['write']:.2f}x (goal >= 0.5)"
     )
     for name, f in (("corpus lengths", corpus_full), ("2M synthetic lengths", synthetic)):
         print(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,38 +101,132 @@ def padded_lengths(lengths, multiple: int) -> np.ndarray:
     return -(-lengths // multiple) * multiple
 
 
+# megatron-core's .idx: magic, version (1), dtype code, sequence count, document count, then the int32
+# sequence lengths, int64 byte pointers and int64 document indices.
+_INDEX_MAGIC, _INDEX_HEADER = b"MMIDIDX\x00\x00", struct.Struct("<9sQBQQ")
+
+
+_DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int32): 4}  # megatron-core's DType enum
+
+
+def _write_index(path: Path, dtype: type, sequence_lengths: np.ndarray, document_indices: np.ndarray) -> None:
+    """A megatron-core .idx for sequences of `sequence_lengths` stored back to back in the .bin."""
+    lengths = np.asarray(sequence_lengths, dtype=np.int64)
+    pointers = (np.cumsum(lengths) - lengths) * np.dtype(dtype).itemsize  # each sequence's byte offset
+    header = _INDEX_HEADER.pack(
+        _INDEX_MAGIC, 1, _DTYPE_CODES[np.dtype(dtype)], len(sequence_lengths), len(document_indices)
+    )
+    with open(path, "wb") as f:
+        f.write(header)
+        f.write(np.asarray(sequence_lengths, dtype=np.int32).tobytes())
+        f.write(pointers.astype(np.int64).tobytes())
+        f.write(np.asarray(document_indices, dtype=np.int64).tobytes())
+
+
+def _index_problem(path: Path) -> str | None:
+    """What is wrong with the header or size of a megatron-core .idx file; None if nothing is."""
+    size = path.stat().st_size
+    if size < _INDEX_HEADER.size:
+        return f"{size} bytes, shorter than the {_INDEX_HEADER.size}-byte header"
+    with open(path, "rb") as f:
+        magic, version, _dtype, sequences, documents = _INDEX_HEADER.unpack(f.read(_INDEX_HEADER.size))
+    if magic != _INDEX_MAGIC or version != 1:
+        return "not a megatron-core indexed dataset index"
+    expected = _INDEX_HEADER.size + 12 * sequences + 8 * documents
+    if size != expected:
+        return f"{size:,} bytes where its header describes {expected:,}"
+    return None
+
+
 # Writing ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RegionWriter:
+    """Writes packs at reserved token positions of a PackedWriter's files; picklable and usable from
+    any process (positional writes: regions of different writers never overlap)."""
+
+    input_ids_bin: str
+    loss_mask_bin: str
+
+    def write(self, token_start: int, input_ids: np.ndarray, loss_mask: np.ndarray) -> None:
+        if len(input_ids) != len(loss_mask):
+            raise ValueError(f"{len(input_ids)} token ids but {len(loss_mask)} mask values")
+        for path, values, dtype in (
+            (self.input_ids_bin, input_ids, TOKEN_DTYPE),
+            (self.loss_mask_bin, loss_mask, MASK_DTYPE),
+        ):
+            data = np.ascontiguousarray(values, dtype=dtype)
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                view, offset = memoryview(data).cast("B"), token_start * data.itemsize
+                while view:
+                    written = os.pwrite(fd, view, offset)
+                    view, offset = view[written:], offset + written
+            finally:
+                os.close(fd)
+
+
 class PackedWriter:
-    """Writes packs under temporary names; `commit(meta)` renames the data files into place and writes
-    the meta file last. Leaving the `with` block without a commit removes the temporary files."""
+    """Writes packs under temporary names; `commit(meta)` writes the indexes, renames the data files
+    into place and writes the meta file last. Leaving the `with` block without a commit removes the
+    temporary files.
+
+    Packs are added one by one (`add`), or reserved in bulk (`reserve`) and then written in any order,
+    by any process, through `region_writer()`: the files come out the same either way."""
 
     def __init__(self, prefix: str | Path, seq_length: int, pad_multiple: int = 1):
         self.paths = PackedPaths(str(prefix))
         self.seq_length, self.pad_multiple = seq_length, pad_multiple
-        self.packs = 0
         self.paths.meta.parent.mkdir(parents=True, exist_ok=True)
-        builder = indexed_dataset_module().IndexedDatasetBuilder
-        self._ids = builder(str(partial_path(f"{self.paths.input_ids}.bin")), dtype=TOKEN_DTYPE)
-        self._mask = builder(str(partial_path(f"{self.paths.loss_mask}.bin")), dtype=MASK_DTYPE)
+        self._bins = (
+            partial_path(f"{self.paths.input_ids}.bin"),
+            partial_path(f"{self.paths.loss_mask}.bin"),
+        )
+        for path in self._bins:
+            path.write_bytes(b"")
+        self._pack_lengths: list[np.ndarray] = []
+        self._tokens = 0
+
+    @property
+    def packs(self) -> int:
+        return len(self._pack_lengths)
+
+    def region_writer(self) -> RegionWriter:
+        return RegionWriter(*map(str, self._bins))
+
+    def reserve(self, packs: list) -> np.ndarray:
+        """Room for `packs` (each a sequence of conversation lengths) after those already there; returns
+        each pack's first token position, for `region_writer().write`."""
+        lengths = [np.asarray(pack, dtype=np.int64) for pack in packs]
+        totals = np.array([int(x.sum()) for x in lengths], dtype=np.int64)
+        for number, pack in enumerate(lengths, start=self.packs):
+            padded = int(padded_lengths(pack, self.pad_multiple).sum())
+            if padded > self.seq_length or (pack <= 0).any():
+                raise ValueError(
+                    f"pack {number}: conversation lengths {pack.tolist()} ({padded} tokens padded to "
+                    f"{self.pad_multiple}) do not fit seq_length {self.seq_length}"
+                )
+        starts = self._tokens + np.concatenate([[0], np.cumsum(totals)[:-1]]).astype(np.int64)
+        self._pack_lengths += [x.astype(np.int32) for x in lengths]
+        self._tokens += int(totals.sum())
+        for path, dtype in zip(self._bins, (TOKEN_DTYPE, MASK_DTYPE), strict=True):
+            os.truncate(path, self._tokens * np.dtype(dtype).itemsize)
+        return starts
 
     def add(self, input_ids: np.ndarray, loss_mask: np.ndarray, lengths: list[int]) -> None:
         """One pack: the concatenated conversations' ids and mask, and each conversation's length."""
-        padded = int(padded_lengths(lengths, self.pad_multiple).sum())
-        if len(input_ids) != len(loss_mask) or sum(lengths) != len(input_ids) or padded > self.seq_length:
-            raise ValueError(
-                f"pack {self.packs}: {len(input_ids)} ids, {len(loss_mask)} mask values, lengths sum to "
-                f"{sum(lengths)} ({padded} padded to {self.pad_multiple}), seq_length {self.seq_length}"
-            )
-        self._ids.add_document(np.asarray(input_ids, dtype=TOKEN_DTYPE), lengths)
-        self._mask.add_document(np.asarray(loss_mask, dtype=MASK_DTYPE), lengths)
-        self.packs += 1
+        if len(input_ids) != sum(lengths):
+            raise ValueError(f"pack {self.packs}: {len(input_ids)} ids but the lengths sum to {sum(lengths)}")
+        (start,) = self.reserve([lengths])
+        self.region_writer().write(int(start), input_ids, loss_mask)
 
     def commit(self, meta: dict[str, Any]) -> dict[str, Any]:
         """Finishes the files and publishes them; returns the meta written (with the format's own keys)."""
-        self._ids.finalize(str(partial_path(f"{self.paths.input_ids}.idx")))
-        self._mask.finalize(str(partial_path(f"{self.paths.loss_mask}.idx")))
+        lengths = np.concatenate(self._pack_lengths) if self._pack_lengths else np.zeros(0, np.int32)
+        documents = np.concatenate([[0], np.cumsum([len(x) for x in self._pack_lengths])]).astype(np.int64)
+        for stem, dtype in ((self.paths.input_ids, TOKEN_DTYPE), (self.paths.loss_mask, MASK_DTYPE)):
+            _write_index(partial_path(f"{stem}.idx"), dtype, lengths, documents)
         name = Path(self.paths.prefix).name
         meta = {
             "format": FORMAT_VERSION,
@@ -168,26 +263,6 @@ class Pack:
     input_ids: np.ndarray  # int32 [n]
     loss_mask: np.ndarray  # uint8 [n]: 1 where the token is a training target
     lengths: np.ndarray  # int32 [conversations], summing to n
-
-
-# megatron-core's .idx: magic, version (1), dtype code, sequence count, document count, then the int32
-# sequence lengths, int64 byte pointers and int64 document indices.
-_INDEX_MAGIC, _INDEX_HEADER = b"MMIDIDX\x00\x00", struct.Struct("<9sQBQQ")
-
-
-def _index_problem(path: Path) -> str | None:
-    """What is wrong with the header or size of a megatron-core .idx file; None if nothing is."""
-    size = path.stat().st_size
-    if size < _INDEX_HEADER.size:
-        return f"{size} bytes, shorter than the {_INDEX_HEADER.size}-byte header"
-    with open(path, "rb") as f:
-        magic, version, _dtype, sequences, documents = _INDEX_HEADER.unpack(f.read(_INDEX_HEADER.size))
-    if magic != _INDEX_MAGIC or version != 1:
-        return "not a megatron-core indexed dataset index"
-    expected = _INDEX_HEADER.size + 12 * sequences + 8 * documents
-    if size != expected:
-        return f"{size:,} bytes where its header describes {expected:,}"
-    return None
 
 
 class PackedDataset:

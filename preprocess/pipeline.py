@@ -35,7 +35,7 @@ import numpy as np
 from common.errors import InputError
 from common.files import atomic_output, file_fingerprint
 from formats.chat_template import AM_THINKING, ChatTemplate, assemble
-from formats.packed import PackedPaths, PackedWriter, padded_lengths, validation_prefix
+from formats.packed import PackedPaths, PackedWriter, RegionWriter, padded_lengths, validation_prefix
 from formats.tokenizer import load_backend_tokenizer, tokenizer_fingerprint
 
 from . import conversation as C
@@ -329,20 +329,80 @@ def write_packs(
     spill_ids: Path,
     spill_mask: Path,
     writer: PackedWriter,
+    workers: int = 1,
     desc: str = "write",
 ) -> None:
     """Writes the packs of `plan`, whose conversation numbers index `members` (this dataset's
-    conversations among all in the spill files, whose lengths are `lengths`)."""
+    conversations among all in the spill files, whose lengths are `lengths`).
+
+    Every pack's place in the output is reserved first; then `workers` processes each gather the
+    conversations of a contiguous run of packs from the spill files and write them at their places,
+    so the files are the same for any worker count."""
     from tqdm import tqdm
 
-    starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-    ids_spill = np.memmap(spill_ids, dtype=np.int32, mode="r")
-    mask_spill = np.memmap(spill_mask, dtype=np.uint8, mode="r")
-    for p in tqdm(range(plan.num_packs), unit="pack", desc=desc):
-        convs = members[plan.pack(p)]
-        ids = np.concatenate([ids_spill[starts[c] : starts[c + 1]] for c in convs])
-        mask = np.concatenate([mask_spill[starts[c] : starts[c + 1]] for c in convs])
-        writer.add(ids, mask, lengths[convs].tolist())
+    global _fill
+    packs = [members[plan.pack(p)] for p in range(plan.num_packs)]
+    starts = writer.reserve([lengths[convs] for convs in packs])
+    ends = np.cumsum(lengths, dtype=np.int64)
+    _fill = _PackFiller(spill_ids, spill_mask, ends, packs, starts, writer.region_writer())
+    tasks = _contiguous_runs([int(lengths[convs].sum()) for convs in packs], parts=8 * workers)
+    with tqdm(total=plan.num_packs, unit="pack", desc=desc) as bar:
+        if workers == 1 or len(tasks) == 1:
+            for first, last in tasks:
+                bar.update(_fill_packs(first, last))
+        else:
+            import multiprocessing as mp
+
+            # fork: the workers inherit the pack lists instead of receiving them pickled
+            with mp.get_context("fork").Pool(workers) as pool:
+                for done in pool.imap_unordered(_run_fill, tasks):
+                    bar.update(done)
+    _fill = None
+
+
+@dataclass
+class _PackFiller:
+    spill_ids: Path
+    spill_mask: Path
+    ends: np.ndarray  # conversation c occupies [ends[c] - lengths[c], ends[c]) of the spill files
+    packs: list[np.ndarray]
+    starts: np.ndarray  # each pack's first token in the output
+    regions: RegionWriter
+
+    def __call__(self, first: int, last: int) -> int:
+        # Plain ndarray views of the maps: slicing an np.memmap costs microseconds per slice.
+        ids = np.asarray(np.memmap(self.spill_ids, dtype=np.int32, mode="r"))
+        mask = np.asarray(np.memmap(self.spill_mask, dtype=np.uint8, mode="r"))
+        starts = np.concatenate([[0], self.ends[:-1]])
+        for p in range(first, last):
+            convs = self.packs[p]
+            self.regions.write(
+                int(self.starts[p]),
+                np.concatenate([ids[starts[c] : self.ends[c]] for c in convs]),
+                np.concatenate([mask[starts[c] : self.ends[c]] for c in convs]),
+            )
+        return last - first
+
+
+_fill: _PackFiller | None = None
+
+
+def _fill_packs(first: int, last: int) -> int:
+    assert _fill is not None
+    return _fill(first, last)
+
+
+def _run_fill(task: tuple[int, int]) -> int:
+    return _fill_packs(*task)
+
+
+def _contiguous_runs(sizes: list[int], parts: int) -> list[tuple[int, int]]:
+    """[first, last) runs of consecutive items, about `parts` of them with similar total size."""
+    if not sizes:
+        return []
+    bounds = np.searchsorted(np.cumsum(sizes), np.linspace(0, sum(sizes), parts + 1)[1:-1], side="right")
+    edges = sorted({0, *bounds.tolist(), len(sizes)})
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -415,7 +475,7 @@ def _write_dataset(
     plan = plan.shuffled(cfg.seed)
     timer.done(f"pack {len(members)} {role} conversations")
     with PackedWriter(prefix, cfg.seq_length, cfg.pad_multiple) as writer:
-        write_packs(plan, members, tok.lengths, *spill, writer, desc=f"write {role}")
+        write_packs(plan, members, tok.lengths, *spill, writer, cfg.workers, desc=f"write {role}")
         timer.done(f"write {plan.num_packs} {role} packs")
         with atomic_output(histogram_path(prefix)) as png:
             title = f"{Path(prefix).name}: {len(members)} conversations"

@@ -158,6 +158,31 @@ DAMAGE = {  # what happened to the files -> what the error must say
 }
 
 
+def test_writer_files_equal_megatron_cores_builder_byte_for_byte(tmp_path):
+    from formats.packed import PackedWriter, indexed_dataset_module
+
+    packs = random_packs(7, 48, 500, seed=5)
+    builder = indexed_dataset_module().IndexedDatasetBuilder
+    for stem, dtype, k in (("ref_input_ids", np.int32, 0), ("ref_loss_mask", np.uint8, 1)):
+        reference = builder(str(tmp_path / f"{stem}.bin"), dtype=dtype)
+        for pack in packs:
+            reference.add_document(np.concatenate([c[k] for c in pack]), [len(c[0]) for c in pack])
+        reference.finalize(str(tmp_path / f"{stem}.idx"))
+    # Ours: two packs added one by one, the rest reserved at once and written in reverse order.
+    with PackedWriter(tmp_path / "ours", 48) as writer:
+        for pack in packs[:2]:
+            writer.add(*(np.concatenate([c[k] for c in pack]) for k in (0, 1)), [len(c[0]) for c in pack])
+        starts = writer.reserve([[len(c[0]) for c in pack] for pack in packs[2:]])
+        regions = writer.region_writer()
+        for start, pack in reversed(list(zip(starts, packs[2:], strict=True))):
+            regions.write(int(start), *(np.concatenate([c[k] for c in pack]) for k in (0, 1)))
+        writer.commit({"tokenizer": {"vocab_size": 500}, "stats": {}})
+    for stem in ("input_ids", "loss_mask"):
+        for suffix in (".bin", ".idx"):
+            ours, ref = tmp_path / f"ours_{stem}{suffix}", tmp_path / f"ref_{stem}{suffix}"
+            assert ours.read_bytes() == ref.read_bytes(), ours.name
+
+
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_damaged_files_are_named_with_the_fix(tmp_path, damage):
     prefix = write_packed_dataset(tmp_path / "d", random_packs(5, 48, 500, seed=2), 48, 500)
