@@ -61,8 +61,8 @@ def decide(save_dir: str | Path, status: int, max_requeues: int, cause: str = ""
             "requeued": True,
         }
     )
-    if save_dir.is_dir():
-        write_json_atomic(record_path, {"failures": failures})
+    save_dir.mkdir(parents=True, exist_ok=True)  # a run that failed at start-up has not made it yet
+    write_json_atomic(record_path, {"failures": failures})
     return Decision(True, f"failure requeue {requeued + 1} of {max_requeues} ({where})")
 
 

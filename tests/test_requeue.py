@@ -46,7 +46,8 @@ def test_requeues_are_bounded_and_need_progress(tmp_path):
 
 
 def test_command_line_exit_status_is_the_decision(tmp_path, capsys):
-    assert main([str(tmp_path), "--status", "3", "--cause", "rank 0: hung"]) == 0
+    save_dir = tmp_path / "not-yet-made"  # a run that failed before the trainer made its directory
+    assert main([str(save_dir), "--status", "3", "--cause", "rank 0: hung"]) == 0
     assert capsys.readouterr().out.startswith("exit status 3: rank 0: hung; requeue: failure requeue 1 of 3")
-    assert main([str(tmp_path), "--status", "3"]) == 1
+    assert main([str(save_dir), "--status", "3"]) == 1
     assert "do not requeue: failed again without progress" in capsys.readouterr().out
