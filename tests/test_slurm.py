@@ -131,6 +131,26 @@ def _wait_for_the_end(job: str) -> str:
     return _wait_for(requeued_or_done, 600, "the job to finish", poll=2.0)
 
 
+def _run_job(
+    run_inputs, tmp_path, save_dir: Path, overrides=None, after_iteration=None
+) -> tuple[str, str, str]:
+    """Submits slurm/sft.sh, calls `after_iteration` = (n, fn(job)) once n iterations are logged, waits
+    for the job's end through its requeues; returns (job id, final state, the batch script's output)."""
+    job = _submit(run_inputs, tmp_path, save_dir, overrides)
+    try:
+        if after_iteration:
+            n, disturb = after_iteration
+            metrics = save_dir / "metrics.jsonl"
+            _wait_for(
+                lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= n, 300, f"iteration {n}"
+            )
+            disturb(job)
+        final_state = _wait_for_the_end(job)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    return job, final_state, (tmp_path / f"job-{job}.out").read_text()
+
+
 def _job_output(job: str, tmp_path: Path) -> str:
     logs = "".join(p.read_text()[-3000:] for p in (tmp_path / "logs").rglob("*.log"))
     return (tmp_path / f"job-{job}.out").read_text() + logs
@@ -180,15 +200,11 @@ def test_sbatch_trains_on_two_nodes_checkpoints_on_usr1_and_resumes(
     cluster, run_inputs, plain_torchrun_losses, tmp_path
 ):
     save_dir, logs = tmp_path / "run", tmp_path / "logs"
-    job = _submit(run_inputs, tmp_path, save_dir)
-    try:
-        metrics = save_dir / "metrics.jsonl"
-        _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 300, "iteration 2")
-        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)  # as --signal=B:USR1@T does
-        final_state = _wait_for_the_end(job)
-    finally:
-        subprocess.run(["scancel", job], capture_output=True)
-    output = (tmp_path / f"job-{job}.out").read_text()
+
+    def usr1(job):  # to the batch script, as --signal=B:USR1@T does
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+
+    job, final_state, output = _run_job(run_inputs, tmp_path, save_dir, after_iteration=(2, usr1))
     assert final_state == "COMPLETED", _job_output(job, tmp_path)
     assert _job_field(job, "Restarts") == "1"
     assert "requeueing job" in output and "training finished" in output
@@ -216,16 +232,12 @@ def test_a_killed_rank_fails_the_job_which_requeues_itself_and_resumes(
 ):
     save_dir = tmp_path / "run"
     overrides = _overrides(run_inputs, save_dir)[:-1] + ["checkpoint.save_interval=2"]
-    job = _submit(run_inputs, tmp_path, save_dir, overrides)
-    try:
-        metrics = save_dir / "metrics.jsonl"
-        _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 300, "iteration 3")
+
+    def kill_a_rank(job):  # as the kernel's OOM killer or a dying node would
         victim = _wait_for(lambda: _worker_pids(save_dir)[-1:], 60, "a trainer process")[0]
-        os.kill(victim, signal.SIGKILL)  # as the kernel's OOM killer or a dying node would
-        final_state = _wait_for_the_end(job)
-    finally:
-        subprocess.run(["scancel", job], capture_output=True)
-    output = (tmp_path / f"job-{job}.out").read_text()
+        os.kill(victim, signal.SIGKILL)
+
+    job, final_state, output = _run_job(run_inputs, tmp_path, save_dir, overrides, (3, kill_a_rank))
     assert final_state == "COMPLETED", _job_output(job, tmp_path)
     assert _job_field(job, "Restarts") == "1"
     assert "training failed (exit status" in output and "requeue: failure requeue 1 of 3" in output
@@ -239,12 +251,8 @@ def test_a_killed_rank_fails_the_job_which_requeues_itself_and_resumes(
 def test_a_job_failing_at_start_up_stops_after_one_retry_without_progress(cluster, run_inputs, tmp_path):
     save_dir = tmp_path / "run"
     overrides = [o for o in _overrides(run_inputs, save_dir) if not o.startswith("data.prefixes=")]
-    job = _submit(run_inputs, tmp_path, save_dir, [*overrides, f"data.prefixes=[{tmp_path / 'missing'}]"])
-    try:
-        final_state = _wait_for_the_end(job)
-    finally:
-        subprocess.run(["scancel", job], capture_output=True)
-    output = (tmp_path / f"job-{job}.out").read_text()
+    missing = [*overrides, f"data.prefixes=[{tmp_path / 'missing'}]"]
+    job, final_state, output = _run_job(run_inputs, tmp_path, save_dir, missing)
     assert final_state == "FAILED", _job_output(job, tmp_path)
     assert _job_field(job, "Restarts") == "1"
     assert "requeue: failure requeue 1 of 3 (newest intact checkpoint: none)" in output
