@@ -207,7 +207,7 @@ class PackedWriter:
                     f"pack {number}: conversation lengths {pack.tolist()} ({padded} tokens padded to "
                     f"{self.pad_multiple}) do not fit seq_length {self.seq_length}"
                 )
-        starts = self._tokens + np.concatenate([[0], np.cumsum(totals)[:-1]]).astype(np.int64)
+        starts = self._tokens + np.cumsum(totals) - totals
         self._pack_lengths += [x.astype(np.int32) for x in lengths]
         self._tokens += int(totals.sum())
         for path, dtype in zip(self._bins, (TOKEN_DTYPE, MASK_DTYPE), strict=True):
