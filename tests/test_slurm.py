@@ -121,11 +121,19 @@ def _submit(run_inputs, tmp_path, save_dir: Path, overrides: list[str] | None = 
 def _wait_for_the_end(job: str) -> str:
     """The final state of `job`, through its requeues."""
 
+    held_since: list[float] = []
+
     def requeued_or_done():
         state = _job_field(job, "JobState")
         if state == "PENDING" and _job_field(job, "Reason") == "BeginTime":
-            # Slurm delays a requeued job's start by a couple of minutes; not what is tested here.
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+            # Slurm delays a requeued job's start by a couple of minutes; not what is tested here. Not at
+            # once, though: a start within the second of the requeue finds the previous run's credential
+            # revoked (slurmctld: "Killing non-startable batch JobId=N: Job credential revoked").
+            held_since.append(time.monotonic())
+            if time.monotonic() - held_since[0] > 5:
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+        else:
+            held_since.clear()  # the next requeue waits again
         return state if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
 
     return _wait_for(requeued_or_done, 600, "the job to finish", poll=2.0)
