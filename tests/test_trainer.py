@@ -362,7 +362,7 @@ def test_a_frozen_rank_ends_the_others_within_the_watchdog_bound(setup, tmp_path
     )
     assert report, err[-3000:]
     spent, phase, bound = int(report.group(1)), report.group(2), int(report.group(3))
-    assert phase.startswith("forward-backward") and 4 <= bound < spent <= bound + 2
+    assert phase.startswith("forward-backward") and 4 <= bound <= spent <= bound + 2  # whole seconds
     assert "Stacks of this process" in err and "Thread" in err  # where it hung, for the post-mortem
 
 
