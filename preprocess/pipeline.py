@@ -344,27 +344,30 @@ def write_packs(
     packs = [members[plan.pack(p)] for p in range(plan.num_packs)]
     starts = writer.reserve([lengths[convs] for convs in packs])
     ends = np.cumsum(lengths, dtype=np.int64)
-    _fill = _PackFiller(spill_ids, spill_mask, ends, packs, starts, writer.region_writer())
+    _fill = _PackFiller(spill_ids, spill_mask, ends - lengths, ends, packs, starts, writer.region_writer())
     tasks = _contiguous_runs([int(lengths[convs].sum()) for convs in packs], parts=8 * workers)
-    with tqdm(total=plan.num_packs, unit="pack", desc=desc) as bar:
-        if workers == 1 or len(tasks) == 1:
-            for first, last in tasks:
-                bar.update(_fill_packs(first, last))
-        else:
-            import multiprocessing as mp
+    try:
+        with tqdm(total=plan.num_packs, unit="pack", desc=desc) as bar:
+            if workers == 1 or len(tasks) == 1:
+                for task in tasks:
+                    bar.update(_run_fill(task))
+            else:
+                import multiprocessing as mp
 
-            # fork: the workers inherit the pack lists instead of receiving them pickled
-            with mp.get_context("fork").Pool(workers) as pool:
-                for done in pool.imap_unordered(_run_fill, tasks):
-                    bar.update(done)
-    _fill = None
+                # fork: the workers inherit the pack lists instead of receiving them pickled
+                with mp.get_context("fork").Pool(workers) as pool:
+                    for done in pool.imap_unordered(_run_fill, tasks):
+                        bar.update(done)
+    finally:
+        _fill = None
 
 
 @dataclass
 class _PackFiller:
     spill_ids: Path
     spill_mask: Path
-    ends: np.ndarray  # conversation c occupies [ends[c] - lengths[c], ends[c]) of the spill files
+    begins: np.ndarray  # conversation c occupies [begins[c], ends[c]) of the spill files
+    ends: np.ndarray
     packs: list[np.ndarray]
     starts: np.ndarray  # each pack's first token in the output
     regions: RegionWriter
@@ -373,13 +376,12 @@ class _PackFiller:
         # Plain ndarray views of the maps: slicing an np.memmap costs microseconds per slice.
         ids = np.asarray(np.memmap(self.spill_ids, dtype=np.int32, mode="r"))
         mask = np.asarray(np.memmap(self.spill_mask, dtype=np.uint8, mode="r"))
-        starts = np.concatenate([[0], self.ends[:-1]])
         for p in range(first, last):
             convs = self.packs[p]
             self.regions.write(
                 int(self.starts[p]),
-                np.concatenate([ids[starts[c] : self.ends[c]] for c in convs]),
-                np.concatenate([mask[starts[c] : self.ends[c]] for c in convs]),
+                np.concatenate([ids[self.begins[c] : self.ends[c]] for c in convs]),
+                np.concatenate([mask[self.begins[c] : self.ends[c]] for c in convs]),
             )
         return last - first
 
@@ -387,13 +389,10 @@ class _PackFiller:
 _fill: _PackFiller | None = None
 
 
-def _fill_packs(first: int, last: int) -> int:
-    assert _fill is not None
-    return _fill(first, last)
-
-
 def _run_fill(task: tuple[int, int]) -> int:
-    return _fill_packs(*task)
+    """Fills the packs [first, last) (in this process or a forked worker)."""
+    assert _fill is not None
+    return _fill(*task)
 
 
 def _contiguous_runs(sizes: list[int], parts: int) -> list[tuple[int, int]]:
