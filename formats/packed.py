@@ -138,6 +138,14 @@ def _index_problem(path: Path) -> str | None:
     return None
 
 
+def read_sequence_lengths(idx_path: str | Path) -> np.ndarray:
+    """The sequence (= conversation) lengths of a megatron-core .idx, read without megatron-core (and
+    so without importing torch); the file is assumed intact (`PackedDataset` checks it)."""
+    with open(idx_path, "rb") as f:
+        _magic, _version, _dtype, sequences, _documents = _INDEX_HEADER.unpack(f.read(_INDEX_HEADER.size))
+        return np.fromfile(f, dtype=np.int32, count=sequences)
+
+
 # Writing ---------------------------------------------------------------------------------------------
 
 
@@ -185,30 +193,39 @@ class PackedWriter:
         )
         for path in self._bins:
             path.write_bytes(b"")
-        self._pack_lengths: list[np.ndarray] = []
-        self._tokens = 0
+        # The structure so far, one array per reserve(): conversation lengths, conversations per pack.
+        self._conversation_lengths: list[np.ndarray] = []
+        self._pack_sizes: list[np.ndarray] = []
+        self._packs = self._tokens = 0
 
     @property
     def packs(self) -> int:
-        return len(self._pack_lengths)
+        return self._packs
 
     def region_writer(self) -> RegionWriter:
         return RegionWriter(*map(str, self._bins))
 
-    def reserve(self, packs: list) -> np.ndarray:
-        """Room for `packs` (each a sequence of conversation lengths) after those already there; returns
+    def reserve(self, conversation_lengths, pack_offsets) -> np.ndarray:
+        """Room for packs after those already there, given as ragged arrays: pack p holds the
+        conversations of lengths `conversation_lengths[pack_offsets[p]:pack_offsets[p + 1]]`. Returns
         each pack's first token position, for `region_writer().write`."""
-        lengths = [np.asarray(pack, dtype=np.int64) for pack in packs]
-        totals = np.array([int(x.sum()) for x in lengths], dtype=np.int64)
-        for number, pack in enumerate(lengths, start=self.packs):
-            padded = int(padded_lengths(pack, self.pad_multiple).sum())
-            if padded > self.seq_length or (pack <= 0).any():
-                raise ValueError(
-                    f"pack {number}: conversation lengths {pack.tolist()} ({padded} tokens padded to "
-                    f"{self.pad_multiple}) do not fit seq_length {self.seq_length}"
-                )
+        lengths = np.asarray(conversation_lengths, dtype=np.int64)
+        offsets = np.asarray(pack_offsets, dtype=np.int64)
+        per_pack = lambda values: np.diff(np.concatenate([[0], np.cumsum(values)])[offsets])  # noqa: E731
+        totals = per_pack(lengths)
+        padded = per_pack(padded_lengths(lengths, self.pad_multiple))
+        bad = (padded > self.seq_length) | (per_pack(lengths <= 0) > 0) | (np.diff(offsets) == 0)
+        if bad.any():
+            p = int(np.flatnonzero(bad)[0])
+            pack = lengths[offsets[p] : offsets[p + 1]].tolist()
+            raise ValueError(
+                f"pack {self.packs + p}: conversation lengths {pack} ({int(padded[p])} tokens padded to "
+                f"{self.pad_multiple}) do not make a pack of at most seq_length {self.seq_length} tokens"
+            )
         starts = self._tokens + np.cumsum(totals) - totals
-        self._pack_lengths += [x.astype(np.int32) for x in lengths]
+        self._conversation_lengths.append(lengths.astype(np.int32))
+        self._pack_sizes.append(np.diff(offsets))
+        self._packs += len(totals)
         self._tokens += int(totals.sum())
         for path, dtype in zip(self._bins, (TOKEN_DTYPE, MASK_DTYPE), strict=True):
             os.truncate(path, self._tokens * np.dtype(dtype).itemsize)
@@ -218,13 +235,14 @@ class PackedWriter:
         """One pack: the concatenated conversations' ids and mask, and each conversation's length."""
         if len(input_ids) != sum(lengths):
             raise ValueError(f"pack {self.packs}: {len(input_ids)} ids but the lengths sum to {sum(lengths)}")
-        (start,) = self.reserve([lengths])
+        (start,) = self.reserve(lengths, [0, len(lengths)])
         self.region_writer().write(int(start), input_ids, loss_mask)
 
     def commit(self, meta: dict[str, Any]) -> dict[str, Any]:
         """Finishes the files and publishes them; returns the meta written (with the format's own keys)."""
-        lengths = np.concatenate(self._pack_lengths) if self._pack_lengths else np.zeros(0, np.int32)
-        documents = np.concatenate([[0], np.cumsum([len(x) for x in self._pack_lengths])]).astype(np.int64)
+        lengths = np.concatenate([np.zeros(0, np.int32), *self._conversation_lengths])
+        pack_sizes = np.concatenate([np.zeros(0, np.int64), *self._pack_sizes])
+        documents = np.concatenate([[0], np.cumsum(pack_sizes)])  # each pack's first conversation
         for stem, dtype in ((self.paths.input_ids, TOKEN_DTYPE), (self.paths.loss_mask, MASK_DTYPE)):
             _write_index(partial_path(f"{stem}.idx"), dtype, lengths, documents)
         name = Path(self.paths.prefix).name
@@ -348,8 +366,7 @@ class PackedDataset:
         ):
             raise DataError(
                 f"{self.paths.input_ids}.idx and {self.paths.loss_mask}.idx describe different packs: the "
-                "two "
-                "files come from different preprocessing runs; re-run tools/preprocess_sft.py"
+                "two files come from different preprocessing runs; re-run tools/preprocess_sft.py"
             )
         stats = self.meta["stats"]
         tokens = int(self._lengths.sum(dtype=np.int64))

@@ -331,21 +331,33 @@ def write_packs(
     writer: PackedWriter,
     workers: int = 1,
     desc: str = "write",
+    gather_tokens: int = 1 << 19,
 ) -> None:
     """Writes the packs of `plan`, whose conversation numbers index `members` (this dataset's
     conversations among all in the spill files, whose lengths are `lengths`).
 
-    Every pack's place in the output is reserved first; then `workers` processes each gather the
-    conversations of a contiguous run of packs from the spill files and write them at their places,
-    so the files are the same for any worker count."""
+    Every pack's place in the output is reserved first; then `workers` processes each copy the
+    conversations of a contiguous run of packs from the spill files to their places, through a reused
+    buffer of `gather_tokens` tokens (large writes from a buffer small enough to stay in the CPU's
+    cache between the gather and the write), so the files are the same for any worker count."""
     from tqdm import tqdm
 
     global _fill
-    packs = [members[plan.pack(p)] for p in range(plan.num_packs)]
-    starts = writer.reserve([lengths[convs] for convs in packs])
+    conversations = members[plan.order]  # pack by pack, as numbers in the spill files
+    starts = writer.reserve(lengths[conversations], plan.offsets)
     ends = np.cumsum(lengths, dtype=np.int64)
-    _fill = _PackFiller(spill_ids, spill_mask, ends - lengths, ends, packs, starts, writer.region_writer())
-    tasks = _contiguous_runs([int(lengths[convs].sum()) for convs in packs], parts=8 * workers)
+    _fill = _PackFiller(
+        spill_ids,
+        spill_mask,
+        ends - lengths,
+        lengths,
+        conversations,
+        plan.offsets,
+        starts,
+        writer.region_writer(),
+        gather_tokens,
+    )
+    tasks = _contiguous_runs(plan.pack_tokens(lengths[members]).tolist(), parts=8 * workers)
     try:
         with tqdm(total=plan.num_packs, unit="pack", desc=desc) as bar:
             if workers == 1 or len(tasks) == 1:
@@ -354,7 +366,7 @@ def write_packs(
             else:
                 import multiprocessing as mp
 
-                # fork: the workers inherit the pack lists instead of receiving them pickled
+                # fork: the workers inherit the plan's arrays instead of receiving them pickled
                 with mp.get_context("fork").Pool(workers) as pool:
                     for done in pool.imap_unordered(_run_fill, tasks):
                         bar.update(done)
@@ -366,24 +378,52 @@ def write_packs(
 class _PackFiller:
     spill_ids: Path
     spill_mask: Path
-    begins: np.ndarray  # conversation c occupies [begins[c], ends[c]) of the spill files
-    ends: np.ndarray
-    packs: list[np.ndarray]
-    starts: np.ndarray  # each pack's first token in the output
+    spill_begins: np.ndarray  # conversation c occupies spill_lengths[c] tokens from spill_begins[c]
+    spill_lengths: np.ndarray
+    conversations: np.ndarray  # pack p is conversations[pack_offsets[p]:pack_offsets[p + 1]]
+    pack_offsets: np.ndarray
+    pack_starts: np.ndarray  # each pack's first token in the output
     regions: RegionWriter
+    gather_tokens: int
 
     def __call__(self, first: int, last: int) -> int:
-        # Plain ndarray views of the maps: slicing an np.memmap costs microseconds per slice.
-        ids = np.asarray(np.memmap(self.spill_ids, dtype=np.int32, mode="r"))
-        mask = np.asarray(np.memmap(self.spill_mask, dtype=np.uint8, mode="r"))
-        for p in range(first, last):
-            convs = self.packs[p]
-            self.regions.write(
-                int(self.starts[p]),
-                np.concatenate([ids[self.begins[c] : self.ends[c]] for c in convs]),
-                np.concatenate([mask[self.begins[c] : self.ends[c]] for c in convs]),
-            )
+        """Fills packs [first, last): consecutive in the output, so gathered chunk by chunk into one
+        buffer per file (positional reads) and written with one positional write per chunk and file."""
+        convs = self.conversations[self.pack_offsets[first] : self.pack_offsets[last]]
+        begins, sizes = self.spill_begins[convs], self.spill_lengths[convs].astype(np.int64)
+        placed = np.concatenate([[0], np.cumsum(sizes)])  # each conversation's offset from the run's start
+        capacity = max(self.gather_tokens, int(sizes.max(initial=0)))
+        buffers = [np.empty(min(capacity, int(placed[-1])), dtype) for dtype in (np.int32, np.uint8)]
+        spills = (self.spill_ids, self.spill_mask)
+        fds = [os.open(path, os.O_RDONLY) for path in spills]
+        try:
+            i = 0
+            while i < len(convs):
+                # conversations i..j-1: as many as fit the buffer (at least one: it holds the longest)
+                j = max(i + 1, int(np.searchsorted(placed, placed[i] + capacity, side="right")) - 1)
+                n = int(placed[j] - placed[i])
+                for fd, buffer, path in zip(fds, buffers, spills, strict=True):
+                    _read_runs(fd, buffer[:n], begins[i:j], sizes[i:j], path)
+                self.regions.write(int(self.pack_starts[first] + placed[i]), buffers[0][:n], buffers[1][:n])
+                i = j
+        finally:
+            for fd in fds:
+                os.close(fd)
         return last - first
+
+
+def _read_runs(fd: int, out: np.ndarray, begins: np.ndarray, sizes: np.ndarray, path: Path) -> None:
+    """Reads the runs of `sizes` items from item `begins` of the file `fd` (items of `out`'s dtype) one
+    after another into `out`: positional reads, straight from the page cache into the buffer."""
+    view, item = memoryview(out).cast("B"), out.itemsize
+    at = 0
+    for begin, size in zip(begins.tolist(), sizes.tolist(), strict=True):
+        offset, end = begin * item, at + size * item
+        while at < end:
+            got = os.preadv(fd, [view[at:end]], offset)
+            if got == 0:
+                raise EOFError(f"{path} ends at byte {offset:,}, before the conversations it should hold")
+            at, offset = at + got, offset + got
 
 
 _fill: _PackFiller | None = None
@@ -498,7 +538,7 @@ class _StageTimer:
         self._last = now
 
     def __str__(self) -> str:
-        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.stages)
+        return ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.stages)
 
 
 def _metadata(

@@ -238,3 +238,38 @@ def test_held_out_split_is_decided_by_content(
     # Re-run without a split (--force): the stale held-out set goes, so no trainer picks it up.
     run(aligned_parquet, qwen_tokenizer_dir, prefix, force=True)
     assert not any(p.exists() for p in PackedPaths(validation_prefix(prefix)).all_files())
+
+
+@pytest.mark.parametrize(("workers", "gather_tokens"), [(1, 1 << 22), (1, 5), (3, 7)])
+def test_write_packs_puts_each_conversation_at_its_place(tmp_path, workers, gather_tokens):
+    # A tiny gather buffer splits each run of packs into many chunks (the longest conversation alone
+    # fills 5 or 7 tokens' buffer); the packs must still be the spilled conversations, in plan order.
+    from formats.packed import PackedDataset, PackedWriter
+    from preprocess.packing import best_fit_decreasing
+    from preprocess.pipeline import write_packs
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 20, size=100).astype(np.int32)
+    ids = rng.integers(0, 1000, int(lengths.sum())).astype(np.int32)
+    mask = rng.integers(0, 2, int(lengths.sum())).astype(np.uint8)
+    spill = tmp_path / "spill_ids", tmp_path / "spill_mask"
+    ids.tofile(spill[0])
+    mask.tofile(spill[1])
+    members = np.flatnonzero(rng.random(len(lengths)) < 0.7)  # one split's conversations
+    plan = best_fit_decreasing(lengths[members], 48, seed=1).shuffled(1)
+    with PackedWriter(tmp_path / "out", 48) as writer:
+        write_packs(plan, members, lengths, *spill, writer, workers, gather_tokens=gather_tokens)
+        writer.commit({"tokenizer": {"vocab_size": 1000}, "stats": {}})
+    dataset = PackedDataset(tmp_path / "out")
+    assert len(dataset) == plan.num_packs > 10
+    begins = np.cumsum(lengths) - lengths
+    for p in range(plan.num_packs):
+        convs = members[plan.pack(p)]
+        pack = dataset[p]
+        np.testing.assert_array_equal(pack.lengths, lengths[convs])
+        np.testing.assert_array_equal(
+            pack.input_ids, np.concatenate([ids[begins[c] :][: lengths[c]] for c in convs])
+        )
+        np.testing.assert_array_equal(
+            pack.loss_mask, np.concatenate([mask[begins[c] :][: lengths[c]] for c in convs])
+        )

@@ -159,7 +159,7 @@ DAMAGE = {  # what happened to the files -> what the error must say
 
 
 def test_writer_files_equal_megatron_cores_builder_byte_for_byte(tmp_path):
-    from formats.packed import PackedWriter, indexed_dataset_module
+    from formats.packed import PackedWriter, indexed_dataset_module, read_sequence_lengths
 
     packs = random_packs(7, 48, 500, seed=5)
     builder = indexed_dataset_module().IndexedDatasetBuilder
@@ -172,7 +172,8 @@ def test_writer_files_equal_megatron_cores_builder_byte_for_byte(tmp_path):
     with PackedWriter(tmp_path / "ours", 48) as writer:
         for pack in packs[:2]:
             writer.add(*(np.concatenate([c[k] for c in pack]) for k in (0, 1)), [len(c[0]) for c in pack])
-        starts = writer.reserve([[len(c[0]) for c in pack] for pack in packs[2:]])
+        lengths = [[len(c[0]) for c in pack] for pack in packs[2:]]
+        starts = writer.reserve(np.concatenate(lengths), np.cumsum([0] + [len(x) for x in lengths]))
         regions = writer.region_writer()
         for start, pack in reversed(list(zip(starts, packs[2:], strict=True))):
             regions.write(int(start), *(np.concatenate([c[k] for c in pack]) for k in (0, 1)))
@@ -181,6 +182,23 @@ def test_writer_files_equal_megatron_cores_builder_byte_for_byte(tmp_path):
         for suffix in (".bin", ".idx"):
             ours, ref = tmp_path / f"ours_{stem}{suffix}", tmp_path / f"ref_{stem}{suffix}"
             assert ours.read_bytes() == ref.read_bytes(), ours.name
+    expected = [len(c[0]) for pack in packs for c in pack]
+    assert read_sequence_lengths(tmp_path / "ours_loss_mask.idx").tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("lengths", "offsets", "bad"),
+    [([20, 20, 9], [0, 2, 3], 0), ([5, 0, 5], [0, 1, 3], 1), ([5, 5], [0, 1, 1, 2], 1)],
+    ids=["too-long", "empty-conversation", "empty-pack"],
+)
+def test_reserve_names_the_pack_that_cannot_be_written(tmp_path, lengths, offsets, bad):
+    from formats.packed import PackedWriter
+
+    with PackedWriter(tmp_path / "x", 32, pad_multiple=8) as writer:
+        writer.add(np.zeros(3, np.int32), np.zeros(3, np.uint8), [3])  # pack numbers continue after it
+        with pytest.raises(ValueError, match=f"^pack {1 + bad}: conversation lengths "):
+            writer.reserve(lengths, offsets)
+        assert writer.packs == 1
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
