@@ -140,7 +140,7 @@ def write_stage_trials(prefix: Path, work: Path, workers: int, trials: int = 5) 
     work.mkdir(parents=True, exist_ok=True)
     spill = work / "trial_spill_ids", work / "trial_spill_mask"
     for suffix, path in (("_input_ids.bin", spill[0]), ("_loss_mask.bin", spill[1])):
-        # written as the tokenise stage writes its spill (a kernel-side copy leaves its pages uncached)
+        # written through the page cache, as the tokenise stage writes its spill
         np.fromfile(f"{prefix}{suffix}", dtype=np.uint8).tofile(path)
     lengths = read_sequence_lengths(f"{prefix}_input_ids.idx").astype(np.int64)
     plan = best_fit_decreasing(lengths, SEQ, seed=1).shuffled(1)

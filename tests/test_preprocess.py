@@ -242,8 +242,8 @@ def test_held_out_split_is_decided_by_content(
 
 @pytest.mark.parametrize(("workers", "gather_tokens"), [(1, 1 << 22), (1, 5), (3, 7)])
 def test_write_packs_puts_each_conversation_at_its_place(tmp_path, workers, gather_tokens):
-    # A tiny gather buffer splits each run of packs into many chunks (the longest conversation alone
-    # fills 5 or 7 tokens' buffer); the packs must still be the spilled conversations, in plan order.
+    # A tiny gather buffer (5 or 7 tokens, grown to the longest conversation's 19) splits each run of
+    # packs into many chunks; the packs must still be the spilled conversations, in plan order.
     from formats.packed import PackedDataset, PackedWriter
     from preprocess.packing import best_fit_decreasing
     from preprocess.pipeline import write_packs
