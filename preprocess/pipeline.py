@@ -35,7 +35,15 @@ import numpy as np
 from common.errors import InputError
 from common.files import atomic_output, file_fingerprint
 from formats.chat_template import AM_THINKING, ChatTemplate, assemble
-from formats.packed import PackedPaths, PackedWriter, RegionWriter, padded_lengths, validation_prefix
+from formats.packed import (
+    MASK_DTYPE,
+    TOKEN_DTYPE,
+    PackedPaths,
+    PackedWriter,
+    RegionWriter,
+    padded_lengths,
+    validation_prefix,
+)
 from formats.tokenizer import load_backend_tokenizer, tokenizer_fingerprint
 
 from . import conversation as C
@@ -188,8 +196,8 @@ class ChunkEncoder:
             subsets.append(subset)
         return ChunkResult(
             rows=len(rows),
-            ids=np.asarray(ids, dtype=np.int32),
-            mask=np.asarray(mask, dtype=np.uint8),
+            ids=np.asarray(ids, dtype=TOKEN_DTYPE),  # the spill holds the packed files' bytes
+            mask=np.asarray(mask, dtype=MASK_DTYPE),
             lengths=np.asarray(lengths, dtype=np.int32),
             full_lengths=np.asarray(full_lengths, dtype=np.int64),
             loss_tokens=np.asarray(loss_tokens, dtype=np.int64),
@@ -393,7 +401,7 @@ class _PackFiller:
         begins, sizes = self.spill_begins[convs], self.spill_lengths[convs].astype(np.int64)
         placed = np.concatenate([[0], np.cumsum(sizes)])  # each conversation's offset from the run's start
         capacity = max(self.gather_tokens, int(sizes.max(initial=0)))
-        buffers = [np.empty(min(capacity, int(placed[-1])), dtype) for dtype in (np.int32, np.uint8)]
+        buffers = [np.empty(min(capacity, int(placed[-1])), dtype) for dtype in (TOKEN_DTYPE, MASK_DTYPE)]
         spills = (self.spill_ids, self.spill_mask)
         fds = [os.open(path, os.O_RDONLY) for path in spills]
         try:
