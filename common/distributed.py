@@ -6,8 +6,15 @@
 `init_process_group` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)
 and starts NCCL with one GPU per process, or gloo with megatron-core redirected to the CPU
 (common/megatron_cpu.py); without that environment it starts a one-process group. `run_distributed`
-spawns the ranks itself (tests, the demo, tools/verify_conversion.py); `fn(rank, world_size, *args)`
-must be importable by name (a module-level function), since ranks are spawned processes.
+starts the ranks itself (tests, tools/verify_conversion.py, the benchmarks); `fn(rank, world_size, *args)`
+must be importable by name (a module-level function), since each rank is a new process.
+
+CPU ranks are forked from a multiprocessing fork server that has imported torch and megatron-core once
+(PRELOAD), rather than spawned as fresh interpreters that import them again: that import costs seconds
+of CPU per rank, paid on every call of a test suite that makes dozens. The fork server is itself a fresh
+interpreter that has run nothing (no thread pools), so forking from it is safe; each rank gets the
+caller's current environment, as a spawned one would. CUDA ranks are spawned: a process that imported
+Transformer Engine may have initialised CUDA, which a forked child cannot use.
 """
 
 from __future__ import annotations
@@ -54,7 +61,21 @@ def init_process_group(device: str, timeout_minutes: float = 60) -> None:
         dist.init_process_group("gloo", timeout=timeout)
 
 
-def _rank_main(rank: int, world_size: int, port: int, device: str, fn, args, results) -> None:
+# What every rank imports before running `fn`; the fork server loads these once.
+PRELOAD = (
+    "torch",
+    "torch.distributed",
+    "megatron.core.models.gpt",
+    "megatron.core.optimizer",
+    "megatron.core.pipeline_parallel",
+    "megatron.core.dist_checkpointing",
+)
+
+
+def _rank_main(rank: int, world_size: int, port: int, device: str, fn, args, results, environ) -> None:
+    # The fork server's environment is the one of the first caller; this call's may differ.
+    os.environ.clear()
+    os.environ.update(environ)
     try:
         value = _run_rank(rank, world_size, port, device, fn, args)
         # As bytes: a tensor put on the queue directly travels through shared memory that vanishes
@@ -97,12 +118,18 @@ def run_distributed(fn, world_size: int, *args, device: str = "cpu", timeout: fl
         raise RuntimeError(
             f"{world_size} processes need {world_size} GPUs; {torch.cuda.device_count()} visible"
         )
-    context = mp.get_context("spawn")
+    if device == "cuda":  # nothing may touch CUDA before a fork (Transformer Engine's import might): spawn
+        context = mp.get_context("spawn")
+    else:
+        context = mp.get_context("forkserver")
+        context.set_forkserver_preload(list(PRELOAD))  # takes effect when the server starts (the first call)
     results = context.Queue()
     port = free_port()
     # Plain (non-daemonic) processes: megatron-core's checkpoint saving starts processes of its own.
     ranks = [
-        context.Process(target=_rank_main, args=(rank, world_size, port, device, fn, args, results))
+        context.Process(
+            target=_rank_main, args=(rank, world_size, port, device, fn, args, results, dict(os.environ))
+        )
         for rank in range(world_size)
     ]
     for process in ranks:

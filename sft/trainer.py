@@ -1,6 +1,6 @@
 """The SFT trainer on megatron-core: model set-up, forward step and loss, the training loop.
 
-Started once per process by pretrain_sft.py (torchrun / Slurm), or per spawned process in the tests:
+Started once per process by pretrain_sft.py (torchrun / Slurm), or in each rank of run_distributed (tests):
 
     trainer = Trainer(config, device="cpu")      # process group already initialised
     result = trainer.train()

@@ -3,9 +3,12 @@ traceback; directories are published atomically, an old copy staying complete un
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from common.cli import exit_status
+from common.distributed import run_distributed
 from common.errors import (
     CheckpointError,
     ConfigError,
@@ -76,3 +79,21 @@ def test_publish_directory_keeps_a_complete_copy_at_every_moment(tmp_path, monke
     assert (final / "w").read_text() == "new" and not new.exists()
     assert seen and min(seen) >= 1  # after each rename some complete copy exists under a known name
     assert not (tmp_path / "iter_0000004.old").exists()
+
+
+def _rank_view(rank: int, world_size: int, name: str) -> tuple[str | None, int, int]:
+    import torch.distributed as dist
+
+    return os.environ.get(name), dist.get_world_size(), os.getpid()
+
+
+def test_ranks_run_in_new_processes_with_the_callers_current_environment(monkeypatch):
+    """The ranks are forked from a long-lived fork server: each call must still hand them the environment
+    of that moment, as spawned processes would get it."""
+    before = run_distributed(_rank_view, 2, "K2_RANK_PROBE")  # may start the fork server
+    monkeypatch.setenv("K2_RANK_PROBE", "set after the first call")
+    after = run_distributed(_rank_view, 2, "K2_RANK_PROBE")
+    assert [(value, size) for value, size, _ in before] == [(None, 2), (None, 2)]
+    assert [(value, size) for value, size, _ in after] == [("set after the first call", 2)] * 2
+    pids = [pid for *_, pid in before + after]
+    assert len(set(pids)) == 4 and os.getpid() not in pids

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from sft.requeue import newest_intact_iteration
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SEQ, PACKS, GLOBAL_BATCH = 128, 16, 4  # 2 epochs x 16 packs / 4 = 8 iterations
@@ -121,19 +123,21 @@ def _submit(run_inputs, tmp_path, save_dir: Path, overrides: list[str] | None = 
 def _wait_for_the_end(job: str) -> str:
     """The final state of `job`, through its requeues."""
 
-    held_since: list[float] = []
+    held_since: float | None = None  # when the job was first seen held for its begin time
 
     def requeued_or_done():
+        nonlocal held_since
         state = _job_field(job, "JobState")
         if state == "PENDING" and _job_field(job, "Reason") == "BeginTime":
             # Slurm delays a requeued job's start by a couple of minutes; not what is tested here. Not at
             # once, though: a start within the second of the requeue finds the previous run's credential
             # revoked (slurmctld: "Killing non-startable batch JobId=N: Job credential revoked").
-            held_since.append(time.monotonic())
-            if time.monotonic() - held_since[0] > 5:
+            if held_since is None:
+                held_since = time.monotonic()
+            elif time.monotonic() - held_since > 5:
                 subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
         else:
-            held_since.clear()  # the next requeue waits again
+            held_since = None  # the next requeue waits again
         return state if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
 
     return _wait_for(requeued_or_done, 600, "the job to finish", poll=2.0)
@@ -242,6 +246,9 @@ def test_a_killed_rank_fails_the_job_which_requeues_itself_and_resumes(
     overrides = _overrides(run_inputs, save_dir)[:-1] + ["checkpoint.save_interval=2"]
 
     def kill_a_rank(job):  # as the kernel's OOM killer or a dying node would
+        # once iteration 2's checkpoint is complete (it is saved in the background), so that there is one
+        # to resume from
+        _wait_for(lambda: (newest_intact_iteration(save_dir) or 0) >= 2, 60, "iteration 2's checkpoint")
         victim = _wait_for(lambda: _worker_pids(save_dir)[-1:], 60, "a trainer process")[0]
         os.kill(victim, signal.SIGKILL)
 

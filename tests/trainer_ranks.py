@@ -1,4 +1,4 @@
-"""Per-rank bodies for the trainer tests (spawned through common.distributed.run_distributed).
+"""Per-rank bodies for the trainer tests (run as ranks by common.distributed.run_distributed).
 
 `train(rank, world_size, overrides, fault)` trains with the given config overrides and returns the
 per-iteration losses. `fault` injects what a real run meets, inside the real code path:
