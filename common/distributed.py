@@ -13,8 +13,8 @@ CPU ranks are forked from a multiprocessing fork server that has imported torch 
 (PRELOAD), rather than spawned as fresh interpreters that import them again: that import costs seconds
 of CPU per rank, paid on every call of a test suite that makes dozens. The fork server is itself a fresh
 interpreter that has run nothing (no thread pools), so forking from it is safe; each rank gets the
-caller's current environment, as a spawned one would. CUDA ranks are spawned: a process that imported
-Transformer Engine may have initialised CUDA, which a forked child cannot use.
+caller's current environment and stdout/stderr, as a spawned one would. CUDA ranks are spawned: a
+process that imported Transformer Engine may have initialised CUDA, which a forked child cannot use.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ import io
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
 import time
 import traceback
+from multiprocessing import reduction
 
 import torch
 
@@ -72,10 +74,43 @@ PRELOAD = (
 )
 
 
-def _rank_main(rank: int, world_size: int, port: int, device: str, fn, args, results, environ) -> None:
-    # The fork server's environment is the one of the first caller; this call's may differ.
-    os.environ.clear()
-    os.environ.update(environ)
+class _CallerContext:
+    """What each rank takes from the caller at the moment of the call: its environment, and its stdout and
+    stderr (a terminal, a log file, a test's capture). A rank forked from the fork server would otherwise
+    have the server's, which are those of the server's first caller."""
+
+    def __init__(self, environ: dict[str, str] | None = None, streams: tuple = ()):
+        self.environ = dict(os.environ) if environ is None else environ
+        self.streams = streams  # (descriptor handed over, the descriptor it becomes in the rank)
+
+    def __reduce__(self):
+        # Called while multiprocessing starts a rank: DupFd hands a descriptor over to that process.
+        streams = tuple((reduction.DupFd(fd), fd) for fd in (1, 2) if _is_open(fd))
+        return _CallerContext, (self.environ, streams)
+
+    def adopt(self) -> None:
+        os.environ.clear()
+        os.environ.update(self.environ)
+        for handed_over, target in self.streams:
+            fd = handed_over.detach()
+            if fd != target:  # a spawned rank gets the caller's descriptors as they are
+                os.dup2(fd, target)
+                os.close(fd)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _rank_main(
+    rank: int, world_size: int, port: int, device: str, fn, args, results, caller: _CallerContext
+) -> None:
+    caller.adopt()
+    os.setpgrp()  # a process group of its own, which the caller ends when the call is over
     try:
         value = _run_rank(rank, world_size, port, device, fn, args)
         # As bytes: a tensor put on the queue directly travels through shared memory that vanishes
@@ -124,12 +159,11 @@ def run_distributed(fn, world_size: int, *args, device: str = "cpu", timeout: fl
         context = mp.get_context("forkserver")
         context.set_forkserver_preload(list(PRELOAD))  # takes effect when the server starts (the first call)
     results = context.Queue()
+    caller = _CallerContext()
     port = free_port()
     # Plain (non-daemonic) processes: megatron-core's checkpoint saving starts processes of its own.
     ranks = [
-        context.Process(
-            target=_rank_main, args=(rank, world_size, port, device, fn, args, results, dict(os.environ))
-        )
+        context.Process(target=_rank_main, args=(rank, world_size, port, device, fn, args, results, caller))
         for rank in range(world_size)
     ]
     for process in ranks:
@@ -154,7 +188,21 @@ def run_distributed(fn, world_size: int, *args, device: str = "cpu", timeout: fl
             process.join(timeout=30 if len(outcomes) == world_size else 1)
             if process.is_alive():
                 process.kill()
+        for process in ranks:
+            _end_leftovers(process.pid)
     return [outcomes[rank] for rank in range(world_size)]
+
+
+def _end_leftovers(rank_pid: int | None) -> None:
+    """Kills what is left of a rank's process group. A rank that dies without its exit handlers leaves its
+    children running: megatron-core's checkpoint writer starts a server process that would live on, holding
+    the caller's stdout open (a `make test | tee` would then never end)."""
+    if rank_pid is None:
+        return
+    try:
+        os.killpg(rank_pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # nothing left, or not a group of ours
+        pass
 
 
 def _raise_if_exited_without_result(ranks: list, missing: list[int], results) -> None:

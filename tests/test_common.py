@@ -4,6 +4,9 @@ traceback; directories are published atomically, an old copy staying complete un
 from __future__ import annotations
 
 import os
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -84,16 +87,46 @@ def test_publish_directory_keeps_a_complete_copy_at_every_moment(tmp_path, monke
 def _rank_view(rank: int, world_size: int, name: str) -> tuple[str | None, int, int]:
     import torch.distributed as dist
 
+    for fd, stream in ((1, "stdout"), (2, "stderr")):  # one write a line: the ranks' lines do not interleave
+        os.write(fd, f"rank {rank} to {stream}\n".encode())
     return os.environ.get(name), dist.get_world_size(), os.getpid()
 
 
-def test_ranks_run_in_new_processes_with_the_callers_current_environment(monkeypatch):
-    """The ranks are forked from a long-lived fork server: each call must still hand them the environment
-    of that moment, as spawned processes would get it."""
-    before = run_distributed(_rank_view, 2, "K2_RANK_PROBE")  # may start the fork server
+def test_ranks_run_in_new_processes_with_the_callers_environment_and_output(monkeypatch, capfd):
+    """The ranks are forked from a long-lived fork server: each call must still hand them the caller's
+    environment and stdout/stderr of that moment, as spawned processes would get them."""
+    with capfd.disabled():  # a fork server started here has other stdout/stderr than the call below
+        before = run_distributed(_rank_view, 2, "K2_RANK_PROBE")
     monkeypatch.setenv("K2_RANK_PROBE", "set after the first call")
     after = run_distributed(_rank_view, 2, "K2_RANK_PROBE")
     assert [(value, size) for value, size, _ in before] == [(None, 2), (None, 2)]
     assert [(value, size) for value, size, _ in after] == [("set after the first call", 2)] * 2
     pids = [pid for *_, pid in before + after]
     assert len(set(pids)) == 4 and os.getpid() not in pids
+    out, err = capfd.readouterr()
+    assert {"rank 0 to stdout", "rank 1 to stdout"} <= set(out.splitlines())
+    assert {"rank 0 to stderr", "rank 1 to stderr"} <= set(err.splitlines())
+
+
+def _rank_leaving_a_process(rank: int, world_size: int, pid_file: str) -> None:
+    child = subprocess.Popen(["sleep", "300"])
+    Path(pid_file).write_text(str(child.pid))
+    os._exit(1)  # as a rank killed or ended by the watchdog: no exit handler ends its children
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has ended, waiting for its new parent to collect it
+
+
+def test_what_a_dead_rank_leaves_running_is_ended(tmp_path):
+    with pytest.raises(RuntimeError, match="rank 0 exited with status 1 without a result"):
+        run_distributed(_rank_leaving_a_process, 1, str(tmp_path / "pid"))
+    pid = int((tmp_path / "pid").read_text())
+    deadline = time.monotonic() + 10
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(pid)
