@@ -24,7 +24,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q --durations=30
 
-# The tier to run while editing (< 2 minutes on 2 cores): every package, without the multi-process
+# The tier to run while editing (about 2 minutes on 2 cores): every package, without the multi-process
 # training runs, the demo and the Slurm job (tests marked `slow`).
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow"

@@ -1,8 +1,11 @@
 """Shared helpers: user errors become one line and exit status 2 while everything else keeps its
-traceback; directories are published atomically, an old copy staying complete until replaced."""
+traceback; directories are published atomically, an old copy staying complete until replaced; local
+multi-process runs give each rank the caller's current environment and output, and end what a dead rank
+leaves running."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -92,10 +95,26 @@ def _rank_view(rank: int, world_size: int, name: str) -> tuple[str | None, int, 
     return os.environ.get(name), dist.get_world_size(), os.getpid()
 
 
+@contextlib.contextmanager
+def _output_discarded():
+    """File descriptors 1 and 2 on /dev/null (under the test's capture) for the duration."""
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            os.dup2(null, fd)
+        yield
+    finally:
+        for fd, copy in zip((1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(null)
+
+
 def test_ranks_run_in_new_processes_with_the_callers_environment_and_output(monkeypatch, capfd):
     """The ranks are forked from a long-lived fork server: each call must still hand them the caller's
     environment and stdout/stderr of that moment, as spawned processes would get them."""
-    with capfd.disabled():  # a fork server started here has other stdout/stderr than the call below
+    with _output_discarded():  # a fork server started here has other stdout/stderr than the call below
         before = run_distributed(_rank_view, 2, "K2_RANK_PROBE")
     monkeypatch.setenv("K2_RANK_PROBE", "set after the first call")
     after = run_distributed(_rank_view, 2, "K2_RANK_PROBE")
