@@ -19,15 +19,19 @@ process that imported Transformer Engine may have initialised CUDA, which a fork
 
 from __future__ import annotations
 
+import ctypes
 import io
 import multiprocessing as mp
 import os
 import queue
 import signal
 import socket
+import sys
+import threading
 import time
 import traceback
 from multiprocessing import reduction
+from multiprocessing.connection import wait
 
 import torch
 
@@ -109,8 +113,10 @@ def _is_open(fd: int) -> bool:
 def _rank_main(
     rank: int, world_size: int, port: int, device: str, fn, args, results, caller: _CallerContext
 ) -> None:
+    parent = os.getppid()  # the caller (spawned rank) or the fork server, which lives as long as the caller
     caller.adopt()
     os.setpgrp()  # a process group of its own, which the caller ends when the call is over
+    _die_with_caller(parent)
     try:
         value = _run_rank(rank, world_size, port, device, fn, args)
         # As bytes: a tensor put on the queue directly travels through shared memory that vanishes
@@ -120,6 +126,34 @@ def _rank_main(
         results.put((rank, True, buffer.getvalue()))
     except BaseException as exc:  # reported to the parent, which raises it
         results.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def _die_with_caller(parent: int) -> None:
+    """Ends this rank when its caller has gone, in both ways a caller goes (Linux). A rank has a process
+    group of its own, so a signal to the caller's group (`timeout`, a Ctrl-C, a Slurm step's end) misses it.
+    - Its parent's death SIGKILLs it (PR_SET_PDEATHSIG), stopped or not: the parent is the caller (spawned
+      rank) or the fork server, which dies with the caller's process group.
+    - A caller killed alone leaves the fork server alive (every rank holds its "alive" pipe), but closes
+      its end of the rank's start-up pipe (multiprocessing's parent sentinel): a thread then kills the
+      rank's group, the children it started included."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+    caller = mp.parent_process()
+    if caller is not None:
+
+        def end_group_when_the_caller_is_gone():
+            wait([caller.sentinel])
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+
+        threading.Thread(target=end_group_when_the_caller_is_gone, name="caller-watch", daemon=True).start()
+
+
+_PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
 def _run_rank(rank: int, world_size: int, port: int, device: str, fn, args):

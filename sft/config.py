@@ -42,6 +42,9 @@ class ModelConfig:
     # with selective: megatron-core's modules to recompute (core_attn, mlp, layernorm); null = core_attn
     recompute_modules: list[str] | None = None
     attention: Literal["auto", "te", "torch"] = "auto"  # auto: Transformer Engine when importable on CUDA
+    # weights and activations: bf16 (megatron-core's Float16Module, fp32 main weights and gradients in the
+    # distributed optimizer) or fp32; auto: bf16 on CUDA, fp32 on a CPU
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
 
 
 @dataclass
@@ -117,7 +120,9 @@ class LoggingConfig:
     tensorboard: bool = True  # event files with the same scalars as wandb, in SAVE_DIR/tensorboard
     tensorboard_dir: str | None = None  # instead of SAVE_DIR/tensorboard
     plot: bool = True  # SAVE_DIR/metrics.png (tools/plot_metrics.py) at the end of the run
-    peak_tflops_per_device: float = 989.0  # H100 SXM dense bf16, for MFU
+    # MFU's denominator, TFLOP/s; null: the datasheet dense bf16 peak of the GPU found (common/devices.py),
+    # the H100 SXM's on a CPU or an unlisted GPU
+    peak_tflops_per_device: float | None = None
 
 
 @dataclass

@@ -53,6 +53,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass, field
 
+from common.devices import RECIPE_ACCELERATOR
 from models.parallel_layout import ParallelLayout
 from models.qwen2.flops import attention_flops, dense_flops_per_token
 
@@ -63,7 +64,7 @@ GB = 1e9
 class Hardware:
     gpus: int
     gpu_memory_gb: float = 80.0
-    peak_tflops: float = 989.0
+    peak_tflops: float = RECIPE_ACCELERATOR.bf16_dense_tflops
     efficiency: float = 0.6
     nvlink_gbps: float = 360.0  # bus bandwidth of NCCL all-reduce within a node of 8 H100s
     network_gbps: float = 45.0  # per GPU, 400 Gb/s InfiniBand

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from common.devices import RECIPE_ACCELERATOR, find_accelerator
 from common.distributed import init_process_group
 from common.errors import ConfigError, DataError
 from common.files import write_json_atomic
@@ -206,6 +207,7 @@ class Trainer:
         self.cp_rank = parallel_state.get_context_parallel_rank()
         self.row_width = self.data.row_width(p)
         self.train_iters = inputs.train_iters
+        self.peak_tflops = self._peak_tflops()
         self.metrics = MetricsLogger(config, self.rank == 0)  # before the heavy set-up: wandb fails early
         self.chunks, self.tconfig = self._build_model()
         self.optimizer, self.scheduler = self._build_optimizer()
@@ -254,8 +256,29 @@ class Trainer:
 
     # Set-up ------------------------------------------------------------------------------------------
 
+    def _peak_tflops(self) -> float:
+        """MFU's denominator: logging.peak_tflops_per_device, or the datasheet peak of this GPU."""
+        configured = self.config.logging.peak_tflops_per_device
+        if configured is not None:
+            return configured
+        name = torch.cuda.get_device_name() if self.device == "cuda" else None
+        found = find_accelerator(name) if name else None
+        if found is None and self.rank == 0:
+            log.log(
+                logging.WARNING if name else logging.INFO,
+                "%s is not in common/devices.py: MFU is against the %s's %g TFLOP/s "
+                "(set logging.peak_tflops_per_device)",
+                name or "a CPU",
+                RECIPE_ACCELERATOR.name,
+                RECIPE_ACCELERATOR.bf16_dense_tflops,
+            )
+        return (found or RECIPE_ACCELERATOR).bf16_dense_tflops
+
     def _model_precision(self) -> torch.dtype:
-        return torch.bfloat16 if self.device == "cuda" else torch.float32
+        precision = self.config.model.precision
+        if precision == "auto":
+            precision = "bf16" if self.device == "cuda" else "fp32"
+        return torch.bfloat16 if precision == "bf16" else torch.float32
 
     def _build_model(self):
         from megatron.core import parallel_state, tensor_parallel
@@ -628,7 +651,7 @@ class Trainer:
                 "step_time_s": step_time,
                 "tokens_per_s": tokens / step_time,
                 "tflops_per_device": tflops,
-                "mfu": tflops / c.logging.peak_tflops_per_device,
+                "mfu": tflops / self.peak_tflops,
                 "peak_memory_gb": peak_memory_gb(self.device),
                 "consumed_samples": s.consumed_samples,
                 "epoch": s.consumed_samples / self.data.order.epoch_size,

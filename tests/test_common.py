@@ -6,8 +6,11 @@ leaves running."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -149,3 +152,48 @@ def test_what_a_dead_rank_leaves_running_is_ended(tmp_path):
     while _running(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _running(pid)
+
+
+def _rank_waiting(rank: int, world_size: int, pid_dir: str, hold_the_gil: bool) -> None:
+    Path(pid_dir, f"rank{rank}").write_text(str(os.getpid()))
+    if hold_the_gil:  # as a rank stuck in a C call that keeps the GIL: none of its threads can run
+        ctypes.PyDLL(None).pause()
+    time.sleep(300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killed", ["the caller's process group", "the caller alone"])
+def test_ranks_end_with_a_caller_killed_before_its_clean_up(killed, tmp_path):
+    """Ranks have process groups of their own, so `timeout` or a Ctrl-C aimed at the caller's group misses
+    them; a caller killed outright (no finally, no clean-up) must still not leave them running. Killed with
+    its group (as `timeout` kills), the ranks hold the GIL: only the kernel's parent-death signal can end
+    them; killed alone, the fork server lives on and the ranks must notice the caller's end themselves."""
+    root = Path(__file__).resolve().parents[1]
+    hold_the_gil = killed == "the caller's process group"
+    caller = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; sys.path[:0] = [{str(root)!r}, {str(root / 'tests')!r}]\n"
+            "from common.distributed import run_distributed\n"
+            "from test_common import _rank_waiting\n"
+            f"run_distributed(_rank_waiting, 2, {str(tmp_path)!r}, {hold_the_gil})",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # a process group of its own, as `timeout` gives its command
+    )
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("rank*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    pids = [int(p.read_text()) for p in sorted(tmp_path.glob("rank*"))]
+    assert len(pids) == 2 and all(_running(pid) for pid in pids)
+    if hold_the_gil:
+        os.killpg(caller.pid, signal.SIGKILL)
+    else:
+        caller.kill()
+    caller.wait()
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_running(pid) for pid in pids)

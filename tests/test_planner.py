@@ -162,3 +162,48 @@ def test_the_recommendation_keeps_memory_to_spare_among_equally_fast_layouts():
         e.total_gb for e in estimates if e.step_time_s <= 1.01 * estimates[0].step_time_s
     )
     assert recompute_overrides("mlp") == "model.recompute=selective model.recompute_modules=[mlp]"
+
+
+@pytest.mark.parametrize(
+    "device_name, part, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.0),  # torch.cuda.get_device_name() on an H100 SXM
+        ("NVIDIA H200", "H200", 989.0),
+        ("NVIDIA GH200 480GB", "GH200", 989.0),  # contains "H200": the more specific entry comes first
+        ("NVIDIA H100 PCIe", "H100 PCIe", 756.0),
+        ("NVIDIA A100-SXM4-80GB", "A100", 312.0),
+    ],
+)
+def test_the_device_table_knows_each_part_by_the_name_torch_reports(device_name, part, peak):
+    from common.devices import find_accelerator, peak_tflops
+
+    assert find_accelerator(device_name).name == part
+    assert peak_tflops(device_name) == peak
+
+
+def test_an_unlisted_device_or_a_cpu_gets_the_recipe_gpus_peak():
+    from common.devices import find_accelerator, peak_tflops
+
+    assert find_accelerator("NVIDIA GeForce RTX 4090") is None
+    assert peak_tflops("NVIDIA GeForce RTX 4090") == peak_tflops(None) == 989.0
+
+
+def test_plan_layout_takes_memory_and_peak_from_the_named_gpu(tmp_path, capsys):
+    import json
+
+    from testing.tiny_models import QWEN25_32B_CONFIG as config
+
+    from tools_runner import load_tool
+
+    model = tmp_path / "config.json"
+    model.write_text(json.dumps({**config, "num_hidden_layers": 64}))
+    runs = {}
+    for gpu in ("H100 SXM", "H200"):
+        out = tmp_path / f"{gpu}.json"
+        args = ["--model", str(model), "--gpus", "256", "--gpu", gpu, "--json", str(out), "--top", "1"]
+        assert load_tool("plan_layout").main(args) == 0
+        runs[gpu] = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert "256 GPUs x 80 GB (H100 SXM, 989 TFLOP/s" in printed and "256 GPUs x 141 GB (H200, 989" in printed
+    # more memory per GPU: layouts that did not fit an H100 fit an H200
+    assert sum(e["fits"] for e in runs["H200"]) > sum(e["fits"] for e in runs["H100 SXM"])

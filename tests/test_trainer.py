@@ -194,6 +194,40 @@ def test_async_fully_parallel_checkpoints_resume_bitwise_like_synchronous_ones(
     assert sum(parallel.values()) == pytest.approx(sum(single.values()), rel=0.01)
 
 
+# bf16 weights and activations against fp32, per-iteration loss after 6 steps at lr 1e-2 (bf16 keeps 8
+# mantissa bits: each matmul input is rounded by up to 2^-9 relative; the losses stay far closer).
+BF16_LOSS_RTOL = 2e-3
+BF16_VAL_LOSS_RTOL = 5e-3  # a held-out loss after the run's drift through 3 or 6 bf16 steps
+
+
+@pytest.mark.slow
+def test_bf16_trains_like_fp32_within_tolerance_and_resumes_exactly(setup, reference, tmp_path):
+    """The GPU path's precision on CPU: megatron-core's Float16Module over bf16 weights, fp32 gradients and
+    fp32 main weights and moments in the distributed optimizer (sharded over DP2), saved and resumed."""
+    whole = _train(setup, tmp_path / "whole", 2, "model.precision=bf16")
+    assert sorted(whole["losses"]) == list(range(1, ITERS + 1))
+    for iteration, loss in reference.losses.items():
+        assert whole["losses"][iteration] == pytest.approx(loss, rel=BF16_LOSS_RTOL), iteration
+    assert whole["losses"] != reference.losses  # bf16 really ran: not the fp32 numbers
+    for iteration, loss in reference.val_losses.items():
+        assert _val_losses(tmp_path / "whole")[iteration] == pytest.approx(loss, rel=BF16_VAL_LOSS_RTOL)
+
+    from formats.torch_dist import TorchDistReader
+
+    stored = TorchDistReader(tmp_path / "whole" / "iter_0000004")
+    dtypes = {key: stored.dtype(key) for key in stored.tensors}
+    model = {k: d for k, d in dtypes.items() if not k.startswith("optimizer")}
+    main = {k: d for k, d in dtypes.items() if k.rsplit(".", 1)[-1] in ("param", "exp_avg", "exp_avg_sq")}
+    assert model.keys() == reference.weights.keys() and set(model.values()) == {torch.bfloat16}
+    assert len(main) == 3 and set(main.values()) == {torch.float32}, dtypes
+
+    shutil.copytree(tmp_path / "whole" / "iter_0000004", tmp_path / "resumed" / "iter_0000004")
+    resumed = _train(setup, tmp_path / "resumed", 2, "model.precision=bf16")
+    assert resumed["losses"] == {i: whole["losses"][i] for i in (5, 6)}  # bitwise
+    final, expected = (_weights(tmp_path / run / "iter_0000006") for run in ("resumed", "whole"))
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
 @pytest.mark.slow
 def test_prefetching_the_next_batch_changes_nothing(setup, reference, tmp_path):
     """The reference run prepares each next step's micro-batches in a background thread; without it the

@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from common.cli import exit_status  # noqa: E402
+from common.devices import ACCELERATORS, RECIPE_ACCELERATOR  # noqa: E402
 from common.errors import InputError  # noqa: E402
 
 
@@ -44,10 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--global-batch", type=int, help="packs per optimizer step (default 512, or the config's)"
     )
     parser.add_argument("--gpus", type=int, default=256, help="number of GPUs (default 256 = 32 nodes x 8)")
-    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GB (default 80)")
     parser.add_argument(
-        "--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (default 989, H100)"
+        "--gpu",
+        choices=[a.name for a in ACCELERATORS],
+        default=RECIPE_ACCELERATOR.name,
+        help=f"the GPU, for its datasheet memory and dense bf16 peak (default {RECIPE_ACCELERATOR.name}, "
+        "the recipe's); --gpu-memory-gb and --peak-tflops override either",
     )
+    parser.add_argument("--gpu-memory-gb", type=float, help="memory per GPU in GB (default: the --gpu's)")
+    parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak per GPU (default: the --gpu's)")
     parser.add_argument(
         "--efficiency", type=float, default=0.6, help="fraction of peak the GEMMs reach (default 0.6)"
     )
@@ -94,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             seq_length = args.seq_length or config.data.seq_length
             global_batch = args.global_batch or config.schedule.global_batch_size
         arch = Qwen2Arch.from_path(path)
+        gpu = next(a for a in ACCELERATORS if a.name == args.gpu)
         hw = Hardware(
             gpus=args.gpus,
-            gpu_memory_gb=args.gpu_memory_gb,
-            peak_tflops=args.peak_tflops,
+            gpu_memory_gb=args.gpu_memory_gb or gpu.memory_gb,
+            peak_tflops=args.peak_tflops or gpu.bf16_dense_tflops,
             efficiency=args.efficiency,
             buffer_gb=args.buffer_gb,
         )
@@ -112,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"{find_hf_config(path)}: {arch.num_layers} layers, hidden {arch.hidden_size}; seq {seq_length}, "
-            f"global batch {global_batch}, {args.gpus} GPUs x {args.gpu_memory_gb:g} GB\n"
+            f"global batch {global_batch}, {args.gpus} GPUs x {hw.gpu_memory_gb:g} GB "
+            f"({gpu.name}, {hw.peak_tflops:g} TFLOP/s dense bf16)\n"
         )
         print(format_table(estimates, args.top))
         feasible = [e for e in estimates if e.fits]

@@ -4,36 +4,45 @@
     python bench/gpu/stages.py STAGE --out OUTDIR [--device cuda|cpu] [--tiny]
 
 Each call runs one stage and appends one JSON line {"stage", "pass", "seconds", "figures"} to
-OUTDIR/results.jsonl the moment it ends (bench/gpu/run.sh gives every stage its own process, log and
-time limit, so a crash or time-out loses nothing already measured). Stages:
+OUTDIR/results.jsonl the moment it ends, failed or not, and also when its time limit's SIGTERM stops it
+(bench/gpu/run.sh gives every stage its own process, log and time limit, so a crash or time-out loses
+nothing already measured). Stages:
 
-  env          GPU, driver, torch, CUDA, Python, megatron-core, and the attention/norm paths chosen
-  train_vs_cpu a tiny Qwen2 (the real 151,936 vocabulary) converted from HF: 3 training steps on the
-               device (bf16) against the same 3 steps in fp32 on the CPU (a child process that sees no
+  env          GPU, driver, torch, CUDA, Python, megatron-core, the attention/norm paths chosen, the
+               memory the sizes are planned for, the datasheet peak, and the measured rate of a bf16
+               matrix product (8192^3 on a GPU): the ceiling MFU is also reported against
+  train_vs_cpu a tiny Qwen2 (the real 151,936 vocabulary) converted from HF: 3 training steps in bf16 on
+               the device against the same 3 steps in fp32 on the CPU (a child process that sees no
                GPU), per-step loss within a stated bf16 tolerance
   attention    the packed attention on the device (bf16) against per-conversation attention in fp32
   verify       tools/verify_conversion.py on the device against transformers
   resume       save at iteration 2, resume, and continue with the uninterrupted run's losses
   shard        throughput of the recipe's per-GPU shard: Qwen2.5-32B layers as one tensor-parallel-8
                rank holds them (hidden 5120; 5 query heads, 1 KV head, FFN 3456; the vocabulary shard),
-               as many layers as the memory budget allows, random initialisation on the device
+               as many layers as the memory budget allows, random initialisation on the device, on
+               packs drawn at random from a packed set of reasoning-trace lengths
   full_width   throughput of full-width Qwen2.5-32B layers at a token count that fits, and of
                transformers' Qwen2 on the same layers and packs
-  summary      bench/results/gpu_<device>.json from the stages' lines (also written to OUTDIR)
+  summary      gpu_<device>.json in OUTDIR from the newest line of each stage in results.jsonl (lines of
+               an earlier run into the same OUTDIR included), for bench/results/
 
-Sizes come from a memory budget computed before anything is allocated (`budget`): usable memory
-(78 GiB on an H100) less a 15% margin must hold the bf16 weights, fp32 gradients, fp32 main weights and
-Adam moments (distributed optimizer at DP=1), the activations (sft/planner.py's model) and the logits.
---tiny shrinks every model and row so that all stages run on a CPU in the test suite.
+BENCH_ITERS sets the number of timed steps of the throughput stages (default 5 on a GPU, 2 with --tiny).
+Sizes come from a memory budget computed before anything is allocated (`budget`): the usable memory
+(`usable_memory`: the device's free memory, or BENCH_USABLE_GIB) less a 15% margin must hold the bf16
+weights, fp32 gradients, fp32 main weights and Adam moments (distributed optimizer at DP=1), the
+activations (sft/planner.py's model) and the logits. MFU is against the device's datasheet peak
+(common/devices.py). --tiny shrinks every model and row so that all stages run on a CPU in the suite.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -46,20 +55,35 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from common.devices import RECIPE_ACCELERATOR, find_accelerator, peak_tflops  # noqa: E402
 from sft.metrics import read_metrics  # noqa: E402
 
-PEAK_TFLOPS = 989.0  # H100 SXM dense bf16
-USABLE_GIB = 78.0
+REHEARSAL_USABLE_GIB = 78.0  # on a CPU (--tiny): the sizes are planned as for an H100 80GB
 MARGIN = 0.15
 BF16_LOSS_RTOL = 0.02  # bf16 weights/activations vs fp32 after 3 steps of a tiny model
 ATTENTION_RTOL = 0.02  # bf16 packed attention vs fp32, relative to the largest reference value
 RESUME_RTOL = 1e-3  # a resumed GPU run vs the uninterrupted one (cuBLAS/atomics non-determinism)
 
 
+class BenchError(Exception):
+    """A stage cannot go on (no size fits, ...): recorded as the stage's failure."""
+
+
+class StageStopped(BaseException):
+    """The stage's time limit ran out (run.sh's `timeout` sent SIGTERM): recorded, then the stage ends
+    through every `finally` on the way, run_distributed's clean-up of its ranks included."""
+
+
+def _stop_on_sigterm(signum, frame):
+    limit = os.environ.get("BENCH_STAGE_LIMIT")
+    raise StageStopped(f"timed out after {limit} s (SIGTERM at the stage's limit)" if limit else "SIGTERM")
+
+
 @dataclass(frozen=True)
 class Sizes:
     """Everything that differs between the GPU run and the CPU (--tiny) rehearsal."""
 
+    matmul: int  # n of the n x n x n bf16 matrix product the env stage times
     seq_length: int
     shard: dict  # HF config fields of the per-GPU shard model (num_hidden_layers from the budget)
     full_width: dict  # HF config fields of the full-width model
@@ -85,8 +109,9 @@ FULL_32B = {
     "intermediate_size": 27648,
     "vocab_size": 152064,
 }
-GPU = Sizes(32768, SHARD_32B, FULL_32B, full_width_layers=2, warmup=2, iters=5, max_shard_layers=64)
+GPU = Sizes(8192, 32768, SHARD_32B, FULL_32B, full_width_layers=2, warmup=2, iters=5, max_shard_layers=64)
 TINY = Sizes(
+    256,
     512,
     {**SHARD_32B, "hidden_size": 64, "head_dim": 16, "intermediate_size": 96, "vocab_size": 1024},
     {
@@ -125,7 +150,18 @@ def hf_config(fields: dict, layers: int) -> dict:
 # The memory budget ------------------------------------------------------------------------------------
 
 
-def budget(fields: dict, layers: int, tokens: int, recompute: str) -> dict:
+def usable_memory(device: str) -> dict:
+    """The GiB the sizes are planned for, and where the figure comes from: BENCH_USABLE_GIB, else the
+    device's free memory now (torch.cuda.mem_get_info), else (a CPU rehearsal) an H100's."""
+    if os.environ.get("BENCH_USABLE_GIB"):
+        return {"gib": float(os.environ["BENCH_USABLE_GIB"]), "source": "BENCH_USABLE_GIB"}
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return {"gib": round(free / 2**30, 2), "source": "torch.cuda.mem_get_info (free)"}
+    return {"gib": REHEARSAL_USABLE_GIB, "source": "CPU rehearsal: an H100 80GB's"}
+
+
+def budget(fields: dict, layers: int, tokens: int, recompute: str, usable_gib: float) -> dict:
     """Estimated GiB of one training step on one GPU (TP1, DP1, distributed optimizer) by the planner's
     model, and whether it fits the usable memory less the margin."""
     from models.parallel_layout import ParallelLayout
@@ -133,20 +169,20 @@ def budget(fields: dict, layers: int, tokens: int, recompute: str) -> dict:
     from sft.planner import Hardware, estimate
 
     arch = Qwen2Arch.from_hf_config(hf_config(fields, layers))
-    hw = Hardware(gpus=1, gpu_memory_gb=USABLE_GIB * 2**30 / 1e9, buffer_gb=2.0)
+    hw = Hardware(gpus=1, gpu_memory_gb=usable_gib * 2**30 / 1e9, buffer_gb=2.0)
     found = estimate(arch, ParallelLayout(), recompute, hw, tokens, 1, mean_conversation=3000)
     total_gib = found.total_gb * 1e9 / 2**30
     return {
         "gib": round(total_gib, 2),
-        "fits": total_gib <= USABLE_GIB * (1 - MARGIN),
+        "fits": total_gib <= usable_gib * (1 - MARGIN),
         "parts_gb": found.memory_gb,
     }
 
 
-def largest_fitting_layers(fields: dict, tokens: int, recompute: str, most: int) -> int:
-    fitting = [n for n in range(1, most + 1) if budget(fields, n, tokens, recompute)["fits"]]
+def largest_fitting_layers(fields: dict, tokens: int, recompute: str, most: int, usable_gib: float) -> int:
+    fitting = [n for n in range(1, most + 1) if budget(fields, n, tokens, recompute, usable_gib)["fits"]]
     if not fitting:
-        raise SystemExit(f"not even one layer fits {USABLE_GIB} GiB less {MARGIN:.0%} at {tokens} tokens")
+        raise BenchError(f"not even one layer fits {usable_gib} GiB less {MARGIN:.0%} at {tokens} tokens")
     return max(fitting)
 
 
@@ -160,15 +196,31 @@ def record(out: Path, stage: str, passed: bool, seconds: float, figures: dict) -
     print(json.dumps(line, indent=1), flush=True)
 
 
-def lognormal_packs(seq_length: int, vocab_size: int, count: int, seed: int = 0):
+def reasoning_pack_set(seq_length: int, vocab_size: int, conversations: int, seed: int = 0):
     """Packs of conversations whose lengths follow reasoning traces (log-normal, median 3,000 tokens or
     seq_length / 4), packed by the pipeline's own best fit."""
     from testing.synthetic_packs import packs_from_lengths
 
     rng = np.random.default_rng(seed)
     median = min(3000, seq_length // 4)
-    lengths = np.maximum(rng.lognormal(np.log(median), 1.0, 16 * count), 64).astype(np.int64)
-    return packs_from_lengths(lengths, seq_length, vocab_size, seed=seed)[:count]
+    lengths = np.maximum(rng.lognormal(np.log(median), 1.0, conversations), 64).astype(np.int64)
+    return packs_from_lengths(lengths, seq_length, vocab_size, seed=seed)
+
+
+def lognormal_packs(seq_length: int, vocab_size: int, count: int, seed: int = 0):
+    """`count` packs drawn at random (seeded) from a reasoning_pack_set of 16 x count conversations.
+    Drawn, not the first ones: best-fit decreasing fills its first packs with the longest conversations
+    only, whose attention costs more than a typical pack's."""
+    packs = reasoning_pack_set(seq_length, vocab_size, 16 * count, seed)
+    if len(packs) < count:
+        raise BenchError(f"{len(packs)} packs made, {count} needed")
+    drawn = np.random.default_rng([seed, 1]).choice(len(packs), size=count, replace=False)
+    return [packs[i] for i in drawn]
+
+
+def distinct_packs(sizes: Sizes) -> int:
+    """Packs in a throughput stage's dataset: one per step up to 64 (the trainer cycles through epochs)."""
+    return min(sizes.warmup + sizes.iters + 2, 64)
 
 
 def pretrain(overrides: list[str], *, cpu_only: bool = False, timeout: float = 600) -> list[float]:
@@ -219,8 +271,10 @@ def stage_env(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
         except metadata.PackageNotFoundError:
             return None
 
+    name = device_name(args.device)
+    accelerator = find_accelerator(name) if args.device == "cuda" else None
     figures = {
-        "device": device_name(args.device),
+        "device": name,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -228,6 +282,10 @@ def stage_env(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
         "transformers": version("transformers"),
         "layers": choose_backend(args.device).describe(),
         "packed_attention": packed_attention_kernel(args.device),
+        "usable_memory": usable_memory(args.device),
+        "datasheet_peak_tflops": datasheet_peak(args.device),
+        "datasheet_peak_of": accelerator.name if accelerator else f"{RECIPE_ACCELERATOR.name} (unlisted)",
+        "matmul_bf16_tflops": matmul_tflops(args.device, sizes.matmul),
     }
     if args.device == "cuda":
         figures["driver"] = subprocess.run(
@@ -237,6 +295,25 @@ def stage_env(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
         ).stdout.strip()
         figures["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     return figures["megatron_core"] is not None, figures
+
+
+def matmul_tflops(device: str, n: int, warmup: int = 3, timed: int = 10) -> float:
+    """The measured rate of an n x n x n bf16 matrix product on random data: the ceiling a GEMM-bound
+    step can reach here (the datasheet peak is not reached by any real kernel)."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(warmup):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(timed):
+        a @ b
+    synchronize(device)
+    return round(2 * n**3 * timed / (time.perf_counter() - start) / 1e12, 2)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def stage_train_vs_cpu(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
@@ -249,11 +326,18 @@ def stage_train_vs_cpu(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
         "checkpoint.save_at_end=false",
         "checkpoint.save_interval=100",
     ]
-    device = pretrain(inputs.overrides(work / "steps-device", *common, f"device={args.device}"))
-    cpu = pretrain(inputs.overrides(work / "steps-cpu", *common, "device=cpu"), cpu_only=True)
+    # bf16 on the device (as training runs there), fp32 on the CPU: the reference. In the CPU rehearsal
+    # the "device" is the CPU too, still in bf16, so that the same comparison is rehearsed.
+    device = pretrain(
+        inputs.overrides(work / "steps-device", *common, f"device={args.device}", "model.precision=bf16")
+    )
+    cpu = pretrain(
+        inputs.overrides(work / "steps-cpu", *common, "device=cpu", "model.precision=fp32"), cpu_only=True
+    )
     diff = _relative(device, cpu)
     return diff <= BF16_LOSS_RTOL, {
-        "device_losses": device,
+        "compared": f"bf16 on {args.device} against fp32 on the CPU",
+        "device_bf16_losses": device,
         "cpu_fp32_losses": cpu,
         "max_rel_diff": diff,
         "tolerance": BF16_LOSS_RTOL,
@@ -381,7 +465,9 @@ def _measure_trainer(rank: int, world_size: int, overrides: list[str], warmup: i
 def measure_ours(
     work: Path, name: str, fields: dict, layers: int, sizes: Sizes, device: str, recompute: str, packs
 ) -> dict:
+    """Throughput and peak memory of the trainer (one process) on `packs`, after `sizes.warmup` steps."""
     from common.distributed import run_distributed
+    from models.qwen2.attention import packed_attention_kernel
     from testing.synthetic_packs import write_packed_dataset
 
     config_file = work / f"{name}-config.json"
@@ -402,21 +488,25 @@ def measure_ours(
         "layers": layers,
         "seq_length": sizes.seq_length,
         "recompute": recompute,
+        "attention": packed_attention_kernel(device),
         "tokens_per_s": sum(r["tokens"] for r in timed) / seconds,
         "tflops_per_gpu": tflops,
-        "mfu": tflops / PEAK_TFLOPS,
-        "peak_mem_gb": max(r["peak_memory_gb"] for r in timed),
+        "mfu": tflops / datasheet_peak(device),
+        "peak_mem_gb": max(r["peak_memory_gb"] for r in timed),  # torch.cuda.max_memory_allocated, GiB
         "losses": [r["loss"] for r in timed],
         "profile": split,
     }
 
 
 def stage_shard(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
-    recompute = "none"
-    layers = largest_fitting_layers(sizes.shard, sizes.seq_length, recompute, sizes.max_shard_layers)
-    packs = lognormal_packs(sizes.seq_length, sizes.shard["vocab_size"], sizes.warmup + sizes.iters + 2)
+    recompute, memory = "none", usable_memory(args.device)
+    layers = largest_fitting_layers(
+        sizes.shard, sizes.seq_length, recompute, sizes.max_shard_layers, memory["gib"]
+    )
+    packs = lognormal_packs(sizes.seq_length, sizes.shard["vocab_size"], distinct_packs(sizes))
     figures = measure_ours(work, "shard", sizes.shard, layers, sizes, args.device, recompute, packs)
-    figures["budget"] = budget(sizes.shard, layers, sizes.seq_length, recompute)
+    figures["usable_memory"] = memory
+    figures["budget"] = budget(sizes.shard, layers, sizes.seq_length, recompute, memory["gib"])
     return all(np.isfinite(figures["losses"])), figures
 
 
@@ -430,7 +520,11 @@ def _measure_transformers(
     from models.parallel_layout import ParallelLayout
     from sft.data import SFTData
 
-    attention = "sdpa"  # the image has no flash-attn package; SDPA runs causal over the whole row
+    # The GPU image has no flash-attn package. With SDPA, position ids that restart at each conversation
+    # and no attention mask, transformers (masking_utils.find_packed_sequence_indices) builds a
+    # block-diagonal causal mask of the row: an SDPA with an explicit mask, which runs no flash kernel.
+    attention = "sdpa"
+    attention_ran = "torch SDPA with a block-diagonal mask built from position ids (no flash kernel)"
     on_gpu = device == "cuda"
     fields = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
     with torch.device(device):
@@ -457,28 +551,28 @@ def _measure_transformers(
             times.append(time.perf_counter() - start)
             tokens.append(batch.real_tokens)
     peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None
-    return {"attention": attention, "tokens_per_s": sum(tokens) / sum(times), "peak_mem_gb": peak}
+    return {"attention": attention_ran, "tokens_per_s": sum(tokens) / sum(times), "peak_mem_gb": peak}
 
 
 def stage_full_width(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
     from common.distributed import run_distributed
 
     recompute, layers, vocab = "none", sizes.full_width_layers, sizes.full_width["vocab_size"]
+    memory = usable_memory(args.device)
     for tokens in (sizes.seq_length, sizes.seq_length // 2, sizes.seq_length // 4, sizes.seq_length // 8):
         # transformers keeps fp32 weights, gradients and moments plus autocast's bf16 weight copies (18 bytes
         # per parameter, like ours) and one more fp32 copy of the logits (the gradient of the fp32 loss input)
-        ours = budget(sizes.full_width, layers, tokens, recompute)
+        ours = budget(sizes.full_width, layers, tokens, recompute, memory["gib"])
         transformers_gib = ours["gib"] + tokens * vocab * 4 / 2**30
-        if ours["fits"] and transformers_gib <= USABLE_GIB * (1 - MARGIN):
+        if ours["fits"] and transformers_gib <= memory["gib"] * (1 - MARGIN):
             break
     else:
-        raise SystemExit("full-width layers fit at no token count tried")
-    width = Sizes(
-        tokens, sizes.shard, sizes.full_width, layers, sizes.warmup, sizes.iters, sizes.max_shard_layers
-    )
-    packs = lognormal_packs(tokens, sizes.full_width["vocab_size"], sizes.warmup + sizes.iters + 2)
+        raise BenchError(f"full-width layers fit {memory['gib']} GiB at no token count tried")
+    width = dataclasses.replace(sizes, seq_length=tokens)
+    packs = lognormal_packs(tokens, sizes.full_width["vocab_size"], distinct_packs(sizes))
     figures = measure_ours(work, "full", sizes.full_width, layers, width, args.device, recompute, packs)
-    figures["budget"] = budget(sizes.full_width, layers, tokens, recompute)
+    figures["usable_memory"] = memory
+    figures["budget"] = budget(sizes.full_width, layers, tokens, recompute, memory["gib"])
     (hf,) = run_distributed(
         _measure_transformers,
         1,
@@ -495,37 +589,52 @@ def stage_full_width(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
 
 
 def stage_summary(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
+    """gpu_<device>.json from the newest line of each stage: a rerun of some stages (STAGES=...) into the
+    same OUTDIR replaces their earlier lines and keeps the others'."""
     lines = [json.loads(line) for line in (args.out / "results.jsonl").read_text().splitlines()]
-    by_stage = {line["stage"]: line for line in lines}
-    keys = ("layers", "seq_length", "tokens_per_s", "tflops_per_gpu", "mfu", "peak_mem_gb")
+    by_stage = {line["stage"]: line for line in lines if line["stage"] != "summary"}  # the newest wins
+    env = by_stage.get("env", {}).get("figures", {})
+    keys = ("layers", "seq_length", "attention", "tokens_per_s", "tflops_per_gpu", "mfu", "peak_mem_gb")
+
+    def throughput(stage: str) -> dict | None:
+        if stage not in by_stage or "tflops_per_gpu" not in by_stage[stage]["figures"]:
+            return None
+        figures = by_stage[stage]["figures"]
+        found = {k: figures.get(k) for k in keys}
+        found["budget_gib"] = figures["budget"]["gib"]  # the planner's figure beside peak_mem_gb
+        if env.get("matmul_bf16_tflops"):  # against the ceiling measured here, beside the datasheet's
+            found["mfu_of_measured_matmul"] = figures["tflops_per_gpu"] / env["matmul_bf16_tflops"]
+        return found
+
     summary = {
-        "device": by_stage.get("env", {}).get("figures", {}).get("device", device_name(args.device)),
+        "device": env.get("device", device_name(args.device)),
         "command": os.environ.get("BENCH_COMMAND", "bench/gpu/run.sh"),
         "date": time.strftime("%Y-%m-%d"),
+        "datasheet_peak_tflops": env.get("datasheet_peak_tflops"),
+        "matmul_bf16_tflops": env.get("matmul_bf16_tflops"),
+        "usable_memory": env.get("usable_memory"),
         "checks": {
             name: {"pass": by_stage[name]["pass"], "figures": by_stage[name]["figures"]}
             for name in ("train_vs_cpu", "attention", "verify", "resume")
             if name in by_stage
         },
-        "shard": {k: by_stage["shard"]["figures"].get(k) for k in keys} if "shard" in by_stage else None,
-        "full_width": None,
-        "stages": {line["stage"]: {"pass": line["pass"], "seconds": line["seconds"]} for line in lines},
+        "shard": throughput("shard"),
+        "full_width": throughput("full_width"),
+        "stages": {
+            name: {"pass": line["pass"], "seconds": line["seconds"]} for name, line in by_stage.items()
+        },
     }
-    if "full_width" in by_stage:
+    if summary["full_width"] is not None:
         full = by_stage["full_width"]["figures"]
-        summary["full_width"] = {
-            **{k: full.get(k) for k in keys},
-            "transformers_tokens_per_s": full["transformers"]["tokens_per_s"],
-            "speedup_vs_transformers": full["speedup_vs_transformers"],
-        }
+        summary["full_width"].update(
+            transformers_tokens_per_s=full["transformers"]["tokens_per_s"],
+            transformers_attention=full["transformers"]["attention"],
+            speedup_vs_transformers=full["speedup_vs_transformers"],
+        )
     name = "".join(c if c.isalnum() else "_" for c in summary["device"].lower()).strip("_")
     (args.out / f"gpu_{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    passed = all(line["pass"] for line in lines)
-    return passed, {
-        "file": f"gpu_{name}.json",
-        "stages_passed": sum(line["pass"] for line in lines),
-        "stages": len(lines),
-    }
+    passed = [line["pass"] for line in by_stage.values()]
+    return all(passed), {"file": f"gpu_{name}.json", "stages_passed": sum(passed), "stages": len(passed)}
 
 
 STAGES = {
@@ -583,6 +692,11 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu")
 
 
+def datasheet_peak(device: str) -> float:
+    """MFU's denominator: this GPU's datasheet dense bf16 peak (common/devices.py); an H100's on a CPU."""
+    return peak_tflops(device_name(device) if device == "cuda" else None)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -602,12 +716,15 @@ def main() -> int:
 
     setup_logging()
     sizes = TINY if args.tiny else GPU
+    if os.environ.get("BENCH_ITERS"):
+        sizes = dataclasses.replace(sizes, iters=int(os.environ["BENCH_ITERS"]))
     work = Path(os.environ.get("BENCH_WORK") or args.out / "work")  # run.sh: a scratch directory
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         passed, figures = STAGES[args.stage](args, sizes, work)
-    except Exception as exc:  # recorded, then re-raised for the log's traceback
+    except BaseException as exc:  # recorded (a time-out and an exit too), then re-raised for the log
         record(
             args.out,
             args.stage,
