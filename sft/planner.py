@@ -7,12 +7,15 @@ The model, stated so it can be checked (every figure is per GPU, bytes unless no
 
 Parameters. A layer holds qkv h(n+2g)d + bias (n+2g)d, proj n d h, MLP 3 h f, two norms 2h; the
 embedding and the output layer hold V h each (one when tied). A rank holds L/PP layers split over
-TP, plus the embedding on the first stage and the output layer on the last (the larger stage counts).
+TP, plus the embedding on the first stage and the output layer and final norm on the last (with tied
+embeddings and PP > 1 the last stage holds a copy of the embedding as its output layer).
 
-Memory (mixed precision, megatron-core distributed optimizer):
+Memory is estimated for the first and the last pipeline stage (one stage at PP = 1), which differ; the
+heavier one decides whether a layout fits. Mixed precision, megatron-core distributed optimizer:
 - weights: 2 bytes per local parameter (bf16);
 - gradients: 4 bytes per local parameter (fp32 gradient buffer, grad_reduce_in_fp32);
-- optimizer: 12 bytes per local parameter / DP (fp32 main weights, Adam moments, sharded over DP);
+- optimizer: 12 bytes per local parameter / (DP x CP) (fp32 main weights, Adam moments, sharded over
+  the data- and context-parallel replicas of the rank's parameters: megatron-core's intra_dp_cp group);
 - activations: per token and layer, the tensors the backward pass keeps (bf16): layer input, norm
   outputs and residuals 6h; with q = n d the query width: q/k/v before and q/k after RoPE 2q + 3gd,
   attention output q (flash attention keeps no s^2 scores); the MLP's fc1 output 2f, its SwiGLU
@@ -22,8 +25,10 @@ Memory (mixed precision, megatron-core distributed optimizer):
   nothing with flash/fused attention (q, k, v stay as its inputs) and re-runs the attention forward;
   `mlp` drops the MLP's 4f and re-runs its forward; `full` keeps only each layer's input (2h, / TP
   with SP) plus one layer's full set during its recomputation, and re-runs every layer's forward.
-  Tokens per micro-batch = micro_batch x seq / CP. The first pipeline stage holds PP micro-batches in
-  flight under 1F1B (x (1 + (PP - 1) / (PP x VP)) interleaved), i.e. L/PP layers x PP micro-batches.
+  Tokens per micro-batch = micro_batch x seq / CP. Under 1F1B pipeline rank r keeps the activations of
+  PP - r micro-batches of its L/PP layers at its peak (the first stage PP, the last one); interleaved,
+  2 (PP - r - 1) + (VP - 1) PP + 1 model chunks of L/(PP VP) layers (the first stage PP + (PP - 1)/VP
+  micro-batches' worth, the last (VP - 1) + 1/VP), never more than the step's micro-batches.
   Logits: the last stage keeps the vocabulary-parallel logits (bf16) and their fp32 softmax for the
   cross-entropy: tokens x V / TP x 6 bytes (4 in an fp32 run, where the cross-entropy works in place).
 - buffers: a fixed allowance for the CUDA context, NCCL and allocator fragmentation
@@ -77,10 +82,13 @@ class Estimate:
     layout: ParallelLayout
     recompute: str  # one of RECOMPUTE
     data_parallel: int
-    memory_gb: dict[str, float] = field(default_factory=dict)
+    memory_gb: dict[str, float] = field(default_factory=dict)  # the heaviest stage's parts
     step_time_s: float = 0.0
     mfu: float = 0.0
     fits: bool = False
+    # per pipeline stage ("first", "last"; "only" at PP = 1): its memory parts
+    stage_memory_gb: dict[str, dict[str, float]] = field(default_factory=dict)
+    heaviest_stage: str = "only"
 
     @property
     def total_gb(self) -> float:
@@ -93,6 +101,8 @@ class Estimate:
             "data_parallel": self.data_parallel,
             "memory_gb": self.memory_gb,
             "total_gb": self.total_gb,
+            "heaviest_stage": self.heaviest_stage,
+            "stage_memory_gb": self.stage_memory_gb,
             "step_time_s": self.step_time_s,
             "mfu": self.mfu,
             "fits": self.fits,
@@ -110,12 +120,37 @@ def layer_parameters(arch) -> int:
     return h * (n + 2 * g) * d + (n + 2 * g) * d + n * d * h + 3 * h * f + 2 * h
 
 
-def local_parameters(arch, layout: ParallelLayout) -> int:
-    """Parameters on the heaviest rank: its layers plus the embedding or output layer, over TP."""
-    layers = arch.num_layers // layout.pipeline * layer_parameters(arch)
+# The pipeline stages estimated: name -> (holds the embedding, holds the output layer and the loss)
+STAGES = {"first": (True, False), "last": (False, True)}
+ONLY_STAGE = {"only": (True, True)}
+
+
+def pipeline_stages(layout: ParallelLayout) -> dict[str, tuple[bool, bool]]:
+    return STAGES if layout.pipeline > 1 else ONLY_STAGE
+
+
+def stage_parameters(arch, layout: ParallelLayout, first: bool, last: bool) -> int:
+    """Parameters on one tensor-parallel rank of a stage: its layers plus the embedding (first stage) or
+    the output layer and the final norm (last stage); with tied embeddings one matrix serves both."""
     vocab = arch.vocab_size * arch.hidden_size
-    ends = vocab if layout.pipeline > 1 or arch.tie_word_embeddings else 2 * vocab
-    return (layers + ends) // layout.tensor + arch.hidden_size  # + the final norm
+    matrices = 1 if first and last and arch.tie_word_embeddings else first + last
+    layers = arch.num_layers // layout.pipeline * layer_parameters(arch)
+    return (layers + matrices * vocab) // layout.tensor + (arch.hidden_size if last else 0)
+
+
+def local_parameters(arch, layout: ParallelLayout) -> int:
+    """Parameters on the rank that holds the most: the last stage's (the final norm tips it)."""
+    return stage_parameters(arch, layout, first=layout.pipeline == 1, last=True)
+
+
+def micro_batches_in_flight(layout: ParallelLayout, micro_batches: int, first: bool) -> float:
+    """Micro-batches whose activations of all the rank's layers a stage keeps at its peak under 1F1B
+    (interleaved: model chunks in flight / VP); the first stage is pipeline rank 0, the last PP - 1."""
+    pp, vp = layout.pipeline, layout.virtual_stages
+    rank = 0 if first else pp - 1
+    if vp == 1:
+        return min(pp - rank, micro_batches)
+    return min(2 * (pp - rank - 1) + (vp - 1) * pp + 1, micro_batches * vp) / vp
 
 
 RECOMPUTE = ("none", "selective", "mlp", "full")  # selective = megatron-core's core_attn
@@ -166,33 +201,16 @@ def estimate(
         return None
     dp = layout.data_parallel(hw.gpus)
     micro_batches = layout.micro_batches_per_step(global_batch, hw.gpus)
-    params = local_parameters(arch, layout)
-    tokens = layout.micro_batch_size * seq_length / layout.context
-    layers_here = arch.num_layers // layout.pipeline
-    vp = layout.virtual_stages
-    in_flight = min(layout.pipeline, micro_batches) * (
-        1 + (layout.pipeline - 1) / (layout.pipeline * vp) if vp > 1 else 1
-    )
-    activations = (
-        tokens
-        * layers_here
-        * in_flight
-        * activation_bytes_per_token_layer(arch, layout, recompute, weight_bytes)
-    )
-    if recompute == "full":  # one layer's full activations while it is recomputed
-        activations += tokens * activation_bytes_per_token_layer(arch, layout, "none", weight_bytes)
-    # bf16 logits and their fp32 copy for the cross-entropy; in fp32 the cross-entropy works in place
-    logits = tokens * arch.vocab_size / layout.tensor * (weight_bytes + 4 if weight_bytes == 2 else 4)
-    memory = {
-        "weights": weight_bytes * params / GB,
-        "gradients": 4 * params / GB,
-        "optimizer": (12 if weight_bytes == 2 else 8) * params / dp / GB,
-        "activations": activations / GB,
-        "logits": logits / GB,
-        "buffers": hw.buffer_gb,
+    stages = {
+        name: _stage_memory(arch, layout, recompute, hw, seq_length, micro_batches, dp, weight_bytes, *ends)
+        for name, ends in pipeline_stages(layout).items()
     }
-    result = Estimate(layout, recompute, dp, {k: round(v, 3) for k, v in memory.items()})
+    heaviest = max(stages, key=lambda name: sum(stages[name].values()))
+    result = Estimate(
+        layout, recompute, dp, stages[heaviest], stage_memory_gb=stages, heaviest_stage=heaviest
+    )
     result.fits = result.total_gb <= hw.gpu_memory_gb
+    params = local_parameters(arch, layout)
     result.step_time_s, result.mfu = _step_time(
         arch,
         layout,
@@ -207,6 +225,34 @@ def estimate(
         fill,
     )
     return result
+
+
+def _stage_memory(
+    arch, layout, recompute, hw, seq_length, micro_batches, dp, weight_bytes, first: bool, last: bool
+) -> dict[str, float]:
+    """GB per part on one rank of the stage holding the embedding (`first`) and/or the output (`last`)."""
+    params = stage_parameters(arch, layout, first, last)
+    tokens = layout.micro_batch_size * seq_length / layout.context
+    per_token_layer = activation_bytes_per_token_layer(arch, layout, recompute, weight_bytes)
+    layers_here = arch.num_layers // layout.pipeline
+    activations = (
+        tokens * layers_here * micro_batches_in_flight(layout, micro_batches, first) * per_token_layer
+    )
+    if recompute == "full":  # one layer's full activations while it is recomputed
+        activations += tokens * activation_bytes_per_token_layer(arch, layout, "none", weight_bytes)
+    # bf16 logits and their fp32 copy for the cross-entropy; in fp32 the cross-entropy works in place
+    logit_bytes = weight_bytes + 4 if weight_bytes == 2 else 4
+    logits = tokens * arch.vocab_size / layout.tensor * logit_bytes if last else 0.0
+    optimizer_bytes = 12 if weight_bytes == 2 else 8  # fp32 main weights (bf16 only) and Adam moments
+    memory = {
+        "weights": weight_bytes * params / GB,
+        "gradients": 4 * params / GB,
+        "optimizer": optimizer_bytes * params / (dp * layout.context) / GB,
+        "activations": activations / GB,
+        "logits": logits / GB,
+        "buffers": hw.buffer_gb,
+    }
+    return {k: round(v, 3) for k, v in memory.items()}
 
 
 def _step_time(
@@ -311,8 +357,8 @@ def recommend(feasible: list[Estimate], within: float = 0.01) -> Estimate:
 def format_table(estimates: list[Estimate], limit: int = 15) -> str:
     header = (
         f"{'TP':>3} {'PP':>3} {'VP':>3} {'CP':>3} {'SP':>3} {'recompute':>9} {'mb':>3} {'DP':>4} | "
-        f"{'weights':>7} {'grads':>6} {'optim':>6} {'activ':>6} {'logits':>6} {'buffers':>7} {'total':>6} "
-        "GB | "
+        f"{'stage':>5} {'weights':>7} {'grads':>6} {'optim':>6} {'activ':>6} {'logits':>6} {'buffers':>7} "
+        f"{'total':>6} GB | "
         f"{'step s':>7} {'MFU':>6}"
     )
     rows = [header, "-" * len(header)]
@@ -321,9 +367,18 @@ def format_table(estimates: list[Estimate], limit: int = 15) -> str:
         rows.append(
             f"{lay.tensor:>3} {lay.pipeline:>3} {lay.virtual_stages:>3} {lay.context:>3} "
             f"{'y' if lay.sequence_parallel else 'n':>3} {e.recompute:>9} {lay.micro_batch_size:>3} "
-            f"{e.data_parallel:>4} | {m['weights']:>7.1f} "
+            f"{e.data_parallel:>4} | {e.heaviest_stage:>5} {m['weights']:>7.1f} "
             f"{m['gradients']:>6.1f} {m['optimizer']:>6.1f} {m['activations']:>6.1f} {m['logits']:>6.1f} "
             f"{m['buffers']:>7.1f} {e.total_gb:>6.1f}    | {e.step_time_s:>7.1f} {100 * e.mfu:>5.1f}%"
             + ("" if e.fits else "  (does not fit)")
         )
     return "\n".join(rows)
+
+
+def format_stages(estimate: Estimate) -> str:
+    """One line per pipeline stage of an estimate: its total and parts, GB per GPU."""
+    lines = []
+    for stage, parts in estimate.stage_memory_gb.items():
+        split = ", ".join(f"{name} {value:.1f}" for name, value in parts.items())
+        lines.append(f"  {stage} stage: {sum(parts.values()):.1f} GB per GPU ({split})")
+    return "\n".join(lines)

@@ -59,13 +59,22 @@ def test_memory_and_rules_of_one_layout():
     e = estimate(
         QWEN25_32B, layout, "selective", hw, seq_length=32768, global_batch=512, mean_conversation=4000
     )
-    params = local_parameters(QWEN25_32B, layout)
     assert e.data_parallel == 8
-    assert e.memory_gb["weights"] == pytest.approx(2 * params / 1e9, abs=1e-3)
-    assert e.memory_gb["optimizer"] == pytest.approx(12 * params / 8 / 1e9, abs=1e-3)
-    # 16384 tokens per rank (CP2) x 32 layers x 2 micro-batches in flight x (1 + 1/8) interleaved
-    # x 39936 bytes
-    assert e.memory_gb["activations"] == pytest.approx(16384 * 32 * 2 * 1.125 * 39936 / 1e9, abs=1e-3)
+    first, last = e.stage_memory_gb["first"], e.stage_memory_gb["last"]
+    # 32 layers and the embedding (first) or the output layer and final norm (last), over TP8
+    first_params = (32 * 487_605_248 + 152064 * 5120) // 8
+    assert first["weights"] == pytest.approx(2 * first_params / 1e9, abs=1e-3)
+    assert last["weights"] == pytest.approx(2 * (first_params + 5120) / 1e9, abs=1e-3)
+    # fp32 main weights and both moments, sharded over the DP8 x CP2 replicas of the rank's parameters
+    assert first["optimizer"] == pytest.approx(12 * first_params / 16 / 1e9, abs=1e-3)
+    # 16384 tokens per rank (CP2) x 32 layers x 39936 bytes x the micro-batches in flight under interleaved
+    # 1F1B: 2 x (PP - 1 - rank) + (VP - 1) x PP + 1 chunks of 8 layers = 9 chunks on the first stage, 7 on
+    # the last, i.e. 9/4 and 7/4 micro-batches of all 32 layers
+    assert first["activations"] == pytest.approx(16384 * 32 * 9 / 4 * 39936 / 1e9, abs=1e-3)
+    assert last["activations"] == pytest.approx(16384 * 32 * 7 / 4 * 39936 / 1e9, abs=1e-3)
+    # only the last stage holds the logits: bf16 and their fp32 softmax over the TP8 vocabulary shard
+    assert first["logits"] == 0 and last["logits"] == pytest.approx(16384 * 152064 / 8 * 6 / 1e9, abs=1e-3)
+    assert e.heaviest_stage == "first" and e.memory_gb == first
     assert e.fits and 0 < e.mfu < 1
     # Invalid layouts are not offered, by the trainer's own rules: TP must divide the 8 query groups; layers
     # must split into stages; interleaving needs the micro-batches per step in multiples of PP.
@@ -130,6 +139,32 @@ def test_memory_estimate_matches_a_measured_cpu_run(tmp_path):
     )
     used_gb = (measured["peak"] - measured["baseline"]) / 1e9
     assert used_gb == pytest.approx(estimated.total_gb, rel=0.2), (used_gb, estimated.memory_gb)
+
+
+def test_stages_without_interleaving_and_a_single_stage():
+    hw = Hardware(gpus=256)
+    # TP8 x PP4 x DP8: 64 micro-batches per step; rank 0 keeps 4 in flight under 1F1B, the last rank 1
+    e = estimate(
+        QWEN25_32B, ParallelLayout(tensor=8, pipeline=4, sequence_parallel=True), "none", hw, 32768, 512, 4000
+    )
+    per_layer_and_micro_batch = 32768 * 16 * 39936 / 1e9  # tokens x 64/4 layers x bytes
+    assert e.stage_memory_gb["first"]["activations"] == pytest.approx(4 * per_layer_and_micro_batch, abs=1e-3)
+    assert e.stage_memory_gb["last"]["activations"] == pytest.approx(per_layer_and_micro_batch, abs=1e-3)
+    # PP1: one stage holds the embedding, the output layer and the logits
+    single = estimate(
+        QWEN25_32B,
+        ParallelLayout(tensor=8, sequence_parallel=True),
+        "none",
+        Hardware(gpus=8),
+        32768,
+        64,
+        4000,
+    )
+    assert list(single.stage_memory_gb) == ["only"]
+    assert single.memory_gb["weights"] == pytest.approx(
+        2 * local_parameters(QWEN25_32B, ParallelLayout(tensor=8)) / 1e9, abs=1e-3
+    )
+    assert single.memory_gb["logits"] > 0
 
 
 def test_recomputation_trades_memory_for_time_and_padding_costs_mfu():

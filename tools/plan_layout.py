@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         from models.qwen2.arch import Qwen2Arch, find_hf_config
-        from sft.planner import Hardware, format_table, plan, recommend, recompute_overrides
+        from sft.planner import Hardware, format_stages, format_table, plan, recommend, recompute_overrides
 
         seq_length, global_batch = args.seq_length or 32768, args.global_batch or 512
         path = args.model
@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{recompute_overrides(best.recompute)} "
             f"parallel.micro_batch_size={layout.micro_batch_size}"
         )
+        print(format_stages(best))
         if args.json:
             args.json.write_text(json.dumps([e.to_dict() for e in estimates], indent=1))
         return 0
