@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.errors import InputError
+from common.errors import DataError, InputError
 from common.files import atomic_output, file_fingerprint, write_json_atomic
 
 from . import conversation as C
@@ -250,10 +250,21 @@ def align_snapshot(source: Path, output: Path, revision: str | None = None) -> A
                 )
             if buffer:
                 writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
+            if summary.kept == 0:  # raised inside atomic_output: nothing is written
+                raise DataError(_nothing_kept(source, files, summary))
     result = summary.to_dict()
     result["revision"] = revision
     write_json_atomic(summary_path(output), result)
     return summary
+
+
+def _nothing_kept(source: Path, files: list[Path], summary: AlignSummary) -> str:
+    reasons = ", ".join(f"{reason} {count}" for reason, count in summary.dropped_per_reason.most_common())
+    return (
+        f"{source}: no usable conversation in {len(files)} data file(s); every one of the "
+        f"{summary.dropped} rows was dropped ({reasons or 'no rows at all'}): is this a snapshot of "
+        "AM-Thinking-v1-Distilled (rows with conversations of human/gpt turns, or messages)?"
+    )
 
 
 def summary_path(output: Path) -> Path:

@@ -260,6 +260,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
     YAML syntax: `parallel.tensor=8`, `data.prefixes=[/data/a,/data/b]`, `data.weights=null`)."""
     values: dict[str, Any] = {}
     if path is not None:
+        if not Path(path).is_file():
+            shipped = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+            raise ConfigError(
+                f"{path}: no such config file (the shipped ones: configs/{', configs/'.join(shipped)})"
+            )
         loaded = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")

@@ -98,6 +98,25 @@ def test_empty_or_missing_source(tmp_path):
         align_snapshot(tmp_path, tmp_path / "o.parquet")
 
 
+def test_a_source_with_no_usable_row_is_an_error_naming_the_drop_reasons(tmp_path, capsys):
+    from tools_runner import run_tool
+
+    source = tmp_path / "snapshot"
+    source.mkdir()
+    (source / "all_bad.jsonl").write_text(
+        '{"conversations": []}\n'  # empty conversations
+        '{"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]}\n'
+        "{not json\n"
+        '{"conversations": [{"from": "human", "value": "q2"}, {"from": "dragon", "value": "b"}]}\n'
+    )
+    out = tmp_path / "out" / "aligned.parquet"
+    assert run_tool("get_am_dataset", ["--source", str(source), str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "no usable conversation in 1 data file(s)" in error and "every one of the 4 rows" in error
+    assert "unknown_role 2" in error and "empty_conversations 1" in error and "broken_jsonl_line 1" in error
+    assert not out.exists() and not summary_path(out).exists() and not list(out.parent.glob("*.partial"))
+
+
 def test_cli_refuses_to_overwrite(sample_snapshot, tmp_path, capsys):
     from tools_runner import run_tool
 

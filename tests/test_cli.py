@@ -75,6 +75,17 @@ def test_trainer_rejects_a_bad_configuration_before_starting(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+def test_a_missing_config_file_is_one_line_naming_it_and_the_shipped_ones(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "pretrain_sft.py"), "--config", str(tmp_path / "nope.yaml")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"{tmp_path / 'nope.yaml'}: no such config file" in result.stderr
+    assert "configs/k2think_qwen2.5_32b.yaml" in result.stderr and "configs/tiny_cpu.yaml" in result.stderr
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_learns_the_answer_format(tmp_path):
     result = subprocess.run(
