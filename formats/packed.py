@@ -159,7 +159,10 @@ class RegionWriter:
 
     def write(self, token_start: int, input_ids: np.ndarray, loss_mask: np.ndarray) -> None:
         if len(input_ids) != len(loss_mask):
-            raise ValueError(f"{len(input_ids)} token ids but {len(loss_mask)} mask values")
+            raise DataError(
+                f"{self.input_ids_bin}: a region of {len(input_ids)} token ids but {len(loss_mask)} "
+                "loss-mask values (the writer must be given both arrays of each pack, of one length)"
+            )
         for path, values, dtype in (
             (self.input_ids_bin, input_ids, TOKEN_DTYPE),
             (self.loss_mask_bin, loss_mask, MASK_DTYPE),
@@ -218,9 +221,10 @@ class PackedWriter:
         if bad.any():
             p = int(np.flatnonzero(bad)[0])
             pack = lengths[offsets[p] : offsets[p + 1]].tolist()
-            raise ValueError(
-                f"pack {self.packs + p}: conversation lengths {pack} ({int(padded[p])} tokens padded to "
-                f"{self.pad_multiple}) do not make a pack of at most seq_length {self.seq_length} tokens"
+            raise DataError(
+                f"{self.paths.prefix}: pack {self.packs + p}: conversation lengths {pack} "
+                f"({int(padded[p])} tokens padded to {self.pad_multiple}) do not make a pack of at most "
+                f"seq_length {self.seq_length} tokens"
             )
         starts = self._tokens + np.cumsum(totals) - totals
         self._conversation_lengths.append(lengths.astype(np.int32))
@@ -234,7 +238,10 @@ class PackedWriter:
     def add(self, input_ids: np.ndarray, loss_mask: np.ndarray, lengths: list[int]) -> None:
         """One pack: the concatenated conversations' ids and mask, and each conversation's length."""
         if len(input_ids) != sum(lengths):
-            raise ValueError(f"pack {self.packs}: {len(input_ids)} ids but the lengths sum to {sum(lengths)}")
+            raise DataError(
+                f"{self.paths.prefix}: pack {self.packs}: {len(input_ids)} token ids but the conversation "
+                f"lengths sum to {sum(lengths)}"
+            )
         (start,) = self.reserve(lengths, [0, len(lengths)])
         self.region_writer().write(int(start), input_ids, loss_mask)
 

@@ -32,12 +32,12 @@ def load_tokenizer(path: str | Path):
     _require_tokenizer_json(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if not tokenizer.is_fast:
-        raise InputError(f"{path}: a fast (Rust) tokenizer is required for preprocessing")
+        raise InputError(f"{path}: a fast (Rust) tokenizer is required (tokenizer.json)")
     return tokenizer
 
 
 def load_backend_tokenizer(path: str | Path):
-    """The Rust tokenizer of a local HF tokenizer directory, without importing transformers (~4 s).
+    """The Rust tokenizer of a local HF tokenizer directory, without importing transformers (seconds).
 
     transformers' fast tokenizer wraps exactly this object; it would also register any added token
     listed in tokenizer_config.json but missing from tokenizer.json, so such a mismatch is refused

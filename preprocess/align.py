@@ -25,7 +25,7 @@ from typing import Any
 from common.errors import DataError, InputError
 from common.files import atomic_output, file_fingerprint, write_json_atomic
 
-from . import conversation as C
+from . import conversation
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class AlignSummary:
             "kept_per_subset": dict(sorted(self.kept_per_subset.items())),
             "dropped_per_subset": dict(sorted(self.dropped_per_subset.items())),
             "dropped_per_reason": {
-                r: self.dropped_per_reason[r] for r in C.DROP_REASONS if self.dropped_per_reason[r]
+                r: self.dropped_per_reason[r] for r in conversation.DROP_REASONS if self.dropped_per_reason[r]
             },
             "notes": dict(self.notes),
             "sources": self.sources,
@@ -77,7 +77,7 @@ class AlignSummary:
         lines += [f"  kept    {name:<24} {n:>10}" for name, n in sorted(self.kept_per_subset.items())]
         lines += [
             f"  dropped {r:<24} {self.dropped_per_reason[r]:>10}"
-            for r in C.DROP_REASONS
+            for r in conversation.DROP_REASONS
             if self.dropped_per_reason[r]
         ]
         lines += [f"  note    {k:<24} {v:>10}" for k, v in sorted(self.notes.items())]
@@ -161,12 +161,12 @@ def iter_jsonl(path: Path, progress) -> Iterator[tuple[Any, str | None]]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
-                yield None, C.UNDECODABLE_BYTES
+                yield None, conversation.UNDECODABLE_BYTES
                 continue
             try:
                 yield json.loads(text), None
             except json.JSONDecodeError:
-                yield None, C.BROKEN_JSONL_LINE
+                yield None, conversation.BROKEN_JSONL_LINE
 
 
 def iter_parquet(path: Path, progress) -> Iterator[tuple[Any, str | None]]:
@@ -183,15 +183,15 @@ def iter_parquet(path: Path, progress) -> Iterator[tuple[Any, str | None]]:
 def align_row(row: Any, subset: str, summary: AlignSummary) -> dict[str, Any] | None:
     """The aligned record for one source row, or None (counted) when the row is invalid."""
     if not isinstance(row, dict):
-        return _drop(summary, subset, C.NOT_AN_OBJECT)
+        return _drop(summary, subset, conversation.NOT_AN_OBJECT)
     conversations = row.get("conversations")
-    problem = C.conversation_problem(conversations)
+    problem = conversation.conversation_problem(conversations)
     if problem:
         return _drop(summary, subset, problem)
     system = row.get("system")
     if system is None:
         system = ""
-    elif not isinstance(system, str) or not C.is_encodable(system):
+    elif not isinstance(system, str) or not conversation.is_encodable(system):
         summary.notes["top_level_system_unusable_set_empty"] += 1
         system = ""
     summary.kept_per_subset[subset] += 1

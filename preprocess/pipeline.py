@@ -46,7 +46,7 @@ from formats.packed import (
 )
 from formats.tokenizer import load_backend_tokenizer, tokenizer_fingerprint
 
-from . import conversation as C
+from . import conversation
 from .packing import PackPlan, best_fit_decreasing
 from .stats import format_histogram, length_summary, log2_histogram, save_histogram_png
 
@@ -165,15 +165,15 @@ class ChunkEncoder:
         valid: list[tuple[int, str, bool]] = []  # (number of pieces, subset, held out)
         pieces: list[str] = []
         for row in rows:
-            problem = C.conversation_problem(row.get("conversations"))
+            problem = conversation.conversation_problem(row.get("conversations"))
             if problem:
                 dropped[problem] += 1
                 continue
-            turn_system, turns = C.split_system(row["conversations"])
+            turn_system, turns = conversation.split_system(row["conversations"])
             system = row.get("system") if self.system_source == "column" else turn_system
             row_pieces = self.template.pieces(system, [t["value"] for t in turns])
             pieces += row_pieces
-            held = C.held_out(row["conversations"], self.valid_fraction, self.seed)
+            held = conversation.held_out(row["conversations"], self.valid_fraction, self.seed)
             valid.append((len(row_pieces), row.get("subset") or "", held))
 
         encoded = self.encode_pieces(pieces)
@@ -185,7 +185,7 @@ class ChunkEncoder:
             conv_ids, conv_mask, full = assemble(encoded[start : start + n_pieces], self.cutoff_len)
             start += n_pieces
             if full > self.cutoff_len and self.overlong == "drop":
-                dropped[C.OVERLONG] += 1
+                dropped[conversation.OVERLONG] += 1
                 continue
             ids += conv_ids
             mask += conv_mask
@@ -212,8 +212,8 @@ _worker_encoder: ChunkEncoder | None = None
 
 def _init_worker(*args) -> None:
     global _worker_encoder
-    # One core per worker. tokenizers' own thread pool with one thread is ~1.5x faster than its
-    # TOKENIZERS_PARALLELISM=false path (measured: 630-720K vs 420-450K tokens/s per core).
+    # One core per worker, through tokenizers' own thread pool with one thread: faster than its
+    # TOKENIZERS_PARALLELISM=false path (figures in the README's preprocessing benchmark).
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     os.environ["RAYON_NUM_THREADS"] = "1"
     _worker_encoder = ChunkEncoder(*args)
@@ -562,7 +562,7 @@ def _metadata(
     lengths, full_lengths = tok.lengths[members], tok.full_lengths[members]
     total_tokens = int(lengths.sum(dtype=np.int64))
     truncated = int((full_lengths > lengths).sum())
-    dropped = {r: tok.dropped[r] for r in C.DROP_REASONS if tok.dropped[r]}
+    dropped = {r: tok.dropped[r] for r in conversation.DROP_REASONS if tok.dropped[r]}
     pack_tokens = plan.pack_tokens(lengths)
     padded_tokens = plan.pack_tokens(padded_lengths(lengths, cfg.pad_multiple))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "force"}

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preprocess import conversation as C
+from preprocess import conversation
 
 WORDS = (
     "the of and to in is that for it as with be on by this are or an at from which we can all one has but "
@@ -165,29 +165,38 @@ def write_sample_snapshot(
 
     bad: dict[str, list[tuple[str, Any]]] = {  # (reason, row) appended after the valid rows
         "math": [
-            (C.MISSING_CONVERSATIONS, {"info": "no conversations field"}),
-            (C.MALFORMED_TURN, {"conversations": [{"from": "human"}, w.turn("assistant", "x")]}),
+            (conversation.MISSING_CONVERSATIONS, {"info": "no conversations field"}),
+            (conversation.MALFORMED_TURN, {"conversations": [{"from": "human"}, w.turn("assistant", "x")]}),
         ],
         "code": [
-            (C.NON_STRING_VALUE, {"conversations": [w.turn("human", "q"), w.turn("assistant", 42)]}),
-            (C.NON_STRING_VALUE, {"conversations": [w.turn("human", None), w.turn("assistant", "a")]}),
+            (
+                conversation.NON_STRING_VALUE,
+                {"conversations": [w.turn("human", "q"), w.turn("assistant", 42)]},
+            ),
+            (
+                conversation.NON_STRING_VALUE,
+                {"conversations": [w.turn("human", None), w.turn("assistant", "a")]},
+            ),
         ],
         "science": [
-            (C.UNKNOWN_ROLE, {"conversations": [w.turn("human", "q"), w.turn("gpt", "a")]}),
-            (C.ROLES_OUT_OF_ORDER, {"conversations": [w.turn("assistant", "a"), w.turn("human", "q")]}),
-            (C.EMPTY_CONVERSATIONS, {"conversations": []}),
+            (conversation.UNKNOWN_ROLE, {"conversations": [w.turn("human", "q"), w.turn("gpt", "a")]}),
+            (
+                conversation.ROLES_OUT_OF_ORDER,
+                {"conversations": [w.turn("assistant", "a"), w.turn("human", "q")]},
+            ),
+            (conversation.EMPTY_CONVERSATIONS, {"conversations": []}),
         ],
         "if": [
-            (C.ROLES_OUT_OF_ORDER, {"conversations": [w.turn("human", "q")]}),
-            (C.NOT_AN_OBJECT, [w.turn("human", "q"), w.turn("assistant", "a")]),
+            (conversation.ROLES_OUT_OF_ORDER, {"conversations": [w.turn("human", "q")]}),
+            (conversation.NOT_AN_OBJECT, [w.turn("human", "q"), w.turn("assistant", "a")]),
         ],
         "multiturn": [
             (
-                C.ROLES_OUT_OF_ORDER,
+                conversation.ROLES_OUT_OF_ORDER,
                 {"conversations": [w.turn("human", "q"), w.turn("human", "q2"), w.turn("assistant", "a")]},
             ),
             (
-                C.ROLES_OUT_OF_ORDER,
+                conversation.ROLES_OUT_OF_ORDER,
                 {
                     "conversations": [
                         w.turn("human", "q"),
@@ -197,7 +206,7 @@ def write_sample_snapshot(
                 },
             ),
         ],
-        "chat": [(C.MISSING_CONVERSATIONS, {"conversations": None, "lang": 1})],
+        "chat": [(conversation.MISSING_CONVERSATIONS, {"conversations": None, "lang": 1})],
     }
     for name in SUBSETS:
         for reason, row in bad[name]:
@@ -210,19 +219,19 @@ def write_sample_snapshot(
                 f.write(json.dumps(row, ensure_ascii=name != "if").encode("utf-8") + b"\n")
             if name == "math":  # a line cut off mid-record, as after an interrupted download
                 f.write(json.dumps(rows[name][0])[:80].encode() + b"\n")
-                snap.dropped_per_reason[C.BROKEN_JSONL_LINE] += 1
+                snap.dropped_per_reason[conversation.BROKEN_JSONL_LINE] += 1
             if name == "code":  # bytes that are not UTF-8
                 f.write(
                     b'{"conversations": [{"from": "human", "value": "caf\xe9 \xff"}, '
                     b'{"from": "assistant", "value": "a"}]}\n'
                 )
-                snap.dropped_per_reason[C.UNDECODABLE_BYTES] += 1
+                snap.dropped_per_reason[conversation.UNDECODABLE_BYTES] += 1
             if name == "if":  # a lone surrogate escape: valid JSON, not encodable text
                 f.write(
                     b'{"conversations": [{"from": "human", "value": "x \\ud800 y"}, '
                     b'{"from": "assistant", "value": "a"}]}\n'
                 )
-                snap.dropped_per_reason[C.UNDECODABLE_BYTES] += 1
+                snap.dropped_per_reason[conversation.UNDECODABLE_BYTES] += 1
                 f.write(b"\n")  # blank lines are skipped, not counted
     for name in ("multiturn", "chat"):
         _write_parquet(root / f"{name}.parquet", rows[name])

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from common.errors import InputError
-from preprocess import conversation as C
+from preprocess import conversation
 from preprocess.align import align_snapshot, aligned_schema, summary_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,13 +27,13 @@ def test_counts_match_the_planted_rows(sample_snapshot, aligned_parquet):
     assert summary["rows_kept"] == sample_snapshot.kept == 300
     # Every drop reason the issue names is exercised by the fixture.
     assert set(summary["dropped_per_reason"]) >= {
-        C.MISSING_CONVERSATIONS,
-        C.EMPTY_CONVERSATIONS,
-        C.UNKNOWN_ROLE,
-        C.ROLES_OUT_OF_ORDER,
-        C.NON_STRING_VALUE,
-        C.UNDECODABLE_BYTES,
-        C.BROKEN_JSONL_LINE,
+        conversation.MISSING_CONVERSATIONS,
+        conversation.EMPTY_CONVERSATIONS,
+        conversation.UNKNOWN_ROLE,
+        conversation.ROLES_OUT_OF_ORDER,
+        conversation.NON_STRING_VALUE,
+        conversation.UNDECODABLE_BYTES,
+        conversation.BROKEN_JSONL_LINE,
     }
     assert len(summary["sources"]) == 6 and all("sha256" in s for s in summary["sources"])
 
@@ -44,7 +44,7 @@ def test_output_schema_and_content(aligned_parquet, sample_snapshot):
     rows = table.to_pylist()
     assert Counter(r["subset"] for r in rows) == sample_snapshot.kept_per_subset
     for row in rows:
-        assert C.conversation_problem(row["conversations"]) is None
+        assert conversation.conversation_problem(row["conversations"]) is None
         assert set(row["conversations"][0]) == {"from", "value"}  # nested per-subset fields are gone
         assert isinstance(row["system"], str)
     science = [r for r in rows if r["subset"] == "science"]
@@ -57,20 +57,28 @@ def test_output_schema_and_content(aligned_parquet, sample_snapshot):
 
 def test_valid_conversation_rule():
     h, a, s = ({"from": role, "value": "x"} for role in ("human", "assistant", "system"))
-    assert C.conversation_problem([h, a]) is None
-    assert C.conversation_problem([s, h, a, h, a]) is None
-    assert C.conversation_problem([s, h]) == C.ROLES_OUT_OF_ORDER
-    assert C.conversation_problem([s]) == C.ROLES_OUT_OF_ORDER
-    assert C.conversation_problem([h, a, h]) == C.ROLES_OUT_OF_ORDER
-    assert C.conversation_problem([h, s, a]) == C.ROLES_OUT_OF_ORDER
-    assert C.conversation_problem([{"from": "user", "value": "x"}, a]) == C.UNKNOWN_ROLE
-    assert C.conversation_problem([h, {"from": "assistant", "value": ["x"]}]) == C.NON_STRING_VALUE
-    assert C.conversation_problem([h, {"from": "assistant"}]) == C.MALFORMED_TURN
-    assert C.conversation_problem("not a list") == C.MALFORMED_TURN
-    assert C.conversation_problem([]) == C.EMPTY_CONVERSATIONS
-    assert C.conversation_problem(None) == C.MISSING_CONVERSATIONS
-    assert C.conversation_problem([{"from": "human", "value": "\ud800"}, a]) == C.UNDECODABLE_BYTES
-    assert C.conversation_problem([{"from": "human", "value": ""}, a]) is None  # empty text is accepted
+    assert conversation.conversation_problem([h, a]) is None
+    assert conversation.conversation_problem([s, h, a, h, a]) is None
+    assert conversation.conversation_problem([s, h]) == conversation.ROLES_OUT_OF_ORDER
+    assert conversation.conversation_problem([s]) == conversation.ROLES_OUT_OF_ORDER
+    assert conversation.conversation_problem([h, a, h]) == conversation.ROLES_OUT_OF_ORDER
+    assert conversation.conversation_problem([h, s, a]) == conversation.ROLES_OUT_OF_ORDER
+    assert conversation.conversation_problem([{"from": "user", "value": "x"}, a]) == conversation.UNKNOWN_ROLE
+    assert (
+        conversation.conversation_problem([h, {"from": "assistant", "value": ["x"]}])
+        == conversation.NON_STRING_VALUE
+    )
+    assert conversation.conversation_problem([h, {"from": "assistant"}]) == conversation.MALFORMED_TURN
+    assert conversation.conversation_problem("not a list") == conversation.MALFORMED_TURN
+    assert conversation.conversation_problem([]) == conversation.EMPTY_CONVERSATIONS
+    assert conversation.conversation_problem(None) == conversation.MISSING_CONVERSATIONS
+    assert (
+        conversation.conversation_problem([{"from": "human", "value": "\ud800"}, a])
+        == conversation.UNDECODABLE_BYTES
+    )
+    assert (
+        conversation.conversation_problem([{"from": "human", "value": ""}, a]) is None
+    )  # empty text is accepted
 
 
 def test_deterministic_output(sample_snapshot, aligned_parquet, tmp_path):

@@ -196,7 +196,7 @@ def test_reserve_names_the_pack_that_cannot_be_written(tmp_path, lengths, offset
 
     with PackedWriter(tmp_path / "x", 32, pad_multiple=8) as writer:
         writer.add(np.zeros(3, np.int32), np.zeros(3, np.uint8), [3])  # pack numbers continue after it
-        with pytest.raises(ValueError, match=f"^pack {1 + bad}: conversation lengths "):
+        with pytest.raises(DataError, match=f"^{tmp_path / 'x'}: pack {1 + bad}: conversation lengths "):
             writer.reserve(lengths, offsets)
         assert writer.packs == 1
 

@@ -57,6 +57,7 @@ import torch  # noqa: E402
 
 from common.devices import RECIPE_ACCELERATOR, find_accelerator, peak_tflops  # noqa: E402
 from sft.metrics import read_metrics  # noqa: E402
+from testing.tiny_models import QWEN25_32B_CONFIG  # noqa: E402
 
 REHEARSAL_USABLE_GIB = 78.0  # on a CPU (--tiny): the sizes are planned as for an H100 80GB
 MARGIN = 0.15
@@ -93,21 +94,13 @@ class Sizes:
     max_shard_layers: int
 
 
-SHARD_32B = {  # one tensor-parallel-8 rank of Qwen2.5-32B (40 heads, 8 KV groups, FFN 27648, vocab 152064)
-    "hidden_size": 5120,
-    "num_attention_heads": 5,
-    "num_key_value_heads": 1,
-    "head_dim": 128,
-    "intermediate_size": 3456,
-    "vocab_size": 152064 // 8,
-}
-FULL_32B = {
-    "hidden_size": 5120,
-    "num_attention_heads": 40,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "intermediate_size": 27648,
-    "vocab_size": 152064,
+TP = 8  # the recipe's tensor parallelism, whose per-rank shard the shard stage measures
+SHAPE = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size")
+FULL_32B = {**{k: QWEN25_32B_CONFIG[k] for k in SHAPE}, "head_dim": 128}
+SHARD_32B = {  # one tensor-parallel-8 rank of Qwen2.5-32B: 5 of the 40 heads, 1 of 8 KV groups, ...
+    **FULL_32B,
+    **{k: FULL_32B[k] // TP for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")},
+    "vocab_size": FULL_32B["vocab_size"] // TP,
 }
 GPU = Sizes(8192, 32768, SHARD_32B, FULL_32B, full_width_layers=2, warmup=2, iters=5, max_shard_layers=64)
 TINY = Sizes(
@@ -131,20 +124,9 @@ TINY = Sizes(
 
 
 def hf_config(fields: dict, layers: int) -> dict:
-    return {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "hidden_act": "silu",
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 1000000.0,
-        "tie_word_embeddings": False,
-        "max_position_embeddings": 131072,
-        "use_sliding_window": False,
-        "bos_token_id": 0,
-        "eos_token_id": 0,
-        "num_hidden_layers": layers,
-        **fields,
-    }
+    """An HF config.json of Qwen2.5-32B's family with these shapes and layers (bos/eos 0: any vocabulary)."""
+    family = {k: v for k, v in QWEN25_32B_CONFIG.items() if k != "torch_dtype"}
+    return {**family, "bos_token_id": 0, "eos_token_id": 0, "num_hidden_layers": layers, **fields}
 
 
 # The memory budget ------------------------------------------------------------------------------------

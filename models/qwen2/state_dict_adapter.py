@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from common.errors import CheckpointError
+from common.errors import CheckpointError, UnsupportedModelError
 
 from .arch import Qwen2Arch
 
@@ -157,9 +157,18 @@ class BoundMapping:
     def __post_init__(self):
         # The declared blocks must tile the megatron tensor and every HF tensor exactly once.
         tiled = sorted((r.mcore_start, r.count) for r in self.rows)
-        assert [s for s, _ in tiled] == [sum(n for _, n in tiled[:i]) for i in range(len(tiled))], self.key
-        for i, shape in enumerate(self.hf_shapes):
-            assert sum(r.count for r in self.rows if r.hf == i) == shape[0], (self.key, i)
+        if [start for start, _ in tiled] != [sum(n for _, n in tiled[:i]) for i in range(len(tiled))]:
+            raise UnsupportedModelError(
+                f"{self.key}: the mapping's row blocks {tiled} leave gaps or overlap in the megatron-core "
+                "tensor: this architecture's shapes are not what the Qwen2 mapping expects"
+            )
+        for i, (key, shape) in enumerate(zip(self.hf_keys, self.hf_shapes, strict=True)):
+            mapped = sum(r.count for r in self.rows if r.hf == i)
+            if mapped != shape[0]:
+                raise UnsupportedModelError(
+                    f"{key}: {shape[0]} rows in config.json's shape {shape}, {mapped} mapped to {self.key}: "
+                    "this architecture's shapes are not what the Qwen2 mapping expects"
+                )
 
     def to_mcore(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """The whole megatron-core tensor from the whole HF tensors (through the streaming blocks)."""
