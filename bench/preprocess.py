@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from formats.chat_template import AM_THINKING  # noqa: E402
 from formats.packed import PackedWriter, read_sequence_lengths  # noqa: E402
-from preprocess.packing import best_fit_decreasing, llamafactory_greedy_knapsack  # noqa: E402
+from preprocess.packing import best_fit_decreasing  # noqa: E402
+from testing.llamafactory_packing import llamafactory_greedy_knapsack  # noqa: E402
 from testing.sample_data import UNICODE_SNIPPETS, WORDS  # noqa: E402
 
 from measure import run_with_peak_rss  # noqa: E402  (bench/measure.py)

@@ -16,8 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from common.errors import ConfigError
-
 MODEL_PARALLEL_KEYS = ("tensor", "pipeline", "virtual_pipeline", "context")
 
 
@@ -101,12 +99,6 @@ class ParallelLayout:
         if not te_available:
             problems += self._te_problems()
         return problems
-
-    def check(self, **kwargs) -> None:
-        """Raises ConfigError listing `problems(**kwargs)`, if any."""
-        problems = self.problems(**kwargs)
-        if problems:
-            raise ConfigError("invalid parallel layout:\n  - " + "\n  - ".join(problems))
 
     def _batch_problems(self, world_size: int, global_batch: int) -> list[str]:
         dp = self.data_parallel(world_size)

@@ -12,9 +12,7 @@ r takes floor(r / s) conversations of length s in a row (after each placement it
 fit), so a whole bucket absorbs a run of equal lengths in one step. This is exactly the item-by-item
 algorithm; `tests/test_packing.py` checks it against a literal implementation.
 
-`llamafactory_greedy_knapsack()` is LLaMA-Factory's packing, reimplemented from its description for
-comparison in tests and `bench/preprocess.py`: ascending lengths per batch of 1,000 samples, each pack
-filled by repeatedly taking the largest remaining length that fits.
+LLaMA-Factory's own packing, for comparison, is in `testing/llamafactory_packing.py`.
 """
 
 from __future__ import annotations
@@ -110,23 +108,3 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int, seed: int = 0) -> Pa
     counts = np.bincount(pack_of, minlength=num_packs)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return PackPlan(by_length[grouped].astype(np.int64), offsets, capacity)
-
-
-def llamafactory_greedy_knapsack(lengths, capacity: int, batch_size: int = 1000) -> list[list[int]]:
-    """LLaMA-Factory's packing (per batch of `batch_size` samples); returns the packs' lengths."""
-    packs: list[list[int]] = []
-    lengths = [int(x) for x in lengths]
-    for b in range(0, len(lengths), batch_size):
-        remaining = sorted(lengths[b : b + batch_size])
-        while remaining:
-            pack, room = [], capacity
-            while True:
-                i = bisect.bisect_right(remaining, room) - 1  # largest length that fits
-                if i < 0:
-                    break
-                room -= remaining[i]
-                pack.append(remaining.pop(i))
-            if not pack:
-                raise ValueError(f"a length exceeds the capacity {capacity}")
-            packs.append(pack)
-    return packs

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from preprocess.packing import best_fit_decreasing, llamafactory_greedy_knapsack
+from preprocess.packing import best_fit_decreasing
+from testing.llamafactory_packing import llamafactory_greedy_knapsack
 
 
 def literal_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
