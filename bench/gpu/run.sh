@@ -47,13 +47,20 @@ PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 BENCH_COMMAND="bench/gpu/run.sh OUTDIR $*"
 export BENCH_WORK=${BENCH_WORK:-$(mktemp -d /tmp/k2think-gpu-bench.XXXXXX)}
 
-if ! "$PYTHON" -c "import megatron.core" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+importable() {  # whether megatron.core imports; the error's output in $import_error
+    import_error=$("$PYTHON" -c "import megatron.core" 2>&1)
+}
+importable
+imported=$?
+if [ $imported -ne 0 ] && compgen -G ".whl/*.whl" >/dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    importable
+    imported=$?
 fi
-if ! error=$("$PYTHON" -c "import megatron.core" 2>&1); then
-    echo "error: megatron.core cannot be imported by $PYTHON (${error##*$'\n'}). Put megatron-core's wheel in" \
-        ".whl/ first (bench/gpu/fetch_wheels.sh downloads it there) and carry .whl to this machine." \
+if [ $imported -ne 0 ]; then
+    echo "error: megatron.core cannot be imported by $PYTHON (${import_error##*$'\n'}). Put megatron-core's" \
+        "wheel in .whl/ first (bench/gpu/fetch_wheels.sh downloads it there) and carry .whl to this machine." \
         | tee -a "$OUTDIR/stages.log" >&2
     exit 3
 fi
