@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common.devices import RECIPE_ACCELERATOR, find_accelerator
+from common.devices import RECIPE_ACCELERATOR, find_accelerator, peak_tflops
 from common.distributed import init_process_group
 from common.errors import ConfigError, DataError
 from common.files import write_json_atomic
@@ -272,7 +272,7 @@ class Trainer:
                 RECIPE_ACCELERATOR.name,
                 RECIPE_ACCELERATOR.bf16_dense_tflops,
             )
-        return (found or RECIPE_ACCELERATOR).bf16_dense_tflops
+        return peak_tflops(name)
 
     def _model_precision(self) -> torch.dtype:
         precision = self.config.model.precision

@@ -265,7 +265,7 @@ def stage_env(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
         "layers": choose_backend(args.device).describe(),
         "packed_attention": packed_attention_kernel(args.device),
         "usable_memory": usable_memory(args.device),
-        "datasheet_peak_tflops": datasheet_peak(args.device),
+        "datasheet_peak_tflops": peak_tflops(name if args.device == "cuda" else None),
         "datasheet_peak_of": accelerator.name if accelerator else f"{RECIPE_ACCELERATOR.name} (unlisted)",
         "matmul_bf16_tflops": matmul_tflops(args.device, sizes.matmul),
     }
@@ -473,7 +473,7 @@ def measure_ours(
         "attention": packed_attention_kernel(device),
         "tokens_per_s": sum(r["tokens"] for r in timed) / seconds,
         "tflops_per_gpu": tflops,
-        "mfu": tflops / datasheet_peak(device),
+        "mfu": sum(r["mfu"] * r["step_time_s"] for r in timed) / seconds,  # the trainer's (common/devices)
         "peak_mem_gb": max(r["peak_memory_gb"] for r in timed),  # torch.cuda.max_memory_allocated, GiB
         "losses": [r["loss"] for r in timed],
         "profile": split,
@@ -672,11 +672,6 @@ def profile_split(profiler, device: str, top: int = 8) -> dict:
 
 def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu")
-
-
-def datasheet_peak(device: str) -> float:
-    """MFU's denominator: this GPU's datasheet dense bf16 peak (common/devices.py); an H100's on a CPU."""
-    return peak_tflops(device_name(device) if device == "cuda" else None)
 
 
 def main() -> int:
