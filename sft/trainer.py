@@ -21,7 +21,6 @@ import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,18 +31,9 @@ from common.distributed import init_process_group
 from common.errors import ConfigError, DataError
 from common.files import write_json_atomic
 from formats.torch_dist import TOKENIZER_DIR, verify_checkpoint
-from models.backends import choose_backend, te_available
+from models.backends import te_available
 from models.qwen2.arch import Qwen2Arch, find_hf_config
-from models.qwen2.attention import packed_attention_kernel
 from models.qwen2.flops import training_flops
-from models.qwen2.model import (
-    build_model,
-    kernel_settings,
-    layer_spec,
-    recompute_settings,
-    transformer_config,
-)
-from models.weights import load_weights
 
 from .checkpointing import (
     FINISHED_FILE,
@@ -56,6 +46,7 @@ from .config import TrainConfig, dump_config
 from .data import MicroBatch, SFTData, ValidationData, default_valid_prefixes, layout_problems
 from .metrics import MetricsLogger, peak_memory_gb
 from .plots import plot_metrics
+from .train_module import TrainModule, initialize_model_parallel, warmup_steps
 from .watchdog import StepWatchdog
 
 log = logging.getLogger(__name__)
@@ -79,32 +70,6 @@ def resolve_device(config: TrainConfig) -> str:
     return config.device
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """(sum of masked token losses, loss-token count, [sum, count] for logging): megatron-core divides
-    the gradients by the global token count (calculate_per_token_loss)."""
-    losses = output_tensor.float().view(-1)
-    mask = loss_mask.view(-1)
-    # The mask is 1 per trained token (its weight with loss.normalization=per_group), 0 elsewhere. `where`
-    # keeps a NaN or inf at a masked position (padding, a prompt token) out of the sum, which a plain
-    # product with the mask would not; the count is the number of trained tokens in either mode, the sum
-    # megatron-core divides the gradients by.
-    total = torch.where(mask > 0, losses * mask, 0.0).sum()
-    count = (mask > 0).sum().to(torch.int)
-    return total, count, torch.stack([total.detach(), count.detach().float()])
-
-
-def forward_step(data_iterator, model):
-    batch: MicroBatch = next(data_iterator)
-    output = model(
-        batch.tokens,
-        batch.position_ids,
-        attention_mask=None,
-        labels=batch.labels,
-        packed_seq_params=batch.packed_seq_params(),
-    )
-    return output, partial(loss_func, batch.loss_mask)
-
-
 @dataclass
 class RunInputs:
     """What a run reads before any process group or model exists, checked against the configuration."""
@@ -116,11 +81,6 @@ class RunInputs:
     tokenizer_dir: Path | None  # the tokenizer the starting checkpoint carries, copied along
     train_iters: int
     valid: ValidationData | None = None  # the held-out packs, when there are any
-
-
-def warmup_steps(warmup_ratio: float, train_iters: int) -> int:
-    """HF Trainer's warm-up length, ceil(ratio x iterations): the recipe's schedule."""
-    return math.ceil(warmup_ratio * train_iters)
 
 
 def check_run(config: TrainConfig, world_size: int, device: str) -> RunInputs:
@@ -195,13 +155,7 @@ class Trainer:
         self.data, self.arch, self.valid = inputs.data, inputs.arch, inputs.valid
         self.resume_from, self.inputs = inputs.resume_from, inputs
         p = self.layout = config.parallel
-        parallel_state.initialize_model_parallel(
-            p.tensor,
-            p.pipeline,
-            virtual_pipeline_model_parallel_size=p.virtual_pipeline,
-            context_parallel_size=p.context,
-            distributed_timeout_minutes=config.timeout_minutes,
-        )
+        initialize_model_parallel(p, config.timeout_minutes)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.cp_rank = parallel_state.get_context_parallel_rank()
@@ -209,8 +163,25 @@ class Trainer:
         self.train_iters = inputs.train_iters
         self.peak_tflops = self._peak_tflops()
         self.metrics = MetricsLogger(config, self.rank == 0)  # before the heavy set-up: wandb fails early
-        self.chunks, self.tconfig = self._build_model()
-        self.optimizer, self.scheduler = self._build_optimizer()
+        self.module = TrainModule(
+            config,
+            self.arch,
+            device,
+            self.train_iters,
+            init_checkpoint=None if self.resume_from else config.model.init_checkpoint,
+            load_group=self._load_group(),
+        )
+        if self.resume_from is None and not config.model.init_checkpoint:
+            log.info(
+                "initial weights: random (std %g) for %s",
+                self.module.tconfig.init_method_std,
+                config.model.random_init_config,
+            )
+        self.chunks, self.optimizer, self.scheduler = (
+            self.module.chunks,
+            self.module.optimizer,
+            self.module.scheduler,
+        )
         self.state = TrainState()
         if self.resume_from is not None:
             self.state = load_checkpoint(
@@ -273,128 +244,6 @@ class Trainer:
                 RECIPE_ACCELERATOR.bf16_dense_tflops,
             )
         return peak_tflops(name)
-
-    def _model_precision(self) -> torch.dtype:
-        precision = self.config.model.precision
-        if precision == "auto":
-            precision = "bf16" if self.device == "cuda" else "fp32"
-        return torch.bfloat16 if precision == "bf16" else torch.float32
-
-    def _build_model(self):
-        from megatron.core import parallel_state, tensor_parallel
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
-        from megatron.core.transformer.module import Float16Module
-
-        c, p, on_gpu = self.config, self.config.parallel, self.device == "cuda"
-        tensor_parallel.model_parallel_cuda_manual_seed(c.seed)
-        backend = choose_backend(self.device, c.model.attention)
-        spec = layer_spec(backend, packed=True)
-        log.info(
-            "layers: %s; attention: %s",
-            backend.describe(),
-            "Transformer Engine THD attention"
-            if backend.transformer_engine
-            else packed_attention_kernel(self.device),
-        )
-        tconfig = transformer_config(
-            self.arch,
-            tensor_parallel=p.tensor,
-            pipeline_parallel=p.pipeline,
-            params_dtype=self._model_precision(),
-            use_cpu_initialization=not on_gpu,
-            virtual_pipeline_model_parallel_size=p.virtual_pipeline,
-            context_parallel_size=p.context,
-            sequence_parallel=p.sequence_parallel,
-            calculate_per_token_loss=True,
-            # Interleaved stages overlap their sends and receives (as Megatron-LM does). Batched p2p is off
-            # on gloo: two messages between the same pair of ranks in one batch can be matched in the wrong
-            # order there (seen at PP=2 with virtual stages: wrong activations, no error).
-            overlap_p2p_comm=p.virtual_pipeline is not None,
-            batch_p2p_comm=on_gpu and p.virtual_pipeline is None,
-            **recompute_settings(c.model.recompute, c.model.recompute_modules),
-            **kernel_settings(backend),
-        )
-        chunks = []
-        for vp_stage in range(p.virtual_stages):
-            stage = vp_stage if p.virtual_pipeline else None
-            model = build_model(
-                self.arch,
-                tconfig,
-                spec,
-                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-                vp_stage=stage,
-            )
-            if on_gpu:
-                model.cuda(torch.cuda.current_device())
-            chunks.append(model)
-        if self.resume_from is None and c.model.init_checkpoint:
-            load_weights(chunks, c.model.init_checkpoint, self._load_group())
-            log.info("initial weights: %s", c.model.init_checkpoint)
-        elif self.resume_from is None:
-            log.info(
-                "initial weights: random (std %g) for %s", tconfig.init_method_std, c.model.random_init_config
-            )
-        if tconfig.bf16:
-            chunks = [Float16Module(tconfig, chunk) for chunk in chunks]
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=True, average_in_collective=False
-        )
-        chunks = [
-            DistributedDataParallel(tconfig, ddp_config, chunk, disable_bucketing=i > 0)
-            for i, chunk in enumerate(chunks)
-        ]
-        tconfig.finalize_model_grads_func = finalize_model_grads
-        return chunks, tconfig
-
-    def _build_optimizer(self):
-        from megatron.core import optimizer as mcore_optimizer
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-        o = self.config.optimizer
-        optimizer = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer="adam",
-                lr=o.lr,
-                min_lr=o.min_lr,
-                weight_decay=o.weight_decay,
-                adam_beta1=o.beta1,
-                adam_beta2=o.beta2,
-                adam_eps=o.eps,
-                clip_grad=o.clip_grad,
-                bf16=self.tconfig.bf16,
-                params_dtype=self._model_precision(),
-                use_distributed_optimizer=True,
-            ),
-            self.chunks,
-        )
-        self.tconfig.grad_scale_func = optimizer.scale_loss
-        log.info(
-            "optimizer: megatron-core distributed optimizer over %s.%s",
-            mcore_optimizer.Adam.__module__,
-            mcore_optimizer.Adam.__name__,
-        )
-        # HF Trainer's warm-up length (ceil) and cosine: megatron-core's formula gives the same values.
-        warmup = warmup_steps(self.config.schedule.warmup_ratio, self.train_iters)
-        scheduler = OptimizerParamScheduler(
-            optimizer,
-            init_lr=0.0,
-            max_lr=o.lr,
-            min_lr=o.min_lr,
-            lr_warmup_steps=warmup,
-            lr_decay_steps=self.train_iters,
-            lr_decay_style="cosine",
-            start_wd=o.weight_decay,
-            end_wd=o.weight_decay,
-            wd_incr_steps=self.train_iters,
-            wd_incr_style="constant",
-        )
-        return optimizer, scheduler
 
     # The loop ----------------------------------------------------------------------------------------
 
@@ -464,8 +313,6 @@ class Trainer:
 
     def train_step(self) -> float:
         """One optimizer step on the next global batch (or a skipped one); returns the global loss."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         c, s = self.config, self.state
         start = time.perf_counter()
         self.watchdog.phase("data")
@@ -473,33 +320,18 @@ class Trainer:
         if self.device == "cuda":
             micro_batches = [mb.to(torch.cuda.current_device()) for mb in micro_batches]
         self.watchdog.phase("forward-backward (gradient reduction included)")
-        for chunk in self.chunks:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        iterators = [iter(micro_batches) for _ in self.chunks]
-        reduced = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iterators if len(self.chunks) > 1 else iterators[0],
-            model=self.chunks,
-            num_microbatches=len(micro_batches),
-            seq_length=self.row_width,
-            micro_batch_size=1,
-            forward_only=False,
-        )
+        self.module.zero_grad()
+        reduced = self.module.forward_backward(lambda: micro_batches, len(micro_batches), self.row_width)
         self.watchdog.phase("loss all-reduce")
         loss_sum, loss_tokens = self._global_loss(reduced)
         loss = loss_sum / max(loss_tokens, 1)
         self.watchdog.phase("gradient norm")
-        # Checked before stepping: megatron-core's bf16/fp32 step has no finiteness check of its own (only
-        # fp16 loss scaling has one). step() repeats prepare_grads, an idempotent copy into the main grads.
-        found_inf = self.optimizer.prepare_grads()
-        grad_norm = float(self.optimizer.get_grad_norm())
+        found_inf, grad_norm = self.module.gradient_norm()
         finite = not found_inf and math.isfinite(loss) and math.isfinite(grad_norm)
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        lr = self.module.lr  # the rate this step uses
         self.watchdog.phase("optimizer step")
         if finite:
-            self.optimizer.step()
-            self.scheduler.step(increment=1)
+            self.module.optimizer_step()
             s.consecutive_nonfinite = 0
         else:
             s.skipped_steps += 1
@@ -542,8 +374,6 @@ class Trainer:
     def evaluate(self) -> float:
         """Collective: the validation loss, the per-token mean over every loss token of the held-out packs
         (forward only, through the same pipeline schedule as training); logged and returned."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         start = time.perf_counter()
         count = self.valid.micro_batch_count(self.layout, self.dp_size)
 
@@ -551,23 +381,7 @@ class Trainer:
             for batch in self.valid.micro_batches(self.layout, self.dp_rank, self.dp_size, self.cp_rank):
                 yield batch.to(torch.cuda.current_device()) if self.device == "cuda" else batch
 
-        iterators = [batches() for _ in self.chunks]
-        for chunk in self.chunks:
-            chunk.eval()
-        try:
-            with torch.no_grad():
-                reduced = get_forward_backward_func()(
-                    forward_step_func=forward_step,
-                    data_iterator=iterators if len(self.chunks) > 1 else iterators[0],
-                    model=self.chunks,
-                    num_microbatches=count,
-                    seq_length=self.row_width,
-                    micro_batch_size=1,
-                    forward_only=True,
-                )
-        finally:
-            for chunk in self.chunks:
-                chunk.train()
+        reduced = self.module.forward_backward(batches, count, self.row_width, forward_only=True)
         loss_sum, loss_tokens = self._global_loss(reduced, carry_stop=False)
         val_loss = loss_sum / max(loss_tokens, 1)
         self.metrics.log_validation(

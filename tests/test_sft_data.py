@@ -306,7 +306,7 @@ def test_layout_drives_padding_and_the_context_parallel_split(tmp_path):
 
 
 def test_the_loss_ignores_whatever_masked_positions_hold():
-    from sft.trainer import loss_func
+    from sft.train_module import loss_func
 
     losses = torch.tensor([[2.0, float("nan"), 4.0, float("inf")]], requires_grad=True)
     mask = torch.tensor([[1.0, 0.0, 1.0, 0.0]])

@@ -29,7 +29,7 @@ class InjectedCrash(RuntimeError):
 def _inject(trainer, fault) -> None:
     from megatron.core import dist_checkpointing
 
-    import sft.trainer as trainer_module
+    import sft.train_module as train_module
 
     kind, k = fault
     step = trainer.train_step
@@ -81,7 +81,7 @@ def _inject(trainer, fault) -> None:
 
         trainer.train_step = freezing_step
     elif kind == "nan_loss":
-        loss_func = trainer_module.loss_func
+        loss_func = train_module.loss_func
 
         def poisoned(loss_mask, output_tensor):
             total, count, reduced = loss_func(loss_mask, output_tensor)
@@ -91,7 +91,7 @@ def _inject(trainer, fault) -> None:
                 reduced[0] = math.nan
             return total, count, reduced
 
-        trainer_module.loss_func = poisoned
+        train_module.loss_func = poisoned
 
 
 def _slow_down_async_writers(seconds: float) -> None:

@@ -1,0 +1,300 @@
+"""One rank's model, data-parallel wrapper, distributed optimizer and LR schedule, and its training step.
+
+The trainer (sft/trainer.py) and the dry run (sft/dry_run.py) build a rank through this module, so the
+dry run measures exactly what a real run builds. A subclass changes the kernels (`layer_spec`,
+`kernel_settings`) or the weights' precision (`params_dtype`), nothing else.
+
+    initialize_model_parallel(config.parallel, config.timeout_minutes)
+    module = TrainModule(config, arch, "cuda", train_iters, init_checkpoint=config.model.init_checkpoint)
+    module.zero_grad()
+    reduced = module.forward_backward(lambda: micro_batches, len(micro_batches), row_width)
+    found_inf, grad_norm = module.gradient_norm()
+    if finite: module.optimizer_step()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterable
+from functools import partial
+
+import torch
+
+from models.backends import choose_backend
+from models.parallel_layout import ParallelLayout
+from models.qwen2.arch import Qwen2Arch
+from models.qwen2.attention import packed_attention_kernel
+from models.qwen2.model import (
+    build_model,
+    kernel_settings,
+    layer_spec,
+    recompute_settings,
+    transformer_config,
+)
+from models.weights import load_weights
+
+from .config import TrainConfig
+from .data import MicroBatch
+
+log = logging.getLogger(__name__)
+
+
+def initialize_model_parallel(
+    layout: ParallelLayout, timeout_minutes: float, gloo_groups: bool = True
+) -> None:
+    """megatron-core's process groups for `layout` on the initialised default group (gloo side groups
+    only with `gloo_groups`: a fake process group has no gloo)."""
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(
+        layout.tensor,
+        layout.pipeline,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        context_parallel_size=layout.context,
+        distributed_timeout_minutes=timeout_minutes,
+        create_gloo_process_groups=gloo_groups,
+    )
+
+
+def warmup_steps(warmup_ratio: float, train_iters: int) -> int:
+    """HF Trainer's warm-up length, ceil(ratio x iterations): the recipe's schedule."""
+    return math.ceil(warmup_ratio * train_iters)
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """(sum of masked token losses, loss-token count, [sum, count] for logging): megatron-core divides
+    the gradients by the global token count (calculate_per_token_loss)."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1)
+    # The mask is 1 per trained token (its weight with loss.normalization=per_group), 0 elsewhere. `where`
+    # keeps a NaN or inf at a masked position (padding, a prompt token) out of the sum, which a plain
+    # product with the mask would not; the count is the number of trained tokens in either mode, the sum
+    # megatron-core divides the gradients by.
+    total = torch.where(mask > 0, losses * mask, 0.0).sum()
+    count = (mask > 0).sum().to(torch.int)
+    return total, count, torch.stack([total.detach(), count.detach().float()])
+
+
+def forward_step(data_iterator, model):
+    batch: MicroBatch = next(data_iterator)
+    output = model(
+        batch.tokens,
+        batch.position_ids,
+        attention_mask=None,
+        labels=batch.labels,
+        packed_seq_params=batch.packed_seq_params(),
+    )
+    return output, partial(loss_func, batch.loss_mask)
+
+
+class TrainModule:
+    """Needs megatron-core's model-parallel groups (`initialize_model_parallel`). `init_checkpoint`: the
+    weights to start from (None: random, or a resume that loads them afterwards); `load_group`: the
+    replicas that split reading them."""
+
+    # megatron-core's gloo side groups (the distributed optimizer's checkpoint gathers); a fake process
+    # group has none
+    gloo_groups = True
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        arch: Qwen2Arch,
+        device: str,
+        train_iters: int,
+        *,
+        init_checkpoint: str | None = None,
+        load_group=None,
+    ):
+        self.config, self.arch, self.device = config, arch, device
+        self.layout = config.parallel
+        self.train_iters = train_iters
+        self.chunks, self.tconfig = self._build_model(init_checkpoint, load_group)
+        self.optimizer, self.scheduler = self._build_optimizer()
+
+    # What a subclass may change ---------------------------------------------------------------------
+
+    def params_dtype(self) -> torch.dtype:
+        precision = self.config.model.precision
+        if precision == "auto":
+            precision = "bf16" if self.device == "cuda" else "fp32"
+        return torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def layer_spec(self):
+        backend = choose_backend(self.device, self.config.model.attention)
+        log.info(
+            "layers: %s; attention: %s",
+            backend.describe(),
+            "Transformer Engine THD attention"
+            if backend.transformer_engine
+            else packed_attention_kernel(self.device),
+        )
+        return layer_spec(backend, packed=True)
+
+    def kernel_settings(self) -> dict:
+        return kernel_settings(choose_backend(self.device, self.config.model.attention))
+
+    # Construction ------------------------------------------------------------------------------------
+
+    def _build_model(self, init_checkpoint: str | None, load_group):
+        from megatron.core import parallel_state, tensor_parallel
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.transformer.module import Float16Module
+
+        c, p, on_gpu = self.config, self.layout, self.device == "cuda"
+        tensor_parallel.model_parallel_cuda_manual_seed(c.seed)
+        spec = self.layer_spec()
+        tconfig = transformer_config(
+            self.arch,
+            tensor_parallel=p.tensor,
+            pipeline_parallel=p.pipeline,
+            params_dtype=self.params_dtype(),
+            use_cpu_initialization=not on_gpu,
+            virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+            context_parallel_size=p.context,
+            sequence_parallel=p.sequence_parallel,
+            calculate_per_token_loss=True,
+            # Interleaved stages overlap their sends and receives (as Megatron-LM does). Batched p2p is off
+            # on gloo: two messages between the same pair of ranks in one batch can be matched in the wrong
+            # order there (seen at PP=2 with virtual stages: wrong activations, no error).
+            overlap_p2p_comm=p.virtual_pipeline is not None,
+            batch_p2p_comm=on_gpu and p.virtual_pipeline is None,
+            **recompute_settings(c.model.recompute, c.model.recompute_modules),
+            **self.kernel_settings(),
+        )
+        chunks = []
+        for vp_stage in range(p.virtual_stages):
+            stage = vp_stage if p.virtual_pipeline else None
+            model = build_model(
+                self.arch,
+                tconfig,
+                spec,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                vp_stage=stage,
+            )
+            if on_gpu:
+                model.cuda(torch.cuda.current_device())
+            chunks.append(model)
+        if init_checkpoint:
+            load_weights(chunks, init_checkpoint, load_group)
+            log.info("initial weights: %s", init_checkpoint)
+        if tconfig.bf16:
+            chunks = [Float16Module(tconfig, chunk) for chunk in chunks]
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=True, average_in_collective=False
+        )
+        chunks = [
+            DistributedDataParallel(tconfig, ddp_config, chunk, disable_bucketing=i > 0)
+            for i, chunk in enumerate(chunks)
+        ]
+        tconfig.finalize_model_grads_func = finalize_model_grads
+        return chunks, tconfig
+
+    def _build_optimizer(self):
+        from megatron.core import optimizer as mcore_optimizer
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        o = self.config.optimizer
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=o.lr,
+                min_lr=o.min_lr,
+                weight_decay=o.weight_decay,
+                adam_beta1=o.beta1,
+                adam_beta2=o.beta2,
+                adam_eps=o.eps,
+                clip_grad=o.clip_grad,
+                bf16=self.tconfig.bf16,
+                params_dtype=self.params_dtype(),
+                use_distributed_optimizer=True,
+            ),
+            self.chunks,
+            use_gloo_process_groups=self.gloo_groups,
+        )
+        self.tconfig.grad_scale_func = optimizer.scale_loss
+        log.info(
+            "optimizer: megatron-core distributed optimizer over %s.%s",
+            mcore_optimizer.Adam.__module__,
+            mcore_optimizer.Adam.__name__,
+        )
+        # HF Trainer's warm-up length (ceil) and cosine: megatron-core's formula gives the same values.
+        warmup = warmup_steps(self.config.schedule.warmup_ratio, self.train_iters)
+        scheduler = OptimizerParamScheduler(
+            optimizer,
+            init_lr=0.0,
+            max_lr=o.lr,
+            min_lr=o.min_lr,
+            lr_warmup_steps=warmup,
+            lr_decay_steps=self.train_iters,
+            lr_decay_style="cosine",
+            start_wd=o.weight_decay,
+            end_wd=o.weight_decay,
+            wd_incr_steps=self.train_iters,
+            wd_incr_style="constant",
+        )
+        return optimizer, scheduler
+
+    # The step ----------------------------------------------------------------------------------------
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next optimizer step uses."""
+        return self.optimizer.param_groups[0]["lr"]
+
+    def zero_grad(self) -> None:
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def forward_backward(
+        self,
+        batches: Callable[[], Iterable[MicroBatch]],
+        count: int,
+        row_width: int,
+        forward_only: bool = False,
+    ) -> list[torch.Tensor]:
+        """`count` micro-batches through megatron-core's pipeline schedule (backward too unless
+        `forward_only`); `batches()` gives them in order, called once per model chunk (each chunk reads
+        its own iterator). Returns the last stage's [loss sum, count] per micro-batch (empty elsewhere)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        iterators = [iter(batches()) for _ in self.chunks]
+        if forward_only:
+            for chunk in self.chunks:
+                chunk.eval()
+        try:
+            with torch.no_grad() if forward_only else contextlib.nullcontext():
+                return get_forward_backward_func()(
+                    forward_step_func=forward_step,
+                    data_iterator=iterators if len(self.chunks) > 1 else iterators[0],
+                    model=self.chunks,
+                    num_microbatches=count,
+                    seq_length=row_width,
+                    micro_batch_size=1,
+                    forward_only=forward_only,
+                )
+        finally:
+            if forward_only:
+                for chunk in self.chunks:
+                    chunk.train()
+
+    def gradient_norm(self) -> tuple[bool, float]:
+        """(whether a gradient is not finite, the global gradient norm). Checked before stepping:
+        megatron-core's bf16/fp32 step has no finiteness check of its own (only fp16 loss scaling has
+        one); step() repeats prepare_grads, an idempotent copy into the main grads."""
+        found_inf = self.optimizer.prepare_grads()
+        return bool(found_inf), float(self.optimizer.get_grad_norm())
+
+    def optimizer_step(self) -> None:
+        """The distributed optimizer's step (clipping included) and the scheduler's."""
+        self.optimizer.step()
+        self.scheduler.step(increment=1)
