@@ -10,6 +10,10 @@ The configuration is validated against the data, the checkpoint and the number o
 any process group or model is built. Checkpoints go to checkpoint.save_dir/iter_NNNNNNN; a run with
 checkpoint.resume=auto (the default) continues from the latest complete one. SIGTERM or SIGUSR1 makes
 the trainer save a checkpoint after the current iteration and stop. The logic lives in sft/.
+
+Before booking the nodes, check that every rank fits (on a login node; sft/dry_run/):
+
+    python pretrain_sft.py --config configs/k2think_qwen2.5_32b.yaml --dry-run --gpus 256
 """
 
 from __future__ import annotations
@@ -32,6 +36,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", type=Path, help="YAML configuration (configs/); defaults to the recipe's values"
     )
+    dry = parser.add_argument_group(
+        "dry run", "each rank's GPU memory, measured on this machine (a CPU) before the job starts"
+    )
+    dry.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build the first and the last pipeline stage's rank of the job on fake tensors, run two "
+        "iterations, print each one's peak memory by part beside the planner's estimate, and exit "
+        "(1 when a rank would not fit); no GPU, data or weights are needed",
+    )
+    dry.add_argument(
+        "--gpus",
+        type=int,
+        help="with --dry-run: the job's number of GPUs (data parallelism follows from it and the layout)",
+    )
+    dry.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        default=80.0,
+        help="with --dry-run: each GPU's memory (default 80, an H100); a fixed allowance for the CUDA "
+        "context, NCCL and fragmentation is kept free of it",
+    )
+    dry.add_argument("--dry-run-json", type=Path, help="with --dry-run: also write the report to this file")
     parser.add_argument(
         "overrides",
         nargs="*",
@@ -42,10 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     setup_logging()
 
+    if not args.dry_run and (args.gpus is not None or args.dry_run_json is not None):
+        print("error: --gpus and --dry-run-json apply to --dry-run only", file=sys.stderr)
+        return 2
+
     def body() -> int:
+        if args.dry_run:
+            from sft.dry_run import run_dry_run
+
+            if args.gpus is None:
+                print("error: --dry-run needs --gpus N, the job's number of GPUs", file=sys.stderr)
+                return 2
+            config = load_config(args.config, args.overrides)
+            return run_dry_run(config, args.gpus, args.gpu_memory_gb, args.dry_run_json)
         from sft.trainer import NonFiniteLossError, run
 
         try:

@@ -146,17 +146,29 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(
-        self, *, world_size: int, te_available: bool, arch=None, data_seq_length: int | None = None
+        self,
+        *,
+        world_size: int,
+        te_available: bool,
+        arch=None,
+        data_seq_length: int | None = None,
+        check_paths: bool = True,
     ) -> None:
         """Raises ConfigError listing every problem found; `arch` (a Qwen2Arch) and the data's sequence
-        length are checked when given."""
-        problems = _check_values(self) + self.parallel.problems(
+        length are checked when given; without `check_paths`, the data files and the save directory are
+        not asked for (the dry run, on a machine that may not see them)."""
+        problems = _check_values(self, check_paths) + self.parallel.problems(
             world_size=world_size,
             arch=arch,
             global_batch=self.schedule.global_batch_size,
             seq_length=self.data.seq_length,
             te_available=te_available,
         )
+        if not te_available and "layernorm" in (self.model.recompute_modules or []):
+            problems.append(
+                "model.recompute_modules=[layernorm] needs Transformer Engine (megatron-core's norm "
+                "recomputation goes through TE's FP8 state): recompute core_attn or mlp here"
+            )
         if not te_available and self.model.attention == "te":
             problems.append(
                 "model.attention=te needs Transformer Engine, which is not importable here "
@@ -176,23 +188,8 @@ class TrainConfig:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
-def _check_values(c: TrainConfig) -> list[str]:
-    problems = []
-    if not c.data.prefixes:
-        problems.append(
-            "data.prefixes is empty: set data.prefixes=[PREFIX] (the --output-prefix of preprocess_sft.py)"
-        )
-    for prefix in c.data.prefixes:
-        missing = [path for path in PackedPaths(prefix).all_files() if not path.is_file()]
-        if missing:
-            problems.append(f"data.prefixes: {missing[0]} not found (run tools/preprocess_sft.py first)")
-    for prefix in c.data.valid_prefixes or []:
-        missing = [path for path in PackedPaths(prefix).all_files() if not path.is_file()]
-        if missing:
-            problems.append(
-                f"data.valid_prefixes: {missing[0]} not found (tools/preprocess_sft.py --valid-fraction "
-                "writes PREFIX_valid)"
-            )
+def _check_values(c: TrainConfig, check_paths: bool = True) -> list[str]:
+    problems = _path_problems(c) if check_paths else []
     if c.loss.normalization == "per_group" and (
         c.loss.group_size < 1 or c.schedule.global_batch_size % c.loss.group_size
     ):
@@ -232,8 +229,6 @@ def _check_values(c: TrainConfig) -> list[str]:
         problems.append(f"schedule.warmup_ratio={c.schedule.warmup_ratio} must be in [0, 1)")
     if c.optimizer.lr <= 0 or c.optimizer.min_lr < 0 or c.optimizer.min_lr > c.optimizer.lr:
         problems.append("optimizer.lr must be > 0 and 0 <= optimizer.min_lr <= optimizer.lr")
-    if c.checkpoint.save_dir is None:
-        problems.append("checkpoint.save_dir is not set: where should checkpoints and metrics go?")
     if c.checkpoint.keep_last_n is not None and c.checkpoint.keep_last_n < 1:
         problems.append("checkpoint.keep_last_n must be >= 1, or null to keep every checkpoint")
     if c.checkpoint.save_interval < 1:
@@ -249,6 +244,28 @@ def _check_values(c: TrainConfig) -> list[str]:
     for name in ("epochs", "global_batch_size", "max_consecutive_nonfinite"):
         if getattr(c.schedule, name) < 1:
             problems.append(f"schedule.{name} must be >= 1")
+    return problems
+
+
+def _path_problems(c: TrainConfig) -> list[str]:
+    problems = []
+    if not c.data.prefixes:
+        problems.append(
+            "data.prefixes is empty: set data.prefixes=[PREFIX] (the --output-prefix of preprocess_sft.py)"
+        )
+    for prefix in c.data.prefixes:
+        missing = [path for path in PackedPaths(prefix).all_files() if not path.is_file()]
+        if missing:
+            problems.append(f"data.prefixes: {missing[0]} not found (run tools/preprocess_sft.py first)")
+    for prefix in c.data.valid_prefixes or []:
+        missing = [path for path in PackedPaths(prefix).all_files() if not path.is_file()]
+        if missing:
+            problems.append(
+                f"data.valid_prefixes: {missing[0]} not found (tools/preprocess_sft.py --valid-fraction "
+                "writes PREFIX_valid)"
+            )
+    if c.checkpoint.save_dir is None:
+        problems.append("checkpoint.save_dir is not set: where should checkpoints and metrics go?")
     return problems
 
 

@@ -11,28 +11,37 @@ TP, plus the embedding on the first stage and the output layer and final norm on
 embeddings and PP > 1 the last stage holds a copy of the embedding as its output layer).
 
 Memory is estimated for the first and the last pipeline stage (one stage at PP = 1), which differ; the
-heavier one decides whether a layout fits. Mixed precision, megatron-core distributed optimizer:
+heavier one decides whether a layout fits. The model is that of the dry run (sft/dry_run/), which
+measures the real construction code on fake tensors, and the tests hold the two together. Mixed
+precision, megatron-core distributed optimizer, Transformer Engine's kernels (the torch layers' figures
+where they differ, in brackets):
 - weights: 2 bytes per local parameter (bf16);
-- gradients: 4 bytes per local parameter (fp32 gradient buffer, grad_reduce_in_fp32);
+- grads: 4 bytes per local parameter (fp32 gradient buffer, grad_reduce_in_fp32);
 - optimizer: 12 bytes per local parameter / (DP x CP) (fp32 main weights, Adam moments, sharded over
   the data- and context-parallel replicas of the rank's parameters: megatron-core's intra_dp_cp group);
-- activations: per token and layer, the tensors the backward pass keeps (bf16): layer input, norm
-  outputs and residuals 6h; with q = n d the query width: q/k/v before and q/k after RoPE 2q + 3gd,
-  attention output q (flash attention keeps no s^2 scores); the MLP's fc1 output 2f, its SwiGLU
-  gate activation f and output f: 4f. 2 x (6h + 3q + 3gd + 4f) bytes in all. Tensor parallelism
-  divides the parts inside the TP region (everything but the 6h of norms and residuals, which
-  sequence parallelism divides too). Recomputation: `selective` (megatron-core's core_attn) saves
-  nothing with flash/fused attention (q, k, v stay as its inputs) and re-runs the attention forward;
-  `mlp` drops the MLP's 4f and re-runs its forward; `full` keeps only each layer's input (2h, / TP
-  with SP) plus one layer's full set during its recomputation, and re-runs every layer's forward.
-  Tokens per micro-batch = micro_batch x seq / CP. Under 1F1B pipeline rank r keeps the activations of
-  PP - r micro-batches of its L/PP layers at its peak (the first stage PP, the last one); interleaved,
-  2 (PP - r - 1) + (VP - 1) PP + 1 model chunks of L/(PP VP) layers (the first stage PP + (PP - 1)/VP
-  micro-batches' worth, the last (VP - 1) + 1/VP), never more than the step's micro-batches.
-  Logits: the last stage keeps the vocabulary-parallel logits (bf16) and their fp32 softmax for the
-  cross-entropy: tokens x V / TP x 6 bytes (4 in an fp32 run, where the cross-entropy works in place).
+- activations: per token and layer, the tensors the backward pass keeps (bf16): the two norms' inputs
+  and outputs 4h [norms and residuals 6h]; with q = n d the query width: q/k/v before and q/k after
+  RoPE 2q + 3gd, attention output q (flash attention keeps no s^2 scores); the MLP's fc1 output 2f and
+  the fused SwiGLU's output f: 3f [the unfused SwiGLU's gate activation too: 4f]; in fp32, each norm's
+  reciprocal RMS and the attention's logsumexp per head. Tensor parallelism divides the parts inside the
+  TP region (all but the norms' tensors, which sequence parallelism divides too). Recomputation:
+  `selective` (megatron-core's core_attn) keeps q, k, v and the output as they are (inputs of the
+  recomputed attention and of the projection) and drops only the logsumexp, and re-runs the attention
+  forward; `mlp` drops the MLP's 3f and re-runs its forward; `full` keeps only each layer's input (2h,
+  / TP with SP) and re-runs every layer's forward. The last stage also keeps the final norm's input and
+  output. Tokens per micro-batch = micro_batch x seq / CP. Under 1F1B pipeline rank r keeps the
+  activations of PP - r micro-batches of its L/PP layers at its peak (the first stage PP, the last one);
+  interleaved, 2 (PP - r - 1) + (VP - 1) PP + 1 model chunks of L/(PP VP) layers (the first stage
+  PP + (PP - 1)/VP micro-batches' worth, the last (VP - 1) + 1/VP), never more than the step's
+  micro-batches. A stage's output is freed once sent (deallocate_pipeline_outputs).
+- logits: the last stage keeps the vocabulary-parallel logits, tokens x V / TP x 2 bytes (TE's
+  cross-entropy writes their gradient into them) [x 6: megatron-core's cross-entropy adds an fp32 copy;
+  4 in an fp32 run];
+- other: one placeholder weight gradient per weight shape (a layer's weights / TP, and the output
+  layer's on the last stage, bf16: TE keeps them), and the backward's largest transients, the MLP's
+  input gradients (3f / TP per token); with full recomputation, the recomputed layer's full set too;
 - buffers: a fixed allowance for the CUDA context, NCCL and allocator fragmentation
-  (`--buffer-gb`, default 6 GB on GPU).
+  (`--buffer-gb`, default the BUFFER_ALLOWANCE_GB below).
 
 Layouts are `models.parallel_layout.ParallelLayout`s, valid by the same rules the trainer's configuration
 is checked with, each paired with a recomputation setting.
@@ -64,6 +73,9 @@ from models.qwen2.flops import attention_flops, dense_flops_per_token
 
 GB = 1e9
 
+# What a GPU loses besides tensors, kept free of its memory (the planner's buffers, the dry run's allowance)
+BUFFER_ALLOWANCE_GB = {"CUDA context": 1.0, "NCCL buffers": 2.0, "allocator fragmentation": 3.0}
+
 
 @dataclass(frozen=True)
 class Hardware:
@@ -74,7 +86,7 @@ class Hardware:
     nvlink_gbps: float = 360.0  # bus bandwidth of NCCL all-reduce within a node of 8 H100s
     network_gbps: float = 45.0  # per GPU, 400 Gb/s InfiniBand
     gpus_per_node: int = 8
-    buffer_gb: float = 6.0
+    buffer_gb: float = sum(BUFFER_ALLOWANCE_GB.values())
 
 
 @dataclass
@@ -89,6 +101,7 @@ class Estimate:
     # per pipeline stage ("first", "last"; "only" at PP = 1): its memory parts
     stage_memory_gb: dict[str, dict[str, float]] = field(default_factory=dict)
     heaviest_stage: str = "only"
+    memory_limit_gb: float = 80.0  # the device's memory
 
     @property
     def total_gb(self) -> float:
@@ -99,14 +112,18 @@ class Estimate:
             **asdict(self.layout),
             "recompute": self.recompute,
             "data_parallel": self.data_parallel,
-            "memory_gb": self.memory_gb,
-            "total_gb": self.total_gb,
+            "memory_gb": _rounded(self.memory_gb),
+            "total_gb": round(self.total_gb, 3),
             "heaviest_stage": self.heaviest_stage,
-            "stage_memory_gb": self.stage_memory_gb,
+            "stage_memory_gb": {stage: _rounded(parts) for stage, parts in self.stage_memory_gb.items()},
             "step_time_s": self.step_time_s,
             "mfu": self.mfu,
             "fits": self.fits,
         }
+
+
+def _rounded(parts: dict[str, float]) -> dict[str, float]:
+    return {name: round(value, 3) for name, value in parts.items()}
 
 
 def layer_parameters(arch) -> int:
@@ -164,17 +181,22 @@ def recompute_overrides(recompute: str) -> str:
 
 
 def activation_bytes_per_token_layer(
-    arch, layout: ParallelLayout, recompute: str, element_bytes: int = 2
+    arch, layout: ParallelLayout, recompute: str, element_bytes: int = 2, fused: bool = True
 ) -> float:
+    """Bytes a layer keeps per token (of this rank's share of the row) for its backward; `fused`: with
+    Transformer Engine's kernels, else megatron-core's torch layers (see the module doc)."""
     h, g, d, f = arch.hidden_size, arch.num_query_groups, arch.head_dim, arch.ffn_hidden_size
-    q, t = arch.num_attention_heads * d, layout.tensor
-    replicated = 6 * h  # norm and residual tensors: outside the TP region
-    attention = 3 * q + 3 * g * d  # q/k/v, RoPE'd q/k, attention output
-    mlp = 0 if recompute == "mlp" else 4 * f  # fc1 output (gate, up), SwiGLU's gate activation and output
-    inside = attention + mlp
+    n, t = arch.num_attention_heads, layout.tensor
+    q, sp = n * d, t if layout.sequence_parallel else 1
     if recompute == "full":
-        return element_bytes * h / (t if layout.sequence_parallel else 1)
-    return element_bytes * (replicated / (t if layout.sequence_parallel else 1) + inside / t)
+        return element_bytes * h / sp
+    replicated = (4 if fused else 6) * h  # the two norms' inputs and outputs (and residuals unfused)
+    attention = 3 * q + 3 * g * d  # q/k/v, RoPE'd q/k, attention output
+    mlp = 0 if recompute == "mlp" else (3 if fused else 4) * f
+    fp32 = 0.0
+    if fused:  # the norms' reciprocal RMS per token, flash attention's logsumexp per head
+        fp32 = 2 * 4 / sp + (0 if recompute == "selective" else 4 * n / t)
+    return element_bytes * (replicated / sp + (attention + mlp) / t) + fp32
 
 
 def estimate(
@@ -202,12 +224,20 @@ def estimate(
     dp = layout.data_parallel(hw.gpus)
     micro_batches = layout.micro_batches_per_step(global_batch, hw.gpus)
     stages = {
-        name: _stage_memory(arch, layout, recompute, hw, seq_length, micro_batches, dp, weight_bytes, *ends)
+        name: _stage_memory(
+            arch, layout, recompute, hw, seq_length, micro_batches, dp, weight_bytes, te_available, *ends
+        )
         for name, ends in pipeline_stages(layout).items()
     }
     heaviest = max(stages, key=lambda name: sum(stages[name].values()))
     result = Estimate(
-        layout, recompute, dp, stages[heaviest], stage_memory_gb=stages, heaviest_stage=heaviest
+        layout,
+        recompute,
+        dp,
+        stages[heaviest],
+        stage_memory_gb=stages,
+        heaviest_stage=heaviest,
+        memory_limit_gb=hw.gpu_memory_gb,
     )
     result.fits = result.total_gb <= hw.gpu_memory_gb
     params = local_parameters(arch, layout)
@@ -228,31 +258,49 @@ def estimate(
 
 
 def _stage_memory(
-    arch, layout, recompute, hw, seq_length, micro_batches, dp, weight_bytes, first: bool, last: bool
+    arch, layout, recompute, hw, seq_length, micro_batches, dp, weight_bytes, fused, first: bool, last: bool
 ) -> dict[str, float]:
     """GB per part on one rank of the stage holding the embedding (`first`) and/or the output (`last`)."""
     params = stage_parameters(arch, layout, first, last)
     tokens = layout.micro_batch_size * seq_length / layout.context
-    per_token_layer = activation_bytes_per_token_layer(arch, layout, recompute, weight_bytes)
+    per_token_layer = activation_bytes_per_token_layer(arch, layout, recompute, weight_bytes, fused)
+    one_layer = tokens * activation_bytes_per_token_layer(arch, layout, "none", weight_bytes, fused)
     layers_here = arch.num_layers // layout.pipeline
-    activations = (
-        tokens * layers_here * micro_batches_in_flight(layout, micro_batches, first) * per_token_layer
+    in_flight = micro_batches_in_flight(layout, micro_batches, first)
+    activations = tokens * layers_here * in_flight * per_token_layer
+    sp = layout.tensor if layout.sequence_parallel else 1
+    if last:  # the final norm's input and output (and its fp32 reciprocal RMS)
+        activations += (
+            tokens
+            * micro_batches_in_flight(layout, micro_batches, first=False)
+            * (2 * weight_bytes * arch.hidden_size + (4 if fused else 0))
+            / sp
+        )
+    vocab_shard = arch.vocab_size / layout.tensor
+    if fused:  # TE's cross-entropy keeps the logits and writes their gradient into them
+        logit_bytes = weight_bytes
+    else:  # the logits and megatron-core's fp32 copy; in fp32 the cross-entropy works in place
+        logit_bytes = weight_bytes + 4 if weight_bytes == 2 else 4
+    logits = tokens * vocab_shard * logit_bytes if last else 0.0
+    # One placeholder weight gradient per weight shape (TE keeps them; megatron-core's torch layers make
+    # them anew), and the backward's largest transients: the MLP's input gradients (fc2's input and the
+    # SwiGLU's, 3f per token). With full recomputation, the layer being recomputed holds its full set.
+    placeholders = weight_bytes * (
+        layer_parameters(arch) / layout.tensor + (vocab_shard * arch.hidden_size if last else 0)
     )
-    if recompute == "full":  # one layer's full activations while it is recomputed
-        activations += tokens * activation_bytes_per_token_layer(arch, layout, "none", weight_bytes)
-    # bf16 logits and their fp32 copy for the cross-entropy; in fp32 the cross-entropy works in place
-    logit_bytes = weight_bytes + 4 if weight_bytes == 2 else 4
-    logits = tokens * arch.vocab_size / layout.tensor * logit_bytes if last else 0.0
+    transients = tokens * weight_bytes * 3 * arch.ffn_hidden_size / layout.tensor
+    other = placeholders + transients + (one_layer if recompute == "full" else 0)
     optimizer_bytes = 12 if weight_bytes == 2 else 8  # fp32 main weights (bf16 only) and Adam moments
     memory = {
         "weights": weight_bytes * params / GB,
-        "gradients": 4 * params / GB,
+        "grads": 4 * params / GB,
         "optimizer": optimizer_bytes * params / (dp * layout.context) / GB,
         "activations": activations / GB,
         "logits": logits / GB,
+        "other": other / GB,
         "buffers": hw.buffer_gb,
     }
-    return {k: round(v, 3) for k, v in memory.items()}
+    return memory
 
 
 def _step_time(
@@ -347,17 +395,23 @@ def plan(
     return results
 
 
-def recommend(feasible: list[Estimate], within: float = 0.01) -> Estimate:
-    """Among the feasible layouts whose step time is within `within` of the fastest, the one with the most
-    memory to spare: the model's step times are not accurate to 1%, running out of memory is certain."""
-    fastest = min(e.step_time_s for e in feasible)
-    return min((e for e in feasible if e.step_time_s <= fastest * (1 + within)), key=lambda e: e.total_gb)
+def recommend(feasible: list[Estimate], within: float = 0.01, headroom: float = 0.1) -> Estimate:
+    """Among the feasible layouts that leave `headroom` of the device's memory unused (all feasible ones
+    when none does), those whose step time is within `within` of the fastest, the one with the most
+    memory to spare: the model's step times are not accurate to 1%, and how much the allocator loses to
+    fragmentation at these shapes is unmeasured (the buffers are an allowance), while running out of
+    memory is certain."""
+    roomy = [e for e in feasible if e.total_gb <= (1 - headroom) * e.memory_limit_gb]
+    candidates = roomy or feasible
+    fastest = min(e.step_time_s for e in candidates)
+    return min((e for e in candidates if e.step_time_s <= fastest * (1 + within)), key=lambda e: e.total_gb)
 
 
 def format_table(estimates: list[Estimate], limit: int = 15) -> str:
     header = (
         f"{'TP':>3} {'PP':>3} {'VP':>3} {'CP':>3} {'SP':>3} {'recompute':>9} {'mb':>3} {'DP':>4} | "
-        f"{'stage':>5} {'weights':>7} {'grads':>6} {'optim':>6} {'activ':>6} {'logits':>6} {'buffers':>7} "
+        f"{'stage':>5} {'weights':>7} {'grads':>6} {'optim':>6} {'activ':>6} {'logits':>6} {'other':>6} "
+        f"{'buffers':>7} "
         f"{'total':>6} GB | "
         f"{'step s':>7} {'MFU':>6}"
     )
@@ -368,9 +422,9 @@ def format_table(estimates: list[Estimate], limit: int = 15) -> str:
             f"{lay.tensor:>3} {lay.pipeline:>3} {lay.virtual_stages:>3} {lay.context:>3} "
             f"{'y' if lay.sequence_parallel else 'n':>3} {e.recompute:>9} {lay.micro_batch_size:>3} "
             f"{e.data_parallel:>4} | {e.heaviest_stage:>5} {m['weights']:>7.1f} "
-            f"{m['gradients']:>6.1f} {m['optimizer']:>6.1f} {m['activations']:>6.1f} {m['logits']:>6.1f} "
-            f"{m['buffers']:>7.1f} {e.total_gb:>6.1f}    | {e.step_time_s:>7.1f} {100 * e.mfu:>5.1f}%"
-            + ("" if e.fits else "  (does not fit)")
+            f"{m['grads']:>6.1f} {m['optimizer']:>6.1f} {m['activations']:>6.1f} {m['logits']:>6.1f} "
+            f"{m['other']:>6.1f} {m['buffers']:>7.1f} {e.total_gb:>6.1f}    | "
+            f"{e.step_time_s:>7.1f} {100 * e.mfu:>5.1f}%" + ("" if e.fits else "  (does not fit)")
         )
     return "\n".join(rows)
 

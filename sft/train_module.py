@@ -165,6 +165,9 @@ class TrainModule:
             # order there (seen at PP=2 with virtual stages: wrong activations, no error).
             overlap_p2p_comm=p.virtual_pipeline is not None,
             batch_p2p_comm=on_gpu and p.virtual_pipeline is None,
+            # a stage's output, once sent on, is kept only as autograd's handle to its graph (as
+            # Megatron-LM does): otherwise each micro-batch in flight keeps [tokens, hidden] more
+            deallocate_pipeline_outputs=True,
             **recompute_settings(c.model.recompute, c.model.recompute_modules),
             **self.kernel_settings(),
         )

@@ -7,6 +7,12 @@
 #   OVERRIDES="data.prefixes=[/data/am] model.init_checkpoint=/ckpt/qwen2.5-32b-mcore checkpoint.save_dir=/runs/k2" \
 #       sbatch slurm/sft.sh
 #
+# Before submitting, check on the login node (a CPU; no GPU, data or weights needed, only the paths the
+# config names) that every rank's GPU memory fits: the real model, optimizer and schedule on fake tensors,
+# the first and the last pipeline stage, exit status 1 if one would not fit:
+#
+#   python pretrain_sft.py --config configs/k2think_qwen2.5_32b.yaml --dry-run --gpus 256 $OVERRIDES
+#
 # Allocation (sbatch flags override the #SBATCH lines below): --nodes (32), --gpus-per-node (8),
 # --time (48 h), --partition, --account.
 # Environment variables (all optional except what your config leaves unset, typically the paths):

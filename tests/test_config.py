@@ -139,6 +139,12 @@ def test_a_valid_layout_passes(tmp_path):
         ({"data.seq_length": 16384}, 8, True, "data.seq_length=16384 but the data was packed at 32768"),
         ({"schedule.warmup_ratio": 1.5}, 8, True, "schedule.warmup_ratio=1.5 must be in [0, 1)"),
         ({"checkpoint.keep_last_n": 0}, 8, True, "checkpoint.keep_last_n must be >= 1, or null"),
+        (
+            {"model.recompute": "selective", "model.recompute_modules": ["layernorm"]},
+            8,
+            False,
+            "model.recompute_modules=[layernorm] needs Transformer Engine",
+        ),
     ],
 )
 def test_layout_problems_name_the_field(tmp_path, overrides, world_size, te, message):
@@ -156,6 +162,12 @@ def test_missing_inputs_are_named(tmp_path):
     assert f"{tmp_path / 'nope'}_input_ids.bin not found (run tools/preprocess_sft.py first)" in text
     assert "is not a converted checkpoint (no hf_config.json)" in text
     assert "checkpoint.save_dir is not set" in text
+    # the dry run's check, on a machine that need not see the data or the save directory: neither is asked
+    # for, the checkpoint (the architecture) still is
+    with pytest.raises(ConfigError) as info:
+        c.validate(world_size=1, te_available=False, check_paths=False)
+    assert "not found" not in str(info.value) and "save_dir" not in str(info.value)
+    assert "is not a converted checkpoint" in str(info.value)
 
 
 def test_shipped_configs_load_and_take_paths_from_the_environment(monkeypatch, tmp_path):

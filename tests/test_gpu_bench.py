@@ -57,6 +57,8 @@ def test_every_stage_runs_and_records_on_cpu(tmp_path):
     assert summary["checks"]["train_vs_cpu"]["figures"]["compared"] == "bf16 on cpu against fp32 on the CPU"
     shard = next(r for r in results if r["stage"] == "shard")["figures"]
     assert shard["budget"]["fits"] and shard["profile"]["split_s"]["gemm"] > 0
+    # the dry run of the same shapes beside the measured peak (on a GPU: torch.cuda.max_memory_allocated)
+    assert shard["dry_run"]["exit_status"] == 0 and summary["shard"]["dry_run_gib"] > 0
 
 
 def test_the_budget_chooses_sizes_that_fit_the_device():

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Prints the feasible parallel layouts of a Qwen2 model for a sequence length, global batch and GPU
-count, with memory per GPU (weights, gradients, optimizer shards, activations, logits, buffers) and an
+count, with memory per GPU (weights, gradients, optimizer shards, activations, logits, other, buffers) and an
 estimated step time and MFU, fastest first; recommends the first. The model behind the figures is
 documented in sft/planner.py; layouts are checked by the trainer's own rules (models/parallel_layout.py).
 
@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from common.cli import exit_status  # noqa: E402
 from common.devices import ACCELERATORS, RECIPE_ACCELERATOR  # noqa: E402
 from common.errors import InputError  # noqa: E402
+from sft.planner import BUFFER_ALLOWANCE_GB  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="mean conversation length in tokens, for attention FLOPs (default 4000; see PREFIX_meta.json)",
     )
     parser.add_argument(
-        "--buffer-gb", type=float, default=6.0, help="allowance for CUDA context, NCCL, fragmentation"
+        "--buffer-gb",
+        type=float,
+        default=sum(BUFFER_ALLOWANCE_GB.values()),
+        help="memory kept free for what tensors do not account for: "
+        + ", ".join(f"{name} {gb:g}" for name, gb in BUFFER_ALLOWANCE_GB.items())
+        + " GB by default",
     )
     parser.add_argument(
         "--no-te", action="store_true", help="Transformer Engine absent: no sequence/context parallelism"
@@ -138,6 +144,15 @@ def main(argv: list[str] | None = None) -> int:
             f"parallel.micro_batch_size={layout.micro_batch_size}"
         )
         print(format_stages(best))
+        fastest = feasible[0]
+        if fastest.step_time_s < best.step_time_s * 0.99:
+            lay, gain = fastest.layout, 100 * (1 - fastest.step_time_s / best.step_time_s)
+            print(
+                f"  (faster on paper, by {gain:.1f}%: TP {lay.tensor} "
+                f"PP {lay.pipeline} VP {lay.virtual_stages} CP {lay.context} {fastest.recompute}, at "
+                f"{fastest.total_gb:.1f} GB of {hw.gpu_memory_gb:g}: it leaves less than 10% of the memory "
+                "free, and the allocator's fragmentation at these shapes is unmeasured)"
+            )
         if args.json:
             args.json.write_text(json.dumps([e.to_dict() for e in estimates], indent=1))
         return 0

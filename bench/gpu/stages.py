@@ -145,14 +145,25 @@ def usable_memory(device: str) -> dict:
 
 def budget(fields: dict, layers: int, tokens: int, recompute: str, usable_gib: float) -> dict:
     """Estimated GiB of one training step on one GPU (TP1, DP1, distributed optimizer) by the planner's
-    model, and whether it fits the usable memory less the margin."""
+    model (of Transformer Engine's kernels when TE imports, else of the torch layers), and whether it
+    fits the usable memory less the margin."""
+    from models.backends import te_available
     from models.parallel_layout import ParallelLayout
     from models.qwen2.arch import Qwen2Arch
     from sft.planner import Hardware, estimate
 
     arch = Qwen2Arch.from_hf_config(hf_config(fields, layers))
     hw = Hardware(gpus=1, gpu_memory_gb=usable_gib * 2**30 / 1e9, buffer_gb=2.0)
-    found = estimate(arch, ParallelLayout(), recompute, hw, tokens, 1, mean_conversation=3000)
+    found = estimate(
+        arch,
+        ParallelLayout(),
+        recompute,
+        hw,
+        tokens,
+        1,
+        mean_conversation=3000,
+        te_available=te_available("cuda"),
+    )
     total_gib = found.total_gb * 1e9 / 2**30
     return {
         "gib": round(total_gib, 2),
@@ -290,7 +301,8 @@ def matmul_tflops(device: str, n: int, warmup: int = 3, timed: int = 10) -> floa
     for _ in range(timed):
         a @ b
     synchronize(device)
-    return round(2 * n**3 * timed / (time.perf_counter() - start) / 1e12, 2)
+    tflops = 2 * n**3 * timed / (time.perf_counter() - start) / 1e12
+    return float(f"{tflops:.4g}")  # significant digits: a loaded CPU's rate would round to 0.00
 
 
 def synchronize(device: str) -> None:
@@ -464,6 +476,7 @@ def measure_ours(
     )
     records = read_metrics(save_dir / "metrics.jsonl")[0]
     timed = records[sizes.warmup : sizes.warmup + sizes.iters]
+    dry = dry_run_peak(overrides, work / f"{name}-dry-run.json")
     seconds = sum(r["step_time_s"] for r in timed)
     tflops = sum(r["tflops_per_device"] * r["step_time_s"] for r in timed) / seconds
     return {
@@ -475,8 +488,29 @@ def measure_ours(
         "tflops_per_gpu": tflops,
         "mfu": sum(r["mfu"] * r["step_time_s"] for r in timed) / seconds,  # the trainer's (common/devices)
         "peak_mem_gb": max(r["peak_memory_gb"] for r in timed),  # torch.cuda.max_memory_allocated, GiB
+        "dry_run": dry,  # the same shapes measured on fake tensors (TE-like kernels), GiB
         "losses": [r["loss"] for r in timed],
         "profile": split,
+    }
+
+
+def dry_run_peak(overrides: list[str], report_file: Path, timeout: float = 180) -> dict:
+    """`pretrain_sft.py --dry-run` of the same run (on the CPU, fake tensors): its peak in GiB beside the
+    GPU's torch.cuda.max_memory_allocated, so the first GPU run tells how close the dry run is. Its
+    failure is recorded, not raised: it is no reason to lose the stage's figures."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    cpu_overrides = [o for o in overrides if not o.startswith("device=")]
+    cmd = [sys.executable, str(ROOT / "pretrain_sft.py"), "--dry-run", "--gpus", "1"]
+    cmd += ["--dry-run-json", str(report_file), *cpu_overrides]
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        (rank,) = json.loads(report_file.read_text())["ranks"]
+    except Exception as exc:  # a figure beside the measurement, never the stage's failure
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    return {
+        "peak_gib": round(rank["peak_gb"] * 1e9 / 2**30, 3),
+        "parts_gb": rank["parts_gb"],
+        "exit_status": done.returncode,
     }
 
 
@@ -584,6 +618,7 @@ def stage_summary(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
         figures = by_stage[stage]["figures"]
         found = {k: figures.get(k) for k in keys}
         found["budget_gib"] = figures["budget"]["gib"]  # the planner's figure beside peak_mem_gb
+        found["dry_run_gib"] = figures.get("dry_run", {}).get("peak_gib")  # the dry run's, likewise
         if env.get("matmul_bf16_tflops"):  # against the ceiling measured here, beside the datasheet's
             found["mfu_of_measured_matmul"] = figures["tflops_per_gpu"] / env["matmul_bf16_tflops"]
         return found
