@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""The K2-Think SFT trainer: Qwen2.5 on megatron-core with tensor, pipeline and data parallelism.
+"""The K2-Think SFT trainer: Qwen2.5 on megatron-core with tensor, pipeline, context and data parallelism.
 
     python pretrain_sft.py --config configs/tiny_cpu.yaml                      # one process
     torchrun --nproc-per-node 8 pretrain_sft.py --config configs/k2think_qwen2.5_32b.yaml \\
         data.prefixes=[/data/am] model.init_checkpoint=/ckpt/qwen2.5-32b-mcore checkpoint.save_dir=/runs/k2
 
-Overrides are `section.key=value` in YAML syntax (see sft/config.py for every key and its default).
+Overrides are `section.key=value` in YAML syntax (every key, its type, default and meaning: below).
 The configuration is validated against the data, the checkpoint and the number of processes before
 any process group or model is built. Checkpoints go to checkpoint.save_dir/iter_NNNNNNN; a run with
 checkpoint.resume=auto (the default) continues from the latest complete one. SIGTERM or SIGUSR1 makes
@@ -25,16 +25,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
 
 from common.cli import exit_status  # noqa: E402
+from common.config_docs import format_tree  # noqa: E402
 from common.logging_utils import setup_logging  # noqa: E402
-from sft.config import load_config  # noqa: E402
+from sft.config import TrainConfig, dump_config, load_config  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="configuration keys (a YAML file of configs/ sets them, KEY=VALUE overrides them; "
+        "${NAME} in a value is the environment variable NAME):\n\n" + format_tree(TrainConfig()),
     )
     parser.add_argument(
         "--config", type=Path, help="YAML configuration (configs/); defaults to the recipe's values"
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved configuration (YAML, after the file, the overrides and the environment "
+        "variables) and exit",
     )
     dry = parser.add_argument_group(
         "dry run", "each rank's GPU memory, measured on this machine (a CPU) before the job starts"
@@ -77,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def body() -> int:
+        if args.print_config:
+            print(dump_config(load_config(args.config, args.overrides)), end="")
+            return 0
         if args.dry_run:
             from sft.dry_run import run_dry_run
 

@@ -37,10 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from formats.chat_template import AM_THINKING  # noqa: E402
-from formats.packed import PackedWriter, read_sequence_lengths  # noqa: E402
+from formats.packed import PackedWriter  # noqa: E402
 from preprocess.packing import best_fit_decreasing  # noqa: E402
 from testing.llamafactory_packing import llamafactory_greedy_knapsack  # noqa: E402
 from testing.sample_data import UNICODE_SNIPPETS, WORDS  # noqa: E402
+from testing.synthetic_packs import read_sequence_lengths  # noqa: E402
+from testing.template_text import render  # noqa: E402
 
 from measure import run_with_peak_rss  # noqa: E402  (bench/measure.py)
 
@@ -69,7 +71,7 @@ def write_corpus(path: Path, megabytes: int, seed: int = 0) -> list[str]:
         answer = f"<think>\n{think}\n</think> <answer>\n{think[:200]}\n</answer>"
         conv = [{"from": "human", "value": question}, {"from": "assistant", "value": answer}]
         rows.append({"conversations": conv, "system": "", "subset": "bench"})
-        texts.append(AM_THINKING.render(None, [question, answer]))
+        texts.append(render(AM_THINKING, None, [question, answer]))
         size += len(question) + len(answer)
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=512)
     return texts

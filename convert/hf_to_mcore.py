@@ -129,7 +129,7 @@ def plan_chunks(
 
     Chunks are small (32 MiB by default) because DCP's writer keeps the last chunk it wrote under each
     tensor name until the file is closed: its memory is one chunk per distinct name per writer thread.
-    Smaller chunks cost no throughput (the README's conversion benchmark).
+    Smaller chunks cost no throughput (docs/benchmarks.md, checkpoint conversion).
     """
     chunks = []
     for m in bound_mappings(arch, "te"):

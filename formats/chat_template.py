@@ -61,16 +61,12 @@ class ChatTemplate:
         out.extend(_fill(slots[i % 2], text) for i, text in enumerate(turns))
         return out
 
-    def render(self, system: str | None, turns: Sequence[str]) -> str:
-        """The whole conversation as text (what the encoder tokenises, piece by piece)."""
-        return "".join(self.pieces(system, turns))
-
     def jinja(self) -> str:
         """The template as a transformers `chat_template` (roles system/user/assistant).
 
-        A whole conversation renders to exactly `render()`. The assistant header is emitted before each
-        assistant message, or at the end with `add_generation_prompt=True`, so prompts for generation
-        end with it as in training.
+        A whole conversation renders to exactly the concatenated `pieces()`. The assistant header is
+        emitted before each assistant message, or at the end with `add_generation_prompt=True`, so
+        prompts for generation end with it as in training.
         """
         header = self.assistant_header
         user_open, user_close = _split(self.user_slot[: -len(header)])

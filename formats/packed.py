@@ -103,7 +103,7 @@ def padded_lengths(lengths, multiple: int) -> np.ndarray:
 
 # megatron-core's .idx: magic, version (1), dtype code, sequence count, document count, then the int32
 # sequence lengths, int64 byte pointers and int64 document indices.
-_INDEX_MAGIC, _INDEX_HEADER = b"MMIDIDX\x00\x00", struct.Struct("<9sQBQQ")
+_INDEX_MAGIC, INDEX_HEADER = b"MMIDIDX\x00\x00", struct.Struct("<9sQBQQ")
 
 
 _DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int32): 4}  # megatron-core's DType enum
@@ -113,7 +113,7 @@ def _write_index(path: Path, dtype: type, sequence_lengths: np.ndarray, document
     """A megatron-core .idx for sequences of `sequence_lengths` stored back to back in the .bin."""
     lengths = np.asarray(sequence_lengths, dtype=np.int64)
     pointers = (np.cumsum(lengths) - lengths) * np.dtype(dtype).itemsize  # each sequence's byte offset
-    header = _INDEX_HEADER.pack(
+    header = INDEX_HEADER.pack(
         _INDEX_MAGIC, 1, _DTYPE_CODES[np.dtype(dtype)], len(sequence_lengths), len(document_indices)
     )
     with open(path, "wb") as f:
@@ -126,24 +126,16 @@ def _write_index(path: Path, dtype: type, sequence_lengths: np.ndarray, document
 def _index_problem(path: Path) -> str | None:
     """What is wrong with the header or size of a megatron-core .idx file; None if nothing is."""
     size = path.stat().st_size
-    if size < _INDEX_HEADER.size:
-        return f"{size} bytes, shorter than the {_INDEX_HEADER.size}-byte header"
+    if size < INDEX_HEADER.size:
+        return f"{size} bytes, shorter than the {INDEX_HEADER.size}-byte header"
     with open(path, "rb") as f:
-        magic, version, _dtype, sequences, documents = _INDEX_HEADER.unpack(f.read(_INDEX_HEADER.size))
+        magic, version, _dtype, sequences, documents = INDEX_HEADER.unpack(f.read(INDEX_HEADER.size))
     if magic != _INDEX_MAGIC or version != 1:
         return "not a megatron-core indexed dataset index"
-    expected = _INDEX_HEADER.size + 12 * sequences + 8 * documents
+    expected = INDEX_HEADER.size + 12 * sequences + 8 * documents
     if size != expected:
         return f"{size:,} bytes where its header describes {expected:,}"
     return None
-
-
-def read_sequence_lengths(idx_path: str | Path) -> np.ndarray:
-    """The sequence (= conversation) lengths of a megatron-core .idx, read without megatron-core (and
-    so without importing torch); the file is assumed intact (`PackedDataset` checks it)."""
-    with open(idx_path, "rb") as f:
-        _magic, _version, _dtype, sequences, _documents = _INDEX_HEADER.unpack(f.read(_INDEX_HEADER.size))
-        return np.fromfile(f, dtype=np.int32, count=sequences)
 
 
 # Writing ---------------------------------------------------------------------------------------------
@@ -183,8 +175,8 @@ class PackedWriter:
     into place and writes the meta file last. Leaving the `with` block without a commit removes the
     temporary files.
 
-    Packs are added one by one (`add`), or reserved in bulk (`reserve`) and then written in any order,
-    by any process, through `region_writer()`: the files come out the same either way."""
+    Packs are reserved in bulk (`reserve`) and then written in any order, by any process, through
+    `region_writer()`: the files come out the same whatever the order."""
 
     def __init__(self, prefix: str | Path, seq_length: int, pad_multiple: int = 1):
         self.paths = PackedPaths(str(prefix))
@@ -234,16 +226,6 @@ class PackedWriter:
         for path, dtype in zip(self._bins, (TOKEN_DTYPE, MASK_DTYPE), strict=True):
             os.truncate(path, self._tokens * np.dtype(dtype).itemsize)
         return starts
-
-    def add(self, input_ids: np.ndarray, loss_mask: np.ndarray, lengths: list[int]) -> None:
-        """One pack: the concatenated conversations' ids and mask, and each conversation's length."""
-        if len(input_ids) != sum(lengths):
-            raise DataError(
-                f"{self.paths.prefix}: pack {self.packs}: {len(input_ids)} token ids but the conversation "
-                f"lengths sum to {sum(lengths)}"
-            )
-        (start,) = self.reserve(lengths, [0, len(lengths)])
-        self.region_writer().write(int(start), input_ids, loss_mask)
 
     def commit(self, meta: dict[str, Any]) -> dict[str, Any]:
         """Finishes the files and publishes them; returns the meta written (with the format's own keys)."""

@@ -21,11 +21,11 @@ MODEL_PARALLEL_KEYS = ("tensor", "pipeline", "virtual_pipeline", "context")
 
 @dataclass
 class ParallelLayout:
-    tensor: int = 1
-    pipeline: int = 1
+    tensor: int = 1  # tensor-parallel ranks: each layer's weights split across them
+    pipeline: int = 1  # pipeline stages: the layers split into consecutive groups
     virtual_pipeline: int | None = None  # interleaved 1F1B: model chunks per pipeline rank
-    context: int = 1
-    sequence_parallel: bool = False
+    context: int = 1  # context-parallel ranks: each row's tokens split across them (needs TE)
+    sequence_parallel: bool = False  # the norms' and residuals' tokens split over the TP ranks (needs TE)
     micro_batch_size: int = 1  # packs per micro-batch
 
     @property

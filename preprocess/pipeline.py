@@ -213,7 +213,7 @@ _worker_encoder: ChunkEncoder | None = None
 def _init_worker(*args) -> None:
     global _worker_encoder
     # One core per worker, through tokenizers' own thread pool with one thread: faster than its
-    # TOKENIZERS_PARALLELISM=false path (figures in the README's preprocessing benchmark).
+    # TOKENIZERS_PARALLELISM=false path (figures in docs/benchmarks.md, preprocessing).
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     os.environ["RAYON_NUM_THREADS"] = "1"
     _worker_encoder = ChunkEncoder(*args)

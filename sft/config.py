@@ -38,6 +38,7 @@ class ModelConfig:
     init_checkpoint: str | None = None
     # instead of init_checkpoint: random weights of the architecture in this HF config.json (benchmarks)
     random_init_config: str | None = None
+    # activation recomputation: none; selective (the modules below); full (every layer re-run in the backward)
     recompute: Literal["none", "selective", "full"] = "selective"
     # with selective: megatron-core's modules to recompute (core_attn, mlp, layernorm); null = core_attn
     recompute_modules: list[str] | None = None
@@ -46,28 +47,81 @@ class ModelConfig:
     # distributed optimizer) or fp32; auto: bf16 on CUDA, fp32 on a CPU
     precision: Literal["auto", "bf16", "fp32"] = "auto"
 
+    def problems(self) -> list[str]:
+        problems = []
+        if self.init_checkpoint and not (Path(self.init_checkpoint) / HF_CONFIG_FILE).is_file():
+            problems.append(
+                f"model.init_checkpoint={self.init_checkpoint} is not a converted checkpoint "
+                f"(no {HF_CONFIG_FILE}): run tools/convert_hf_to_mcore.py"
+            )
+        if self.init_checkpoint and self.random_init_config:
+            problems.append("model.init_checkpoint and model.random_init_config are both set: choose one")
+        if self.random_init_config and not Path(self.random_init_config).is_file():
+            problems.append(
+                f"model.random_init_config={self.random_init_config} is not a file (an HF config.json)"
+            )
+        if self.recompute_modules is not None and self.recompute != "selective":
+            problems.append("model.recompute_modules applies to model.recompute=selective only")
+        unknown = set(self.recompute_modules or []) - RECOMPUTE_MODULES
+        if unknown:
+            problems.append(
+                f"model.recompute_modules: {sorted(unknown)} unknown; choose from {sorted(RECOMPUTE_MODULES)}"
+            )
+        return problems
+
 
 @dataclass
 class DataConfig:
     prefixes: list[str] = field(default_factory=list)  # PREFIX of PREFIX_input_ids.{bin,idx} etc.
     weights: list[float] | None = None  # relative sampling weights of several prefixes
-    seq_length: int = 32768
+    seq_length: int = 32768  # tokens per pack, as packed by preprocess_sft.py --seq-length
     seed: int = 1234  # order of packs; a different permutation per epoch
     prefetch: bool = True  # prepare the next step's micro-batches in a background thread
     # held-out packed datasets for the validation loss; null: PREFIX_valid next to each training prefix
     # where preprocess_sft.py --valid-fraction wrote one; [] = no validation
     valid_prefixes: list[str] | None = None
 
+    def problems(self) -> list[str]:
+        if self.weights is not None and (len(self.weights) != len(self.prefixes) or min(self.weights) <= 0):
+            return ["data.weights needs one positive weight per prefix"]
+        return []
+
+    def path_problems(self) -> list[str]:
+        """The files the run reads, checked apart: the dry run may not see them."""
+        problems = []
+        if not self.prefixes:
+            problems.append(
+                "data.prefixes is empty: set data.prefixes=[PREFIX] "
+                "(the --output-prefix of preprocess_sft.py)"
+            )
+        for prefix in self.prefixes:
+            missing = [path for path in PackedPaths(prefix).all_files() if not path.is_file()]
+            if missing:
+                problems.append(f"data.prefixes: {missing[0]} not found (run tools/preprocess_sft.py first)")
+        for prefix in self.valid_prefixes or []:
+            missing = [path for path in PackedPaths(prefix).all_files() if not path.is_file()]
+            if missing:
+                problems.append(
+                    f"data.valid_prefixes: {missing[0]} not found (tools/preprocess_sft.py --valid-fraction "
+                    "writes PREFIX_valid)"
+                )
+        return problems
+
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 1e-4
-    min_lr: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
+    lr: float = 1e-4  # peak learning rate, reached after the warm-up
+    min_lr: float = 0.0  # the cosine decay's end
+    beta1: float = 0.9  # Adam's first-moment decay
+    beta2: float = 0.999  # Adam's second-moment decay
+    eps: float = 1e-8  # Adam's epsilon
+    weight_decay: float = 0.0  # decoupled (AdamW) weight decay
+    clip_grad: float = 1.0  # global gradient-norm clipping threshold
+
+    def problems(self) -> list[str]:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            return ["optimizer.lr must be > 0 and 0 <= optimizer.min_lr <= optimizer.lr"]
+        return []
 
 
 @dataclass
@@ -78,21 +132,35 @@ class LossConfig:
     normalization: Literal["global_token", "per_group"] = "global_token"
     group_size: int = 2  # packs per group with per_group: the recipe's 2 packs per GPU
 
+    def problems(self) -> list[str]:
+        if self.normalization == "per_group" and self.group_size < 1:
+            return [f"loss.group_size={self.group_size} must be >= 1"]
+        return []
+
 
 @dataclass
 class ScheduleConfig:
-    epochs: int = 2
+    epochs: int = 2  # passes over the packs
     global_batch_size: int = 512  # packs per optimizer step
-    warmup_ratio: float = 0.05
+    warmup_ratio: float = 0.05  # linear warm-up over ceil(ratio x iterations), then cosine
     train_iters: int | None = None  # default: from packs, epochs and global batch
     max_consecutive_nonfinite: int = 5  # skipped steps in a row before the run aborts
+
+    def problems(self) -> list[str]:
+        problems = []
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"schedule.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        for name in ("epochs", "global_batch_size", "max_consecutive_nonfinite"):
+            if getattr(self, name) < 1:
+                problems.append(f"schedule.{name} must be >= 1")
+        return problems
 
 
 @dataclass
 class CheckpointConfig:
-    save_dir: str | None = None
-    save_interval: int = 500
-    keep_last_n: int | None = 3
+    save_dir: str | None = None  # checkpoints (iter_NNNNNNN), metrics and the finished marker
+    save_interval: int = 500  # iterations between checkpoints
+    keep_last_n: int | None = 3  # complete checkpoints kept (older ones deleted); null = all
     resume: str = "auto"  # auto: latest complete checkpoint in save_dir, if any; none; or a path
     save_at_end: bool = True  # off only for throughput measurements (bench/gpu/stages.py)
     # write the tensors in a background process once they are in host memory: training goes on, and
@@ -103,20 +171,41 @@ class CheckpointConfig:
     # the same for reading (resume and model.init_checkpoint): each replica reads a share, then broadcasts
     fully_parallel_load: bool = False
 
+    def problems(self) -> list[str]:
+        problems = []
+        if self.keep_last_n is not None and self.keep_last_n < 1:
+            problems.append("checkpoint.keep_last_n must be >= 1, or null to keep every checkpoint")
+        if self.save_interval < 1:
+            problems.append("checkpoint.save_interval must be >= 1")
+        return problems
+
+    def path_problems(self) -> list[str]:
+        if self.save_dir is None:
+            return ["checkpoint.save_dir is not set: where should checkpoints and metrics go?"]
+        return []
+
 
 @dataclass
 class EvalConfig:
     interval: int = 0  # iterations between validation losses; 0 = only at the end (always evaluated there)
     max_packs: int | None = None  # evaluate the first N held-out packs; null = all of them
 
+    def problems(self) -> list[str]:
+        problems = []
+        if self.interval < 0:
+            problems.append("eval.interval must be >= 0 (0: evaluate only at the end)")
+        if self.max_packs is not None and self.max_packs < 1:
+            problems.append("eval.max_packs must be >= 1, or null for every held-out pack")
+        return problems
+
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = 1
+    log_interval: int = 1  # iterations between metric records (console, JSONL, TensorBoard, wandb)
     metrics_file: str | None = None  # JSONL; default SAVE_DIR/metrics.jsonl
-    wandb_mode: Literal["online", "offline", "disabled"] = "disabled"
-    wandb_project: str = "k2think-sft"
-    wandb_run_name: str | None = None
+    wandb_mode: Literal["online", "offline", "disabled"] = "disabled"  # online needs WANDB_API_KEY
+    wandb_project: str = "k2think-sft"  # the wandb project
+    wandb_run_name: str | None = None  # default: wandb's own name
     tensorboard: bool = True  # event files with the same scalars as wandb, in SAVE_DIR/tensorboard
     tensorboard_dir: str | None = None  # instead of SAVE_DIR/tensorboard
     plot: bool = True  # SAVE_DIR/metrics.png (tools/plot_metrics.py) at the end of the run
@@ -137,13 +226,37 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)  # sft/watchdog.py: hung steps
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    seed: int = 1234
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: CUDA when available
+    seed: int = 1234  # weight initialisation and megatron-core's RNG
     # process-group (NCCL/gloo) timeout: well above the longest checkpoint save or load of the run
     timeout_minutes: int = 60
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    SECTIONS = ("model", "data", "optimizer", "schedule", "loss", "checkpoint", "eval", "watchdog")
+
+    def problems(self, check_paths: bool = True) -> list[str]:
+        """Each section's own problems, then those between sections (the layout is checked apart, against
+        the world size: `validate`)."""
+        problems = [problem for name in self.SECTIONS for problem in getattr(self, name).problems()]
+        if check_paths:
+            problems += self.data.path_problems() + self.checkpoint.path_problems()
+        if self.loss.normalization == "per_group" and self.schedule.global_batch_size % max(
+            self.loss.group_size, 1
+        ):
+            problems.append(
+                f"loss.group_size={self.loss.group_size} must divide schedule.global_batch_size="
+                f"{self.schedule.global_batch_size} (groups are consecutive packs of the global batch)"
+            )
+        model = self.model
+        if not (model.init_checkpoint or model.random_init_config) and self.checkpoint.resume == "none":
+            problems.append(
+                "model.init_checkpoint is not set and checkpoint.resume=none: nothing to start from"
+            )
+        if self.timeout_minutes < 1:
+            problems.append("timeout_minutes must be >= 1 (the process-group timeout; default 60)")
+        return problems
 
     def validate(
         self,
@@ -157,7 +270,7 @@ class TrainConfig:
         """Raises ConfigError listing every problem found; `arch` (a Qwen2Arch) and the data's sequence
         length are checked when given; without `check_paths`, the data files and the save directory are
         not asked for (the dry run, on a machine that may not see them)."""
-        problems = _check_values(self, check_paths) + self.parallel.problems(
+        problems = self.problems(check_paths) + self.parallel.problems(
             world_size=world_size,
             arch=arch,
             global_batch=self.schedule.global_batch_size,
@@ -186,87 +299,6 @@ class TrainConfig:
             )
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
-
-
-def _check_values(c: TrainConfig, check_paths: bool = True) -> list[str]:
-    problems = _path_problems(c) if check_paths else []
-    if c.loss.normalization == "per_group" and (
-        c.loss.group_size < 1 or c.schedule.global_batch_size % c.loss.group_size
-    ):
-        problems.append(
-            f"loss.group_size={c.loss.group_size} must be >= 1 and divide schedule.global_batch_size="
-            f"{c.schedule.global_batch_size} (groups are consecutive packs of the global batch)"
-        )
-    if c.eval.interval < 0:
-        problems.append("eval.interval must be >= 0 (0: evaluate only at the end)")
-    if c.eval.max_packs is not None and c.eval.max_packs < 1:
-        problems.append("eval.max_packs must be >= 1, or null for every held-out pack")
-    if c.data.weights is not None and (
-        len(c.data.weights) != len(c.data.prefixes) or min(c.data.weights) <= 0
-    ):
-        problems.append("data.weights needs one positive weight per prefix")
-    if c.model.init_checkpoint and not (Path(c.model.init_checkpoint) / HF_CONFIG_FILE).is_file():
-        problems.append(
-            f"model.init_checkpoint={c.model.init_checkpoint} is not a converted checkpoint "
-            f"(no {HF_CONFIG_FILE}): run tools/convert_hf_to_mcore.py"
-        )
-    if c.model.recompute_modules is not None and c.model.recompute != "selective":
-        problems.append("model.recompute_modules applies to model.recompute=selective only")
-    unknown = set(c.model.recompute_modules or []) - RECOMPUTE_MODULES
-    if unknown:
-        problems.append(
-            f"model.recompute_modules: {sorted(unknown)} unknown; choose from {sorted(RECOMPUTE_MODULES)}"
-        )
-    if c.model.init_checkpoint and c.model.random_init_config:
-        problems.append("model.init_checkpoint and model.random_init_config are both set: choose one")
-    if c.model.random_init_config and not Path(c.model.random_init_config).is_file():
-        problems.append(
-            f"model.random_init_config={c.model.random_init_config} is not a file (an HF config.json)"
-        )
-    if not (c.model.init_checkpoint or c.model.random_init_config) and c.checkpoint.resume == "none":
-        problems.append("model.init_checkpoint is not set and checkpoint.resume=none: nothing to start from")
-    if not 0 <= c.schedule.warmup_ratio < 1:
-        problems.append(f"schedule.warmup_ratio={c.schedule.warmup_ratio} must be in [0, 1)")
-    if c.optimizer.lr <= 0 or c.optimizer.min_lr < 0 or c.optimizer.min_lr > c.optimizer.lr:
-        problems.append("optimizer.lr must be > 0 and 0 <= optimizer.min_lr <= optimizer.lr")
-    if c.checkpoint.keep_last_n is not None and c.checkpoint.keep_last_n < 1:
-        problems.append("checkpoint.keep_last_n must be >= 1, or null to keep every checkpoint")
-    if c.checkpoint.save_interval < 1:
-        problems.append("checkpoint.save_interval must be >= 1")
-    w = c.watchdog
-    if w.step_factor <= 1 or w.min_step_seconds <= 0 or w.first_step_seconds <= 0:
-        problems.append(
-            "watchdog.step_factor must be > 1 and watchdog.min_step_seconds, first_step_seconds > 0 "
-            f"(got {w.step_factor}, {w.min_step_seconds}, {w.first_step_seconds})"
-        )
-    if c.timeout_minutes < 1:
-        problems.append("timeout_minutes must be >= 1 (the process-group timeout; default 60)")
-    for name in ("epochs", "global_batch_size", "max_consecutive_nonfinite"):
-        if getattr(c.schedule, name) < 1:
-            problems.append(f"schedule.{name} must be >= 1")
-    return problems
-
-
-def _path_problems(c: TrainConfig) -> list[str]:
-    problems = []
-    if not c.data.prefixes:
-        problems.append(
-            "data.prefixes is empty: set data.prefixes=[PREFIX] (the --output-prefix of preprocess_sft.py)"
-        )
-    for prefix in c.data.prefixes:
-        missing = [path for path in PackedPaths(prefix).all_files() if not path.is_file()]
-        if missing:
-            problems.append(f"data.prefixes: {missing[0]} not found (run tools/preprocess_sft.py first)")
-    for prefix in c.data.valid_prefixes or []:
-        missing = [path for path in PackedPaths(prefix).all_files() if not path.is_file()]
-        if missing:
-            problems.append(
-                f"data.valid_prefixes: {missing[0]} not found (tools/preprocess_sft.py --valid-fraction "
-                "writes PREFIX_valid)"
-            )
-    if c.checkpoint.save_dir is None:
-        problems.append("checkpoint.save_dir is not set: where should checkpoints and metrics go?")
-    return problems
 
 
 # Loading ---------------------------------------------------------------------------------------------

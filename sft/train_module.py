@@ -147,33 +147,33 @@ class TrainModule:
         )
         from megatron.core.transformer.module import Float16Module
 
-        c, p, on_gpu = self.config, self.layout, self.device == "cuda"
-        tensor_parallel.model_parallel_cuda_manual_seed(c.seed)
+        config, layout, on_gpu = self.config, self.layout, self.device == "cuda"
+        tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
         spec = self.layer_spec()
         tconfig = transformer_config(
             self.arch,
-            tensor_parallel=p.tensor,
-            pipeline_parallel=p.pipeline,
+            tensor_parallel=layout.tensor,
+            pipeline_parallel=layout.pipeline,
             params_dtype=self.params_dtype(),
             use_cpu_initialization=not on_gpu,
-            virtual_pipeline_model_parallel_size=p.virtual_pipeline,
-            context_parallel_size=p.context,
-            sequence_parallel=p.sequence_parallel,
+            virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+            context_parallel_size=layout.context,
+            sequence_parallel=layout.sequence_parallel,
             calculate_per_token_loss=True,
             # Interleaved stages overlap their sends and receives (as Megatron-LM does). Batched p2p is off
             # on gloo: two messages between the same pair of ranks in one batch can be matched in the wrong
             # order there (seen at PP=2 with virtual stages: wrong activations, no error).
-            overlap_p2p_comm=p.virtual_pipeline is not None,
-            batch_p2p_comm=on_gpu and p.virtual_pipeline is None,
+            overlap_p2p_comm=layout.virtual_pipeline is not None,
+            batch_p2p_comm=on_gpu and layout.virtual_pipeline is None,
             # a stage's output, once sent on, is kept only as autograd's handle to its graph (as
             # Megatron-LM does): otherwise each micro-batch in flight keeps [tokens, hidden] more
             deallocate_pipeline_outputs=True,
-            **recompute_settings(c.model.recompute, c.model.recompute_modules),
+            **recompute_settings(config.model.recompute, config.model.recompute_modules),
             **self.kernel_settings(),
         )
         chunks = []
-        for vp_stage in range(p.virtual_stages):
-            stage = vp_stage if p.virtual_pipeline else None
+        for vp_stage in range(layout.virtual_stages):
+            stage = vp_stage if layout.virtual_pipeline else None
             model = build_model(
                 self.arch,
                 tconfig,
@@ -205,17 +205,17 @@ class TrainModule:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        o = self.config.optimizer
+        settings = self.config.optimizer
         optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",
-                lr=o.lr,
-                min_lr=o.min_lr,
-                weight_decay=o.weight_decay,
-                adam_beta1=o.beta1,
-                adam_beta2=o.beta2,
-                adam_eps=o.eps,
-                clip_grad=o.clip_grad,
+                lr=settings.lr,
+                min_lr=settings.min_lr,
+                weight_decay=settings.weight_decay,
+                adam_beta1=settings.beta1,
+                adam_beta2=settings.beta2,
+                adam_eps=settings.eps,
+                clip_grad=settings.clip_grad,
                 bf16=self.tconfig.bf16,
                 params_dtype=self.params_dtype(),
                 use_distributed_optimizer=True,
@@ -234,13 +234,13 @@ class TrainModule:
         scheduler = OptimizerParamScheduler(
             optimizer,
             init_lr=0.0,
-            max_lr=o.lr,
-            min_lr=o.min_lr,
+            max_lr=settings.lr,
+            min_lr=settings.min_lr,
             lr_warmup_steps=warmup,
             lr_decay_steps=self.train_iters,
             lr_decay_style="cosine",
-            start_wd=o.weight_decay,
-            end_wd=o.weight_decay,
+            start_wd=settings.weight_decay,
+            end_wd=settings.weight_decay,
             wd_incr_steps=self.train_iters,
             wd_incr_style="constant",
         )

@@ -37,11 +37,19 @@ EXIT_HUNG = 3  # the exit status of a process the watchdog ended
 
 @dataclass
 class WatchdogConfig:
-    enabled: bool = True
+    enabled: bool = True  # a hung step (a rank stuck in a collective): report its stacks and exit non-zero
     # a step is hung past max(min_step_seconds, step_factor x the median of the last 50 steps)
     step_factor: float = 10.0
-    min_step_seconds: float = 300.0
+    min_step_seconds: float = 300.0  # the bound is never below this
     first_step_seconds: float = 1800.0  # the bound until a step has completed (start-up, first batches)
+
+    def problems(self) -> list[str]:
+        if self.step_factor <= 1 or self.min_step_seconds <= 0 or self.first_step_seconds <= 0:
+            return [
+                "watchdog.step_factor must be > 1 and watchdog.min_step_seconds, first_step_seconds > 0 "
+                f"(got {self.step_factor}, {self.min_step_seconds}, {self.first_step_seconds})"
+            ]
+        return []
 
 
 class StepWatchdog:

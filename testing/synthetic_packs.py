@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from formats.packed import PackedWriter, padded_lengths
+from formats.packed import INDEX_HEADER, PackedWriter, padded_lengths
 
 
 def random_packs(
@@ -45,7 +45,8 @@ def write_packed_dataset(
     """Writes PREFIX_input_ids/_loss_mask (.bin/.idx) and PREFIX_meta.json; returns the prefix."""
     with PackedWriter(prefix, seq_length, pad_multiple) as writer:
         for pack in packs:
-            writer.add(
+            add_pack(
+                writer,
                 np.concatenate([ids for ids, _ in pack]),
                 np.concatenate([mask for _, mask in pack]),
                 [len(ids) for ids, _ in pack],
@@ -90,3 +91,19 @@ def packs_from_lengths(
             pack.append((rng.integers(0, vocab_size, size=length, dtype=np.int32), mask))
         packs.append(pack)
     return packs
+
+
+def add_pack(writer: PackedWriter, input_ids: np.ndarray, loss_mask: np.ndarray, lengths: list[int]) -> None:
+    """One pack after those already in `writer`: the conversations' ids and mask, and their lengths."""
+    if len(input_ids) != sum(lengths):
+        raise ValueError(f"{len(input_ids)} token ids but the conversation lengths sum to {sum(lengths)}")
+    (start,) = writer.reserve(lengths, [0, len(lengths)])
+    writer.region_writer().write(int(start), input_ids, loss_mask)
+
+
+def read_sequence_lengths(idx_path: str | Path) -> np.ndarray:
+    """The sequence (= conversation) lengths of a megatron-core .idx, read without megatron-core (and
+    so without torch): the tests' and benchmarks' own reader of the format."""
+    with open(idx_path, "rb") as f:
+        _magic, _version, _dtype, sequences, _documents = INDEX_HEADER.unpack(f.read(INDEX_HEADER.size))
+        return np.fromfile(f, dtype=np.int32, count=sequences)

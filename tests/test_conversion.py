@@ -26,6 +26,7 @@ from formats.torch_dist import (
 )
 from models.qwen2.arch import Qwen2Arch
 from models.qwen2.state_dict_adapter import bound_mappings
+from testing.template_text import render
 
 from mcore_ranks import resave_at_layout, stock_load_matches_ours
 from tools_runner import run_tool
@@ -81,7 +82,7 @@ def test_round_trip_through_files_is_bitwise(tiny_qwen2_dir, converted, qwen_tok
     tokenizer = AutoTokenizer.from_pretrained(out)
     turns = ["What is 2+2?", "<think>\nsimple\n</think>\n<answer>4</answer>"]
     messages = [{"role": r, "content": c} for r, c in zip(("user", "assistant"), turns, strict=True)]
-    assert tokenizer.apply_chat_template(messages, tokenize=False) == AM_THINKING.render(None, turns)
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == render(AM_THINKING, None, turns)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert tokenizer.eos_token == "<|im_end|>" and exported["eos_token_id"] == im_end
     assert im_end in GenerationConfig.from_pretrained(out).eos_token_id

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -273,3 +274,28 @@ def test_write_packs_puts_each_conversation_at_its_place(tmp_path, workers, gath
         np.testing.assert_array_equal(
             pack.loss_mask, np.concatenate([mask[begins[c] :][: lengths[c]] for c in convs])
         )
+
+
+def test_the_command_line_takes_its_defaults_from_the_config():
+    """tools/preprocess_sft.py writes no default of its own: every flag left out is PreprocessConfig's."""
+    from tools_runner import load_tool
+
+    parsed = load_tool("preprocess_sft").parse_args(
+        ["--input", "a", "--tokenizer", "t", "--output-prefix", "o"]
+    )
+    assert parsed == PreprocessConfig(input=Path("a"), tokenizer=Path("t"), output_prefix=Path("o"))
+    chosen = load_tool("preprocess_sft").parse_args(
+        [
+            "--input",
+            "a",
+            "--tokenizer",
+            "t",
+            "--output-prefix",
+            "o",
+            "--seq-length",
+            "4096",
+            "--overlong",
+            "drop",
+        ]
+    )
+    assert (chosen.seq_length, chosen.overlong, chosen.pad_multiple) == (4096, "drop", 64)

@@ -13,6 +13,7 @@ from common.errors import CheckpointError, UnsupportedModelError
 from formats.hf_safetensors import HFSafetensorsReader
 from models.qwen2.arch import Qwen2Arch
 from models.qwen2.state_dict_adapter import bound_mappings
+from testing.mappings import to_hf, to_mcore
 
 from mcore_ranks import megatron_logits_from_hf
 
@@ -41,11 +42,11 @@ def test_round_trip_is_bitwise_and_consumes_every_tensor_once(tiny_qwen2_dir):
     arch = Qwen2Arch.from_path(tiny_qwen2_dir)
     reader = HFSafetensorsReader(tiny_qwen2_dir)
     mappings = bound_mappings(arch)
-    mcore = {m.key: m.to_mcore([reader.read(key) for key in m.hf_keys]) for m in mappings}
+    mcore = {m.key: to_mcore(m, [reader.read(key) for key in m.hf_keys]) for m in mappings}
     assert not reader.not_read_exactly_once()
     assert len(mcore) == len(mappings)
     back = {
-        key: tensor for m in mappings for key, tensor in zip(m.hf_keys, m.to_hf(mcore[m.key]), strict=True)
+        key: tensor for m in mappings for key, tensor in zip(m.hf_keys, to_hf(m, mcore[m.key]), strict=True)
     }
     assert back.keys() == reader.keys()
     fresh = HFSafetensorsReader(tiny_qwen2_dir)
@@ -81,14 +82,14 @@ def test_qkv_layout_by_hand():
     k = torch.tensor([[20.0], [21.0]])
     v = torch.tensor([[30.0], [31.0]])
     qkv = next(m for m in bound_mappings(arch) if m.key.endswith("linear_qkv.weight"))
-    fused = qkv.to_mcore([q, k, v])
+    fused = to_mcore(qkv, [q, k, v])
     assert fused.flatten().tolist() == [10, 11, 20, 30, 12, 13, 21, 31]
-    assert [t.flatten().tolist() for t in qkv.to_hf(fused)] == [[10, 11, 12, 13], [20, 21], [30, 31]]
+    assert [t.flatten().tolist() for t in to_hf(qkv, fused)] == [[10, 11, 12, 13], [20, 21], [30, 31]]
     # Streaming pieces: megatron rows 1..5 come from q row 1, k row 0, v row 0, q row 2.
     assert list(qkv.blocks_for_mcore_rows(1, 5)) == [(0, 1, 0, 1), (1, 0, 1, 1), (2, 0, 2, 1), (0, 2, 3, 1)]
     assert list(qkv.blocks_for_hf_rows(0, 1, 3)) == [(1, 0, 1), (4, 1, 1)]
     gated = next(m for m in bound_mappings(arch) if m.key.endswith("linear_fc1.weight"))
-    fc1 = gated.to_mcore([torch.ones(2, 1), 2 * torch.ones(2, 1)])
+    fc1 = to_mcore(gated, [torch.ones(2, 1), 2 * torch.ones(2, 1)])
     assert fc1[:2].eq(1).all() and fc1[2:].eq(2).all()
 
 
@@ -147,7 +148,7 @@ def test_shape_mismatch_and_missing_shard_are_named(tiny_qwen2_dir, tmp_path):
     reader = HFSafetensorsReader(tiny_qwen2_dir)
     gated = next(m for m in bound_mappings(arch) if m.key.endswith("linear_fc1.weight"))
     with pytest.raises(CheckpointError, match="gate_proj.weight: shape"):
-        gated.to_mcore([reader.read(key) for key in gated.hf_keys])
+        to_mcore(gated, [reader.read(key) for key in gated.hf_keys])
     for file in tiny_qwen2_dir.iterdir():
         if not file.name.startswith("model-00002"):
             (tmp_path / file.name).symlink_to(file)

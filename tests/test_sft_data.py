@@ -159,7 +159,8 @@ DAMAGE = {  # what happened to the files -> what the error must say
 
 
 def test_writer_files_equal_megatron_cores_builder_byte_for_byte(tmp_path):
-    from formats.packed import PackedWriter, indexed_dataset_module, read_sequence_lengths
+    from formats.packed import PackedWriter, indexed_dataset_module
+    from testing.synthetic_packs import add_pack, read_sequence_lengths
 
     packs = random_packs(7, 48, 500, seed=5)
     builder = indexed_dataset_module().IndexedDatasetBuilder
@@ -171,7 +172,9 @@ def test_writer_files_equal_megatron_cores_builder_byte_for_byte(tmp_path):
     # Ours: two packs added one by one, the rest reserved at once and written in reverse order.
     with PackedWriter(tmp_path / "ours", 48) as writer:
         for pack in packs[:2]:
-            writer.add(*(np.concatenate([c[k] for c in pack]) for k in (0, 1)), [len(c[0]) for c in pack])
+            add_pack(
+                writer, *(np.concatenate([c[k] for c in pack]) for k in (0, 1)), [len(c[0]) for c in pack]
+            )
         lengths = [[len(c[0]) for c in pack] for pack in packs[2:]]
         starts = writer.reserve(np.concatenate(lengths), np.cumsum([0] + [len(x) for x in lengths]))
         regions = writer.region_writer()
@@ -193,9 +196,10 @@ def test_writer_files_equal_megatron_cores_builder_byte_for_byte(tmp_path):
 )
 def test_reserve_names_the_pack_that_cannot_be_written(tmp_path, lengths, offsets, bad):
     from formats.packed import PackedWriter
+    from testing.synthetic_packs import add_pack
 
     with PackedWriter(tmp_path / "x", 32, pad_multiple=8) as writer:
-        writer.add(np.zeros(3, np.int32), np.zeros(3, np.uint8), [3])  # pack numbers continue after it
+        add_pack(writer, np.zeros(3, np.int32), np.zeros(3, np.uint8), [3])  # pack numbers continue after it
         with pytest.raises(DataError, match=f"^{tmp_path / 'x'}: pack {1 + bad}: conversation lengths "):
             writer.reserve(lengths, offsets)
         assert writer.packs == 1

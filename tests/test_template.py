@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from formats.chat_template import AM_THINKING, assemble, infer_seqlen
+from testing.template_text import render
 
 # The recipe's default system prompt, copied from its README.
 RECIPE_SYSTEM = (
@@ -74,7 +75,7 @@ def test_multi_turn_with_system(qwen_tokenizer, system):
     assert sum(mask) == sum(
         len(qwen_tokenizer.encode(t + "<|im_end|>\n", add_special_tokens=False)) for t in turns[1::2]
     )
-    assert qwen_tokenizer.decode(ids) == AM_THINKING.render(system, turns)
+    assert qwen_tokenizer.decode(ids) == render(AM_THINKING, system, turns)
 
 
 def test_slots_are_tokenised_separately(qwen_tokenizer):
@@ -82,7 +83,7 @@ def test_slots_are_tokenised_separately(qwen_tokenizer):
     # LLaMA-Factory tokenises each slot on its own, so the ids differ from the joined text's.
     turns = ["q", "\n\nanswer"]
     ids, _, _ = encode(encoder_for(qwen_tokenizer), None, turns, NO_LIMIT)
-    joined = qwen_tokenizer.encode(AM_THINKING.render(None, turns), add_special_tokens=False)
+    joined = qwen_tokenizer.encode(render(AM_THINKING, None, turns), add_special_tokens=False)
     assert ids == expected(qwen_tokenizer, RECIPE_SYSTEM, turns)[0]
     assert ids != joined  # "assistant\n" + "\n\nanswer" tokenise differently when joined
 
@@ -155,7 +156,7 @@ def test_jinja_renders_exactly_the_encoded_text(qwen_tokenizer, system):
         {"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)
     ]
     text = tok.apply_chat_template(messages, tokenize=False)
-    assert text == AM_THINKING.render(system, turns)
+    assert text == render(AM_THINKING, system, turns)
     expected_text = "".join(
         [f"<|im_start|>system\n{system or RECIPE_SYSTEM}<|im_end|>\n"]
         + [

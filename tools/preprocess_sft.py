@@ -16,7 +16,7 @@ same way under the prefix PREFIX_valid.
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -25,7 +25,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from common.cli import exit_status  # noqa: E402
 from common.logging_utils import setup_logging  # noqa: E402
 from formats.packed import validation_prefix  # noqa: E402
-from preprocess.pipeline import PreprocessConfig, preprocess, report  # noqa: E402
+from preprocess.pipeline import (  # noqa: E402
+    OVERLONG_CHOICES,
+    SYSTEM_SOURCES,
+    PreprocessConfig,
+    preprocess,
+    report,
+)
+
+# The defaults are PreprocessConfig's (one place): the flags only name them.
+DEFAULTS = {
+    f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    for f in dataclasses.fields(PreprocessConfig)
+    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,27 +66,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seq-length",
         type=int,
-        default=32768,
-        help="tokens per packed sequence (default 32768, the recipe's); each conversation is cut "
+        default=DEFAULTS["seq_length"],
+        help="tokens per packed sequence (default %(default)s, the recipe's); each conversation is cut "
         "to seq_length - 1 tokens, as LLaMA-Factory does when packing",
     )
     parser.add_argument(
         "--workers",
         type=int,
-        default=os.cpu_count() or 1,
+        default=DEFAULTS["workers"],
         help="tokeniser processes (default: all cores); the output is identical for any value",
     )
     parser.add_argument(
         "--overlong",
-        choices=("truncate", "drop"),
-        default="truncate",
+        choices=OVERLONG_CHOICES,
+        default=DEFAULTS["overlong"],
         help="conversations longer than the cutoff: 'truncate' with the recipe's per-turn rule "
         "(default) or 'drop' them; either way they are counted",
     )
     parser.add_argument(
         "--system-source",
-        choices=("turn", "column"),
-        default="turn",
+        choices=SYSTEM_SOURCES,
+        default=DEFAULTS["system_source"],
         help="where a sample's system text comes from: 'turn' (default, the recipe) = a leading "
         "turn with from == 'system', else the default AM-thinking prompt; 'column' = the "
         "aligned `system` column, else the default prompt (a deviation from the recipe)",
@@ -81,47 +94,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--pad-multiple",
         type=int,
-        default=64,
-        help="pack conversations as if each were rounded up to a multiple of N tokens (default 64), so that "
-        "every pack still fits --seq-length when the trainer pads each conversation for context "
+        default=DEFAULTS["pad_multiple"],
+        help="pack conversations as if each were rounded up to a multiple of N tokens "
+        "(default %(default)s), so that every pack still fits --seq-length when the trainer pads each "
+        "conversation for context "
         "parallelism (to 2 x CP, x TP with sequence parallelism; 64 serves every layout up to that); "
         "recorded in PREFIX_meta.json; 1 packs the real lengths, as LLaMA-Factory does",
     )
     parser.add_argument(
         "--valid-fraction",
         type=float,
-        default=0.0,
-        help="hold out about this fraction of the conversations (default 0: none) as a validation set, "
-        "written as the dataset PREFIX_valid (the trainer evaluates on it); a conversation's side is "
+        default=DEFAULTS["valid_fraction"],
+        help="hold out about this fraction of the conversations (default %(default)s: none) as a "
+        "validation set, written as the dataset PREFIX_valid (the trainer evaluates on it); "
+        "a conversation's side is "
         "decided by a seeded hash of its content, so it stays held out when the dataset grows or is "
         "reordered",
     )
     parser.add_argument(
         "--seed",
         type=int,
-        default=1234,
+        default=DEFAULTS["seed"],
         help="seed for tie-breaking among equal lengths, the order of packs and the held-out split "
-        "(default 1234)",
+        "(default %(default)s)",
     )
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs of this prefix")
     return parser
 
 
 def parse_args(argv=None) -> PreprocessConfig:
-    args = build_parser().parse_args(argv)
-    return PreprocessConfig(
-        input=args.input,
-        tokenizer=args.tokenizer,
-        output_prefix=args.output_prefix,
-        seq_length=args.seq_length,
-        workers=args.workers,
-        pad_multiple=args.pad_multiple,
-        valid_fraction=args.valid_fraction,
-        overlong=args.overlong,
-        system_source=args.system_source,
-        seed=args.seed,
-        force=args.force,
-    )
+    return PreprocessConfig(**vars(build_parser().parse_args(argv)))
 
 
 def main(argv=None) -> int:

@@ -23,9 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
-from common.errors import CheckpointError, UnsupportedModelError
+from common.errors import UnsupportedModelError
 
 from .arch import Qwen2Arch
 
@@ -169,28 +167,6 @@ class BoundMapping:
                     f"{key}: {shape[0]} rows in config.json's shape {shape}, {mapped} mapped to {self.key}: "
                     "this architecture's shapes are not what the Qwen2 mapping expects"
                 )
-
-    def to_mcore(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """The whole megatron-core tensor from the whole HF tensors (through the streaming blocks)."""
-        for key, tensor, shape in zip(self.hf_keys, tensors, self.hf_shapes, strict=True):
-            if tuple(tensor.shape) != shape:
-                raise CheckpointError(
-                    f"{key}: shape {tuple(tensor.shape)}, expected {shape} from config.json"
-                )
-        out = torch.empty(self.mcore_shape, dtype=tensors[0].dtype)
-        for hf, row, dest, count in self.blocks_for_mcore_rows(0, self.mcore_shape[0]):
-            out[dest : dest + count] = tensors[hf][row : row + count]
-        return out
-
-    def to_hf(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        """The whole HF tensors from the whole megatron-core tensor (through the streaming blocks)."""
-        if tuple(tensor.shape) != self.mcore_shape:
-            raise CheckpointError(f"{self.key}: shape {tuple(tensor.shape)}, expected {self.mcore_shape}")
-        out = [torch.empty(shape, dtype=tensor.dtype) for shape in self.hf_shapes]
-        for hf, shape in enumerate(self.hf_shapes):
-            for row, dest, count in self.blocks_for_hf_rows(hf, 0, shape[0]):
-                out[hf][dest : dest + count] = tensor[row : row + count]
-        return out
 
     def blocks_for_mcore_rows(self, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
         """(hf index, hf row, destination row, count) filling megatron rows [start, stop)."""

@@ -206,11 +206,12 @@ def format_report(report: dict) -> str:
         f"{'other':>6} | {'peak':>6} {'planner':>7} GB",
     ]
     for r in report["ranks"]:
-        p = r["parts_gb"]
+        parts = r["parts_gb"]
         estimate_text = "-" if r["estimate_gb"] is None else f"{r['estimate_gb']:.1f}"
         lines.append(
-            f"{r['rank']:>5} {r['pipeline_stage']:>5} | {p['weights']:>7.1f} {p['grads']:>6.1f} "
-            f"{p['optimizer']:>6.1f} {p['activations']:>6.1f} {p['logits']:>6.1f} {p['other']:>6.1f} | "
+            f"{r['rank']:>5} {r['pipeline_stage']:>5} | {parts['weights']:>7.1f} {parts['grads']:>6.1f} "
+            f"{parts['optimizer']:>6.1f} {parts['activations']:>6.1f} {parts['logits']:>6.1f} "
+            f"{parts['other']:>6.1f} | "
             f"{r['peak_gb']:>6.1f} {estimate_text:>7}"
         )
     allowance = ", ".join(f"{name} {value:g}" for name, value in report["allowance_gb"].items())

@@ -128,24 +128,26 @@ def data_rows(plan: RankPlan, data: SFTData, dp_rank: int, dp_size: int) -> tupl
     """The first step's micro-batches of this rank from the configured data (this CP rank's share)."""
     from megatron.core import parallel_state
 
-    c = plan.config
+    config = plan.config
     cp_rank = parallel_state.get_context_parallel_rank()
-    batches = data.micro_batches(0, c.schedule.global_batch_size, c.parallel, dp_rank, dp_size, cp_rank)
-    description = f"the first step of {', '.join(c.data.prefixes)}"
+    batches = data.micro_batches(
+        0, config.schedule.global_batch_size, config.parallel, dp_rank, dp_size, cp_rank
+    )
+    description = f"the first step of {', '.join(config.data.prefixes)}"
     return batches[: plan.micro_batches], description
 
 
 def rows_for(plan: RankPlan) -> tuple[list[MicroBatch], str]:
     from megatron.core import parallel_state
 
-    c = plan.config
+    config = plan.config
     cp_size = parallel_state.get_context_parallel_world_size()
     cp_rank = parallel_state.get_context_parallel_rank()
     if plan.with_data:
-        data = SFTData(c.data.prefixes, c.data.weights, c.data.seed)
+        data = SFTData(config.data.prefixes, config.data.weights, config.data.seed)
         dp_rank = parallel_state.get_data_parallel_rank()
         return data_rows(plan, data, dp_rank, parallel_state.get_data_parallel_world_size())
-    rows, description = synthetic_rows(plan, c.data.seq_length)
+    rows, description = synthetic_rows(plan, config.data.seq_length)
     return [split_for_context_parallel(row, cp_size, cp_rank) for row in rows], description
 
 
