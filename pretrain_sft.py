@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             config = load_config(args.config, args.overrides)
             return run_dry_run(config, args.gpus, args.gpu_memory_gb, args.dry_run_json)
-        from sft.trainer import NonFiniteLossError, run
+        from sft.callbacks import NonFiniteLossError
+        from sft.trainer import run
 
         try:
             run(load_config(args.config, args.overrides))

@@ -378,17 +378,19 @@ class PackedDataset:
         packs spread evenly over the dataset (bit rot or a foreign file; reading all of a 10^10-token
         dataset here would take minutes)."""
         for pack in np.unique(np.linspace(0, len(self) - 1, min(len(self), max_packs)).astype(np.int64)):
-            p = self[int(pack)]
-            bad_ids = (p.input_ids < 0) | (p.input_ids >= self.vocab_size)
+            found = self[int(pack)]
+            bad_ids = (found.input_ids < 0) | (found.input_ids >= self.vocab_size)
             if bad_ids.any():
                 raise DataError(
-                    f"{self.paths.input_ids}.bin: pack {pack} holds token id {int(p.input_ids[bad_ids][0])}, "
+                    f"{self.paths.input_ids}.bin: pack {pack} holds token id "
+                    f"{int(found.input_ids[bad_ids][0])}, "
                     f"outside the tokenizer's vocabulary of {self.vocab_size} ({self.paths.meta}): the file "
                     f"is damaged or was written with another tokenizer; {self._fix}"
                 )
-            if p.loss_mask.max(initial=0) > 1:
+            if found.loss_mask.max(initial=0) > 1:
                 raise DataError(
-                    f"{self.paths.loss_mask}.bin: pack {pack} holds the mask value {int(p.loss_mask.max())} "
+                    f"{self.paths.loss_mask}.bin: pack {pack} holds the mask value "
+                    f"{int(found.loss_mask.max())} "
                     f"(only 0 and 1 are written): the file is damaged; {self._fix}"
                 )
 

@@ -604,20 +604,21 @@ def _metadata(
 
 def report(meta: dict[str, Any]) -> str:
     """A human-readable summary of PREFIX_meta.json."""
-    s = meta["stats"]
+    stats = meta["stats"]
     lines = [
-        f"conversations   {s['conversations']:>12,} of {s['rows_read']:,} rows  (truncated "
-        f"{s['truncated']:,}, "
-        f"{s['tokens_lost_to_truncation']:,} tokens cut)",
-        f"dropped         {sum(s['dropped'].values()):>12,}  {s['dropped'] or ''}",
-        f"tokens          {s['tokens']:>12,}  (loss tokens {s['loss_tokens']:,}, "
-        f"{s['loss_tokens'] / s['tokens']:.1%})",
-        f"packs           {s['packs']:>12,}  x {meta['seq_length']} tokens, efficiency "
-        f"{s['packing_efficiency']:.4%} ({s['packing_efficiency_padded']:.4%} with conversations padded to "
-        f"multiples of {meta['pad_multiple']}), {s['conversations_per_pack']} conversations/pack",
+        f"conversations   {stats['conversations']:>12,} of {stats['rows_read']:,} rows  (truncated "
+        f"{stats['truncated']:,}, "
+        f"{stats['tokens_lost_to_truncation']:,} tokens cut)",
+        f"dropped         {sum(stats['dropped'].values()):>12,}  {stats['dropped'] or ''}",
+        f"tokens          {stats['tokens']:>12,}  (loss tokens {stats['loss_tokens']:,}, "
+        f"{stats['loss_tokens'] / stats['tokens']:.1%})",
+        f"packs           {stats['packs']:>12,}  x {meta['seq_length']} tokens, efficiency "
+        f"{stats['packing_efficiency']:.4%} ({stats['packing_efficiency_padded']:.4%} with conversations "
+        "padded to "
+        f"multiples of {meta['pad_multiple']}), {stats['conversations_per_pack']} conversations/pack",
         "length          "
-        + "  ".join(f"{k}={v}" for k, v in s["lengths"]["percentiles"].items())
-        + f"  max={s['lengths']['max']}",
+        + "  ".join(f"{k}={v}" for k, v in stats["lengths"]["percentiles"].items())
+        + f"  max={stats['lengths']['max']}",
     ]
     split = meta.get("split") or {}
     if split.get("valid_conversations"):
@@ -625,10 +626,10 @@ def report(meta: dict[str, Any]) -> str:
             f"held out        {split['valid_conversations']:>12,}  conversations (--valid-fraction "
             f"{split['valid_fraction']}, seed {split['seed']}) in {split['valid_prefix']}"
         )
-    for subset, counts in s["per_subset"].items():
+    for subset, counts in stats["per_subset"].items():
         lines.append(
             f"  subset {subset or '(none)':<14} {counts['conversations']:>10,} conversations "
             f"{counts['tokens']:>14,} tokens"
         )
-    lines.append("tokens per conversation:\n" + format_histogram(s["length_histogram_log2"]))
+    lines.append("tokens per conversation:\n" + format_histogram(stats["length_histogram_log2"]))
     return "\n".join(lines)

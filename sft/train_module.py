@@ -136,6 +136,13 @@ class TrainModule:
     def kernel_settings(self) -> dict:
         return kernel_settings(choose_backend(self.device, self.config.model.attention))
 
+    def deallocate_pipeline_outputs(self) -> bool:
+        """Whether a stage's output, once sent on, is kept only as autograd's handle to its graph (as
+        Megatron-LM does): otherwise each micro-batch in flight keeps [tokens, hidden] more. On CUDA
+        only: gloo's asynchronous sends read the buffer after the schedule has freed it (NCCL's are
+        ordered on the stream, and the allocator does not hand the memory out before they ran)."""
+        return self.device == "cuda"
+
     # Construction ------------------------------------------------------------------------------------
 
     def _build_model(self, init_checkpoint: str | None, load_group):
@@ -165,9 +172,7 @@ class TrainModule:
             # order there (seen at PP=2 with virtual stages: wrong activations, no error).
             overlap_p2p_comm=layout.virtual_pipeline is not None,
             batch_p2p_comm=on_gpu and layout.virtual_pipeline is None,
-            # a stage's output, once sent on, is kept only as autograd's handle to its graph (as
-            # Megatron-LM does): otherwise each micro-batch in flight keeps [tokens, hidden] more
-            deallocate_pipeline_outputs=True,
+            deallocate_pipeline_outputs=self.deallocate_pipeline_outputs(),
             **recompute_settings(config.model.recompute, config.model.recompute_modules),
             **self.kernel_settings(),
         )

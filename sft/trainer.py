@@ -1,16 +1,16 @@
-"""The SFT trainer on megatron-core: model set-up, forward step and loss, the training loop.
+"""The SFT trainer on megatron-core: the checks before a run, and the training loop.
 
 Started once per process by pretrain_sft.py (torchrun / Slurm), or in each rank of run_distributed (tests):
 
     trainer = Trainer(config, device="cpu")      # process group already initialised
-    result = trainer.train()
+    result = trainer.train()                     # or: with Trainer(...) as trainer: trainer.train_step()
 
-The loop, per iteration: the data-parallel rank's micro-batches of the next global batch
-(sft/data.py), forward and backward through megatron-core's pipeline schedule (1F1B, interleaved with
-virtual stages), per-token loss normalisation (docs/architecture.md), a finiteness check of the loss and
-gradient norm (a non-finite step is skipped, and the run aborts after `max_consecutive_nonfinite` in a
-row), the distributed optimizer's step, the scheduler, metrics, and checkpoints at the save interval,
-at the end and on SIGTERM/SIGUSR1.
+The pieces: `TrainModule` (sft/train_module.py) builds the rank's model, DDP wrapper, distributed
+optimizer and schedule and runs one forward/backward; the loop here takes the data-parallel rank's
+micro-batches of the next global batch (sft/data.py, prefetched), steps (per-token loss normalisation,
+docs/architecture.md; a step with a non-finite loss or gradient norm is skipped), lets the ranks agree
+on stopping (SIGTERM/SIGUSR1 on any rank), and hands each step to the callbacks (sft/callbacks.py):
+metrics and MFU, the non-finite guard, evaluation, checkpoints, the finished marker, the plot.
 """
 
 from __future__ import annotations
@@ -29,14 +29,12 @@ import torch.distributed as dist
 from common.devices import RECIPE_ACCELERATOR, find_accelerator, peak_tflops
 from common.distributed import init_process_group
 from common.errors import ConfigError, DataError
-from common.files import write_json_atomic
 from formats.torch_dist import TOKENIZER_DIR, verify_checkpoint
 from models.backends import te_available
 from models.qwen2.arch import Qwen2Arch, find_hf_config
-from models.qwen2.flops import training_flops
 
+from .callbacks import Callback, StepResult, default_callbacks
 from .checkpointing import (
-    FINISHED_FILE,
     CheckpointSaver,
     TrainState,
     find_resume_checkpoint,
@@ -44,16 +42,11 @@ from .checkpointing import (
 )
 from .config import TrainConfig, dump_config
 from .data import MicroBatch, SFTData, ValidationData, default_valid_prefixes, layout_problems
-from .metrics import MetricsLogger, peak_memory_gb
-from .plots import plot_metrics
+from .metrics import MetricsLogger
 from .train_module import TrainModule, initialize_model_parallel, warmup_steps
 from .watchdog import StepWatchdog
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient norm."""
 
 
 @dataclass
@@ -116,18 +109,18 @@ def check_run(config: TrainConfig, world_size: int, device: str) -> RunInputs:
                 f"{dataset.prefix}: the tokenizer has {dataset.vocab_size} tokens, the model's vocabulary "
                 f"only {arch.vocab_size}: the data was tokenised for another model"
             )
-    s = config.schedule
-    train_iters = s.train_iters or data.iterations(s.epochs, s.global_batch_size)
+    schedule = config.schedule
+    train_iters = schedule.train_iters or data.iterations(schedule.epochs, schedule.global_batch_size)
     if train_iters < 1:
         raise ConfigError(
-            f"{data.order.epoch_size} packs x {s.epochs} epochs do not fill one global batch of "
-            f"{s.global_batch_size}: lower schedule.global_batch_size"
+            f"{data.order.epoch_size} packs x {schedule.epochs} epochs do not fill one global batch of "
+            f"{schedule.global_batch_size}: lower schedule.global_batch_size"
         )
-    if warmup_steps(s.warmup_ratio, train_iters) >= train_iters:
+    if warmup_steps(schedule.warmup_ratio, train_iters) >= train_iters:
         raise ConfigError(
-            f"schedule.warmup_ratio={s.warmup_ratio} of {train_iters} iteration(s) is "
-            f"{warmup_steps(s.warmup_ratio, train_iters)} warm-up step(s), which leaves no step to decay "
-            "over: lower schedule.warmup_ratio (0 for a run this short) or train longer"
+            f"schedule.warmup_ratio={schedule.warmup_ratio} of {train_iters} iteration(s) is "
+            f"{warmup_steps(schedule.warmup_ratio, train_iters)} warm-up step(s), which leaves no step "
+            "to decay over: lower schedule.warmup_ratio (0 for a run this short) or train longer"
         )
     return RunInputs(data, arch, resume_from, hf_config_file, tokenizer_dir, train_iters, valid)
 
@@ -145,8 +138,15 @@ def _validation_data(config: TrainConfig, seq_length: int) -> ValidationData | N
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, device: str, inputs: RunInputs | None = None):
-        """Needs an initialised process group; `inputs` from check_run (done here when not given)."""
+    def __init__(
+        self,
+        config: TrainConfig,
+        device: str,
+        inputs: RunInputs | None = None,
+        callbacks: list[Callback] = (),
+    ):
+        """Needs an initialised process group; `inputs` from check_run (done here when not given);
+        `callbacks` run after the trainer's own (sft/callbacks.py)."""
         from megatron.core import parallel_state
 
         self.config, self.device = config, device
@@ -154,12 +154,12 @@ class Trainer:
         inputs = inputs or check_run(config, self.world_size, device)
         self.data, self.arch, self.valid = inputs.data, inputs.arch, inputs.valid
         self.resume_from, self.inputs = inputs.resume_from, inputs
-        p = self.layout = config.parallel
-        initialize_model_parallel(p, config.timeout_minutes)
+        self.layout = config.parallel
+        initialize_model_parallel(self.layout, config.timeout_minutes)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.cp_rank = parallel_state.get_context_parallel_rank()
-        self.row_width = self.data.row_width(p)
+        self.row_width = self.data.row_width(self.layout)
         self.train_iters = inputs.train_iters
         self.peak_tflops = self._peak_tflops()
         self.metrics = MetricsLogger(config, self.rank == 0)  # before the heavy set-up: wandb fails early
@@ -201,16 +201,18 @@ class Trainer:
             )
         self.metrics.resume_at(self.state.iteration)
         self._stop_signal: int | None = None
-        self._stop_agreed = False  # set by each step's loss all-reduce
+        self.stop_agreed = False  # by every rank, after the last step (agree_on_stop)
+        self.last_checkpoint: Path | None = None
+        self.callbacks = [*default_callbacks(), *callbacks]
         self._prefetcher = ThreadPoolExecutor(1, "prefetch") if config.data.prefetch else None
         self.watchdog = StepWatchdog(config.watchdog, self.rank)
         self._prefetched: tuple[int, Future] | None = None  # (consumed samples it is for, its future)
-        cc = config.checkpoint
+        saving = config.checkpoint
         self.checkpoints = CheckpointSaver(
-            cc.save_dir,
-            keep_last_n=cc.keep_last_n,
-            async_save=cc.async_save,
-            fully_parallel_save=cc.fully_parallel_save,
+            saving.save_dir,
+            keep_last_n=saving.keep_last_n,
+            async_save=saving.async_save,
+            fully_parallel_save=saving.fully_parallel_save,
             parallel_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
             hf_config_file=inputs.hf_config_file,
             tokenizer_dir=inputs.tokenizer_dir,
@@ -248,75 +250,70 @@ class Trainer:
     # The loop ----------------------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
-        c = self.config
+        """Runs the remaining iterations (the callbacks do the rest: sft/callbacks.py), then releases
+        everything (`close`)."""
+        config = self.config
         if self.rank == 0:
-            log.info("configuration:\n%s", dump_config(c))
+            log.info("configuration:\n%s", dump_config(config))
             log.info(
                 "%d iterations of %d packs (%d epochs over %d packs), layout %s",
                 self.train_iters,
-                c.schedule.global_batch_size,
-                c.schedule.epochs,
+                config.schedule.global_batch_size,
+                config.schedule.epochs,
                 self.data.order.epoch_size,
                 self.layout.describe(self.world_size),
             )
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
-        losses, last_checkpoint, failed = {}, None, True
+        losses, failed = {}, True
         try:
+            self._each_callback("on_start")
             while self.state.iteration < self.train_iters:
-                with self.watchdog.step(self.state.iteration + 1):
-                    loss = self.train_step()
+                loss = self.step().loss
                 losses[self.state.iteration] = loss
-                self.checkpoints.poll()
-                stop = self._stop_agreed
-                if self._evaluation_due():
-                    self.evaluate()
-                at_end = self.state.iteration == self.train_iters and c.checkpoint.save_at_end
-                if stop or at_end or self.state.iteration % c.checkpoint.save_interval == 0:
-                    last_checkpoint = self.save()
-                if stop:
-                    self.checkpoints.wait()
+                if self.stop_agreed:
                     log.warning(
                         "stopping after iteration %d on signal %s; checkpoint %s",
                         self.state.iteration,
                         signal.Signals(self._stop_signal).name if self._stop_signal else "(other rank)",
-                        last_checkpoint,
+                        self.last_checkpoint,
                     )
                     break
-            self.checkpoints.wait()
             failed = False
         finally:
-            self.checkpoints.close(abort=failed)  # a failing run's other ranks may be gone: no collective
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            self.metrics.close()
-            self.watchdog.close()
-            if self._prefetcher is not None:
-                self._prefetcher.shutdown(wait=True, cancel_futures=True)
-        if self.state.iteration >= self.train_iters and self.rank == 0:
-            write_json_atomic(
-                Path(c.checkpoint.save_dir) / FINISHED_FILE,
-                {
-                    "iterations": self.state.iteration,
-                    "consumed_samples": self.state.consumed_samples,
-                    "skipped_steps": self.state.skipped_steps,
-                    "checkpoint": str(last_checkpoint) if last_checkpoint else None,
-                },
-            )
-        if self.rank == 0 and c.logging.plot:
-            self._plot_curves()
+            try:
+                self._each_callback("on_end", failed)
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+                self.close()
         return TrainResult(
             self.state.iteration,
             losses,
             self._stop_signal is not None or self.state.iteration < self.train_iters,
-            last_checkpoint,
+            self.last_checkpoint,
         )
 
-    def train_step(self) -> float:
-        """One optimizer step on the next global batch (or a skipped one); returns the global loss."""
-        c, s = self.config, self.state
+    def step(self) -> StepResult:
+        """One iteration of the loop: the callbacks before it, the step under the watchdog, the ranks'
+        agreement on stopping, the callbacks after it."""
+        self._each_callback("before_step")
+        with self.watchdog.step(self.state.iteration + 1):
+            result = self.train_step()
+            self.watchdog.phase("stop agreement")
+            self.stop_agreed = self.agree_on_stop()
+        self._each_callback("after_step", result)
+        return result
+
+    def _each_callback(self, hook: str, *args) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
+    def train_step(self) -> StepResult:
+        """One optimizer step on the next global batch (or a skipped one)."""
+        state = self.state
         start = time.perf_counter()
         self.watchdog.phase("data")
-        micro_batches = self._next_micro_batches(s.consumed_samples)
+        micro_batches = self._next_micro_batches(state.consumed_samples)
         if self.device == "cuda":
             micro_batches = [mb.to(torch.cuda.current_device()) for mb in micro_batches]
         self.watchdog.phase("forward-backward (gradient reduction included)")
@@ -332,44 +329,41 @@ class Trainer:
         self.watchdog.phase("optimizer step")
         if finite:
             self.module.optimizer_step()
-            s.consecutive_nonfinite = 0
+            state.consecutive_nonfinite = 0
         else:
-            s.skipped_steps += 1
-            s.consecutive_nonfinite += 1
-        s.iteration += 1
-        consumed_before = s.consumed_samples
-        s.consumed_samples += c.schedule.global_batch_size
+            state.skipped_steps += 1
+            state.consecutive_nonfinite += 1
+        state.iteration += 1
+        consumed_before = state.consumed_samples
+        state.consumed_samples += self.config.schedule.global_batch_size
         if self.device == "cuda":
             torch.cuda.synchronize()
-        step_time = time.perf_counter() - start
-        self.watchdog.phase("metrics")
-        self._log(loss, lr, grad_norm, loss_tokens, consumed_before, step_time, finite)
-        if not finite and s.consecutive_nonfinite >= c.schedule.max_consecutive_nonfinite:
-            raise NonFiniteLossError(
-                f"{s.consecutive_nonfinite} consecutive iterations (up to {s.iteration}) had a non-finite "
-                "loss or "
-                f"gradient norm (loss {loss}, grad norm {grad_norm}); the weights are those of the last "
-                "good step. "
-                "Lower optimizer.lr, check the data, or resume from an earlier checkpoint."
-            )
-        return loss
+        return StepResult(
+            loss, lr, grad_norm, loss_tokens, consumed_before, time.perf_counter() - start, finite
+        )
 
-    def _plot_curves(self) -> None:
-        """SAVE_DIR/metrics.png from metrics.jsonl; a failure to draw is no reason to fail a trained run."""
-        out = self.metrics.path.with_name("metrics.png")
-        try:
-            plot_metrics(self.metrics.path, out)
-        except Exception as exc:
-            log.warning("could not draw %s: %s", out, exc)
-        else:
-            log.info("training curves: %s", out)
+    def agree_on_stop(self) -> bool:
+        """Collective: whether any rank got a stop signal (saving is collective, so all ranks must agree
+        to stop after the same iteration)."""
+        flag = torch.tensor([0 if self._stop_signal is None else 1], dtype=torch.int32, device=self._device())
+        dist.all_reduce(flag)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        """Releases the metrics sinks, the watchdog and the prefetch thread (idempotent)."""
+        self.metrics.close()
+        self.watchdog.close()
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True, cancel_futures=True)
+            self._prefetcher = None
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # Validation --------------------------------------------------------------------------------------
-
-    def _evaluation_due(self) -> bool:
-        interval, iteration = self.config.eval.interval, self.state.iteration
-        at_interval = interval > 0 and iteration % interval == 0
-        return self.valid is not None and (at_interval or iteration == self.train_iters)
 
     def evaluate(self) -> float:
         """Collective: the validation loss, the per-token mean over every loss token of the held-out packs
@@ -382,7 +376,7 @@ class Trainer:
                 yield batch.to(torch.cuda.current_device()) if self.device == "cuda" else batch
 
         reduced = self.module.forward_backward(batches, count, self.row_width, forward_only=True)
-        loss_sum, loss_tokens = self._global_loss(reduced, carry_stop=False)
+        loss_sum, loss_tokens = self._global_loss(reduced)
         val_loss = loss_sum / max(loss_tokens, 1)
         self.metrics.log_validation(
             self.state.iteration,
@@ -419,58 +413,26 @@ class Trainer:
             self._prefetched = (following, self._prefetcher.submit(self._prepare_micro_batches, following))
         return batches
 
-    def _global_loss(self, reduced: list[torch.Tensor], carry_stop: bool = True) -> tuple[float, int]:
+    def _device(self) -> torch.device:
+        if self.device == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _global_loss(self, reduced: list[torch.Tensor]) -> tuple[float, int]:
         """[sum, count] over the global batch, known on every rank: only the first tensor-parallel rank of
-        each last pipeline stage contributes (the others hold copies). With `carry_stop` the same
-        all-reduce carries whether any rank got a stop signal (saving is collective, so all ranks must
-        agree)."""
+        each last pipeline stage contributes (the others hold copies)."""
         from megatron.core import parallel_state
 
-        device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if self.device == "cuda"
-            else torch.device("cpu")
-        )
-        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        totals = torch.zeros(2, dtype=torch.float64, device=self._device())
         if (
             parallel_state.is_pipeline_last_stage(ignore_virtual=True)
             and parallel_state.get_tensor_model_parallel_rank() == 0
         ):
             for item in reduced:
-                totals[:2] += item.to(device, torch.float64)
-        totals[2] = 1.0 if carry_stop and self._stop_signal is not None else 0.0
+                totals += item.to(totals.device, torch.float64)
         dist.all_reduce(totals)
-        loss_sum, loss_tokens, stops = totals.tolist()
-        if carry_stop:
-            self._stop_agreed = stops > 0
+        loss_sum, loss_tokens = totals.tolist()
         return loss_sum, int(loss_tokens)
-
-    def _log(self, loss, lr, grad_norm, loss_tokens, consumed_before, step_time, finite) -> None:
-        c, s = self.config, self.state
-        if self.rank != 0 or s.iteration % c.logging.log_interval and s.iteration != self.train_iters:
-            return
-        lengths = self.data.conversation_lengths(consumed_before, c.schedule.global_batch_size)
-        tokens = int(lengths.sum())
-        tflops = training_flops(self.arch, lengths) / step_time / self.world_size / 1e12
-        self.metrics.log(
-            s.iteration,
-            {
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "loss_tokens": loss_tokens,
-                "tokens": tokens,
-                "skipped_steps": s.skipped_steps,
-                "step_skipped": not finite,
-                "step_time_s": step_time,
-                "tokens_per_s": tokens / step_time,
-                "tflops_per_device": tflops,
-                "mfu": tflops / self.peak_tflops,
-                "peak_memory_gb": peak_memory_gb(self.device),
-                "consumed_samples": s.consumed_samples,
-                "epoch": s.consumed_samples / self.data.order.epoch_size,
-            },
-        )
 
     # Checkpoints and signals -------------------------------------------------------------------------
 

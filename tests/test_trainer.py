@@ -78,10 +78,11 @@ def setup(tmp_path_factory):
 def reference(setup, tmp_path_factory):
     """The single-process run (TP1/PP1/DP1, 4 micro-batches of one pack) every other run is compared with."""
     save_dir = tmp_path_factory.mktemp("reference")
-    result = _train(setup, save_dir, 1, *CURVES)
+    result = _train(setup, save_dir, 1, *CURVES, fault=("record", 0))
     assert result["iterations"] == ITERS and not result["stopped"]
     return SimpleNamespace(
         losses=result["losses"],
+        hooks=result["hooks"],
         save_dir=save_dir,
         weights=_weights(save_dir / "iter_0000006"),
         val_losses=_val_losses(save_dir),
@@ -337,6 +338,17 @@ def _closed_form_lr(step: int) -> float:
 
 
 @pytest.mark.slow
+def test_the_loop_calls_each_callback_hook_in_order(reference):
+    """A callback sees the run start, each step before and after (with the step's loss, the one the run
+    returns) and the end: the seam the fault-injection tests use (tests/trainer_ranks.py)."""
+    steps = [
+        call
+        for i in range(ITERS)
+        for call in (("before_step", i), ("after_step", i + 1, reference.losses[i + 1], True))
+    ]
+    assert reference.hooks == [("on_start", 0), *steps, ("on_end", ITERS, False)]
+
+
 def test_schedule_and_metrics_file(setup, reference):
     records, validations = read_metrics(reference.save_dir / "metrics.jsonl")
     assert [(r["iteration"], r["val_packs"]) for r in validations] == [(3, VALID_PACKS), (6, VALID_PACKS)]

@@ -8,8 +8,9 @@ per-iteration losses. `fault` injects what a real run meets, inside the real cod
 - ("crash_during_async_save", k): the background writers are slowed down, and the process dies during
   iteration k + 1 while the checkpoint of iteration k is still being written; the result records which
   checkpoints were complete when each save started;
-- ("signal", k): rank 0 receives SIGUSR1 during iteration k;
+- ("signal", k): rank 0 receives SIGUSR1 as iteration k starts;
 - ("nan_loss", k): the loss of iteration k is NaN (k = 0: every iteration);
+- ("record", 0): no fault; the result's "hooks" lists every callback hook the loop called;
 - ("freeze", k): the last rank stops (SIGSTOP, as a frozen node: its threads too) at the start of
   iteration k; the others block in the step's first collective.
 """
@@ -21,36 +22,85 @@ import os
 import signal
 import time
 
+from sft.callbacks import Callback
+
 
 class InjectedCrash(RuntimeError):
     pass
 
 
+class _BeforeStep(Callback):
+    """Runs `action(trainer)` before the step that follows iteration `after` (on the ranks it is for)."""
+
+    def __init__(self, after: int, action):
+        self.after, self.action = after, action
+
+    def before_step(self, trainer) -> None:
+        if trainer.state.iteration == self.after:
+            self.action(trainer)
+
+
+def _crash(k: int):
+    def crash(trainer):
+        raise InjectedCrash(f"killed during iteration {k + 1}")
+
+    return crash
+
+
+def _signal(trainer) -> None:
+    if trainer.rank == 0:
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def _freeze(trainer) -> None:
+    if trainer.rank == trainer.world_size - 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+class _Recorder(Callback):
+    """Records every hook the loop calls, with the iteration and the step's loss."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_start(self, trainer) -> None:
+        self.calls.append(("on_start", trainer.state.iteration))
+
+    def before_step(self, trainer) -> None:
+        self.calls.append(("before_step", trainer.state.iteration))
+
+    def after_step(self, trainer, step) -> None:
+        self.calls.append(("after_step", trainer.state.iteration, step.loss, step.finite))
+
+    def on_end(self, trainer, failed: bool) -> None:
+        self.calls.append(("on_end", trainer.state.iteration, failed))
+
+
+def _fault_callbacks(fault) -> list:
+    """The callbacks that inject `fault` through the trainer's own seams (("record", 0): none, only a
+    recorder of the hooks)."""
+    if fault is None:
+        return []
+    kind, k = fault
+    if kind == "record":
+        return [_Recorder()]
+    if kind in ("crash_after", "crash_during_async_save"):
+        return [_BeforeStep(k, _crash(k))]
+    if kind == "signal":
+        return [_BeforeStep(k - 1, _signal)]
+    if kind == "freeze":
+        return [_BeforeStep(k - 1, _freeze)]
+    return []
+
+
 def _inject(trainer, fault) -> None:
+    """The faults inside megatron-core's save and inside the loss (where no callback runs)."""
     from megatron.core import dist_checkpointing
 
     import sft.train_module as train_module
 
     kind, k = fault
-    step = trainer.train_step
-
-    if kind == "crash_after":
-
-        def crashing_step():
-            if trainer.state.iteration == k:
-                raise InjectedCrash(f"killed during iteration {k + 1}")
-            return step()
-
-        trainer.train_step = crashing_step
-    elif kind == "signal":
-
-        def signalled_step():
-            if trainer.state.iteration == k - 1 and trainer.rank == 0:
-                os.kill(os.getpid(), signal.SIGUSR1)
-            return step()
-
-        trainer.train_step = signalled_step
-    elif kind == "crash_in_save":
+    if kind == "crash_in_save":
         save = dist_checkpointing.save
 
         def dying_save(state, path, **kwargs):
@@ -65,21 +115,6 @@ def _inject(trainer, fault) -> None:
     elif kind == "crash_during_async_save":
         _slow_down_async_writers(seconds=2.0)
         _record_complete_checkpoints_at_each_save(trainer)
-
-        def crashing_step():
-            if trainer.state.iteration == k:
-                raise InjectedCrash(f"killed during iteration {k + 1}")
-            return step()
-
-        trainer.train_step = crashing_step
-    elif kind == "freeze":
-
-        def freezing_step():
-            if trainer.state.iteration == k - 1 and trainer.rank == trainer.world_size - 1:
-                os.kill(os.getpid(), signal.SIGSTOP)
-            return step()
-
-        trainer.train_step = freezing_step
     elif kind == "nan_loss":
         loss_func = train_module.loss_func
 
@@ -125,8 +160,8 @@ def train(rank: int, world_size: int, overrides: list[str], fault=None) -> dict:
     from sft.config import load_config
     from sft.trainer import Trainer
 
-    trainer = Trainer(load_config(None, overrides), "cpu")
-    if fault is not None:
+    trainer = Trainer(load_config(None, overrides), "cpu", callbacks=_fault_callbacks(fault))
+    if fault is not None and fault[0] != "record":
         _inject(trainer, fault)
     try:
         result = trainer.train()
@@ -142,4 +177,5 @@ def train(rank: int, world_size: int, overrides: list[str], fault=None) -> dict:
         "stopped": result.stopped_by_signal,
         "skipped": trainer.state.skipped_steps,
         "checkpoint": str(result.last_checkpoint),
+        "hooks": next((c.calls for c in trainer.callbacks if isinstance(c, _Recorder)), None),
     }

@@ -446,13 +446,12 @@ def _measure_trainer(rank: int, world_size: int, overrides: list[str], warmup: i
     from sft.config import load_config
     from sft.trainer import Trainer
 
-    trainer = Trainer(load_config(None, overrides), device)
-    for _ in range(warmup + iters):
-        trainer.train_step()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
-        trainer.train_step()
-    trainer.metrics.close()
+    with Trainer(load_config(None, overrides), device) as trainer:
+        for _ in range(warmup + iters):
+            trainer.step()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=activities) as prof:
+            trainer.step()
     return profile_split(prof, device)
 
 

@@ -53,6 +53,9 @@ class DryRunModule(TrainModule):
     def kernel_settings(self) -> dict:
         return dry_run_kernel_settings()
 
+    def deallocate_pipeline_outputs(self) -> bool:
+        return True  # as on the cluster (fake tensors send nothing)
+
     def _build_model(self, init_checkpoint, load_group):
         with self.tracker.part("weights"):
             chunks, tconfig = super()._build_model(init_checkpoint, load_group)
