@@ -13,7 +13,8 @@ renamed first (`PackedWriter`). `PackedDataset` reads packs back (memory-mapped)
 that disagree with each other or with the meta.
 
     with PackedWriter(prefix, seq_length=32768) as writer:
-        writer.add(ids, mask, lengths)                  # one pack
+        starts = writer.reserve(conversation_lengths, pack_offsets)   # room for the packs
+        writer.region_writer().write(starts[0], ids, mask)            # each pack, by any process
         writer.commit({"tokenizer": {...}, "stats": {...}})
     pack = PackedDataset(prefix)[0]                     # Pack(input_ids, loss_mask, lengths)
 """

@@ -3,7 +3,7 @@
 Started once per process by pretrain_sft.py (torchrun / Slurm), or in each rank of run_distributed (tests):
 
     trainer = Trainer(config, device="cpu")      # process group already initialised
-    result = trainer.train()                     # or: with Trainer(...) as trainer: trainer.train_step()
+    result = trainer.train()                     # or: with Trainer(...) as trainer: trainer.step()
 
 The pieces: `TrainModule` (sft/train_module.py) builds the rank's model, DDP wrapper, distributed
 optimizer and schedule and runs one forward/backward; the loop here takes the data-parallel rank's
@@ -19,6 +19,7 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,7 +144,7 @@ class Trainer:
         config: TrainConfig,
         device: str,
         inputs: RunInputs | None = None,
-        callbacks: list[Callback] = (),
+        callbacks: Sequence[Callback] = (),
     ):
         """Needs an initialised process group; `inputs` from check_run (done here when not given);
         `callbacks` run after the trainer's own (sft/callbacks.py)."""

@@ -23,13 +23,14 @@ def megatron_logits_from_hf(
     from models.qwen2.arch import Qwen2Arch
     from models.qwen2.model import build_model, layer_spec, transformer_config
     from models.qwen2.state_dict_adapter import bound_mappings
+    from testing.mappings import to_mcore
 
     setup_parallel()
     arch = Qwen2Arch.from_path(hf_dir)
     spec = layer_spec(choose_backend("cpu"), packed=False)
     model = build_model(arch, transformer_config(arch, use_cpu_initialization=True), spec).eval()
     reader = HFSafetensorsReader(hf_dir)
-    weights = {m.key: m.to_mcore([reader.read(key) for key in m.hf_keys]) for m in bound_mappings(arch)}
+    weights = {m.key: to_mcore(m, [reader.read(key) for key in m.hf_keys]) for m in bound_mappings(arch)}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     assert not unexpected, unexpected
     assert all(key.endswith("_extra_state") for key in missing), missing
