@@ -173,6 +173,14 @@ def micro_batches_in_flight(layout: ParallelLayout, micro_batches: int, first: b
 RECOMPUTE = ("none", "selective", "mlp", "full")  # selective = megatron-core's core_attn
 
 
+def recompute_mode(recompute: str, modules: list[str] | None) -> str | None:
+    """The one of RECOMPUTE a trainer configuration (model.recompute, model.recompute_modules) is, or
+    None for one the planner does not model (the norms, or several modules)."""
+    if recompute != "selective":
+        return recompute
+    return {("core_attn",): "selective", ("mlp",): "mlp"}.get(tuple(modules or ["core_attn"]))
+
+
 def recompute_overrides(recompute: str) -> str:
     """The trainer configuration for one of RECOMPUTE."""
     if recompute == "mlp":
@@ -395,7 +403,10 @@ def plan(
     return results
 
 
-def recommend(feasible: list[Estimate], within: float = 0.01, headroom: float = 0.1) -> Estimate:
+HEADROOM = 0.1  # of the device's memory, left unused by a recommended layout
+
+
+def recommend(feasible: list[Estimate], within: float = 0.01, headroom: float = HEADROOM) -> Estimate:
     """Among the feasible layouts that leave `headroom` of the device's memory unused (all feasible ones
     when none does), those whose step time is within `within` of the fastest, the one with the most
     memory to spare: the model's step times are not accurate to 1%, and how much the allocator loses to

@@ -178,18 +178,13 @@ class Trainer:
                 self.module.tconfig.init_method_std,
                 config.model.random_init_config,
             )
-        self.chunks, self.optimizer, self.scheduler = (
-            self.module.chunks,
-            self.module.optimizer,
-            self.module.scheduler,
-        )
         self.state = TrainState()
         if self.resume_from is not None:
             self.state = load_checkpoint(
                 self.resume_from,
-                self.chunks,
-                self.optimizer,
-                self.scheduler,
+                self.module.chunks,
+                self.module.optimizer,
+                self.module.scheduler,
                 self.layout,
                 self.world_size,
                 self._load_group(),
@@ -441,7 +436,11 @@ class Trainer:
         """The checkpoint of the current iteration; with checkpoint.async_save it is complete only once
         `self.checkpoints` has published it (between later iterations, or at the end)."""
         return self.checkpoints.save(
-            self.chunks, self.optimizer, self.scheduler, self.state, self.layout.to_dict(self.world_size)
+            self.module.chunks,
+            self.module.optimizer,
+            self.module.scheduler,
+            self.state,
+            self.layout.to_dict(self.world_size),
         )
 
     def _on_signal(self, signum, frame) -> None:

@@ -231,7 +231,7 @@ def test_recomputation_trades_memory_for_time_and_padding_costs_mfu():
 
 
 def test_the_recommendation_keeps_memory_to_spare_among_equally_fast_layouts():
-    from sft.planner import recommend, recompute_overrides
+    from sft.planner import recommend, recompute_mode, recompute_overrides
 
     estimates = [e for e in plan(QWEN25_32B, Hardware(gpus=256), 32768, 512, 4000) if e.fits]
     roomy = [e for e in estimates if e.total_gb <= 72.0]  # 10% of the 80 GB left free
@@ -244,6 +244,15 @@ def test_the_recommendation_keeps_memory_to_spare_among_equally_fast_layouts():
     tight = [e for e in estimates if e not in roomy]
     assert recommend(tight).step_time_s <= 1.01 * min(e.step_time_s for e in tight)
     assert recompute_overrides("mlp") == "model.recompute=selective model.recompute_modules=[mlp]"
+    # and back: the configuration's recomputation as the planner's mode (None where it has no model)
+    assert [
+        recompute_mode(r, m) for r, m in [("none", None), ("selective", None), ("selective", ["mlp"])]
+    ] == [
+        "none",
+        "selective",
+        "mlp",
+    ]
+    assert recompute_mode("selective", ["layernorm"]) is None and recompute_mode("full", None) == "full"
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from common.cli import exit_status  # noqa: E402
 from common.devices import ACCELERATORS, RECIPE_ACCELERATOR  # noqa: E402
 from common.errors import InputError  # noqa: E402
-from sft.planner import BUFFER_ALLOWANCE_GB  # noqa: E402
+from sft.planner import BUFFER_ALLOWANCE_GB, HEADROOM  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  (faster on paper, by {gain:.1f}%: TP {lay.tensor} "
                 f"PP {lay.pipeline} VP {lay.virtual_stages} CP {lay.context} {fastest.recompute}, at "
-                f"{fastest.total_gb:.1f} GB of {hw.gpu_memory_gb:g}: it leaves less than 10% of the memory "
+                f"{fastest.total_gb:.1f} GB of {hw.gpu_memory_gb:g}: it leaves less than "
+                f"{HEADROOM:.0%} of the memory "
                 "free, and the allocator's fragmentation at these shapes is unmeasured)"
             )
         if args.json:

@@ -32,7 +32,7 @@ from models.parallel_layout import ParallelLayout
 from models.qwen2.arch import Qwen2Arch, find_hf_config
 
 from ..config import TrainConfig
-from ..planner import BUFFER_ALLOWANCE_GB, Hardware, estimate
+from ..planner import BUFFER_ALLOWANCE_GB, Hardware, estimate, recompute_mode
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +124,9 @@ def dry_run(config: TrainConfig, world_size: int, gpu_memory_gb: float = 80.0, p
 def planner_estimate(config: TrainConfig, arch: Qwen2Arch, world_size: int, gpu_memory_gb: float):
     """The planner's estimate for the configured layout, per stage, without its buffer allowance; None
     for a recomputation the planner does not model (a mix of modules, or the norms)."""
-    recompute = config.model.recompute
-    if recompute == "selective":
-        modules = config.model.recompute_modules or ["core_attn"]
-        recompute = {("core_attn",): "selective", ("mlp",): "mlp"}.get(tuple(modules))
-        if recompute is None:
-            return None
+    recompute = recompute_mode(config.model.recompute, config.model.recompute_modules)
+    if recompute is None:
+        return None
     hw = Hardware(gpus=world_size, gpu_memory_gb=gpu_memory_gb, buffer_gb=0.0)
     found = estimate(
         arch,

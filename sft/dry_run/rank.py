@@ -127,12 +127,11 @@ def synthetic_rows(plan: RankPlan, seq_length: int) -> tuple[list[MicroBatch], s
     return [row] * plan.micro_batches, description
 
 
-def data_rows(plan: RankPlan, data: SFTData, dp_rank: int, dp_size: int) -> tuple[list[MicroBatch], str]:
+def data_rows(
+    plan: RankPlan, data: SFTData, dp_rank: int, dp_size: int, cp_rank: int
+) -> tuple[list[MicroBatch], str]:
     """The first step's micro-batches of this rank from the configured data (this CP rank's share)."""
-    from megatron.core import parallel_state
-
     config = plan.config
-    cp_rank = parallel_state.get_context_parallel_rank()
     batches = data.micro_batches(
         0, config.schedule.global_batch_size, config.parallel, dp_rank, dp_size, cp_rank
     )
@@ -149,7 +148,7 @@ def rows_for(plan: RankPlan) -> tuple[list[MicroBatch], str]:
     if plan.with_data:
         data = SFTData(config.data.prefixes, config.data.weights, config.data.seed)
         dp_rank = parallel_state.get_data_parallel_rank()
-        return data_rows(plan, data, dp_rank, parallel_state.get_data_parallel_world_size())
+        return data_rows(plan, data, dp_rank, parallel_state.get_data_parallel_world_size(), cp_rank)
     rows, description = synthetic_rows(plan, config.data.seq_length)
     return [split_for_context_parallel(row, cp_size, cp_rank) for row in rows], description
 
