@@ -80,7 +80,8 @@ def compare(lf_python: str, seq_lengths: list[int]) -> int:
     sys.path.insert(0, str(ROOT))
     from formats.packed import indexed_dataset_module
     from preprocess.align import align_snapshot
-    from preprocess.pipeline import PreprocessConfig, preprocess
+    from preprocess.config import PreprocessConfig
+    from preprocess.pipeline import preprocess
     from testing.sample_data import write_sample_snapshot
     from testing.tokenizer import build_qwen25_tokenizer
 

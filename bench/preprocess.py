@@ -138,7 +138,7 @@ def write_stage_trials(prefix: Path, work: Path, workers: int, trials: int = 5) 
     sub-second stage varies from run to run on a shared machine). The pipeline's output serves as the
     spill: its conversations, packed again with another seed, are gathered in a new order. Run it in a
     fresh process (`--write-trials`), as the pipeline runs the stage."""
-    from preprocess.pipeline import write_packs
+    from preprocess.write import write_packs
 
     work.mkdir(parents=True, exist_ok=True)
     spill = work / "trial_spill_ids", work / "trial_spill_mask"

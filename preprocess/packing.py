@@ -6,6 +6,9 @@ room that still fits it, a new pack opened only when none fits. Ties between equ
 by a seeded permutation, ties between packs with equal room by the most recently filled pack, so the
 plan is a deterministic function of (lengths, capacity, seed).
 
+`plan_packs()` is the plan the preprocessor writes: best-fit decreasing on lengths rounded up to the
+trainer's padding multiple, then the packs in a seeded random order.
+
 It runs on millions of lengths in seconds because it never places items one by one: packs are kept
 in buckets by remaining room, and all conversations of one length are placed in bulk. A pack with room
 r takes floor(r / s) conversations of length s in a row (after each placement it is still the best
@@ -21,6 +24,8 @@ import bisect
 from dataclasses import dataclass
 
 import numpy as np
+
+from formats.packed import padded_lengths
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,13 @@ class PackPlan:
         sizes = np.diff(self.offsets)[perm]
         order = np.concatenate([self.pack(p) for p in perm]) if len(perm) else self.order
         return PackPlan(order, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), self.capacity)
+
+
+def plan_packs(lengths: np.ndarray, capacity: int, pad_multiple: int, seed: int) -> PackPlan:
+    """Packs of at most `capacity` tokens even once each conversation is padded to `pad_multiple`, in a
+    seeded random order (so any prefix of the output is a fair sample)."""
+    plan = best_fit_decreasing(padded_lengths(lengths, pad_multiple), capacity, seed=seed)
+    return plan.shuffled(seed)
 
 
 def best_fit_decreasing(lengths: np.ndarray, capacity: int, seed: int = 0) -> PackPlan:

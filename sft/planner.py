@@ -69,7 +69,7 @@ from dataclasses import asdict, dataclass, field
 
 from common.devices import RECIPE_ACCELERATOR
 from models.parallel_layout import ParallelLayout
-from models.qwen2.flops import attention_flops, dense_flops_per_token
+from models.qwen2.flops import attention_flops, dense_flops_per_token, layer_parameters
 
 GB = 1e9
 
@@ -124,17 +124,6 @@ class Estimate:
 
 def _rounded(parts: dict[str, float]) -> dict[str, float]:
     return {name: round(value, 3) for name, value in parts.items()}
-
-
-def layer_parameters(arch) -> int:
-    h, n, g, d, f = (
-        arch.hidden_size,
-        arch.num_attention_heads,
-        arch.num_query_groups,
-        arch.head_dim,
-        arch.ffn_hidden_size,
-    )
-    return h * (n + 2 * g) * d + (n + 2 * g) * d + n * d * h + 3 * h * f + 2 * h
 
 
 # The pipeline stages estimated: name -> (holds the embedding, holds the output layer and the loss)

@@ -9,11 +9,11 @@ import pytest
 
 from models.parallel_layout import ParallelLayout
 from models.qwen2.arch import Qwen2Arch
+from models.qwen2.flops import layer_parameters
 from sft.planner import (
     Hardware,
     activation_bytes_per_token_layer,
     estimate,
-    layer_parameters,
     local_parameters,
     plan,
 )

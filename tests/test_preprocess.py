@@ -17,7 +17,8 @@ import pytest
 from common.errors import InputError
 from formats.chat_template import AM_THINKING, assemble
 from formats.packed import PackedPaths, indexed_dataset_module
-from preprocess.pipeline import PreprocessConfig, histogram_path, preprocess
+from preprocess.config import PreprocessConfig, histogram_path
+from preprocess.pipeline import preprocess
 
 SEQ = 2048  # small, so the sample yields many packs and several truncations
 
@@ -247,7 +248,7 @@ def test_write_packs_puts_each_conversation_at_its_place(tmp_path, workers, gath
     # packs into many chunks; the packs must still be the spilled conversations, in plan order.
     from formats.packed import PackedDataset, PackedWriter
     from preprocess.packing import best_fit_decreasing
-    from preprocess.pipeline import write_packs
+    from preprocess.write import write_packs
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 20, size=100).astype(np.int32)

@@ -25,13 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from common.cli import exit_status  # noqa: E402
 from common.logging_utils import setup_logging  # noqa: E402
 from formats.packed import validation_prefix  # noqa: E402
-from preprocess.pipeline import (  # noqa: E402
-    OVERLONG_CHOICES,
-    SYSTEM_SOURCES,
-    PreprocessConfig,
-    preprocess,
-    report,
-)
+from preprocess.config import OVERLONG_CHOICES, SYSTEM_SOURCES, PreprocessConfig  # noqa: E402
+from preprocess.meta import report  # noqa: E402
+from preprocess.pipeline import preprocess  # noqa: E402
 
 # The defaults are PreprocessConfig's (one place): the flags only name them.
 DEFAULTS = {

@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def dense_flops_per_token(arch) -> float:
-    """Forward FLOPs per token outside attention scores (projections, MLP, vocabulary)."""
+def layer_matrix_parameters(arch) -> int:
+    """Weights of one layer's matrix multiplications: QKV, output projection, SwiGLU MLP."""
     h, d, n, g, f = (
         arch.hidden_size,
         arch.head_dim,
@@ -26,8 +26,18 @@ def dense_flops_per_token(arch) -> float:
         arch.num_query_groups,
         arch.ffn_hidden_size,
     )
-    per_layer = 2 * h * (n + 2 * g) * d + 2 * n * d * h + 2 * 3 * h * f
-    return arch.num_layers * per_layer + 2 * h * arch.vocab_size
+    return h * (n + 2 * g) * d + n * d * h + 3 * h * f
+
+
+def layer_parameters(arch) -> int:
+    """Every parameter of one layer: its matrices, the QKV bias and the two RMSNorm weights."""
+    qkv_width = (arch.num_attention_heads + 2 * arch.num_query_groups) * arch.head_dim
+    return layer_matrix_parameters(arch) + qkv_width + 2 * arch.hidden_size
+
+
+def dense_flops_per_token(arch) -> float:
+    """Forward FLOPs per token outside attention scores (projections, MLP, vocabulary)."""
+    return arch.num_layers * 2 * layer_matrix_parameters(arch) + 2 * arch.hidden_size * arch.vocab_size
 
 
 def attention_flops(arch, conversation_lengths: np.ndarray) -> float:

@@ -1,0 +1,74 @@
+"""The settings of one preprocessing run, validated before any work starts, and the files it writes.
+
+`PreprocessConfig` is the one place its defaults live: tools/preprocess_sft.py builds its flags from
+these fields, and the run records them in PREFIX_meta.json.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.errors import InputError
+from formats.packed import PackedPaths, validation_prefix
+
+OVERLONG_CHOICES = ("truncate", "drop")
+SYSTEM_SOURCES = ("turn", "column")
+
+
+@dataclass
+class PreprocessConfig:
+    input: Path
+    tokenizer: Path
+    output_prefix: Path
+    seq_length: int = 32768
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    overlong: str = "truncate"
+    system_source: str = "turn"
+    pad_multiple: int = 64
+    valid_fraction: float = 0.0
+    seed: int = 1234
+    force: bool = False
+
+    @property
+    def cutoff_len(self) -> int:
+        """Per-conversation cutoff: LLaMA-Factory reserves one position of each packed row."""
+        return self.seq_length - 1
+
+    def validate(self) -> None:
+        if not Path(self.input).is_file():
+            raise InputError(f"--input {self.input} does not exist (make it with tools/get_am_dataset.py)")
+        if self.seq_length < 16:
+            raise InputError(f"--seq-length {self.seq_length} is too small (the recipe uses 32768)")
+        if self.workers < 1:
+            raise InputError(f"--workers must be >= 1, got {self.workers}")
+        if self.overlong not in OVERLONG_CHOICES:
+            raise InputError(f"--overlong must be one of {OVERLONG_CHOICES}, got {self.overlong!r}")
+        if self.system_source not in SYSTEM_SOURCES:
+            raise InputError(f"--system-source must be one of {SYSTEM_SOURCES}, got {self.system_source!r}")
+        if self.pad_multiple < 1 or self.seq_length % self.pad_multiple:
+            raise InputError(
+                f"--pad-multiple {self.pad_multiple} must be >= 1 and divide --seq-length {self.seq_length}"
+            )
+        if not 0 <= self.valid_fraction < 1:
+            raise InputError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
+        existing = [p for p in output_files(self.output_prefix) if p.exists()]
+        if existing and not self.force:
+            raise InputError(
+                f"{existing[0]} exists; pass --force to overwrite the outputs of {self.output_prefix}"
+            )
+
+
+def histogram_path(prefix: Path | str) -> Path:
+    return Path(f"{prefix}_lengths.png")
+
+
+def dataset_files(prefix: Path | str) -> list[Path]:
+    """A packed dataset and its length histogram."""
+    return [*PackedPaths(str(prefix)).all_files(), histogram_path(prefix)]
+
+
+def output_files(prefix: Path | str) -> list[Path]:
+    """Everything a run may write for `prefix`: the training dataset and the held-out one."""
+    return dataset_files(prefix) + dataset_files(validation_prefix(prefix))
