@@ -28,8 +28,9 @@ from common.files import atomic_directory, file_fingerprint, write_json_atomic
 from common.provenance import tool_info
 from formats.hf_safetensors import HFSafetensorsReader
 from formats.torch_dist import HF_CONFIG_FILE, PROVENANCE_FILE, TOKENIZER_DIR, Chunk, write_checkpoint
-from models.qwen2.arch import HF_CONFIG_NAME, Qwen2Arch
-from models.qwen2.state_dict_adapter import BoundMapping, bound_mappings, extra_state_objects
+from models.hf_config import HF_CONFIG_NAME
+from models.registry import Arch, family_of, read_arch
+from models.weight_mapping import BoundMapping
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,10 @@ class ConversionResult:
     seconds: float
 
 
-def check_source(arch: Qwen2Arch, reader: HFSafetensorsReader) -> torch.dtype:
+def check_source(arch: Arch, reader: HFSafetensorsReader) -> torch.dtype:
     """Every tensor the config implies is present with its shape, nothing else is, and all share one
     floating dtype, which is returned. Raises CheckpointError naming the offending tensors."""
-    mappings = bound_mappings(arch)
+    mappings = family_of(arch).bound_mappings(arch)
     expected = {key: shape for m in mappings for key, shape in zip(m.hf_keys, m.hf_shapes, strict=True)}
     missing = sorted(expected.keys() - reader.keys())
     unexpected = sorted(reader.keys() - expected.keys())
@@ -119,7 +120,7 @@ def _produce(
 
 
 def plan_chunks(
-    arch: Qwen2Arch,
+    arch: Arch,
     reader: HFSafetensorsReader,
     dtype: torch.dtype,
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -132,7 +133,7 @@ def plan_chunks(
     Smaller chunks cost no throughput (docs/benchmarks.md, checkpoint conversion).
     """
     chunks = []
-    for m in bound_mappings(arch, "te"):
+    for m in family_of(arch).bound_mappings(arch, "te"):
         row_bytes = math.prod(m.mcore_shape[1:]) * dtype.itemsize
         stacked = m.layer is not None
         lead = ((m.layer,), (1,), (arch.num_layers,)) if stacked else ((), (), ())
@@ -179,7 +180,7 @@ def convert_hf_to_mcore(
     config_file = hf_dir / HF_CONFIG_NAME
     if not config_file.is_file():
         raise InputError(f"{config_file} not found: --hf must be a Hugging Face model directory")
-    arch = Qwen2Arch.from_path(config_file)
+    arch = read_arch(config_file)
     reader = HFSafetensorsReader(hf_dir)
     source_dtype = check_source(arch, reader)
     target = DTYPES[dtype] if dtype else source_dtype
@@ -208,7 +209,7 @@ def convert_hf_to_mcore(
                 refresh=False,
             )
 
-        objects = extra_state_objects(arch)
+        objects = family_of(arch).extra_state_objects(arch)
         write_checkpoint(tmp, chunks, objects=objects, threads=threads, on_chunk_written=written)
         if reader.not_read_exactly_once():
             raise AssertionError(

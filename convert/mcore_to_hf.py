@@ -37,8 +37,8 @@ from formats.torch_dist import (
     read_hf_config,
     resolve_checkpoint,
 )
-from models.qwen2.arch import Qwen2Arch
-from models.qwen2.state_dict_adapter import BoundMapping, bound_mappings
+from models.registry import Arch, ModelFamily, arch_from_config, family_of
+from models.weight_mapping import BoundMapping
 
 from .hf_to_mcore import DEFAULT_CHUNK_BYTES, DTYPES
 
@@ -57,7 +57,7 @@ class ExportResult:
     seconds: float
 
 
-def check_checkpoint(arch: Qwen2Arch, reader: TorchDistReader, mappings: list[BoundMapping]) -> torch.dtype:
+def check_checkpoint(arch: Arch, reader: TorchDistReader, mappings: list[BoundMapping]) -> torch.dtype:
     """Every megatron tensor is present with its global shape and one floating dtype, returned."""
     problems, dtypes = [], set()
     for m in mappings:
@@ -121,11 +121,14 @@ def load_release_tokenizer(tokenizer_dir: Path):
     return tokenizer
 
 
-def write_release_configs(hf_config: dict, out_dir: Path, dtype: torch.dtype, tokenizer) -> None:
-    from transformers import GenerationConfig, Qwen2Config
+def write_release_configs(
+    family: ModelFamily, hf_config: dict, out_dir: Path, dtype: torch.dtype, tokenizer
+) -> None:
+    import transformers
+    from transformers import GenerationConfig
 
-    config = Qwen2Config.from_dict(hf_config)
-    config.architectures = ["Qwen2ForCausalLM"]
+    config = getattr(transformers, family.hf_config_class).from_dict(hf_config)
+    config.architectures = [family.hf_model_class]
     config.dtype = dtype
     eos, pad = (
         tokenizer.convert_tokens_to_ids(AM_THINKING.stop_token),
@@ -168,9 +171,10 @@ def convert_mcore_to_hf(
     started = time.perf_counter()
     checkpoint = resolve_checkpoint(mcore_dir, iteration)
     hf_config = read_hf_config(checkpoint)
-    arch = Qwen2Arch.from_hf_config(hf_config, str(checkpoint / HF_CONFIG_FILE))
+    arch = arch_from_config(hf_config, str(checkpoint / HF_CONFIG_FILE))
+    family = family_of(arch)
     reader = TorchDistReader(checkpoint)
-    mappings = bound_mappings(arch, "te")
+    mappings = family.bound_mappings(arch, "te")
     source_dtype = check_checkpoint(arch, reader, mappings)
     target = DTYPES[dtype] if dtype else source_dtype
     tokenizer_path = find_tokenizer(checkpoint, tokenizer_dir)
@@ -204,7 +208,7 @@ def convert_mcore_to_hf(
             piece_bytes=lambda spec: max(max_piece_bytes, stored_chunk_bytes[owner[spec.key].dist_key]),
             on_written=lambda spec, n: bar.update(n),
         )
-        write_release_configs(hf_config, tmp, target, tokenizer)
+        write_release_configs(family, hf_config, tmp, target, tokenizer)
         tokenizer.save_pretrained(tmp)
         write_json_atomic(
             tmp / PROVENANCE_FILE,

@@ -5,8 +5,8 @@ sequences in fp32 and their logits are compared.
 
 The megatron-core side runs at the requested tensor/pipeline layout (gloo processes on CPU, or one
 GPU per process), loading the torch_dist checkpoint through megatron-core's resharding loader, as the
-trainer does; the HF side is `transformers.Qwen2ForCausalLM`. A correct conversion differs only by
-floating-point summation order.
+trainer does; the HF side is the family's transformers class (e.g. `Qwen2ForCausalLM`). A correct
+conversion differs only by floating-point summation order.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import torch
 from common.distributed import run_distributed
 from formats.torch_dist import read_hf_config, resolve_checkpoint
 from models.backends import choose_backend
-from models.qwen2.arch import Qwen2Arch
-from models.qwen2.model import build_model, layer_spec, transformer_config
+from models.registry import family_of, read_arch
 from models.weights import load_weights
 
 log = logging.getLogger(__name__)
@@ -60,9 +59,10 @@ def load_model_stage(checkpoint_dir: str, tensor_parallel: int, pipeline_paralle
 
     parallel_state.initialize_model_parallel(tensor_parallel, pipeline_parallel)
     tp.model_parallel_cuda_manual_seed(0)
-    arch = Qwen2Arch.from_path(checkpoint_dir)
+    arch = read_arch(checkpoint_dir)
+    family = family_of(arch)
     on_gpu = device == "cuda"
-    config = transformer_config(
+    config = family.transformer_config(
         arch,
         tensor_parallel=tensor_parallel,
         pipeline_parallel=pipeline_parallel,
@@ -70,10 +70,10 @@ def load_model_stage(checkpoint_dir: str, tensor_parallel: int, pipeline_paralle
     )
     backend = choose_backend(device)
     log.info("layer spec: %s", backend.describe())
-    model = build_model(
+    model = family.build_model(
         arch,
         config,
-        layer_spec(backend, packed=False),
+        family.layer_spec(backend, packed=False),
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     )
@@ -126,11 +126,10 @@ def megatron_logits(
 
 
 def hf_logits(hf_dir: str | Path, token_ids: list[list[int]], device: str = "cpu") -> torch.Tensor:
-    from transformers import Qwen2ForCausalLM
+    import transformers
 
-    model = Qwen2ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").to(
-        device
-    )
+    model_class = getattr(transformers, family_of(read_arch(hf_dir)).hf_model_class)
+    model = model_class.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").to(device)
     with torch.no_grad():
         return model(torch.tensor(token_ids, device=device)).logits.float().cpu()
 

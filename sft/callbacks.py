@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.files import write_json_atomic
-from models.qwen2.flops import training_flops
+from models.registry import family_of
 
 from .checkpointing import FINISHED_FILE
 from .metrics import peak_memory_gb
@@ -72,7 +72,12 @@ class StepMetrics(Callback):
             return
         lengths = trainer.data.conversation_lengths(step.consumed_before, config.schedule.global_batch_size)
         tokens = int(lengths.sum())
-        tflops = training_flops(trainer.arch, lengths) / step.seconds / trainer.world_size / 1e12
+        tflops = (
+            family_of(trainer.arch).training_flops(trainer.arch, lengths)
+            / step.seconds
+            / trainer.world_size
+            / 1e12
+        )
         trainer.metrics.log(
             state.iteration,
             {

@@ -267,9 +267,10 @@ class TrainConfig:
         data_seq_length: int | None = None,
         check_paths: bool = True,
     ) -> None:
-        """Raises ConfigError listing every problem found; `arch` (a Qwen2Arch) and the data's sequence
-        length are checked when given; without `check_paths`, the data files and the save directory are
-        not asked for (the dry run, on a machine that may not see them)."""
+        """Raises ConfigError listing every problem found; `arch` (the model's architecture, from
+        models/registry.py) and the data's sequence length are checked when given; without `check_paths`,
+        the data files and the save directory are not asked for (the dry run, on a machine that may not
+        see them)."""
         problems = self.problems(check_paths) + self.parallel.problems(
             world_size=world_size,
             arch=arch,

@@ -69,7 +69,7 @@ from dataclasses import asdict, dataclass, field
 
 from common.devices import RECIPE_ACCELERATOR
 from models.parallel_layout import ParallelLayout
-from models.qwen2.flops import attention_flops, dense_flops_per_token, layer_parameters
+from models.registry import family_of
 
 GB = 1e9
 
@@ -140,7 +140,7 @@ def stage_parameters(arch, layout: ParallelLayout, first: bool, last: bool) -> i
     the output layer and the final norm (last stage); with tied embeddings one matrix serves both."""
     vocab = arch.vocab_size * arch.hidden_size
     matrices = 1 if first and last and arch.tie_word_embeddings else first + last
-    layers = arch.num_layers // layout.pipeline * layer_parameters(arch)
+    layers = arch.num_layers // layout.pipeline * family_of(arch).layer_parameters(arch)
     return (layers + matrices * vocab) // layout.tensor + (arch.hidden_size if last else 0)
 
 
@@ -283,7 +283,8 @@ def _stage_memory(
     # them anew), and the backward's largest transients: the MLP's input gradients (fc2's input and the
     # SwiGLU's, 3f per token). With full recomputation, the layer being recomputed holds its full set.
     placeholders = weight_bytes * (
-        layer_parameters(arch) / layout.tensor + (vocab_shard * arch.hidden_size if last else 0)
+        family_of(arch).layer_parameters(arch) / layout.tensor
+        + (vocab_shard * arch.hidden_size if last else 0)
     )
     transients = tokens * weight_bytes * 3 * arch.ffn_hidden_size / layout.tensor
     other = placeholders + transients + (one_layer if recompute == "full" else 0)
@@ -305,9 +306,11 @@ def _step_time(
 ):
     real = fill * seq_length
     conversations = [mean_conversation] * max(1, round(real / mean_conversation))
-    forward_attention = attention_flops(arch, conversations)
-    model_flops = 3 * (dense_flops_per_token(arch) * real + forward_attention) * global_batch
-    forward = dense_flops_per_token(arch) * seq_length + forward_attention  # padding runs through the GEMMs
+    family = family_of(arch)
+    forward_attention = family.attention_flops(arch, conversations)
+    dense_per_token = family.dense_flops_per_token(arch)
+    model_flops = 3 * (dense_per_token * real + forward_attention) * global_batch
+    forward = dense_per_token * seq_length + forward_attention  # padding runs through the GEMMs
     rerun = {
         "none": 0.0,
         "selective": forward_attention,

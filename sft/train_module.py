@@ -23,16 +23,10 @@ from functools import partial
 import torch
 
 from models.backends import choose_backend
+from models.megatron_settings import kernel_settings, recompute_settings
+from models.packed_attention import packed_attention_kernel
 from models.parallel_layout import ParallelLayout
-from models.qwen2.arch import Qwen2Arch
-from models.qwen2.attention import packed_attention_kernel
-from models.qwen2.model import (
-    build_model,
-    kernel_settings,
-    layer_spec,
-    recompute_settings,
-    transformer_config,
-)
+from models.registry import Arch, family_of
 from models.weights import load_weights
 
 from .config import TrainConfig
@@ -101,7 +95,7 @@ class TrainModule:
     def __init__(
         self,
         config: TrainConfig,
-        arch: Qwen2Arch,
+        arch: Arch,
         device: str,
         train_iters: int,
         *,
@@ -109,6 +103,7 @@ class TrainModule:
         load_group=None,
     ):
         self.config, self.arch, self.device = config, arch, device
+        self.family = family_of(arch)
         self.layout = config.parallel
         self.train_iters = train_iters
         self.chunks, self.tconfig = self._build_model(init_checkpoint, load_group)
@@ -131,7 +126,7 @@ class TrainModule:
             if backend.transformer_engine
             else packed_attention_kernel(self.device),
         )
-        return layer_spec(backend, packed=True)
+        return self.family.layer_spec(backend, packed=True)
 
     def kernel_settings(self) -> dict:
         return kernel_settings(choose_backend(self.device, self.config.model.attention))
@@ -157,7 +152,7 @@ class TrainModule:
         config, layout, on_gpu = self.config, self.layout, self.device == "cuda"
         tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
         spec = self.layer_spec()
-        tconfig = transformer_config(
+        tconfig = self.family.transformer_config(
             self.arch,
             tensor_parallel=layout.tensor,
             pipeline_parallel=layout.pipeline,
@@ -179,7 +174,7 @@ class TrainModule:
         chunks = []
         for vp_stage in range(layout.virtual_stages):
             stage = vp_stage if layout.virtual_pipeline else None
-            model = build_model(
+            model = self.family.build_model(
                 self.arch,
                 tconfig,
                 spec,

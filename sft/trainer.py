@@ -32,7 +32,8 @@ from common.distributed import init_process_group
 from common.errors import ConfigError, DataError
 from formats.torch_dist import TOKENIZER_DIR, verify_checkpoint
 from models.backends import te_available
-from models.qwen2.arch import Qwen2Arch, find_hf_config
+from models.hf_config import find_hf_config
+from models.registry import Arch, read_arch
 
 from .callbacks import Callback, StepResult, default_callbacks
 from .checkpointing import (
@@ -69,7 +70,7 @@ class RunInputs:
     """What a run reads before any process group or model exists, checked against the configuration."""
 
     data: SFTData
-    arch: Qwen2Arch
+    arch: Arch
     resume_from: Path | None
     hf_config_file: Path  # the architecture, copied into every checkpoint
     tokenizer_dir: Path | None  # the tokenizer the starting checkpoint carries, copied along
@@ -95,7 +96,7 @@ def check_run(config: TrainConfig, world_size: int, device: str) -> RunInputs:
         verify_checkpoint(config.model.init_checkpoint)  # resume_from was verified when it was chosen
     hf_config_file = find_hf_config(source)
     tokenizer_dir = Path(source) / TOKENIZER_DIR if (Path(source) / TOKENIZER_DIR).is_dir() else None
-    arch = Qwen2Arch.from_path(hf_config_file)
+    arch = read_arch(hf_config_file)
     config.validate(
         world_size=world_size, te_available=te_available(device), arch=arch, data_seq_length=data.seq_length
     )

@@ -28,15 +28,39 @@ ALLOWED = {
 }
 
 
-def _imported_packages(path: Path) -> list[str]:
+def _imported_modules(path: Path) -> list[str]:
+    """The dotted names of the modules `path` imports absolutely (relative imports left out)."""
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found += [alias.name.split(".")[0] for alias in node.names]
+            found += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.append(node.module.split(".")[0])
-    return [name for name in found if name in PACKAGES]
+            found.append(node.module)
+    return found
+
+
+def _imported_packages(path: Path) -> list[str]:
+    return [name for name in (module.split(".")[0] for module in _imported_modules(path)) if name in PACKAGES]
+
+
+def family_imports(root: str | Path) -> list[str]:
+    """'file imports module' for each import of a model family's package (models/<family>/) from outside
+    it, other than by models/registry.py, tests/ and testing/: the registry is the only way to a family."""
+    root = Path(root)
+    families = {p.parent.name for p in (root / "models").glob("*/__init__.py")}
+    allowed = {root / "models" / "registry.py"}
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if relative.parts[0] in ("tests", "testing", ".venv") or path in allowed:
+            continue
+        for module in _imported_modules(path):
+            parts = module.split(".")
+            if parts[0] == "models" and len(parts) > 1 and parts[1] in families:
+                if relative.parts[:2] != ("models", parts[1]):
+                    found.append(f"{relative} imports {module}")
+    return found
 
 
 def package_graph(root: str | Path) -> Counter:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from testing.import_graph import ALLOWED, _imported_packages, package_graph, violations
+import pytest
+
+from testing.import_graph import ALLOWED, _imported_packages, family_imports, package_graph, violations
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,3 +32,33 @@ def test_a_sideways_import_is_caught(tmp_path):
         (tmp_path / package).mkdir()
     (tmp_path / "sft" / "trainer.py").write_text("def f():\n    from convert.hf_to_mcore import x\n")
     assert violations(package_graph(tmp_path)) == ["sft imports convert (1x)"]
+
+
+def test_only_the_registry_knows_the_model_families(tmp_path):
+    assert family_imports(ROOT) == []
+    (tmp_path / "models" / "llama").mkdir(parents=True)
+    (tmp_path / "models" / "llama" / "__init__.py").write_text("from models.llama.arch import A\n")
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "trainer.py").write_text("def f():\n    from models.llama import arch\n")
+    assert family_imports(tmp_path) == ["sft/trainer.py imports models.llama"]
+
+
+def test_the_registry_finds_the_family_of_a_checkpoint_and_refuses_others(tiny_qwen2_dir, tmp_path):
+    import json
+
+    import transformers
+
+    from common.errors import UnsupportedModelError
+    from models.qwen2 import FAMILY as QWEN2
+    from models.registry import family_of, read_arch, supported_model_types
+
+    arch = read_arch(tiny_qwen2_dir)
+    assert family_of(arch) is QWEN2 and "qwen2" in supported_model_types()
+    assert getattr(transformers, QWEN2.hf_model_class) is transformers.Qwen2ForCausalLM
+    assert getattr(transformers, QWEN2.hf_config_class) is transformers.Qwen2Config
+    config = json.loads((tiny_qwen2_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(
+        UnsupportedModelError, match=r"config.json: model_type='gpt2'.*supported model types are qwen2"
+    ):
+        read_arch(tmp_path)

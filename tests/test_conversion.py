@@ -220,12 +220,12 @@ def test_bad_sources_are_named(tiny_qwen2_dir, tmp_path, capsys):
         f.truncate(shard.stat().st_size - 1000)
     assert shard.name in (err := convert(truncated)) and "truncated" in err
 
-    llama = shutil.copytree(tiny_qwen2_dir, tmp_path / "llama")
-    config = json.loads((llama / "config.json").read_text())
-    (llama / "config.json").write_text(
-        json.dumps({**config, "model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    other = shutil.copytree(tiny_qwen2_dir, tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(
+        json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
     )
-    assert "only Qwen2" in convert(llama)
+    assert "supported model types are qwen2" in convert(other)
 
     wider = shutil.copytree(tiny_qwen2_dir, tmp_path / "wider")
     (wider / "config.json").write_text(

@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 
 from models.backends import Backend
+from models.megatron_settings import kernel_settings, recompute_settings
 from models.qwen2.arch import Qwen2Arch
-from models.qwen2.model import kernel_settings, recompute_settings, transformer_config
+from models.qwen2.model import transformer_config
 
 ARCH = Qwen2Arch(
     vocab_size=256,

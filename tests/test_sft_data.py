@@ -230,7 +230,7 @@ def test_a_pack_outlives_its_dataset(tmp_path):
 
 
 def test_packed_attention_equals_block_diagonal_causal_reference():
-    from models.qwen2.attention import packed_causal_attention
+    from models.packed_attention import packed_causal_attention
 
     torch.manual_seed(0)
     lengths = [5, 1, 9, 3]

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from models.qwen2.arch import Qwen2Arch, find_hf_config
+        from models.hf_config import find_hf_config
+        from models.registry import read_arch
         from sft.planner import Hardware, format_stages, format_table, plan, recommend, recompute_overrides
 
         seq_length, global_batch = args.seq_length or 32768, args.global_batch or 512
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             path = Path(config.model.init_checkpoint)
             seq_length = args.seq_length or config.data.seq_length
             global_batch = args.global_batch or config.schedule.global_batch_size
-        arch = Qwen2Arch.from_path(path)
+        arch = read_arch(path)
         gpu = next(a for a in ACCELERATORS if a.name == args.gpu)
         hw = Hardware(
             gpus=args.gpus,

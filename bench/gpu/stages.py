@@ -149,10 +149,10 @@ def budget(fields: dict, layers: int, tokens: int, recompute: str, usable_gib: f
     fits the usable memory less the margin."""
     from models.backends import te_available
     from models.parallel_layout import ParallelLayout
-    from models.qwen2.arch import Qwen2Arch
+    from models.registry import arch_from_config
     from sft.planner import Hardware, estimate
 
-    arch = Qwen2Arch.from_hf_config(hf_config(fields, layers))
+    arch = arch_from_config(hf_config(fields, layers))
     hw = Hardware(gpus=1, gpu_memory_gb=usable_gib * 2**30 / 1e9, buffer_gb=2.0)
     found = estimate(
         arch,
@@ -256,7 +256,7 @@ def stage_env(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
     from importlib import metadata
 
     from models.backends import choose_backend
-    from models.qwen2.attention import packed_attention_kernel
+    from models.packed_attention import packed_attention_kernel
 
     def version(name):
         try:
@@ -339,7 +339,7 @@ def stage_train_vs_cpu(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
 
 
 def stage_attention(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
-    from models.qwen2.attention import packed_attention_kernel, packed_causal_attention
+    from models.packed_attention import packed_attention_kernel, packed_causal_attention
 
     torch.manual_seed(0)
     lengths = [700, 3000, 1, 29, 4000] if not args.tiny else [70, 300, 1, 29, 40]
@@ -460,7 +460,7 @@ def measure_ours(
 ) -> dict:
     """Throughput and peak memory of the trainer (one process) on `packs`, after `sizes.warmup` steps."""
     from common.distributed import run_distributed
-    from models.qwen2.attention import packed_attention_kernel
+    from models.packed_attention import packed_attention_kernel
     from testing.synthetic_packs import write_packed_dataset
 
     config_file = work / f"{name}-config.json"
@@ -528,11 +528,12 @@ def stage_shard(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
 def _measure_transformers(
     rank: int, world_size: int, config: dict, prefix: str, warmup: int, iters: int, device: str
 ) -> dict:
-    """Per-rank: transformers' Qwen2 (random weights, fp32 master weights, bf16 autocast, fused AdamW,
-    the same per-token loss) on the same packs, packed through position ids."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """Per-rank: the family's transformers model (random weights, fp32 master weights, bf16 autocast,
+    fused AdamW, the same per-token loss) on the same packs, packed through position ids."""
+    import transformers
 
     from models.parallel_layout import ParallelLayout
+    from models.registry import family_for_config
     from sft.data import SFTData
 
     # The GPU image has no flash-attn package. With SDPA, position ids that restart at each conversation
@@ -541,9 +542,12 @@ def _measure_transformers(
     attention = "sdpa"
     attention_ran = "torch SDPA with a block-diagonal mask built from position ids (no flash kernel)"
     on_gpu = device == "cuda"
+    family = family_for_config(config)
+    model_class = getattr(transformers, family.hf_model_class)
+    config_class = getattr(transformers, family.hf_config_class)
     fields = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
     with torch.device(device):
-        model = Qwen2ForCausalLM(Qwen2Config(**fields, attn_implementation=attention)).float()
+        model = model_class(config_class(**fields, attn_implementation=attention)).float()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=on_gpu)
     data = SFTData([prefix], None, seed=0)
     times, tokens = [], []

@@ -8,31 +8,12 @@ other activations, other architectures) are refused with a message saying why.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from common.errors import InputError, UnsupportedModelError
-from formats.torch_dist import HF_CONFIG_FILE
-
-HF_CONFIG_NAME = "config.json"
-
-
-def find_hf_config(path: str | Path) -> Path:
-    """The HF config of `path`: the file itself, DIR/config.json (an HF model) or DIR/hf_config.json (a
-    torch_dist checkpoint of this project)."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    for name in (HF_CONFIG_NAME, HF_CONFIG_FILE):
-        if (path / name).is_file():
-            return path / name
-    raise InputError(
-        f"{path}: no {HF_CONFIG_NAME} or {HF_CONFIG_FILE} found; pass a Hugging Face model directory, its "
-        "config.json, or a checkpoint written by convert_hf_to_mcore.py or pretrain_sft.py"
-    )
-
+from common.errors import UnsupportedModelError
+from models.hf_config import read_hf_config
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 
@@ -40,6 +21,8 @@ SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 @dataclass(frozen=True)
 class Qwen2Arch:
     """The architecture facts of a Qwen2-family checkpoint, as read from its config.json."""
+
+    MODEL_TYPE: ClassVar[str] = "qwen2"  # its family in models/registry.py
 
     vocab_size: int
     hidden_size: int
@@ -60,7 +43,7 @@ class Qwen2Arch:
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], source: str = "config.json") -> Qwen2Arch:
         architectures = config.get("architectures") or []
-        if config.get("model_type") != "qwen2" or (
+        if config.get("model_type") != cls.MODEL_TYPE or (
             architectures and architectures[0] not in SUPPORTED_ARCHITECTURES
         ):
             raise UnsupportedModelError(
@@ -113,8 +96,8 @@ class Qwen2Arch:
     def from_path(cls, path: str | Path) -> Qwen2Arch:
         """From a config.json file, a Hugging Face model directory (config.json), or a converted or
         training checkpoint (hf_config.json)."""
-        config_file = find_hf_config(path)
-        return cls.from_hf_config(json.loads(config_file.read_text()), str(config_file))
+        config, config_file = read_hf_config(path)
+        return cls.from_hf_config(config, str(config_file))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

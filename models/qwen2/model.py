@@ -3,7 +3,7 @@
 Used by the converters' verifier, the trainer and the benchmarks, so exactly one place decides how a
 Qwen2.5 checkpoint maps onto megatron-core. The layer spec is Transformer Engine's when the backend is
 TE (models/backends.py), megatron-core's local (pure torch) spec otherwise; for packed (THD) batches
-the local spec's core attention is replaced by the project's packed attention (models/qwen2/attention.py).
+the local spec's core attention is replaced by the project's packed attention (models/packed_attention.py).
 
     arch = Qwen2Arch.from_path("/models/Qwen2.5-32B")
     config = transformer_config(arch, tensor_parallel=8, params_dtype=torch.bfloat16)
@@ -12,13 +12,14 @@ the local spec's core attention is replaced by the project's packed attention (m
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from models.backends import Backend
 
 from .arch import Qwen2Arch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def transformer_config(
@@ -26,13 +27,17 @@ def transformer_config(
     *,
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
-    params_dtype: torch.dtype = torch.float32,
+    params_dtype: torch.dtype | None = None,
     use_cpu_initialization: bool = False,
     **overrides: Any,
 ):
-    """megatron-core's TransformerConfig for `arch`. Fusions that need apex or TE are off by default;
-    the trainer turns on what its environment supports through `overrides`."""
+    """megatron-core's TransformerConfig for `arch` (weights in `params_dtype`, default fp32). Fusions
+    that need apex or TE are off by default; the trainer turns on what its environment supports through
+    `overrides` (models/megatron_settings.py)."""
+    import torch
     from megatron.core.transformer.transformer_config import TransformerConfig
+
+    params_dtype = params_dtype or torch.float32
 
     settings: dict[str, Any] = dict(
         num_layers=arch.num_layers,
@@ -66,34 +71,6 @@ def transformer_config(
     return TransformerConfig(**settings)
 
 
-def kernel_settings(backend: Backend) -> dict[str, Any]:
-    """The fused kernels Megatron-LM turns on with Transformer Engine, for `transformer_config(**...)`:
-    RoPE (the unfused THD path syncs with the host and loops over conversations in every layer), SwiGLU
-    (the unfused one keeps another FFN-wide tensor per token and layer), the weight-gradient
-    accumulation into the fp32 main gradients, and TE's cross-entropy (otherwise an fp32 copy of the
-    [tokens, vocabulary / TP] logits per micro-batch in flight). Without TE: none (torch's paths)."""
-    if not backend.transformer_engine:
-        return {}
-    return dict(
-        apply_rope_fusion=True,
-        bias_activation_fusion=True,
-        gradient_accumulation_fusion=True,
-        cross_entropy_loss_fusion=True,
-        cross_entropy_fusion_impl="te",
-    )
-
-
-def recompute_settings(recompute: str, modules: list[str] | None = None) -> dict[str, Any]:
-    """Activation recomputation for `transformer_config(**...)`: none; selective (megatron-core's
-    module-level recomputation of `modules`: core_attn by default, which saves nothing with TE's fused
-    attention; mlp, layernorm); or full (every layer's input kept, the layer re-run in the backward)."""
-    if recompute == "none":
-        return {}
-    if recompute == "full":
-        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    return dict(recompute_granularity="selective", recompute_modules=list(modules or ["core_attn"]))
-
-
 def layer_spec(backend: Backend, *, packed: bool):
     """TE's fused layers, or megatron-core's local (pure torch) ones; with `packed`, the local spec's core
     attention is the packed (THD) attention, which megatron-core's local spec does not have."""
@@ -103,7 +80,7 @@ def layer_spec(backend: Backend, *, packed: bool):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     if packed:
-        from .attention import with_packed_attention
+        from models.packed_attention import with_packed_attention
 
         spec = with_packed_attention(spec)
     return spec

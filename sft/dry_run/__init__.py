@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import ConfigError, DataError
+from models.hf_config import find_hf_config
 from models.parallel_layout import ParallelLayout
-from models.qwen2.arch import Qwen2Arch, find_hf_config
+from models.registry import Arch, read_arch
 
 from ..config import TrainConfig
 from ..planner import BUFFER_ALLOWANCE_GB, Hardware, estimate, recompute_mode
@@ -66,7 +67,7 @@ def measured_ranks(layout: ParallelLayout, world_size: int) -> list[tuple[int, i
     return [(0, 0, "first"), ((layout.pipeline - 1) * per_stage, layout.pipeline - 1, "last")]
 
 
-def plan_ranks(config: TrainConfig, world_size: int) -> tuple[Qwen2Arch, list[RankPlan]]:
+def plan_ranks(config: TrainConfig, world_size: int) -> tuple[Arch, list[RankPlan]]:
     """Checks the configuration for `world_size` GPUs with Transformer Engine (the cluster's path) and
     lays out the measured ranks; raises ConfigError."""
     source = config.model.init_checkpoint or config.model.random_init_config
@@ -76,7 +77,7 @@ def plan_ranks(config: TrainConfig, world_size: int) -> tuple[Qwen2Arch, list[Ra
             "model.random_init_config (an HF config.json; no weights are read)"
         )
     hf_config_file = find_hf_config(source)
-    arch = Qwen2Arch.from_path(hf_config_file)
+    arch = read_arch(hf_config_file)
     data = _open_data(config)
     config.validate(
         world_size=world_size,
@@ -121,7 +122,7 @@ def dry_run(config: TrainConfig, world_size: int, gpu_memory_gb: float = 80.0, p
     return report_json(config, arch, plans, measured, world_size, gpu_memory_gb)
 
 
-def planner_estimate(config: TrainConfig, arch: Qwen2Arch, world_size: int, gpu_memory_gb: float):
+def planner_estimate(config: TrainConfig, arch: Arch, world_size: int, gpu_memory_gb: float):
     """The planner's estimate for the configured layout, per stage, without its buffer allowance; None
     for a recomputation the planner does not model (a mix of modules, or the norms)."""
     recompute = recompute_mode(config.model.recompute, config.model.recompute_modules)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from formats.packed import Pack
-from models.qwen2.arch import Qwen2Arch
+from models.registry import read_arch
 
 from ..data import MicroBatch, SFTData, make_micro_batch, split_for_context_parallel
 from ..train_module import TrainModule, initialize_model_parallel
@@ -183,7 +183,7 @@ def measure_rank(plan: RankPlan, fake: bool = True, around=contextlib.nullcontex
         layout = plan.config.parallel
         initialize_model_parallel(layout, plan.config.timeout_minutes, gloo_groups=DryRunModule.gloo_groups)
         rows, description = rows_for(plan)
-        arch = Qwen2Arch.from_path(plan.hf_config_file)
+        arch = read_arch(plan.hf_config_file)
         tracker = MemoryTracker(fake_scalar=1.0)
         tensors = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
         with dry_run_patches(), around(), tensors, CoalescedCollectives(), tracker:

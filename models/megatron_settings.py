@@ -1,0 +1,38 @@
+"""TransformerConfig settings that are the same for every model family: which fused kernels run
+(by backend) and what is recomputed. Each family's `transformer_config(arch, **overrides)` takes them as
+overrides.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from models.backends import Backend
+
+
+def kernel_settings(backend: Backend) -> dict[str, Any]:
+    """The fused kernels Megatron-LM turns on with Transformer Engine, for `transformer_config(**...)`:
+    RoPE (the unfused THD path syncs with the host and loops over conversations in every layer), SwiGLU
+    (the unfused one keeps another FFN-wide tensor per token and layer), the weight-gradient
+    accumulation into the fp32 main gradients, and TE's cross-entropy (otherwise an fp32 copy of the
+    [tokens, vocabulary / TP] logits per micro-batch in flight). Without TE: none (torch's paths)."""
+    if not backend.transformer_engine:
+        return {}
+    return dict(
+        apply_rope_fusion=True,
+        bias_activation_fusion=True,
+        gradient_accumulation_fusion=True,
+        cross_entropy_loss_fusion=True,
+        cross_entropy_fusion_impl="te",
+    )
+
+
+def recompute_settings(recompute: str, modules: list[str] | None = None) -> dict[str, Any]:
+    """Activation recomputation for `transformer_config(**...)`: none; selective (megatron-core's
+    module-level recomputation of `modules`: core_attn by default, which saves nothing with TE's fused
+    attention; mlp, layernorm); or full (every layer's input kept, the layer re-run in the backward)."""
+    if recompute == "none":
+        return {}
+    if recompute == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return dict(recompute_granularity="selective", recompute_modules=list(modules or ["core_attn"]))

@@ -1,0 +1,92 @@
+"""The model families, looked up by the Hugging Face `model_type` of a checkpoint's config.json.
+
+This is the one place that knows which families exist. Trainer, converters, verifier, planner, dry run
+and GPU benchmark ask it for a family (`family_for_config`, `family_of`) or an architecture (`read_arch`)
+and use what the family provides; none imports a family package. A family is a package under
+`models/` whose `FAMILY` is a `ModelFamily`; adding one is that package plus a line in `_PACKAGES`.
+
+    arch = read_arch("/models/Qwen2.5-32B")        # config.json -> the family's architecture
+    family = family_of(arch)
+    config = family.transformer_config(arch, tensor_parallel=8)
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.errors import UnsupportedModelError
+from models.hf_config import read_hf_config
+
+# A family's architecture: a frozen dataclass read from config.json (e.g. models.qwen2.arch.Qwen2Arch)
+# whose class names its family (MODEL_TYPE).
+Arch = Any
+
+# model_type -> the package whose FAMILY reads it (imported on first use)
+_PACKAGES = {"qwen2": "models.qwen2"}
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Everything family-specific, for the code that builds, converts, plans and exports a model."""
+
+    name: str  # for messages, e.g. "Qwen2 / Qwen2.5"
+    model_type: str  # config.json's model_type
+    hf_model_class: str  # the transformers class of its checkpoints and of the release
+    hf_config_class: str  # the transformers config class written at export
+    arch_from_hf_config: Callable[..., Arch]  # (config dict, source name) -> the family's architecture
+    transformer_config: Callable[
+        ..., Any
+    ]  # (arch, tensor_parallel=, pipeline_parallel=, ...) -> TransformerConfig
+    layer_spec: Callable[..., Any]  # (backend, packed=) -> megatron-core layer spec
+    build_model: Callable[
+        ..., Any
+    ]  # (arch, config, spec, pre_process=, post_process=, vp_stage=) -> GPTModel
+    bound_mappings: Callable[..., list]  # (arch, layer_names) -> the HF <-> megatron-core tensor mapping
+    extra_state_objects: Callable[[Any], dict[str, None]]  # arch -> TE's _extra_state keys of a checkpoint
+    layer_parameters: Callable[[Any], int]  # arch -> parameters of one transformer layer
+    dense_flops_per_token: Callable[[Any], float]  # arch -> forward FLOPs per token outside attention scores
+    attention_flops: Callable[[Any, Any], float]  # (arch, conversation lengths) -> forward attention FLOPs
+    training_flops: Callable[[Any, Any], float]  # (arch, conversation lengths) -> model FLOPs of fwd + bwd
+
+
+def supported_model_types() -> tuple[str, ...]:
+    return tuple(_PACKAGES)
+
+
+def family_for_config(config: dict[str, Any], source: str = "config.json") -> ModelFamily:
+    """The family of an HF config, or UnsupportedModelError naming its model_type and those supported."""
+    model_type = config.get("model_type")
+    if model_type not in _PACKAGES:
+        raise UnsupportedModelError(
+            f"{source}: model_type={model_type!r}, architectures={config.get('architectures') or []}; "
+            f"the supported model types are {', '.join(_PACKAGES)} ({', '.join(_names())})"
+        )
+    return _family(model_type)
+
+
+def family_of(arch: Arch) -> ModelFamily:
+    """The family an architecture object (from `read_arch` or a family's arch_from_hf_config) belongs to."""
+    return _family(arch.MODEL_TYPE)
+
+
+def arch_from_config(config: dict[str, Any], source: str = "config.json") -> Arch:
+    """The architecture of an HF config dict, read and validated by its family."""
+    return family_for_config(config, source).arch_from_hf_config(config, source)
+
+
+def read_arch(path: str | Path) -> Arch:
+    """The architecture of a config.json file, an HF model directory or a checkpoint of this project."""
+    config, config_file = read_hf_config(path)
+    return arch_from_config(config, str(config_file))
+
+
+def _family(model_type: str) -> ModelFamily:
+    return importlib.import_module(_PACKAGES[model_type]).FAMILY
+
+
+def _names() -> list[str]:
+    return [_family(model_type).name for model_type in _PACKAGES]
