@@ -232,17 +232,15 @@ _COALESCED = {
 }
 
 
-def dry_run_layer_spec():
-    """megatron-core's local layer spec with the stand-in norms and attention (TE's layout of saved
-    tensors: a LayerNormLinear keeps the same tensors as a norm followed by a linear layer)."""
-    from megatron.core.models.gpt import gpt_layer_specs
-
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-    layer = spec.submodules
+def dry_run_layer_spec(local_spec):
+    """A model family's local layer spec (`local_spec`) with the stand-in norms and attention (TE's
+    layout of saved tensors: a LayerNormLinear keeps the same tensors as a norm followed by a linear
+    layer)."""
+    layer = local_spec.submodules
     layer.input_layernorm = FusedRMSNorm
     layer.pre_mlp_layernorm = FusedRMSNorm
     layer.self_attention.submodules.core_attention = FlashAttention
-    return spec
+    return local_spec
 
 
 def dry_run_kernel_settings() -> dict:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from formats.packed import Pack
+from models.backends import Backend
 from models.registry import read_arch
 
 from ..data import MicroBatch, SFTData, make_micro_batch, split_for_context_parallel
@@ -48,7 +49,9 @@ class DryRunModule(TrainModule):
         return torch.float32 if self.config.model.precision == "fp32" else torch.bfloat16
 
     def layer_spec(self):
-        return dry_run_layer_spec()
+        return dry_run_layer_spec(
+            self.family.layer_spec(Backend(False, "the dry run's stand-ins"), packed=False)
+        )
 
     def kernel_settings(self) -> dict:
         return dry_run_kernel_settings()
