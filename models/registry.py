@@ -37,20 +37,26 @@ class ModelFamily:
     model_type: str  # config.json's model_type
     hf_model_class: str  # the transformers class of its checkpoints and of the release
     hf_config_class: str  # the transformers config class written at export
-    arch_from_hf_config: Callable[..., Arch]  # (config dict, source name) -> the family's architecture
-    transformer_config: Callable[
-        ..., Any
-    ]  # (arch, tensor_parallel=, pipeline_parallel=, ...) -> TransformerConfig
-    layer_spec: Callable[..., Any]  # (backend, packed=) -> megatron-core layer spec
-    build_model: Callable[
-        ..., Any
-    ]  # (arch, config, spec, pre_process=, post_process=, vp_stage=) -> GPTModel
-    bound_mappings: Callable[..., list]  # (arch, layer_names) -> the HF <-> megatron-core tensor mapping
-    extra_state_objects: Callable[[Any], dict[str, None]]  # arch -> TE's _extra_state keys of a checkpoint
-    layer_parameters: Callable[[Any], int]  # arch -> parameters of one transformer layer
-    dense_flops_per_token: Callable[[Any], float]  # arch -> forward FLOPs per token outside attention scores
-    attention_flops: Callable[[Any, Any], float]  # (arch, conversation lengths) -> forward attention FLOPs
-    training_flops: Callable[[Any, Any], float]  # (arch, conversation lengths) -> model FLOPs of fwd + bwd
+    # (config dict, source name) -> the family's architecture, validated
+    arch_from_hf_config: Callable[..., Arch]
+    # (arch, tensor_parallel=, pipeline_parallel=, params_dtype=, **overrides) -> TransformerConfig
+    transformer_config: Callable[..., Any]
+    # (backend, packed=) -> the megatron-core layer spec
+    layer_spec: Callable[..., Any]
+    # (arch, config, spec, pre_process=, post_process=, vp_stage=) -> this rank's GPTModel stage
+    build_model: Callable[..., Any]
+    # (arch, layer_names) -> the HF <-> megatron-core tensor mapping, in forward order
+    bound_mappings: Callable[..., list]
+    # arch -> the `_extra_state` keys a complete torch_dist checkpoint holds
+    extra_state_objects: Callable[[Arch], dict[str, None]]
+    # arch -> the parameters of one transformer layer
+    layer_parameters: Callable[[Arch], int]
+    # arch -> forward FLOPs per token outside the attention scores
+    dense_flops_per_token: Callable[[Arch], float]
+    # (arch, conversation lengths) -> forward FLOPs of the attention scores
+    attention_flops: Callable[[Arch, Any], float]
+    # (arch, conversation lengths) -> model FLOPs of forward + backward
+    training_flops: Callable[[Arch, Any], float]
 
 
 def supported_model_types() -> tuple[str, ...]:
