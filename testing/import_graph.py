@@ -50,11 +50,16 @@ def family_imports(root: str | Path) -> list[str]:
     root = Path(root)
     families = {p.parent.name for p in (root / "models").glob("*/__init__.py")}
     allowed = {root / "models" / "registry.py"}
+    # The project's own files: top-level scripts and every visible folder but the tests' (not .venv).
+    folders = [
+        p
+        for p in sorted(root.iterdir())
+        if p.is_dir() and p.name not in ("tests", "testing") and p.name[0] != "."
+    ]
+    paths = [*sorted(root.glob("*.py")), *(f for folder in folders for f in sorted(folder.rglob("*.py")))]
     found = []
-    for path in sorted(root.rglob("*.py")):
+    for path in (p for p in paths if p not in allowed):
         relative = path.relative_to(root)
-        if relative.parts[0] in ("tests", "testing", ".venv") or path in allowed:
-            continue
         for module in _imported_modules(path):
             parts = module.split(".")
             if parts[0] == "models" and len(parts) > 1 and parts[1] in families:
