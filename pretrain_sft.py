@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The K2-Think SFT trainer: Qwen2.5 on megatron-core with tensor, pipeline, context and data parallelism.
+"""The K2-Think SFT trainer: Qwen2.5 (or Qwen3, Llama 3.x) on megatron-core, tensor x pipeline x context x
+data parallel.
 
     python pretrain_sft.py --config configs/tiny_cpu.yaml                      # one process
     torchrun --nproc-per-node 8 pretrain_sft.py --config configs/k2think_qwen2.5_32b.yaml \\

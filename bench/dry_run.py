@@ -1,10 +1,13 @@
 #!/usr/bin/env python
-"""Benchmark of the dry run on the recipe: `pretrain_sft.py --dry-run` for configs/k2think_qwen2.5_32b.yaml
-on 256 GPUs, with Qwen2.5-32B's config.json (no weights, no data: the synthetic rows), as a user runs it on
-a login node. Prints the dry run's table, its wall time and the peak memory of its process tree, and how
-far the planner's estimate is from the measurement per stage (the target: within 10%).
+"""Benchmark of the dry run on a shipped config: `pretrain_sft.py --dry-run` for the recipe
+(configs/k2think_qwen2.5_32b.yaml on 256 GPUs, with Qwen2.5-32B's config.json) or the other families'
+configs (Qwen3-32B on 256 GPUs, Llama 3.1 8B on 8), no weights and no data (the synthetic rows), as a
+user runs it on a login node. Prints the dry run's table, its wall time and the peak memory of its
+process tree, and how far the planner's estimate is from the measurement per stage (the target: within
+10%).
 
-    .venv/bin/python bench/dry_run.py [--gpus 256] [--json bench/results/dry_run_k2.json] [OVERRIDES]
+    .venv/bin/python bench/dry_run.py [--model qwen2.5-32b] [--gpus N] \
+        [--json bench/results/dry_run_k2.json] [OVERRIDES]
 
 OVERRIDES are trainer overrides for other layouts (e.g. parallel.pipeline=16 parallel.context=2).
 """
@@ -23,32 +26,44 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.measure import run_with_peak_rss  # noqa: E402
+from testing.tiny_models import LLAMA31_8B_CONFIG, QWEN3_32B_CONFIG, QWEN25_32B_CONFIG  # noqa: E402
+
+# --model -> (its config.json, the shipped trainer config, the GPUs that config is laid out for)
+MODELS = {
+    "qwen2.5-32b": ({**QWEN25_32B_CONFIG, "num_hidden_layers": 64}, "k2think_qwen2.5_32b.yaml", 256),
+    "qwen3-32b": (QWEN3_32B_CONFIG, "k2think_qwen3_32b.yaml", 256),
+    "llama3.1-8b": (LLAMA31_8B_CONFIG, "llama3.1_8b.yaml", 8),
+}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--gpus", type=int, default=256, help="the job's GPUs (default 256, the recipe's)")
+    parser.add_argument(
+        "--model", choices=list(MODELS), default="qwen2.5-32b", help="the model and its shipped config"
+    )
+    parser.add_argument(
+        "--gpus", type=int, default=None, help="the job's GPUs (default: the config's, 256 or 8 for Llama)"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures (and the dry run's report) here")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="trainer configuration overrides")
     args = parser.parse_args()
 
-    from testing.tiny_models import QWEN25_32B_CONFIG
-
+    hf_config, trainer_config, gpus = MODELS[args.model]
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "config.json"
-        model.write_text(json.dumps({**QWEN25_32B_CONFIG, "num_hidden_layers": 64}))
+        model.write_text(json.dumps(hf_config))
         report_file = Path(tmp) / "report.json"
         os.environ.update(K2_INIT_CKPT="", K2_DATA_PREFIX=str(Path(tmp) / "no-data"), K2_SAVE_DIR=tmp)
         command = [
             sys.executable,
             str(ROOT / "pretrain_sft.py"),
             "--config",
-            str(ROOT / "configs" / "k2think_qwen2.5_32b.yaml"),
+            str(ROOT / "configs" / trainer_config),
             "--dry-run",
             "--gpus",
-            str(args.gpus),
+            str(args.gpus or gpus),
             "--dry-run-json",
             str(report_file),
             "model.init_checkpoint=null",
@@ -71,6 +86,7 @@ def main() -> int:
     if args.json:
         figures = {
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "model": args.model,
             "wall_s": round(seconds, 1),
             "peak_rss_gb": round(peak_rss / 1e9, 3),
             "report": report,

@@ -5,5 +5,6 @@
   release with the chat template installed;
 - `verify` (tools/verify_conversion.py): logits of both sides against each other.
 
-The model definition and the parameter mapping live in `models/qwen2/`, the file formats in `formats/`.
+The model definitions and the parameter mappings live in `models/` (found through
+`models/registry.py`), the file formats in `formats/`.
 """

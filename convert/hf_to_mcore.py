@@ -4,7 +4,7 @@
 
 The output loads into the trainer at any tensor/pipeline/data-parallel layout. Every tensor of the
 model is cut into chunks of at most `max_chunk_bytes`, along the row blocks of the mapping
-(models/qwen2/state_dict_adapter.py), and each chunk is assembled from memory-mapped HF rows only
+(models/decoder/state_dict_adapter.py), and each chunk is assembled from memory-mapped HF rows only
 when the writer asks for it: anonymous memory stays at a few chunks whatever the model size. Before
 anything is written, every HF tensor the config implies is checked for presence, shape and dtype, and
 unknown tensors are refused; afterwards, that every row of every HF tensor was read exactly once.

@@ -1,12 +1,13 @@
-"""megatron-core torch_dist checkpoint -> Hugging Face Qwen2 release, streamed.
+"""megatron-core torch_dist checkpoint -> Hugging Face release of its model family, streamed.
 
     python tools/convert_mcore_to_hf.py --mcore runs/k2think --out release/K2-Think-SFT
 
 Reads a converted checkpoint, or a training run directory (its latest complete iteration, or
-`iteration`), whatever tensor/pipeline layout it was saved at, and writes `Qwen2ForCausalLM` weights
-as sharded safetensors with their index, `config.json`, `generation_config.json`, and the tokenizer
-with the AM-thinking template installed as its chat template and `<|im_end|>` as its EOS token, so
-transformers and serving engines format prompts exactly as in training. Tensors are streamed a few
+`iteration`), whatever tensor/pipeline layout it was saved at, and writes the family's weights (e.g.
+`Qwen2ForCausalLM`) as sharded safetensors with their index, `config.json`, `generation_config.json`,
+and the tokenizer with the chat template the training data was encoded with (recorded by the trainer
+in the checkpoint) installed, its stop token as EOS, so transformers and serving engines format
+prompts exactly as in training. Tensors are streamed a few
 rows at a time from the checkpoint's chunks into the safetensors files, the next piece read while
 the current one is written: anonymous memory stays at a few pieces of `max_piece_bytes`, or of the
 largest stored chunk where a trainer saved larger ones (DCP reads a stored chunk whole, so a piece
@@ -15,6 +16,7 @@ never splits one).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -26,13 +28,14 @@ import torch
 from common.errors import CheckpointError, InputError
 from common.files import atomic_directory, write_json_atomic
 from common.provenance import tool_info
-from formats.chat_template import AM_THINKING
+from formats.chat_template import AM_THINKING, ChatTemplate, template_named
 from formats.hf_safetensors import TensorSpec, write_sharded
 from formats.tokenizer import load_tokenizer
 from formats.torch_dist import (
     HF_CONFIG_FILE,
     PROVENANCE_FILE,
     TOKENIZER_DIR,
+    TRAINING_DATA_FILE,
     TorchDistReader,
     read_hf_config,
     resolve_checkpoint,
@@ -45,7 +48,6 @@ from .hf_to_mcore import DEFAULT_CHUNK_BYTES, DTYPES
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
-PAD_TOKEN = "<|endoftext|>"
 
 
 @dataclass
@@ -107,22 +109,58 @@ def _hf_rows_reader(reader: TorchDistReader, mappings: list[BoundMapping], dtype
     return read_rows
 
 
-def load_release_tokenizer(tokenizer_dir: Path):
-    """The tokenizer with the training chat template and <|im_end|> as EOS (ends every assistant turn)."""
+def release_template(checkpoint: Path, requested: str | None = None) -> ChatTemplate:
+    """The chat template the release serves: `requested`, else the one the checkpoint's training data was
+    encoded with (training_data.json, written by the trainer), else (a checkpoint that was converted and
+    never trained) the recipe's AM-thinking template."""
+    if requested is not None:
+        return template_named(requested)
+    recorded = checkpoint / TRAINING_DATA_FILE
+    name = json.loads(recorded.read_text()).get("chat_template") if recorded.is_file() else None
+    if name is not None:
+        return template_named(name, str(recorded))
+    log.info(
+        "%s records no training data's chat template: the release gets %s (--chat-template to choose)",
+        checkpoint,
+        AM_THINKING.name,
+    )
+    return AM_THINKING
+
+
+@dataclass(frozen=True)
+class ReleaseTokens:
+    """The special tokens of a release, from its chat template and its tokenizer."""
+
+    eos: str  # the template's stop token, which ends every assistant turn
+    pad: str  # the tokenizer's own pad token, else its end-of-text token (as LLaMA-Factory pads)
+    stops: tuple[str, ...]  # generation stops at any: the template's stop and the base model's end of text
+
+
+def load_release_tokenizer(tokenizer_dir: Path, template: ChatTemplate):
+    """(the tokenizer with `template` as its chat template and the template's stop token as EOS, the
+    release's tokens)."""
     tokenizer = load_tokenizer(tokenizer_dir)
-    for token in (AM_THINKING.stop_token, PAD_TOKEN):
-        if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
-            raise InputError(
-                f"{tokenizer_dir}: the tokenizer has no {token} token; is it a Qwen2.5 tokenizer?"
-            )
-    tokenizer.chat_template = AM_THINKING.jinja()
-    tokenizer.eos_token = AM_THINKING.stop_token
-    tokenizer.pad_token = PAD_TOKEN
-    return tokenizer
+    stop = template.stop_token
+    if tokenizer.convert_tokens_to_ids(stop) in (None, tokenizer.unk_token_id):
+        raise InputError(
+            f"{tokenizer_dir}: the tokenizer has no {stop} token, with which the {template.name} chat "
+            "template ends every assistant turn: export with the tokenizer and --chat-template the data was "
+            "made with"
+        )
+    base_eos = tokenizer.eos_token
+    tokens = ReleaseTokens(
+        eos=stop,
+        pad=tokenizer.pad_token or base_eos or stop,
+        stops=tuple(dict.fromkeys(t for t in (stop, base_eos) if t)),
+    )
+    tokenizer.chat_template = template.jinja()
+    tokenizer.eos_token = tokens.eos
+    tokenizer.pad_token = tokens.pad
+    return tokenizer, tokens
 
 
 def write_release_configs(
-    family: ModelFamily, hf_config: dict, out_dir: Path, dtype: torch.dtype, tokenizer
+    family: ModelFamily, hf_config: dict, out_dir: Path, dtype: torch.dtype, tokenizer, tokens: ReleaseTokens
 ) -> None:
     import transformers
     from transformers import GenerationConfig
@@ -130,14 +168,13 @@ def write_release_configs(
     config = getattr(transformers, family.hf_config_class).from_dict(hf_config)
     config.architectures = [family.hf_model_class]
     config.dtype = dtype
-    eos, pad = (
-        tokenizer.convert_tokens_to_ids(AM_THINKING.stop_token),
-        tokenizer.convert_tokens_to_ids(PAD_TOKEN),
-    )
-    config.eos_token_id = eos
+    config.eos_token_id = tokenizer.convert_tokens_to_ids(tokens.eos)
+    config.pad_token_id = tokenizer.convert_tokens_to_ids(tokens.pad)
     config.save_pretrained(out_dir)
     GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=[eos, pad], pad_token_id=pad
+        bos_token_id=config.bos_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids(list(tokens.stops)),
+        pad_token_id=config.pad_token_id,
     ).save_pretrained(out_dir)
 
 
@@ -159,13 +196,15 @@ def convert_mcore_to_hf(
     iteration: int | None = None,
     tokenizer_dir: str | Path | None = None,
     dtype: str | None = None,
+    chat_template: str | None = None,
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     max_piece_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: bool = True,
 ) -> ExportResult:
     """Exports the checkpoint at `mcore_dir` as a Hugging Face model directory `out_dir`.
-    `dtype`: "bf16" or "fp32", or None to keep the checkpoint's dtype."""
+    `dtype`: "bf16" or "fp32", or None to keep the checkpoint's dtype; `chat_template`: a template's name,
+    or None for the one the training data was encoded with (`release_template`)."""
     from tqdm import tqdm
 
     started = time.perf_counter()
@@ -178,7 +217,8 @@ def convert_mcore_to_hf(
     source_dtype = check_checkpoint(arch, reader, mappings)
     target = DTYPES[dtype] if dtype else source_dtype
     tokenizer_path = find_tokenizer(checkpoint, tokenizer_dir)
-    tokenizer = load_release_tokenizer(tokenizer_path)
+    template = release_template(checkpoint, chat_template)
+    tokenizer, tokens = load_release_tokenizer(tokenizer_path, template)
     specs = [
         TensorSpec(key, shape, target)
         for m in mappings
@@ -208,7 +248,7 @@ def convert_mcore_to_hf(
             piece_bytes=lambda spec: max(max_piece_bytes, stored_chunk_bytes[owner[spec.key].dist_key]),
             on_written=lambda spec, n: bar.update(n),
         )
-        write_release_configs(family, hf_config, tmp, target, tokenizer)
+        write_release_configs(family, hf_config, tmp, target, tokenizer, tokens)
         tokenizer.save_pretrained(tmp)
         write_json_atomic(
             tmp / PROVENANCE_FILE,
@@ -216,6 +256,7 @@ def convert_mcore_to_hf(
                 **tool_info("convert_mcore_to_hf"),
                 "checkpoint": str(checkpoint.resolve()),
                 "tokenizer": str(tokenizer_path.resolve()),
+                "chat_template": template.name,
                 "source_dtype": str(source_dtype),
                 "dtype": str(target),
                 "arch": arch.to_dict(),

@@ -73,7 +73,7 @@ def load_model_stage(checkpoint_dir: str, tensor_parallel: int, pipeline_paralle
     model = family.build_model(
         arch,
         config,
-        family.layer_spec(backend, packed=False),
+        family.layer_spec(arch, backend, packed=False),
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     )

@@ -21,6 +21,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from common.errors import InputError
+
 AM_THINKING_DEFAULT_SYSTEM = (
     "You are a helpful assistant. To answer the user's question, you first think about the reasoning "
     "process and then provide the user with the answer. The reasoning process and answer are enclosed "
@@ -110,6 +112,18 @@ AM_THINKING = ChatTemplate(
     default_system=AM_THINKING_DEFAULT_SYSTEM,
     stop_token="<|im_end|>",
 )
+
+
+# Every template by the name a dataset's meta records (`template`) and the exporter's --chat-template takes.
+TEMPLATES = {template.name: template for template in (AM_THINKING,)}
+
+
+def template_named(name: str, source: str = "--chat-template") -> ChatTemplate:
+    if name not in TEMPLATES:
+        raise InputError(
+            f"{source}: chat template {name!r} is unknown; the templates are {', '.join(TEMPLATES)}"
+        )
+    return TEMPLATES[name]
 
 
 def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:

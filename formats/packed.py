@@ -346,6 +346,11 @@ class PackedDataset:
         return int(self.meta.get("pad_multiple", 1))
 
     @property
+    def chat_template(self) -> str | None:
+        """The name of the chat template the conversations were encoded with (None: not recorded)."""
+        return self.meta.get("template")
+
+    @property
     def vocab_size(self) -> int:
         """The size of the tokenizer's vocabulary the data was made with."""
         return int(self.meta["tokenizer"]["vocab_size"])

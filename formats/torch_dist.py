@@ -46,6 +46,8 @@ MEGATRON_METADATA = {
 HF_CONFIG_FILE = "hf_config.json"
 TOKENIZER_DIR = "tokenizer"
 PROVENANCE_FILE = "provenance.json"
+# What a training checkpoint's data was: {"chat_template": the name its datasets were encoded with}
+TRAINING_DATA_FILE = "training_data.json"
 _ITERATION_DIR = re.compile(r"^iter_(\d{7})$")
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 megatron-core's local `DotProductAttention` refuses packed sequences (docs/architecture.md), so the
 local layer spec gets `PackedCoreAttention` instead when TE is not used (a family's `layer_spec`,
-e.g. models/qwen2/model.py): each conversation of a pack attends causally to itself only, as TE's
+e.g. models/decoder/model.py): each conversation of a pack attends causally to itself only, as TE's
 THD attention does.
 
 - CUDA: varlen flash attention through `torch.nn.attention.varlen.varlen_attn` (one kernel for the

@@ -73,7 +73,7 @@ class ParallelLayout:
         te_available: bool = True,
     ) -> list[str]:
         """Every reason this layout cannot run, for the given world size and, when given, the model
-        (a Qwen2Arch), the global batch (packs per step) and the row length."""
+        (an architecture from models/registry.py), the global batch (packs per step) and the row length."""
         if min(self.tensor, self.pipeline, self.context, self.micro_batch_size) < 1:
             return ["parallel.tensor, pipeline, context and micro_batch_size must be >= 1"]
         problems = []

@@ -3,7 +3,9 @@
 This is the one place that knows which families exist. Trainer, converters, verifier, planner, dry run
 and GPU benchmark ask it for a family (`family_for_config`, `family_of`) or an architecture (`read_arch`)
 and use what the family provides; none imports a family package. A family is a package under
-`models/` whose `FAMILY` is a `ModelFamily`; adding one is that package plus a line in `_PACKAGES`.
+`models/` whose `FAMILY` is a `ModelFamily`; adding one is that package plus a line in `_PACKAGES`
+(docs/architecture.md). The dense families share one decoder (models/decoder) and differ in their
+config reader.
 
     arch = read_arch("/models/Qwen2.5-32B")        # config.json -> the family's architecture
     family = family_of(arch)
@@ -21,12 +23,17 @@ from typing import Any
 from common.errors import UnsupportedModelError
 from models.hf_config import read_hf_config
 
-# A family's architecture: a frozen dataclass read from config.json (e.g. models.qwen2.arch.Qwen2Arch)
-# whose class names its family (MODEL_TYPE).
+# A family's architecture: a frozen dataclass read from config.json (e.g. models.decoder.arch.DecoderArch)
+# whose `model_type` names its family.
 Arch = Any
 
 # model_type -> the package whose FAMILY reads it (imported on first use)
-_PACKAGES = {"qwen2": "models.qwen2"}
+_PACKAGES = {"qwen2": "models.qwen2", "qwen3": "models.qwen3", "llama": "models.llama"}
+# model types users ask for that are known and not supported yet, with what to use instead
+_NOT_YET = {
+    "qwen3_moe": "Qwen3 MoE is not supported yet; the dense Qwen3 models (model_type qwen3) are",
+    "qwen2_moe": "Qwen2 MoE is not supported yet; the dense Qwen2/2.5 models (model_type qwen2) are",
+}
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,7 @@ class ModelFamily:
     arch_from_hf_config: Callable[..., Arch]
     # (arch, tensor_parallel=, pipeline_parallel=, params_dtype=, **overrides) -> TransformerConfig
     transformer_config: Callable[..., Any]
-    # (backend, packed=) -> the megatron-core layer spec
+    # (arch, backend, packed=) -> the megatron-core layer spec
     layer_spec: Callable[..., Any]
     # (arch, config, spec, pre_process=, post_process=, vp_stage=) -> this rank's GPTModel stage
     build_model: Callable[..., Any]
@@ -67,16 +74,17 @@ def family_for_config(config: dict[str, Any], source: str = "config.json") -> Mo
     """The family of an HF config, or UnsupportedModelError naming its model_type and those supported."""
     model_type = config.get("model_type")
     if model_type not in _PACKAGES:
+        hint = f"{_NOT_YET[model_type]}; " if model_type in _NOT_YET else ""
         raise UnsupportedModelError(
             f"{source}: model_type={model_type!r}, architectures={config.get('architectures') or []}; "
-            f"the supported model types are {', '.join(_PACKAGES)} ({', '.join(_names())})"
+            f"{hint}the supported model types are {', '.join(_PACKAGES)} ({', '.join(_names())})"
         )
     return _family(model_type)
 
 
 def family_of(arch: Arch) -> ModelFamily:
     """The family an architecture object (from `read_arch` or a family's arch_from_hf_config) belongs to."""
-    return _family(arch.MODEL_TYPE)
+    return _family(arch.model_type)
 
 
 def arch_from_config(config: dict[str, Any], source: str = "config.json") -> Arch:

@@ -53,7 +53,14 @@ def preprocess(cfg: PreprocessConfig, command: list[str] | None = None) -> dict[
     timer = _StageTimer()
     template = AM_THINKING
     # Loaded here once to check the files before any worker starts (each worker loads its own).
-    vocab_size = load_backend_tokenizer(cfg.tokenizer).get_vocab_size(with_added_tokens=True)
+    tokenizer = load_backend_tokenizer(cfg.tokenizer)
+    if tokenizer.token_to_id(template.stop_token) is None:
+        raise InputError(
+            f"{cfg.tokenizer}: the tokenizer has no {template.stop_token} token, with which the "
+            f"{template.name} chat template ends every assistant turn (as one token, the model's EOS): use "
+            "a tokenizer that has it"
+        )
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     source = AlignedSource.open(cfg.input, need_system_column=cfg.system_source == "column")
     Path(cfg.output_prefix).parent.mkdir(parents=True, exist_ok=True)
     timer.done("load tokenizer")

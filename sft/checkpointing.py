@@ -5,12 +5,13 @@ tools/convert_mcore_to_hf.py exports any of them), the distributed optimizer's s
 sharding: a run resumes at another data-parallel size, not at another TP/PP; to change those, start a
 new run from the weights with model.init_checkpoint=SAVE_DIR/iter_N), the scheduler, the trainer state
 (iteration, consumed samples = data position, skip counters) and the resolved configuration; plus
-hf_config.json, tokenizer/, config.yaml and provenance.json (versions, git commit, command) next to them.
+hf_config.json, tokenizer/, config.yaml, training_data.json (the chat template the data was encoded with,
+which the export installs) and provenance.json (versions, git commit, command) next to them.
 
 Atomicity: everything is written to iter_NNNNNNN.partial/ and renamed once all ranks are done; a
 partial directory is never picked up (formats.torch_dist.complete_iterations), so a kill during a save
 leaves the previous checkpoint as the latest. The training step draws no random numbers (Qwen2.5 has
-no dropout), so no RNG state is needed for an exact resume.
+no dropout, nor do the other families), so no RNG state is needed for an exact resume.
 
 At scale (checkpoint.async_save) the tensors are copied to host memory and written by a background
 process per rank while training goes on; megatron-core's AsyncCallsQueue reports when every rank's
@@ -22,6 +23,7 @@ Old checkpoints are renamed out of sight at once and deleted by a background thr
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import shutil
@@ -41,6 +43,7 @@ from formats.torch_dist import (
     HF_CONFIG_FILE,
     PROVENANCE_FILE,
     TOKENIZER_DIR,
+    TRAINING_DATA_FILE,
     complete_iterations,
     iteration_dir_name,
     resolve_checkpoint,
@@ -121,6 +124,7 @@ class CheckpointSaver:
         hf_config_file: Path,
         tokenizer_dir: Path | None,
         config_yaml: str,
+        chat_template: str | None,
     ):
         from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -134,6 +138,7 @@ class CheckpointSaver:
         self._run_files = {
             HF_CONFIG_FILE: Path(hf_config_file).read_bytes(),
             CONFIG_FILE: config_yaml.encode(),
+            TRAINING_DATA_FILE: json.dumps({"chat_template": chat_template}, indent=2).encode(),
         }
         if tokenizer_dir is not None:
             self._run_files.update(

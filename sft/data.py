@@ -256,6 +256,13 @@ class SFTData:
                 "preprocess them with one --seq-length"
             )
         self.seq_length = lengths.pop()
+        templates = {d.chat_template for d in self.datasets}
+        if len(templates) > 1:
+            raise DataError(
+                "data prefixes were encoded with different chat templates "
+                f"{sorted(map(str, templates))}: preprocess them with one template (the release serves one)"
+            )
+        self.chat_template = templates.pop()
         self.order = PackOrder([len(d) for d in self.datasets], weights, seed)
 
     def iterations(self, epochs: int, global_batch_size: int) -> int:

@@ -1,4 +1,4 @@
-"""Parallel-layout planner: memory per GPU and step time of a Qwen2 model for each feasible layout.
+"""Parallel-layout planner: memory per GPU and step time of a model for each feasible layout.
 
     python tools/plan_layout.py --model /models/Qwen2.5-32B/config.json --seq-length 32768 \\
         --global-batch 512 --gpus 256 --gpu-memory-gb 80
@@ -19,21 +19,22 @@ where they differ, in brackets):
 - grads: 4 bytes per local parameter (fp32 gradient buffer, grad_reduce_in_fp32);
 - optimizer: 12 bytes per local parameter / (DP x CP) (fp32 main weights, Adam moments, sharded over
   the data- and context-parallel replicas of the rank's parameters: megatron-core's intra_dp_cp group);
-- activations: per token and layer, the tensors the backward pass keeps (bf16): the two norms' inputs
-  and outputs 4h [norms and residuals 6h]; with q = n d the query width: q/k/v before and q/k after
-  RoPE 2q + 3gd, attention output q (flash attention keeps no s^2 scores); the MLP's fc1 output 2f and
-  the fused SwiGLU's output f: 3f [the unfused SwiGLU's gate activation too: 4f]; in fp32, each norm's
-  reciprocal RMS and the attention's logsumexp per head. Tensor parallelism divides the parts inside the
-  TP region (all but the norms' tensors, which sequence parallelism divides too). Recomputation:
-  `selective` (megatron-core's core_attn) keeps q, k, v and the output as they are (inputs of the
-  recomputed attention and of the projection) and drops only the logsumexp, and re-runs the attention
-  forward; `mlp` drops the MLP's 3f and re-runs its forward; `full` keeps only each layer's input (2h,
-  / TP with SP) and re-runs every layer's forward. The last stage also keeps the final norm's input and
-  output. Tokens per micro-batch = micro_batch x seq / CP. Under 1F1B pipeline rank r keeps the
+- activations: per token and layer, the tensors the backward pass keeps (bf16): the two norms' inputs and
+  outputs 4h [norms and residuals 6h]; with q = n d the query width: q/k/v before and q/k after RoPE 2q +
+  3gd, attention output q (flash attention keeps no s^2 scores), and where the family norms each query
+  and key head (Qwen3) those norms' inputs q + gd; the MLP's fc1 output 2f and the fused SwiGLU's output
+  f: 3f [the unfused SwiGLU's gate activation too: 4f]; in fp32, each norm's reciprocal RMS (per token;
+  per q/k head for Qwen3's) and the attention's logsumexp per head. Tensor parallelism divides the parts
+  inside the TP region (all but the norms' tensors, which sequence parallelism divides too).
+  Recomputation: `selective` (megatron-core's core_attn) keeps q, k, v and the output as they are (inputs
+  of the recomputed attention and of the projection) and drops only the logsumexp, and re-runs the
+  attention forward; `mlp` drops the MLP's 3f and re-runs its forward; `full` keeps only each layer's
+  input (2h, / TP with SP) and re-runs every layer's forward. The last stage also keeps the final norm's
+  input and output. Tokens per micro-batch = micro_batch x seq / CP. Under 1F1B pipeline rank r keeps the
   activations of PP - r micro-batches of its L/PP layers at its peak (the first stage PP, the last one);
-  interleaved, 2 (PP - r - 1) + (VP - 1) PP + 1 model chunks of L/(PP VP) layers (the first stage
-  PP + (PP - 1)/VP micro-batches' worth, the last (VP - 1) + 1/VP), never more than the step's
-  micro-batches. A stage's output is freed once sent (deallocate_pipeline_outputs).
+  interleaved, 2 (PP - r - 1) + (VP - 1) PP + 1 model chunks of L/(PP VP) layers (the first stage PP +
+  (PP - 1)/VP micro-batches' worth, the last (VP - 1) + 1/VP), never more than the step's micro-batches.
+  A stage's output is freed once sent (deallocate_pipeline_outputs).
 - logits: the last stage keeps the vocabulary-parallel logits, tokens x V / TP x 2 bytes (TE's
   cross-entropy writes their gradient into them) [x 6: megatron-core's cross-entropy adds an fp32 copy;
   4 in an fp32 run];
@@ -46,7 +47,7 @@ where they differ, in brackets):
 Layouts are `models.parallel_layout.ParallelLayout`s, valid by the same rules the trainer's configuration
 is checked with, each paired with a recomputation setting.
 
-Step time: the executed FLOPs (model FLOPs of models/qwen2/flops.py at the data's conversation
+Step time: the executed FLOPs (model FLOPs of models/decoder/flops.py at the data's conversation
 lengths, --mean-conversation, on every token of the rows, padding included, plus what recomputation
 re-runs) divided by GPUs x peak x the GEMM efficiency (--efficiency, default 0.6 of peak), plus the
 pipeline bubble (PP - 1) / (VP x micro-batches per step), plus exposed communication: tensor parallel
@@ -189,10 +190,14 @@ def activation_bytes_per_token_layer(
         return element_bytes * h / sp
     replicated = (4 if fused else 6) * h  # the two norms' inputs and outputs (and residuals unfused)
     attention = 3 * q + 3 * g * d  # q/k/v, RoPE'd q/k, attention output
+    if arch.qk_layernorm:  # the per-head q/k norms keep their inputs (the heads copied out of q/k/v)
+        attention += q + g * d
     mlp = 0 if recompute == "mlp" else (3 if fused else 4) * f
     fp32 = 0.0
-    if fused:  # the norms' reciprocal RMS per token, flash attention's logsumexp per head
+    if fused:  # the norms' reciprocal RMS per token (and per q/k head), flash attention's logsumexp per head
         fp32 = 2 * 4 / sp + (0 if recompute == "selective" else 4 * n / t)
+        if arch.qk_layernorm:
+            fp32 += 4 * (n + g) / t
     return element_bytes * (replicated / sp + (attention + mlp) / t) + fp32
 
 

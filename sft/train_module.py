@@ -126,7 +126,7 @@ class TrainModule:
             if backend.transformer_engine
             else packed_attention_kernel(self.device),
         )
-        return self.family.layer_spec(backend, packed=True)
+        return self.family.layer_spec(self.arch, backend, packed=True)
 
     def kernel_settings(self) -> dict:
         return kernel_settings(choose_backend(self.device, self.config.model.attention))

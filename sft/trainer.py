@@ -214,6 +214,7 @@ class Trainer:
             hf_config_file=inputs.hf_config_file,
             tokenizer_dir=inputs.tokenizer_dir,
             config_yaml=dump_config(config),
+            chat_template=self.data.chat_template,
         )
 
     def _load_group(self):

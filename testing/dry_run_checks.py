@@ -62,15 +62,16 @@ def _measure_each(plans) -> list[dict]:
     return [measure_rank(plan) for plan in plans]
 
 
-def write_dry_run_model(directory) -> str:
-    """A small Qwen2 config.json whose activations, weights and logits are of comparable size (vocabulary
-    4,096: the dry run's checks need no tokenizer), for the dry run's tests; returns its path."""
+def write_dry_run_model(directory, family: str = "qwen2") -> str:
+    """A small config.json of `family` whose activations, weights and logits are of comparable size
+    (vocabulary 4,096: the dry run's checks need no tokenizer), for the dry run's tests; returns its path."""
     from pathlib import Path
 
-    from testing.tiny_models import tiny_qwen2_config
+    from testing.tiny_models import tiny_config
 
     path = Path(directory) / "config.json"
-    config = tiny_qwen2_config(
+    config = tiny_config(
+        family,
         num_layers=4,
         hidden_size=256,
         num_attention_heads=8,

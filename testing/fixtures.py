@@ -13,7 +13,7 @@ from pathlib import Path
 from formats.packed import validation_prefix
 
 from .synthetic_packs import write_packed_dataset
-from .tiny_models import make_tiny_qwen2
+from .tiny_models import make_tiny_model
 
 
 @dataclass(frozen=True)
@@ -53,16 +53,16 @@ def training_inputs(
     """Converts `hf` (default: a new tiny random Qwen2 with `layers` layers) with the project's converter
     and writes `packs` as a packed dataset, and `valid_packs` as its held-out set, all under `root`."""
     from convert.hf_to_mcore import convert_hf_to_mcore
-    from models.qwen2.arch import Qwen2Arch
+    from models.registry import read_arch
 
     root = Path(root)
     hf = (
         Path(hf)
         if hf is not None
-        else make_tiny_qwen2(root / "hf", num_layers=layers, tie_word_embeddings=tied)
+        else make_tiny_model(root / "hf", "qwen2", num_layers=layers, tie_word_embeddings=tied)
     )
     convert_hf_to_mcore(hf, root / "mcore", progress=False)
-    vocab_size = Qwen2Arch.from_path(hf).vocab_size
+    vocab_size = read_arch(hf).vocab_size
     prefix = write_packed_dataset(root / "data" / "packs", packs, seq_length, vocab_size)
     if valid_packs is not None:
         write_packed_dataset(validation_prefix(prefix), valid_packs, seq_length, vocab_size)

@@ -45,10 +45,11 @@ def _imported_packages(path: Path) -> list[str]:
 
 
 def family_imports(root: str | Path) -> list[str]:
-    """'file imports module' for each import of a model family's package (models/<family>/) from outside
-    it, other than by models/registry.py, tests/ and testing/: the registry is the only way to a family."""
+    """'file imports module' for each import of a model package (models/<package>/: a family, or the
+    decoder the dense families share) from outside the model packages, other than by
+    models/registry.py, tests/ and testing/: the registry is the only way to a family."""
     root = Path(root)
-    families = {p.parent.name for p in (root / "models").glob("*/__init__.py")}
+    packages = {p.parent.name for p in (root / "models").glob("*/__init__.py")}
     allowed = {root / "models" / "registry.py"}
     # The project's own files: top-level scripts and every visible folder but the tests' (not .venv).
     folders = [
@@ -62,8 +63,8 @@ def family_imports(root: str | Path) -> list[str]:
         relative = path.relative_to(root)
         for module in _imported_modules(path):
             parts = module.split(".")
-            if parts[0] == "models" and len(parts) > 1 and parts[1] in families:
-                if relative.parts[:2] != ("models", parts[1]):
+            if parts[0] == "models" and len(parts) > 1 and parts[1] in packages:
+                if relative.parts[0] != "models" or relative.parts[1] not in packages:
                     found.append(f"{relative} imports {module}")
     return found
 

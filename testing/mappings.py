@@ -1,5 +1,5 @@
 """Whole-tensor views of the HF <-> megatron-core mapping, for tests: the converters stream blocks
-(models/qwen2/state_dict_adapter.py), the tests compare whole tensors.
+(models/decoder/state_dict_adapter.py), the tests compare whole tensors.
 
     fused = to_mcore(mapping, [q, k, v]);  q, k, v = to_hf(mapping, fused)
 """

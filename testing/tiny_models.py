@@ -1,13 +1,14 @@
-"""Random Qwen2 models saved as Hugging Face checkpoints, for tests, benchmarks and the demo.
+"""Random models of each family saved as Hugging Face checkpoints, for tests, benchmarks and the demo.
 
-- `make_tiny_qwen2`: small models that keep every structural trait of Qwen2.5 that a converter or
-  trainer can get wrong (GQA, qkv bias, rope base 1e6, RMSNorm eps, SwiGLU, tied or untied embeddings,
-  the padded vocabulary) at widths that run in seconds on a CPU, saved as several safetensors shards
-  with an index, like the real ones;
+- `make_tiny_model(out, family)`: small models built from transformers' own config class of the family,
+  keeping every structural trait a converter or trainer can get wrong (GQA, qkv bias for Qwen2, q/k
+  norms and head_dim != hidden / heads for Qwen3, Llama 3.1's rope scaling, RMSNorm eps, SwiGLU, tied
+  or untied embeddings, the padded vocabulary) at widths that run in seconds on a CPU, saved as several
+  safetensors shards with an index, like the real ones;
 - `write_qwen25_32b_shaped`: Qwen2.5-32B's exact widths with fewer layers, random bf16 weights
   written piece by piece (for the conversion and GPU benchmarks).
 
-    python -m testing.tiny_models OUT_DIR [--tied] [--layers N]
+    python -m testing.tiny_models OUT_DIR [--family qwen3] [--tied] [--layers N]
 """
 
 from __future__ import annotations
@@ -15,11 +16,38 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-# Qwen2.5 pads the 151,665-token vocabulary to 151,936 (0.5B..14B) or 152,064 (32B, 72B).
+# Qwen2.5 pads the 151,665-token vocabulary to 151,936 (0.5B..14B) or 152,064 (32B, 72B). The tiny models
+# of every family use it, so that the offline Qwen2.5 tokenizer of the tests serves them all.
 QWEN25_VOCAB_SIZE_SMALL = 151936
+QWEN_BOS_EOS = dict(bos_token_id=151643, eos_token_id=151643)
+
+# What each family's tiny model sets beyond the shared widths (transformers' config class arguments).
+_FAMILY_SETTINGS = {
+    "qwen2": dict(rope_theta=1_000_000.0, use_sliding_window=False, **QWEN_BOS_EOS),
+    # head_dim 32 with 4 heads on a 64-wide stream: the width of the attention differs from the model's
+    "qwen3": dict(
+        rope_theta=1_000_000.0, head_dim=32, attention_bias=False, use_sliding_window=False, **QWEN_BOS_EOS
+    ),
+    # Llama 3.1's rope scaling and context; bos/eos are Qwen ids here (the tests' tokenizer is Qwen2.5's)
+    "llama": dict(
+        rope_theta=500_000.0,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+        attention_bias=False,
+        mlp_bias=False,
+        **QWEN_BOS_EOS,
+    ),
+}
+_MAX_POSITIONS = {"qwen2": 32768, "qwen3": 40960, "llama": 131072}
 
 
-def tiny_qwen2_config(
+def tiny_config(
+    family: str = "qwen2",
     *,
     tie_word_embeddings: bool = False,
     num_layers: int = 2,
@@ -28,13 +56,18 @@ def tiny_qwen2_config(
     num_key_value_heads: int = 2,
     intermediate_size: int = 176,
     vocab_size: int = QWEN25_VOCAB_SIZE_SMALL,
-    rope_theta: float = 1_000_000.0,
     rms_norm_eps: float = 1e-6,
-    max_position_embeddings: int = 32768,
+    max_position_embeddings: int | None = None,
+    **family_overrides,
 ):
-    from transformers import Qwen2Config
+    """transformers' config object (its own class for `family`, a model_type) of a tiny model."""
+    import transformers
 
-    return Qwen2Config(
+    from models.registry import family_for_config
+
+    config_class = getattr(transformers, family_for_config({"model_type": family}).hf_config_class)
+    settings = {**_FAMILY_SETTINGS[family], **family_overrides}
+    return config_class(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -42,37 +75,40 @@ def tiny_qwen2_config(
         num_attention_heads=num_attention_heads,
         num_key_value_heads=num_key_value_heads,
         hidden_act="silu",
-        max_position_embeddings=max_position_embeddings,
+        max_position_embeddings=max_position_embeddings or _MAX_POSITIONS[family],
         rms_norm_eps=rms_norm_eps,
-        rope_theta=rope_theta,
         tie_word_embeddings=tie_word_embeddings,
-        use_sliding_window=False,
         attention_dropout=0.0,
-        bos_token_id=151643,
-        eos_token_id=151643,
         torch_dtype="float32",
+        **settings,
     )
 
 
-def make_tiny_qwen2(
+def make_tiny_model(
     out_dir: str | Path,
+    family: str = "qwen2",
     *,
     seed: int = 0,
     max_shard_size: str = "20MB",
     plain_init: bool = False,
     **config_kwargs,
 ) -> Path:
-    """Writes a random `Qwen2ForCausalLM` (config from `tiny_qwen2_config(**config_kwargs)`) to `out_dir`.
+    """Writes a random model of `family` (transformers' class; config from `tiny_config(family,
+    **config_kwargs)`) to `out_dir`.
 
-    By default biases and norm weights are random too (N(0, 0.1), N(1, 0.1)), so that a converter or a
-    mapping that drops or swaps them shows in a comparison. `plain_init` keeps transformers' own
-    initialisation (zero biases, unit norms), the better starting point for a model meant to learn."""
+    By default biases and norm weights (q/k norms too) are random as well (N(0, 0.1), N(1, 0.1)), so that
+    a converter or a mapping that drops or swaps them shows in a comparison. `plain_init` keeps
+    transformers' own initialisation (zero biases, unit norms), the better start for a model meant to
+    learn."""
     import torch
-    from transformers import Qwen2ForCausalLM
+    import transformers
 
-    config = tiny_qwen2_config(**config_kwargs)
+    from models.registry import family_for_config
+
+    config = tiny_config(family, **config_kwargs)
+    model_class = getattr(transformers, family_for_config({"model_type": family}).hf_model_class)
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).to(torch.float32)
+    model = model_class(config).to(torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if not plain_init and (name.endswith(".bias") or "norm" in name):
@@ -102,6 +138,58 @@ QWEN25_32B_CONFIG = {
 }
 
 
+# The published config.json values of the other families' models the shipped configs train (Qwen3-32B
+# base, Llama 3.1 8B), for the planner, the dry run and their tests.
+QWEN3_32B_CONFIG = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "hidden_size": 5120,
+    "intermediate_size": 25600,
+    "num_hidden_layers": 64,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 40960,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "use_sliding_window": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+    "torch_dtype": "bfloat16",
+}
+LLAMA31_8B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 131072,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "torch_dtype": "bfloat16",
+}
+
+
 def write_qwen25_32b_shaped(out: str | Path, layers: int, std: float = 1.0) -> Path:
     """Qwen2.5-32B-shaped random bf16 weights (normal, `std`; norm weights 1 when std < 1, so that a model
     trained from them stays finite) with `layers` layers, in 5 GB shards, written piece by piece."""
@@ -110,14 +198,14 @@ def write_qwen25_32b_shaped(out: str | Path, layers: int, std: float = 1.0) -> P
     import torch
 
     from formats.hf_safetensors import TensorSpec, write_sharded
-    from models.qwen2.arch import Qwen2Arch
-    from models.qwen2.state_dict_adapter import bound_mappings
+    from models.decoder.state_dict_adapter import bound_mappings
+    from models.registry import arch_from_config
 
     out = Path(out)
     out.mkdir(parents=True)
     config = {**QWEN25_32B_CONFIG, "num_hidden_layers": layers}
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    arch = Qwen2Arch.from_hf_config(config)
+    arch = arch_from_config(config)
     specs = [
         TensorSpec(k, s, torch.bfloat16)
         for m in bound_mappings(arch)
@@ -140,7 +228,12 @@ if __name__ == "__main__":
     )
     parser.add_argument("out_dir", help="directory to write the model to")
     parser.add_argument(
-        "--tied", action="store_true", help="tie input and output embeddings (as Qwen2.5 0.5B-3B)"
+        "--family", default="qwen2", choices=sorted(_FAMILY_SETTINGS), help="the model family (default qwen2)"
+    )
+    parser.add_argument(
+        "--tied",
+        action="store_true",
+        help="tie input and output embeddings (as Qwen2.5 0.5B-3B, Qwen3 0.6B-4B, Llama 3.2)",
     )
     parser.add_argument("--layers", type=int, default=2, help="number of decoder layers (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights (default 0)")
@@ -151,8 +244,9 @@ if __name__ == "__main__":
         "weights (which make conversion tests sensitive to them but slow learning down)",
     )
     args = parser.parse_args()
-    model_dir = make_tiny_qwen2(
+    model_dir = make_tiny_model(
         args.out_dir,
+        args.family,
         seed=args.seed,
         tie_word_embeddings=args.tied,
         num_layers=args.layers,

@@ -46,9 +46,12 @@ def aligned_parquet(sample_snapshot, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session", params=[False, True], ids=["untied", "tied"])
 def tiny_qwen2_dir(request, tmp_path_factory) -> Path:
     """Untied with RMSNorm eps 1e-6 (Qwen2.5 7B+), tied with eps 1e-5 (as some small Qwen2 configs)."""
-    from testing.tiny_models import make_tiny_qwen2
+    from testing.tiny_models import make_tiny_model
 
     tied = request.param
-    return make_tiny_qwen2(
-        tmp_path_factory.mktemp("tiny_qwen2"), tie_word_embeddings=tied, rms_norm_eps=1e-5 if tied else 1e-6
+    return make_tiny_model(
+        tmp_path_factory.mktemp("tiny_qwen2"),
+        "qwen2",
+        tie_word_embeddings=tied,
+        rms_norm_eps=1e-5 if tied else 1e-6,
     )

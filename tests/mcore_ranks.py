@@ -16,21 +16,23 @@ def setup_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: i
 def megatron_logits_from_hf(
     rank: int, world_size: int, hf_dir: str, token_ids: list[list[int]]
 ) -> torch.Tensor:
-    """Builds the Qwen2 GPTModel (local spec, TP1/PP1), loads HF weights through the mapping, returns
+    """Builds the family's GPTModel (local spec, TP1/PP1), loads HF weights through the mapping, returns
     its logits."""
     from formats.hf_safetensors import HFSafetensorsReader
     from models.backends import choose_backend
-    from models.qwen2.arch import Qwen2Arch
-    from models.qwen2.model import build_model, layer_spec, transformer_config
-    from models.qwen2.state_dict_adapter import bound_mappings
+    from models.registry import family_of, read_arch
     from testing.mappings import to_mcore
 
     setup_parallel()
-    arch = Qwen2Arch.from_path(hf_dir)
-    spec = layer_spec(choose_backend("cpu"), packed=False)
-    model = build_model(arch, transformer_config(arch, use_cpu_initialization=True), spec).eval()
+    arch = read_arch(hf_dir)
+    family = family_of(arch)
+    spec = family.layer_spec(arch, choose_backend("cpu"), packed=False)
+    config = family.transformer_config(arch, use_cpu_initialization=True)
+    model = family.build_model(arch, config, spec).eval()
     reader = HFSafetensorsReader(hf_dir)
-    weights = {m.key: to_mcore(m, [reader.read(key) for key in m.hf_keys]) for m in bound_mappings(arch)}
+    weights = {
+        m.key: to_mcore(m, [reader.read(key) for key in m.hf_keys]) for m in family.bound_mappings(arch)
+    }
     missing, unexpected = model.load_state_dict(weights, strict=False)
     assert not unexpected, unexpected
     assert all(key.endswith("_extra_state") for key in missing), missing
@@ -77,12 +79,11 @@ def stock_load_matches_ours(
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from convert.verify import load_model_stage
-    from models.qwen2.arch import Qwen2Arch
-    from models.qwen2.model import transformer_config
+    from models.registry import family_of, read_arch
 
     ours = load_model_stage(checkpoint, tensor_parallel, pipeline_parallel, "cpu")  # initialises TP x PP
-    arch = Qwen2Arch.from_path(checkpoint)
-    config = transformer_config(
+    arch = read_arch(checkpoint)
+    config = family_of(arch).transformer_config(
         arch,
         tensor_parallel=tensor_parallel,
         pipeline_parallel=pipeline_parallel,
@@ -90,7 +91,9 @@ def stock_load_matches_ours(
     )
     stock = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=get_gpt_layer_local_spec(
+            qk_layernorm=arch.qk_layernorm, normalization="RMSNorm"
+        ),
         vocab_size=arch.vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -98,6 +101,8 @@ def stock_load_matches_ours(
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=arch.rope_base,
+        rope_scaling=arch.rope_scaling is not None,
+        rope_scaling_factor=arch.rope_scaling.factor if arch.rope_scaling else 8.0,
     )
     state = dist_checkpointing.load(stock.sharded_state_dict(), checkpoint)
     stock.load_state_dict(state)  # strict: every key, _extra_state included

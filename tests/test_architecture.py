@@ -36,11 +36,18 @@ def test_a_sideways_import_is_caught(tmp_path):
 
 def test_only_the_registry_knows_the_model_families(tmp_path):
     assert family_imports(ROOT) == []
-    (tmp_path / "models" / "llama").mkdir(parents=True)
-    (tmp_path / "models" / "llama" / "__init__.py").write_text("from models.llama.arch import A\n")
+    for package in ("llama", "decoder"):
+        (tmp_path / "models" / package).mkdir(parents=True)
+        (tmp_path / "models" / package / "__init__.py").write_text("")
+    # A family on the shared decoder is fine; the trainer or a sibling module reaching either is not.
+    (tmp_path / "models" / "llama" / "__init__.py").write_text("from models.decoder.arch import A\n")
+    (tmp_path / "models" / "parallel_layout.py").write_text("from models.decoder import flops\n")
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "trainer.py").write_text("def f():\n    from models.llama import arch\n")
-    assert family_imports(tmp_path) == ["sft/trainer.py imports models.llama"]
+    assert family_imports(tmp_path) == [
+        "models/parallel_layout.py imports models.decoder",
+        "sft/trainer.py imports models.llama",
+    ]
 
 
 def test_the_registry_finds_the_family_of_a_checkpoint_and_refuses_others(tiny_qwen2_dir, tmp_path):
@@ -50,15 +57,25 @@ def test_the_registry_finds_the_family_of_a_checkpoint_and_refuses_others(tiny_q
 
     from common.errors import UnsupportedModelError
     from models.qwen2 import FAMILY as QWEN2
-    from models.registry import family_of, read_arch, supported_model_types
+    from models.registry import family_for_config, family_of, read_arch, supported_model_types
 
     arch = read_arch(tiny_qwen2_dir)
     assert family_of(arch) is QWEN2 and "qwen2" in supported_model_types()
     assert getattr(transformers, QWEN2.hf_model_class) is transformers.Qwen2ForCausalLM
     assert getattr(transformers, QWEN2.hf_config_class) is transformers.Qwen2Config
+    for model_type in supported_model_types():  # every family's classes are transformers' for its type
+        family = family_for_config({"model_type": model_type})
+        model_class = getattr(transformers, family.hf_model_class)
+        assert model_class.config_class is getattr(transformers, family.hf_config_class)
+        assert model_class.config_class.model_type == family.model_type == model_type
     config = json.loads((tiny_qwen2_dir / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
     with pytest.raises(
-        UnsupportedModelError, match=r"config.json: model_type='gpt2'.*supported model types are qwen2"
+        UnsupportedModelError,
+        match=r"config.json: model_type='gpt2'.*supported model types are qwen2, qwen3, llama \(Qwen2 / "
+        r"Qwen2.5, Qwen3, Llama 3.x\)",
     ):
+        read_arch(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "qwen3_moe"}))
+    with pytest.raises(UnsupportedModelError, match="Qwen3 MoE is not supported yet"):
         read_arch(tmp_path)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 
 from common.errors import ConfigError
-from models.qwen2.arch import Qwen2Arch
+from models.registry import arch_from_config
 from sft.config import TrainConfig, dump_config, load_config
-from testing.tiny_models import QWEN25_32B_CONFIG
+from testing.tiny_models import LLAMA31_8B_CONFIG, QWEN3_32B_CONFIG, QWEN25_32B_CONFIG
 
-ARCH_32B = Qwen2Arch.from_hf_config({**QWEN25_32B_CONFIG, "num_hidden_layers": 64})  # Qwen2.5-32B
+ARCH_32B = arch_from_config({**QWEN25_32B_CONFIG, "num_hidden_layers": 64})  # Qwen2.5-32B
 
 
 def test_defaults_are_the_recipe():
@@ -192,13 +192,29 @@ def test_shipped_configs_load_and_take_paths_from_the_environment(monkeypatch, t
         32768,
         2,
     )
-    # The recipe's layout is valid for Qwen2.5-32B on 256 GPUs with Transformer Engine (paths aside).
-    problems = str(
-        pytest.raises(
-            ConfigError, c.validate, world_size=256, te_available=True, arch=ARCH_32B, data_seq_length=32768
-        ).value
-    )
-    assert "parallel" not in problems and "data.seq_length" not in problems
+    # Each shipped layout is valid for its model on its GPUs with Transformer Engine (paths aside).
+    for name, arch, gpus in (
+        ("k2think_qwen2.5_32b.yaml", ARCH_32B, 256),
+        ("k2think_qwen3_32b.yaml", arch_from_config(QWEN3_32B_CONFIG), 256),
+        ("llama3.1_8b.yaml", arch_from_config(LLAMA31_8B_CONFIG), 8),
+    ):
+        shipped = load_config(root / "configs" / name)
+        assert (shipped.schedule.global_batch_size, shipped.data.seq_length, shipped.optimizer.lr) == (
+            512,
+            32768,
+            1e-4,
+        )
+        problems = str(
+            pytest.raises(
+                ConfigError,
+                shipped.validate,
+                world_size=gpus,
+                te_available=True,
+                arch=arch,
+                data_seq_length=32768,
+            ).value
+        )
+        assert "parallel" not in problems and "data.seq_length" not in problems, (name, problems)
     assert load_config(root / "configs" / "tiny_cpu.yaml").device == "cpu"
 
 

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from common.distributed import run_distributed
-from common.errors import CheckpointError
+from common.errors import CheckpointError, InputError
 from convert.hf_to_mcore import plan_chunks
 from convert.verify import hf_logits, sample_token_ids, verify_conversion
 from formats.chat_template import AM_THINKING
 from formats.hf_safetensors import HFSafetensorsReader
 from formats.torch_dist import (
+    TRAINING_DATA_FILE,
     Chunk,
     TorchDistReader,
     checkpoint_problems,
@@ -24,8 +25,8 @@ from formats.torch_dist import (
     resolve_checkpoint,
     write_checkpoint,
 )
-from models.qwen2.arch import Qwen2Arch
-from models.qwen2.state_dict_adapter import bound_mappings
+from models.decoder.state_dict_adapter import bound_mappings
+from models.registry import arch_from_config, read_arch
 from testing.template_text import render
 
 from mcore_ranks import resave_at_layout, stock_load_matches_ours
@@ -73,7 +74,7 @@ def test_round_trip_through_files_is_bitwise(tiny_qwen2_dir, converted, qwen_tok
     assert len(set(index["weight_map"].values())) >= 2  # sharded at the requested size
     original = json.loads((tiny_qwen2_dir / "config.json").read_text())
     exported = json.loads((out / "config.json").read_text())
-    assert Qwen2Arch.from_hf_config(exported) == Qwen2Arch.from_hf_config(original)
+    assert arch_from_config(exported) == arch_from_config(original)
 
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -152,17 +153,17 @@ def test_converted_checkpoints_hold_the_extra_state_megatron_core_expects(conver
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    from models.qwen2.state_dict_adapter import extra_state_objects
+    from models.decoder.state_dict_adapter import extra_state_objects
 
     stored = FileSystemReader(str(converted)).read_metadata().state_dict_metadata
     objects = {key for key, meta in stored.items() if isinstance(meta, BytesStorageMetadata)}
-    arch = Qwen2Arch.from_path(converted)
+    arch = read_arch(converted)
     assert objects == set(extra_state_objects(arch))
     assert "decoder.layers.self_attention.linear_proj._extra_state/shard_1_2" in objects  # layer 1 of 2
 
 
 def test_chunks_tile_every_tensor_within_the_size_cap(tiny_qwen2_dir):
-    arch = Qwen2Arch.from_path(tiny_qwen2_dir)
+    arch = read_arch(tiny_qwen2_dir)
     cap = 8 << 10
     chunks = plan_chunks(arch, HFSafetensorsReader(tiny_qwen2_dir), torch.float32, max_chunk_bytes=cap)
     by_key: dict[str, list[Chunk]] = {}
@@ -263,6 +264,29 @@ def test_existing_output_needs_force_and_a_crash_leaves_nothing(
     monkeypatch.undo()
     assert run_tool("convert_hf_to_mcore", ["--hf", str(tiny_qwen2_dir), "--out", str(out), "--force"]) == 0
     assert not (out / "keep").exists() and resolve_checkpoint(out) == out
+
+
+def test_the_release_serves_the_training_template_and_the_tokenizer_tokens(
+    converted, qwen_tokenizer_dir, tmp_path
+):
+    from convert.mcore_to_hf import ReleaseTokens, load_release_tokenizer, release_template
+
+    assert release_template(converted) is AM_THINKING  # converted and never trained: the recipe's
+    trained = shutil.copytree(converted, tmp_path / "trained")
+    (trained / TRAINING_DATA_FILE).write_text(json.dumps({"chat_template": "chatml"}))
+    with pytest.raises(InputError, match=r"training_data.json: chat template 'chatml' is unknown"):
+        release_template(trained)
+    assert release_template(trained, "AM-thinking") is AM_THINKING  # --chat-template decides
+    (trained / TRAINING_DATA_FILE).write_text(json.dumps({"chat_template": "AM-thinking"}))
+    assert release_template(trained) is AM_THINKING
+    # The pad token is the tokenizer's own; without one (as Llama 3's), its end of text.
+    for pad, expected in (("<|fim_pad|>", "<|fim_pad|>"), (None, "<|endoftext|>")):
+        tokenizer_dir = shutil.copytree(qwen_tokenizer_dir, tmp_path / f"tokenizer-{pad}")
+        settings = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+        (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({**settings, "pad_token": pad}))
+        tokenizer, tokens = load_release_tokenizer(tokenizer_dir, AM_THINKING)
+        assert tokens == ReleaseTokens("<|im_end|>", expected, ("<|im_end|>", "<|endoftext|>"))
+        assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", expected)
 
 
 def test_export_errors_are_named(converted, tmp_path, capsys):

@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 
 from models.backends import Backend
+from models.decoder.arch import DecoderArch
+from models.decoder.model import transformer_config
 from models.megatron_settings import kernel_settings, recompute_settings
-from models.qwen2.arch import Qwen2Arch
-from models.qwen2.model import transformer_config
 
-ARCH = Qwen2Arch(
+ARCH = DecoderArch(
+    model_type="qwen2",
     vocab_size=256,
     hidden_size=64,
     ffn_hidden_size=96,
@@ -23,6 +24,7 @@ ARCH = Qwen2Arch(
     rope_base=1e6,
     tie_word_embeddings=False,
     max_position_embeddings=128,
+    qkv_bias=True,
 )
 TE, TORCH = Backend(True, "test"), Backend(False, "test")
 FUSIONS = (

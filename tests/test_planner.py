@@ -7,9 +7,9 @@ import dataclasses
 
 import pytest
 
+from models.decoder.flops import layer_parameters
 from models.parallel_layout import ParallelLayout
-from models.qwen2.arch import Qwen2Arch
-from models.qwen2.flops import layer_parameters
+from models.registry import arch_from_config, read_arch
 from sft.planner import (
     Hardware,
     activation_bytes_per_token_layer,
@@ -17,9 +17,9 @@ from sft.planner import (
     local_parameters,
     plan,
 )
-from testing.tiny_models import QWEN25_32B_CONFIG
+from testing.tiny_models import LLAMA31_8B_CONFIG, QWEN3_32B_CONFIG, QWEN25_32B_CONFIG
 
-QWEN25_32B = Qwen2Arch.from_hf_config({**QWEN25_32B_CONFIG, "num_hidden_layers": 64})  # Qwen2.5-32B
+QWEN25_32B = arch_from_config({**QWEN25_32B_CONFIG, "num_hidden_layers": 64})  # Qwen2.5-32B
 
 
 def test_parameter_count_is_qwen25_32b():
@@ -32,6 +32,22 @@ def test_parameter_count_is_qwen25_32b():
         local_parameters(QWEN25_32B, ParallelLayout(tensor=8, pipeline=2))
         == (32 * 487_605_248 + 152064 * 5120) // 8 + 5120
     )
+
+
+@pytest.mark.parametrize("config", [QWEN3_32B_CONFIG, LLAMA31_8B_CONFIG], ids=["qwen3-32b", "llama3.1-8b"])
+def test_parameter_count_of_the_other_families_equals_transformers(config):
+    """Qwen3-32B (q/k norms, no bias, head_dim 128 x 64 heads on a 5120-wide stream) and Llama 3.1 8B,
+    counted by transformers on the meta device: the published 32.8B and 8.03B."""
+    import torch
+    import transformers
+
+    from models.registry import family_for_config
+
+    family = family_for_config(config)
+    hf_config = getattr(transformers, family.hf_config_class).from_dict(config)
+    with torch.device("meta"):
+        model = getattr(transformers, family.hf_model_class)(hf_config)
+    assert local_parameters(arch_from_config(config), ParallelLayout()) == model.num_parameters()
 
 
 def test_activation_bytes_by_hand():
@@ -163,7 +179,7 @@ def test_memory_estimate_matches_a_measured_cpu_run(tmp_path):
         "checkpoint.save_at_end=false",
     )  # the checkpoint writer's buffers are not a step's
     (measured,) = run_distributed(_measure_peak, 1, overrides)
-    arch = Qwen2Arch.from_path(inputs.hf)
+    arch = read_arch(inputs.hf)
     estimated = estimate(
         arch,
         ParallelLayout(),

@@ -6,6 +6,7 @@ the overlong and system-source options, metadata, and atomic outputs."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -166,6 +167,14 @@ def test_bad_inputs_are_named(qwen_tokenizer_dir, tmp_path):
         run(tmp_path / "plain.parquet", qwen_tokenizer_dir, tmp_path / "x")
     with pytest.raises(InputError, match="tokenizer.json"):
         run(tmp_path / "plain.parquet", tmp_path, tmp_path / "x")
+    # A tokenizer without the template's stop token (Llama 3's has no <|im_end|>) would train a model
+    # that cannot end its turns with one token.
+    other = shutil.copytree(qwen_tokenizer_dir, tmp_path / "other_tokenizer")
+    spec = json.loads((other / "tokenizer.json").read_text())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != "<|im_end|>"]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(InputError, match=r"no <\|im_end\|> token, with which the AM-thinking chat template"):
+        run(tmp_path / "plain.parquet", other, tmp_path / "x")
 
 
 def test_packs_fit_once_every_conversation_is_padded_for_context_parallelism(
@@ -300,3 +309,32 @@ def test_the_command_line_takes_its_defaults_from_the_config():
         ]
     )
     assert (chosen.seq_length, chosen.overlong, chosen.pad_multiple) == (4096, "drop", 64)
+
+
+def test_a_tokenizer_that_adds_a_bos_token_changes_no_token(
+    packed, aligned_parquet, qwen_tokenizer_dir, tmp_path
+):
+    """Llama 3's tokenizer puts <|begin_of_text|> first when asked for special tokens; the template's
+    pieces are encoded without them, as LLaMA-Factory encodes them, so a bos is in the data only where
+    a template puts it. Here the Qwen2.5 tokenizer gets such a post-processor (bos <|endoftext|>)."""
+    from formats.tokenizer import load_backend_tokenizer
+
+    bos = {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}
+    with_bos = shutil.copytree(qwen_tokenizer_dir, tmp_path / "with_bos")
+    spec = json.loads((with_bos / "tokenizer.json").read_text())
+    spec["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {
+            "<|endoftext|>": {"id": "<|endoftext|>", "ids": [151643], "tokens": ["<|endoftext|>"]}
+        },
+    }
+    (with_bos / "tokenizer.json").write_text(json.dumps(spec))
+    assert load_backend_tokenizer(with_bos).encode("hi").ids[0] == 151643  # the post-processor is live
+    prefix, _ = packed
+    run(aligned_parquet, with_bos, tmp_path / "am")
+    for name in ("input_ids", "loss_mask"):
+        for suffix in (".bin", ".idx"):
+            ours = Path(f"{tmp_path / 'am'}_{name}{suffix}").read_bytes()
+            assert ours == Path(f"{prefix}_{name}{suffix}").read_bytes(), name + suffix

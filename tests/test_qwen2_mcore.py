@@ -11,8 +11,10 @@ import torch
 from common.distributed import run_distributed
 from common.errors import CheckpointError, UnsupportedModelError
 from formats.hf_safetensors import HFSafetensorsReader
-from models.qwen2.arch import Qwen2Arch
-from models.qwen2.state_dict_adapter import bound_mappings
+from models.decoder.arch import DecoderArch
+from models.decoder.state_dict_adapter import bound_mappings
+from models.qwen2 import arch_from_hf_config as qwen2_arch
+from models.registry import read_arch
 from testing.mappings import to_hf, to_mcore
 
 from mcore_ranks import megatron_logits_from_hf
@@ -39,7 +41,7 @@ def test_logits_match_transformers(tiny_qwen2_dir):
 
 
 def test_round_trip_is_bitwise_and_consumes_every_tensor_once(tiny_qwen2_dir):
-    arch = Qwen2Arch.from_path(tiny_qwen2_dir)
+    arch = read_arch(tiny_qwen2_dir)
     reader = HFSafetensorsReader(tiny_qwen2_dir)
     mappings = bound_mappings(arch)
     mcore = {m.key: to_mcore(m, [reader.read(key) for key in m.hf_keys]) for m in mappings}
@@ -65,7 +67,8 @@ def test_round_trip_is_bitwise_and_consumes_every_tensor_once(tiny_qwen2_dir):
 
 def test_qkv_layout_by_hand():
     # 4 query heads in 2 KV groups, head_dim 1, hidden 1: rows are labelled by their origin.
-    arch = Qwen2Arch(
+    arch = DecoderArch(
+        model_type="qwen2",
         vocab_size=8,
         hidden_size=1,
         ffn_hidden_size=2,
@@ -77,6 +80,7 @@ def test_qkv_layout_by_hand():
         rope_base=1e6,
         tie_word_embeddings=True,
         max_position_embeddings=16,
+        qkv_bias=True,
     )
     q = torch.tensor([[10.0], [11.0], [12.0], [13.0]])  # heads 0, 1 (group 0), 2, 3 (group 1)
     k = torch.tensor([[20.0], [21.0]])
@@ -106,23 +110,23 @@ def test_an_explicit_head_dim_may_differ_from_hidden_over_heads(tiny_qwen2_dir):
         "num_key_value_heads": 1,
         "head_dim": 128,
     }
-    arch = Qwen2Arch.from_hf_config(config)
+    arch = qwen2_arch(config)
     assert (arch.num_attention_heads * arch.head_dim, arch.hidden_size) == (640, 5120)
     qkv = next(m for m in bound_mappings(arch) if m.key.endswith("linear_qkv.weight"))
     assert qkv.mcore_shape == (640 + 2 * 128, 5120)
     with pytest.raises(UnsupportedModelError, match="inconsistent"):  # without head_dim, 5120 / 3 is no width
-        Qwen2Arch.from_hf_config({**config, "num_attention_heads": 3, "head_dim": None})
+        qwen2_arch({**config, "num_attention_heads": 3, "head_dim": None})
 
 
 def test_arch_reads_everything_from_the_config(tiny_qwen2_dir):
     config = _config(tiny_qwen2_dir)
-    arch = Qwen2Arch.from_hf_config(config)
+    arch = qwen2_arch(config)
     assert arch.rope_base == 1_000_000.0 and arch.rms_norm_eps == config["rms_norm_eps"]
     assert (arch.num_attention_heads, arch.num_query_groups, arch.head_dim) == (4, 2, 16)
     assert arch.tie_word_embeddings == config["tie_word_embeddings"]
     config.pop("rope_theta", None)
     config["rope_parameters"] = {"rope_theta": 5e5, "rope_type": "default"}
-    assert Qwen2Arch.from_hf_config(config).rope_base == 5e5  # transformers 5 layout
+    assert qwen2_arch(config).rope_base == 5e5  # transformers 5 layout
 
 
 @pytest.mark.parametrize(
@@ -139,12 +143,12 @@ def test_arch_reads_everything_from_the_config(tiny_qwen2_dir):
 def test_unsupported_configs_are_refused(tiny_qwen2_dir, change, message):
     config = {**_config(tiny_qwen2_dir), **change}
     with pytest.raises(UnsupportedModelError, match=message):
-        Qwen2Arch.from_hf_config(config)
+        qwen2_arch(config)
 
 
 def test_shape_mismatch_and_missing_shard_are_named(tiny_qwen2_dir, tmp_path):
     config = _config(tiny_qwen2_dir)
-    arch = Qwen2Arch.from_hf_config({**config, "intermediate_size": config["intermediate_size"] + 1})
+    arch = qwen2_arch({**config, "intermediate_size": config["intermediate_size"] + 1})
     reader = HFSafetensorsReader(tiny_qwen2_dir)
     gated = next(m for m in bound_mappings(arch) if m.key.endswith("linear_fc1.weight"))
     with pytest.raises(CheckpointError, match="gate_proj.weight: shape"):

@@ -363,3 +363,14 @@ def test_per_group_loss_weights_by_hand_at_every_layout(tmp_path):
         for position, pack in enumerate(order if layout.micro_batch_size == 1 else []):
             row = weights[position * 8 : (position + 1) * 8]
             assert row[row > 0].tolist() == pytest.approx([expected_weight[pack]] * targets[pack])
+
+
+def test_datasets_of_one_run_share_a_chat_template(tmp_path):
+    packs = random_packs(2, 8, 100, seed=0)
+    first = write_packed_dataset(tmp_path / "a", packs, 8, 100)
+    second = write_packed_dataset(tmp_path / "b", packs, 8, 100)
+    assert SFTData([str(first), str(second)], None, seed=0).chat_template == "synthetic"
+    meta_file = PackedDataset(str(second)).paths.meta
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "template": "AM-thinking"}))
+    with pytest.raises(DataError, match=r"different chat templates \['AM-thinking', 'synthetic'\]"):
+        SFTData([str(first), str(second)], None, seed=0)

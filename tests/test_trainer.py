@@ -6,6 +6,7 @@ in closed form, and run validation."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from common.distributed import run_distributed
+from formats.torch_dist import TRAINING_DATA_FILE
 from sft.metrics import read_metrics
 from testing.fixtures import TrainingInputs, training_inputs
 from testing.synthetic_packs import random_packs, write_packed_dataset
@@ -365,6 +367,9 @@ def test_schedule_and_metrics_file(setup, reference):
         assert r["loss_tokens"] > 0 and r["tokens"] > r["loss_tokens"] and r["tflops_per_device"] > 0
         assert 0 < r["mfu"] < 1 and r["skipped_steps"] == 0
     assert records[-1]["epoch"] == 2.0
+    # Each checkpoint records the chat template its data was encoded with, for the export.
+    recorded = reference.save_dir / "iter_0000006" / TRAINING_DATA_FILE
+    assert json.loads(recorded.read_text()) == {"chat_template": "synthetic"}
 
 
 @pytest.mark.slow

@@ -1,13 +1,14 @@
 #!/usr/bin/env python
-"""Exports a megatron-core torch_dist checkpoint as a Hugging Face Qwen2 model (the release).
+"""Exports a megatron-core torch_dist checkpoint as a Hugging Face model of its family (the release).
 
     python tools/convert_mcore_to_hf.py --mcore runs/k2think --out release/K2-Think-SFT
 
 --mcore is a converted checkpoint or a training run directory (its latest complete iter_NNNNNNN/, or
---iteration N), saved at any tensor/pipeline layout. Writes Qwen2ForCausalLM weights as safetensors
-shards of at most --max-shard-gb with model.safetensors.index.json, config.json,
-generation_config.json, and the tokenizer with the AM-thinking chat template (the one used in
-training) and <|im_end|> as EOS. Streams tensors, so memory stays small whatever the model size;
+--iteration N), saved at any tensor/pipeline layout. Writes the family's weights (Qwen2ForCausalLM,
+Qwen3ForCausalLM, LlamaForCausalLM) as safetensors shards of at most --max-shard-gb with
+model.safetensors.index.json, config.json, generation_config.json, and the tokenizer with the chat
+template the training data was encoded with (AM-thinking for the recipe) and its stop token
+(<|im_end|>) as EOS. Streams tensors, so memory stays small whatever the model size;
 the output appears under its final name only once complete. Exit status 2 with a message on bad input.
 """
 
@@ -23,6 +24,7 @@ from common.cli import exit_status  # noqa: E402
 from common.logging_utils import setup_logging  # noqa: E402
 from convert.hf_to_mcore import DTYPES  # noqa: E402
 from convert.mcore_to_hf import DEFAULT_SHARD_BYTES, convert_mcore_to_hf  # noqa: E402
+from formats.chat_template import TEMPLATES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="tokenizer directory (default: the tokenizer/ the checkpoint carries from its source)",
+    )
+    parser.add_argument(
+        "--chat-template",
+        choices=sorted(TEMPLATES),
+        default=None,
+        help="the chat template to install (default: the one the checkpoint's training data was encoded "
+        "with, as the trainer recorded it; AM-thinking for a checkpoint that was never trained)",
     )
     parser.add_argument(
         "--dtype",
@@ -79,6 +88,7 @@ def main(argv=None) -> int:
             iteration=args.iteration,
             tokenizer_dir=args.tokenizer,
             dtype=args.dtype,
+            chat_template=args.chat_template,
             force=args.force,
             max_shard_bytes=int(args.max_shard_gb * 1e9),
         )

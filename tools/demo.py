@@ -8,7 +8,8 @@ Stages (each prints its command and a summary; everything lands in --out, defaul
      short conversations (every reply still `<think>...</think> <answer>...</answer>`)
   3. tools/get_am_dataset.py --source SNAPSHOT  -> aligned parquet
   4. tools/preprocess_sft.py --valid-fraction   -> packed Megatron indexed files, with a held-out set
-  5. a tiny Qwen2.5-architecture model with random weights (2 layers, the real vocabulary), as an HF snapshot
+  5. a tiny model with random weights (2 layers, the real vocabulary), as an HF snapshot: Qwen2.5's
+     architecture, or with --family that of Qwen3 or Llama 3.1 (through the same Qwen2.5 tokenizer)
   6. tools/convert_hf_to_mcore.py               -> torch_dist checkpoint
   7. pretrain_sft.py on 2 CPU processes (gloo), tensor parallel 2, configs/tiny_cpu.yaml, with
      validation; the loss curves land in RUN/metrics.png
@@ -111,6 +112,12 @@ def main() -> int:
         "the model has learnt to open its replies with <think>)",
     )
     parser.add_argument(
+        "--family",
+        choices=("qwen2", "qwen3", "llama"),
+        default="qwen2",
+        help="the tiny model's family (default qwen2, the recipe's Qwen2.5; qwen3; llama: Llama 3.1)",
+    )
+    parser.add_argument(
         "--lr",
         type=float,
         default=2e-2,
@@ -153,14 +160,14 @@ def main() -> int:
         "--force",
     )
 
-    print("[5/9] a tiny Qwen2.5-architecture model (random weights) as an HF snapshot")
-    tiny_hf = out / "tiny-qwen2.5-hf"
-    run("-m", "testing.tiny_models", tiny_hf, "--layers", 2, "--plain-init")
+    print(f"[5/9] a tiny {args.family}-architecture model (random weights) as an HF snapshot")
+    tiny_hf = out / f"tiny-{args.family}-hf"
+    run("-m", "testing.tiny_models", tiny_hf, "--family", args.family, "--layers", 2, "--plain-init")
     for name in ("tokenizer.json", "tokenizer_config.json"):  # a real snapshot ships its tokenizer
         shutil.copy(tokenizer / name, tiny_hf / name)
 
     print("[6/9] HF -> torch_dist")
-    tiny_mcore = out / "tiny-qwen2.5-mcore"
+    tiny_mcore = out / f"tiny-{args.family}-mcore"
     run("tools/convert_hf_to_mcore.py", "--hf", tiny_hf, "--out", tiny_mcore, "--force")
 
     print(f"[7/9] SFT on 2 CPU processes, tensor parallel 2, {args.train_iters} iterations")

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Prints the feasible parallel layouts of a Qwen2 model for a sequence length, global batch and GPU
-count, with memory per GPU (weights, gradients, optimizer shards, activations, logits, other, buffers) and an
-estimated step time and MFU, fastest first; recommends the first. The model behind the figures is
-documented in sft/planner.py; layouts are checked by the trainer's own rules (models/parallel_layout.py).
+"""Prints the feasible parallel layouts of a model (Qwen2/2.5, Qwen3, Llama 3.x) for a sequence length,
+global batch and GPU count, with memory per GPU (weights, gradients, optimizer shards, activations,
+logits, other, buffers) and an estimated step time and MFU, fastest first; recommends the first. The
+model behind the figures is documented in sft/planner.py; layouts are checked by the trainer's own
+rules (models/parallel_layout.py).
 
     python tools/plan_layout.py --model /models/Qwen2.5-32B/config.json --seq-length 32768 \\
         --global-batch 512 --gpus 256 --gpu-memory-gb 80

@@ -1,33 +1,38 @@
-"""Qwen2 / Qwen2.5 on megatron-core, bound together in one place:
+"""Qwen2 / Qwen2.5 (`model_type` qwen2): the dense decoder with a bias on the QKV projection.
 
-- `arch`: `Qwen2Arch`, the architecture read from an HF config (the one source of model facts);
-- `model`: TransformerConfig, layer spec and GPTModel for an arch;
-- `state_dict_adapter`: the declarative HF <-> megatron-core parameter mapping, both directions;
-- `flops`: model FLOPs with attention counted per conversation.
-
-`FAMILY` binds them for models/registry.py: outside its own tests, nothing else imports this package.
+Every size (0.5B-72B; tied embeddings on the small ones; vocabulary 151,936 or 152,064) reads from its
+config.json; sliding-window attention and rope scaling are refused. `FAMILY` binds it for
+models/registry.py: outside its own tests, nothing else imports this package.
 """
 
-from models.registry import ModelFamily
+from __future__ import annotations
 
-from . import flops
-from .arch import Qwen2Arch
-from .model import build_model, layer_spec, transformer_config
-from .state_dict_adapter import bound_mappings, extra_state_objects
+from typing import Any
 
-FAMILY = ModelFamily(
-    name="Qwen2 / Qwen2.5",
-    model_type=Qwen2Arch.MODEL_TYPE,
-    hf_model_class="Qwen2ForCausalLM",
+from models.decoder import DecoderArch, decoder_family
+from models.decoder.arch import (
+    check_architectures,
+    read_decoder_config,
+    refuse_rope_scaling,
+    refuse_sliding_window,
+)
+
+NAME = "Qwen2 / Qwen2.5"
+MODEL_TYPE = "qwen2"
+ARCHITECTURES = ("Qwen2ForCausalLM",)
+
+
+def arch_from_hf_config(config: dict[str, Any], source: str = "config.json") -> DecoderArch:
+    check_architectures(config, source, MODEL_TYPE, ARCHITECTURES, NAME)
+    refuse_sliding_window(config, source)
+    refuse_rope_scaling(config, source, NAME)
+    return read_decoder_config(config, source, qkv_bias=True)
+
+
+FAMILY = decoder_family(
+    name=NAME,
+    model_type=MODEL_TYPE,
+    hf_model_class=ARCHITECTURES[0],
     hf_config_class="Qwen2Config",
-    arch_from_hf_config=Qwen2Arch.from_hf_config,
-    transformer_config=transformer_config,
-    layer_spec=layer_spec,
-    build_model=build_model,
-    bound_mappings=bound_mappings,
-    extra_state_objects=extra_state_objects,
-    layer_parameters=flops.layer_parameters,
-    dense_flops_per_token=flops.dense_flops_per_token,
-    attention_flops=flops.attention_flops,
-    training_flops=flops.training_flops,
+    arch_from_hf_config=arch_from_hf_config,
 )

@@ -236,10 +236,16 @@ def dry_run_layer_spec(local_spec):
     """A model family's local layer spec (`local_spec`) with the stand-in norms and attention (TE's
     layout of saved tensors: a LayerNormLinear keeps the same tensors as a norm followed by a linear
     layer)."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
     layer = local_spec.submodules
     layer.input_layernorm = FusedRMSNorm
     layer.pre_mlp_layernorm = FusedRMSNorm
-    layer.self_attention.submodules.core_attention = FlashAttention
+    attention = layer.self_attention.submodules
+    attention.core_attention = FlashAttention
+    for norm in ("q_layernorm", "k_layernorm"):  # the per-head query/key norms of a family that has them
+        if getattr(attention, norm) is not IdentityOp:
+            setattr(attention, norm, FusedRMSNorm)
     return local_spec
 
 

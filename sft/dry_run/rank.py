@@ -50,7 +50,7 @@ class DryRunModule(TrainModule):
 
     def layer_spec(self):
         return dry_run_layer_spec(
-            self.family.layer_spec(Backend(False, "the dry run's stand-ins"), packed=False)
+            self.family.layer_spec(self.arch, Backend(False, "the dry run's stand-ins"), packed=False)
         )
 
     def kernel_settings(self) -> dict:

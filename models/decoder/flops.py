@@ -6,10 +6,11 @@ layer, with hidden h, head dim d, heads n, query groups g, FFN width f:
 
     QKV projection  2 h (n + 2 g) d      output projection  2 n d h      SwiGLU MLP  2 x 3 h f
 
-plus the vocabulary projection 2 h V per token. Causal attention in a conversation of length L costs
-QK^T and AV over the L (L + 1) / 2 visible pairs: 2 x 2 x n d x L (L + 1) / 2 per layer. Megatron-LM's
-formula charges a packed row of S tokens S^2 as if it were one sequence; for packs of many short
-conversations that overstates the work several-fold. Padding tokens are not counted.
+plus the vocabulary projection 2 h V per token (biases and norms are no matrix multiplications).
+Causal attention in a conversation of length L costs QK^T and AV over the L (L + 1) / 2 visible
+pairs: 2 x 2 x n d x L (L + 1) / 2 per layer. Megatron-LM's formula charges a packed row of S tokens
+S^2 as if it were one sequence; for packs of many short conversations that overstates the work
+several-fold. Padding tokens are not counted.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ def layer_matrix_parameters(arch) -> int:
 
 
 def layer_parameters(arch) -> int:
-    """Every parameter of one layer: its matrices, the QKV bias and the two RMSNorm weights."""
-    qkv_width = (arch.num_attention_heads + 2 * arch.num_query_groups) * arch.head_dim
-    return layer_matrix_parameters(arch) + qkv_width + 2 * arch.hidden_size
+    """Every parameter of one layer: its matrices, the two RMSNorm weights, and where the family has
+    them the QKV bias and the query and key norms (one head wide each)."""
+    qkv_bias = (arch.num_attention_heads + 2 * arch.num_query_groups) * arch.head_dim if arch.qkv_bias else 0
+    qk_norms = 2 * arch.head_dim if arch.qk_layernorm else 0
+    return layer_matrix_parameters(arch) + 2 * arch.hidden_size + qkv_bias + qk_norms
 
 
 def dense_flops_per_token(arch) -> float:

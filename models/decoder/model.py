@@ -1,13 +1,14 @@
-"""The Qwen2-family model on megatron-core: TransformerConfig, layer spec and GPTModel from a `Qwen2Arch`.
+"""The dense decoder on megatron-core: TransformerConfig, layer spec and GPTModel from a `DecoderArch`.
 
-Used by the converters' verifier, the trainer and the benchmarks, so exactly one place decides how a
-Qwen2.5 checkpoint maps onto megatron-core. The layer spec is Transformer Engine's when the backend is
-TE (models/backends.py), megatron-core's local (pure torch) spec otherwise; for packed (THD) batches
-the local spec's core attention is replaced by the project's packed attention (models/packed_attention.py).
+Used (through models/registry.py) by the converters' verifier, the trainer and the benchmarks, so
+exactly one place decides how a checkpoint of each family maps onto megatron-core. The layer spec is
+Transformer Engine's when the backend is TE (models/backends.py), megatron-core's local (pure torch)
+spec otherwise; for packed (THD) batches the local spec's core attention is replaced by the project's
+packed attention (models/packed_attention.py).
 
-    arch = Qwen2Arch.from_path("/models/Qwen2.5-32B")
+    arch = read_arch("/models/Qwen2.5-32B")
     config = transformer_config(arch, tensor_parallel=8, params_dtype=torch.bfloat16)
-    model = build_model(arch, config, layer_spec(choose_backend("cuda"), packed=True))
+    model = build_model(arch, config, layer_spec(arch, choose_backend("cuda"), packed=True))
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 from models.backends import Backend
 
-from .arch import Qwen2Arch
+from .arch import DecoderArch
 
 if TYPE_CHECKING:
     import torch
 
 
 def transformer_config(
-    arch: Qwen2Arch,
+    arch: DecoderArch,
     *,
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
@@ -51,7 +52,8 @@ def transformer_config(
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
-        add_qkv_bias=True,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
         attention_dropout=0.0,
         hidden_dropout=0.0,
         tensor_model_parallel_size=tensor_parallel,
@@ -71,14 +73,15 @@ def transformer_config(
     return TransformerConfig(**settings)
 
 
-def layer_spec(backend: Backend, *, packed: bool):
-    """TE's fused layers, or megatron-core's local (pure torch) ones; with `packed`, the local spec's core
-    attention is the packed (THD) attention, which megatron-core's local spec does not have."""
+def layer_spec(arch: DecoderArch, backend: Backend, *, packed: bool):
+    """TE's fused layers, or megatron-core's local (pure torch) ones, with RMSNorm on each query and key
+    head where the family has it; with `packed`, the local spec's core attention is the packed (THD)
+    attention, which megatron-core's local spec does not have."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if backend.transformer_engine:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
     if packed:
         from models.packed_attention import with_packed_attention
 
@@ -87,10 +90,15 @@ def layer_spec(backend: Backend, *, packed: bool):
 
 
 def build_model(
-    arch: Qwen2Arch, config, spec, *, pre_process: bool = True, post_process: bool = True, vp_stage=None
+    arch: DecoderArch, config, spec, *, pre_process: bool = True, post_process: bool = True, vp_stage=None
 ):
-    """A GPTModel (this rank's pipeline stage) for `arch` with megatron-core's RoPE at the config's base."""
+    """A GPTModel (this rank's pipeline stage) for `arch` with megatron-core's RoPE at the config's base
+    (and Llama 3.1's scaling where the config has it: its reader has checked that megatron-core's fixed
+    frequency factors are the config's)."""
     from megatron.core.models.gpt import GPTModel
+
+    scaling = arch.rope_scaling
+    rope_scaling = dict(rope_scaling=True, rope_scaling_factor=scaling.factor) if scaling else {}
 
     return GPTModel(
         config=config,
@@ -103,5 +111,6 @@ def build_model(
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=arch.rope_base,  # Megatron-LM's own Qwen2.5 loader forgets this (docs/architecture.md)
+        **rope_scaling,
         vp_stage=vp_stage,
     )

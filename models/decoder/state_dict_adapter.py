@@ -1,0 +1,130 @@
+"""The HF <-> megatron-core parameter mapping of the dense decoder, declared once and used in both directions.
+
+The families here share the HF names of Llama (`model.layers.N.self_attn.q_proj.weight`, ...); the
+rules a layer has follow its architecture: the QKV bias where `qkv_bias` (Qwen2), the per-head query
+and key norms where `qk_layernorm` (Qwen3). How a rule becomes row blocks, and how blocks are copied
+either way, is models/weight_mapping.py.
+"""
+
+from __future__ import annotations
+
+from models.weight_mapping import QKV, BoundMapping, Direct, GatedMLP, LayerNames, bind
+
+from .arch import DecoderArch
+
+
+def _h(a: DecoderArch) -> tuple[int, ...]:
+    return (a.hidden_size,)
+
+
+def _q(a: DecoderArch) -> int:
+    return a.num_attention_heads * a.head_dim
+
+
+def _kv(a: DecoderArch) -> int:
+    return a.num_query_groups * a.head_dim
+
+
+def _d(a: DecoderArch) -> tuple[int, ...]:
+    return (a.head_dim,)
+
+
+def _vocab(a: DecoderArch) -> tuple[int, ...]:
+    return (a.vocab_size, a.hidden_size)
+
+
+_L = "model.layers.{layer}."
+_M = "decoder.layers.{layer}."
+EMBEDDING = Direct(("model.embed_tokens.weight",), "embedding.word_embeddings.weight", (_vocab,))
+INPUT_NORM = Direct((_L + "input_layernorm.weight",), _M + "input_layernorm.weight", (_h,))
+QKV_WEIGHT = QKV(
+    tuple(_L + f"self_attn.{p}_proj.weight" for p in "qkv"),
+    _M + "self_attention.linear_qkv.weight",
+    (
+        lambda a: (_q(a), a.hidden_size),
+        lambda a: (_kv(a), a.hidden_size),
+        lambda a: (_kv(a), a.hidden_size),
+    ),
+)
+QKV_BIAS = QKV(
+    tuple(_L + f"self_attn.{p}_proj.bias" for p in "qkv"),
+    _M + "self_attention.linear_qkv.bias",
+    (lambda a: (_q(a),), lambda a: (_kv(a),), lambda a: (_kv(a),)),
+)
+# One RMSNorm weight shared by every query (key) head, applied per head before RoPE.
+Q_NORM = Direct((_L + "self_attn.q_norm.weight",), _M + "self_attention.q_layernorm.weight", (_d,))
+K_NORM = Direct((_L + "self_attn.k_norm.weight",), _M + "self_attention.k_layernorm.weight", (_d,))
+OUTPUT_PROJECTION = Direct(
+    (_L + "self_attn.o_proj.weight",),
+    _M + "self_attention.linear_proj.weight",
+    (lambda a: (a.hidden_size, _q(a)),),
+)
+PRE_MLP_NORM = Direct((_L + "post_attention_layernorm.weight",), _M + "pre_mlp_layernorm.weight", (_h,))
+MLP_IN = GatedMLP(
+    (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"),
+    _M + "mlp.linear_fc1.weight",
+    (lambda a: (a.ffn_hidden_size, a.hidden_size),) * 2,
+)
+MLP_OUT = Direct(
+    (_L + "mlp.down_proj.weight",),
+    _M + "mlp.linear_fc2.weight",
+    (lambda a: (a.hidden_size, a.ffn_hidden_size),),
+)
+FINAL_NORM = Direct(("model.norm.weight",), "decoder.final_layernorm.weight", (_h,))
+OUTPUT_LAYER = Direct(
+    ("lm_head.weight",), "output_layer.weight", (_vocab,)
+)  # absent when embeddings are tied
+_TE_NORM_NAMES = {
+    _M + "input_layernorm.weight": _M + "self_attention.linear_qkv.layer_norm_weight",
+    _M + "pre_mlp_layernorm.weight": _M + "mlp.linear_fc1.layer_norm_weight",
+}
+
+
+def layer_rules(arch: DecoderArch) -> tuple[Direct, ...]:
+    """The rules of one layer of `arch`, in forward order."""
+    return (
+        INPUT_NORM,
+        QKV_WEIGHT,
+        *((QKV_BIAS,) if arch.qkv_bias else ()),
+        *((Q_NORM, K_NORM) if arch.qk_layernorm else ()),
+        OUTPUT_PROJECTION,
+        PRE_MLP_NORM,
+        MLP_IN,
+        MLP_OUT,
+    )
+
+
+def bound_mappings(arch: DecoderArch, layer_names: LayerNames = "local") -> list[BoundMapping]:
+    """Every mapping of the model in forward order: embedding, layer by layer, final norm, output layer."""
+    out = [bind(EMBEDDING, arch, None, layer_names, _TE_NORM_NAMES)]
+    rules = layer_rules(arch)
+    for layer in range(arch.num_layers):
+        out += [bind(rule, arch, layer, layer_names, _TE_NORM_NAMES) for rule in rules]
+    out.append(bind(FINAL_NORM, arch, None, layer_names, _TE_NORM_NAMES))
+    if not arch.tie_word_embeddings:
+        out.append(bind(OUTPUT_LAYER, arch, None, layer_names, _TE_NORM_NAMES))
+    return out
+
+
+# Modules whose megatron-core state dict holds an `_extra_state` entry (Transformer Engine's FP8 scaling
+# state; None without FP8), one ShardedObject per layer whatever the TP size. A complete checkpoint holds
+# them, or megatron-core's default load refuses it ("Missing key in checkpoint state_dict"): the local
+# spec's four linear layers, and TE's fused attention besides.
+EXTRA_STATE_MODULES = (
+    "self_attention.linear_qkv",
+    "self_attention.linear_proj",
+    "mlp.linear_fc1",
+    "mlp.linear_fc2",
+    "self_attention.core_attention",
+)
+
+
+def extra_state_objects(arch: DecoderArch) -> dict[str, None]:
+    """The `_extra_state` ShardedObjects of a weights-only checkpoint by unique key, all None (no FP8
+    state yet), as megatron-core names them for the stacked layers."""
+    layers = arch.num_layers
+    return {
+        f"decoder.layers.{module}._extra_state/shard_{layer}_{layers}": None
+        for layer in range(layers)
+        for module in EXTRA_STATE_MODULES
+    }
