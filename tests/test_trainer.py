@@ -316,8 +316,12 @@ def test_validation_loss_equals_transformers_on_the_held_out_files(
     from convert.mcore_to_hf import convert_mcore_to_hf
     from formats.packed import PackedDataset, validation_prefix
 
-    convert_mcore_to_hf(
-        reference.save_dir, tmp_path / "hf", iteration=ITERS, tokenizer_dir=qwen_tokenizer_dir
+    convert_mcore_to_hf(  # synthetic data records no real template: name one
+        reference.save_dir,
+        tmp_path / "hf",
+        iteration=ITERS,
+        tokenizer_dir=qwen_tokenizer_dir,
+        chat_template="AM-thinking",
     )
     held_out = PackedDataset(validation_prefix(setup.prefix))
     conversations = []
