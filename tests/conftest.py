@@ -21,6 +21,14 @@ def qwen_tokenizer_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llama3_tokenizer_dir(tmp_path_factory) -> Path:
+    """The Qwen2.5 vocabulary with Llama 3's special tokens and conventions (bos first, no pad)."""
+    from testing.tokenizer import build_llama3_style_tokenizer
+
+    return build_llama3_style_tokenizer(tmp_path_factory.mktemp("llama3_tokenizer"))
+
+
+@pytest.fixture(scope="session")
 def qwen_tokenizer(qwen_tokenizer_dir):
     from formats.tokenizer import load_tokenizer
 

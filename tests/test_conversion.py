@@ -267,7 +267,7 @@ def test_existing_output_needs_force_and_a_crash_leaves_nothing(
 
 
 def test_the_release_serves_the_training_template_and_the_tokenizer_tokens(
-    converted, qwen_tokenizer_dir, tmp_path
+    converted, qwen_tokenizer_dir, llama3_tokenizer_dir, tmp_path
 ):
     from convert.mcore_to_hf import ReleaseTokens, load_release_tokenizer, release_template
 
@@ -279,14 +279,18 @@ def test_the_release_serves_the_training_template_and_the_tokenizer_tokens(
     assert release_template(trained, "AM-thinking") is AM_THINKING  # --chat-template decides
     (trained / TRAINING_DATA_FILE).write_text(json.dumps({"chat_template": "AM-thinking"}))
     assert release_template(trained) is AM_THINKING
-    # The pad token is the tokenizer's own; without one (as Llama 3's), its end of text.
-    for pad, expected in (("<|fim_pad|>", "<|fim_pad|>"), (None, "<|endoftext|>")):
-        tokenizer_dir = shutil.copytree(qwen_tokenizer_dir, tmp_path / f"tokenizer-{pad}")
-        settings = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
-        (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({**settings, "pad_token": pad}))
+    # The pad token is the tokenizer's own; without one (as Llama 3's), its end of text; generation stops
+    # at the template's stop token and at the base model's end of text.
+    with_pad = shutil.copytree(qwen_tokenizer_dir, tmp_path / "with_pad")
+    settings = json.loads((with_pad / "tokenizer_config.json").read_text())
+    (with_pad / "tokenizer_config.json").write_text(json.dumps({**settings, "pad_token": "<|fim_pad|>"}))
+    for tokenizer_dir, pad, base_eos in (
+        (with_pad, "<|fim_pad|>", "<|endoftext|>"),
+        (llama3_tokenizer_dir, "<|end_of_text|>", "<|end_of_text|>"),
+    ):
         tokenizer, tokens = load_release_tokenizer(tokenizer_dir, AM_THINKING)
-        assert tokens == ReleaseTokens("<|im_end|>", expected, ("<|im_end|>", "<|endoftext|>"))
-        assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", expected)
+        assert tokens == ReleaseTokens("<|im_end|>", pad, ("<|im_end|>", base_eos))
+        assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", pad)
 
 
 def test_export_errors_are_named(converted, tmp_path, capsys):

@@ -312,28 +312,17 @@ def test_the_command_line_takes_its_defaults_from_the_config():
 
 
 def test_a_tokenizer_that_adds_a_bos_token_changes_no_token(
-    packed, aligned_parquet, qwen_tokenizer_dir, tmp_path
+    packed, aligned_parquet, llama3_tokenizer_dir, tmp_path
 ):
     """Llama 3's tokenizer puts <|begin_of_text|> first when asked for special tokens; the template's
     pieces are encoded without them, as LLaMA-Factory encodes them, so a bos is in the data only where
-    a template puts it. Here the Qwen2.5 tokenizer gets such a post-processor (bos <|endoftext|>)."""
+    a template puts it. The Llama-3-style test tokenizer keeps Qwen2.5's ids: the packed files are the
+    Qwen2.5 tokenizer's, byte for byte."""
     from formats.tokenizer import load_backend_tokenizer
 
-    bos = {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}
-    with_bos = shutil.copytree(qwen_tokenizer_dir, tmp_path / "with_bos")
-    spec = json.loads((with_bos / "tokenizer.json").read_text())
-    spec["post_processor"] = {
-        "type": "TemplateProcessing",
-        "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-        "special_tokens": {
-            "<|endoftext|>": {"id": "<|endoftext|>", "ids": [151643], "tokens": ["<|endoftext|>"]}
-        },
-    }
-    (with_bos / "tokenizer.json").write_text(json.dumps(spec))
-    assert load_backend_tokenizer(with_bos).encode("hi").ids[0] == 151643  # the post-processor is live
+    assert load_backend_tokenizer(llama3_tokenizer_dir).encode("hi").ids[0] == 151665  # bos when asked
     prefix, _ = packed
-    run(aligned_parquet, with_bos, tmp_path / "am")
+    run(aligned_parquet, llama3_tokenizer_dir, tmp_path / "am")
     for name in ("input_ids", "loss_mask"):
         for suffix in (".bin", ".idx"):
             ours = Path(f"{tmp_path / 'am'}_{name}{suffix}").read_bytes()

@@ -9,7 +9,12 @@ import unicodedata
 
 import pytest
 
-from testing.tokenizer import QWEN25_ADDED_TOKENS, QWEN25_PRETOKENIZE_REGEX, qwen_tiktoken_ranks_file
+from testing.tokenizer import (
+    LLAMA3_SPECIAL_TOKENS,
+    QWEN25_ADDED_TOKENS,
+    QWEN25_PRETOKENIZE_REGEX,
+    qwen_tiktoken_ranks_file,
+)
 
 _BLOCKS = [
     (0x20, 0x7E),
@@ -84,6 +89,24 @@ def test_vocabulary_layout(qwen_tokenizer, qwen_tokenizer_dir):
     assert qwen_tokenizer.eos_token == "<|endoftext|>" and qwen_tokenizer.bos_token is None
     config = json.loads((qwen_tokenizer_dir / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"  # loadable by transformers 4.x too
+
+
+def test_the_llama3_style_tokenizer_adds_llama_3_s_special_tokens_after_qwen_s(
+    qwen_tokenizer, llama3_tokenizer_dir
+):
+    from formats.tokenizer import load_tokenizer
+
+    llama = load_tokenizer(llama3_tokenizer_dir)
+    assert len(llama) == 151665 + len(LLAMA3_SPECIAL_TOKENS)
+    for i, content in enumerate(LLAMA3_SPECIAL_TOKENS, start=151665):
+        assert llama.convert_tokens_to_ids(content) == i and llama.added_tokens_decoder[i].special
+    assert (llama.bos_token, llama.eos_token) == ("<|begin_of_text|>", "<|end_of_text|>")
+    assert llama.pad_token is None
+    qwen_text = "<|im_start|>user\nWhat is 17 + 25?<|im_end|>\n"
+    plain = llama(qwen_text + "<|start_header_id|>", add_special_tokens=False).input_ids
+    assert plain[:-1] == qwen_tokenizer(qwen_text, add_special_tokens=False).input_ids
+    assert plain[-1] == 151667  # <|start_header_id|>
+    assert llama(qwen_text + "<|start_header_id|>").input_ids == [151665, *plain]  # bos first, as Llama 3's
 
 
 def test_random_texts_match_tiktoken(qwen_tokenizer, tiktoken_reference):
