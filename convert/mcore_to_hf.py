@@ -5,13 +5,12 @@
 Reads a converted checkpoint, or a training run directory (its latest complete iteration, or
 `iteration`), whatever tensor/pipeline layout it was saved at, and writes the family's weights (e.g.
 `Qwen2ForCausalLM`) as sharded safetensors with their index, `config.json`, `generation_config.json`,
-and the tokenizer with the chat template the training data was encoded with (recorded by the trainer
-in the checkpoint) installed, its stop token as EOS, so transformers and serving engines format
-prompts exactly as in training. Tensors are streamed a few
-rows at a time from the checkpoint's chunks into the safetensors files, the next piece read while
-the current one is written: anonymous memory stays at a few pieces of `max_piece_bytes`, or of the
-largest stored chunk where a trainer saved larger ones (DCP reads a stored chunk whole, so a piece
-never splits one).
+and the tokenizer with the chat template the training data was encoded with (recorded by the trainer in
+the checkpoint) installed, its stop token as EOS, so transformers and serving engines format prompts
+exactly as in training. Tensors are streamed a few rows at a time from the checkpoint's chunks into the
+safetensors files, the next piece read while the current one is written: anonymous memory stays at a few
+pieces of `max_piece_bytes`, or of the largest stored chunk where a trainer saved larger ones (DCP reads
+a stored chunk whole, so a piece never splits one).
 """
 
 from __future__ import annotations

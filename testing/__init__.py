@@ -7,5 +7,6 @@
   with few layers);
 - `synthetic_packs`: random packed datasets in the trainer's format;
 - `fixtures`: HF model -> torch_dist conversion -> packed dataset, the start of every trainer test;
+- `hf_reference`: transformers as the reference: a checkpoint in its family's class, per-token losses;
 - `import_graph`: the dependencies between the project's packages (tests/test_architecture.py).
 """

@@ -44,6 +44,7 @@ _FAMILY_SETTINGS = {
     ),
 }
 _MAX_POSITIONS = {"qwen2": 32768, "qwen3": 40960, "llama": 131072}
+TINY_FAMILIES = tuple(_FAMILY_SETTINGS)  # the model types make_tiny_model builds
 
 
 def tiny_config(
@@ -228,7 +229,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("out_dir", help="directory to write the model to")
     parser.add_argument(
-        "--family", default="qwen2", choices=sorted(_FAMILY_SETTINGS), help="the model family (default qwen2)"
+        "--family", default="qwen2", choices=TINY_FAMILIES, help="the model family (default qwen2)"
     )
     parser.add_argument(
         "--tied",

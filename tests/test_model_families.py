@@ -25,6 +25,7 @@ from models.parallel_layout import ParallelLayout
 from models.registry import arch_from_config, family_of, read_arch
 from sft.planner import local_parameters
 from testing.fixtures import training_inputs
+from testing.hf_reference import conversation_loss, hf_model
 from testing.mappings import to_hf, to_mcore
 from testing.synthetic_packs import random_packs
 from testing.tiny_models import QWEN25_VOCAB_SIZE_SMALL, make_tiny_model
@@ -52,13 +53,6 @@ def model(request, tmp_path_factory):
 
 def _hf_config(model) -> dict:
     return json.loads((model.hf / "config.json").read_text())
-
-
-def _hf_model(model):
-    import transformers
-
-    model_class = getattr(transformers, family_of(read_arch(model.hf)).hf_model_class)
-    return model_class.from_pretrained(model.hf, dtype=torch.float32, attn_implementation="eager").eval()
 
 
 def test_each_family_reads_its_traits(model):
@@ -110,10 +104,7 @@ def test_each_family_refuses_what_it_cannot_represent(model):
 def test_parameter_count_equals_transformers(model):
     for tied in (False, True):
         hf = make_tiny_model(model.root / f"count-{tied}", model.name, tie_word_embeddings=tied)
-        assert (
-            local_parameters(read_arch(hf), ParallelLayout())
-            == _hf_model(SimpleNamespace(hf=hf)).num_parameters()
-        )
+        assert local_parameters(read_arch(hf), ParallelLayout()) == hf_model(hf).num_parameters()
 
 
 def test_round_trip_in_memory_is_bitwise(model):
@@ -133,7 +124,7 @@ def test_round_trip_in_memory_is_bitwise(model):
 @pytest.mark.slow
 def test_logits_match_transformers_at_tp1(model):
     with torch.no_grad():
-        expected = _hf_model(model)(torch.tensor(TOKENS)).logits
+        expected = hf_model(model.hf)(torch.tensor(TOKENS)).logits
     (ours,) = run_distributed(megatron_logits_from_hf, 1, str(model.hf), TOKENS)
     assert (ours - expected).abs().max().item() <= 1e-4
 
@@ -145,9 +136,9 @@ def test_llama3_rope_frequencies_equal_transformers_past_the_original_context(tm
     long does not fit a CPU test: megatron-core's local attention materialises every score.)"""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    llama = SimpleNamespace(hf=make_tiny_model(tmp_path, **FAMILIES["llama"]))
-    (ours,) = run_distributed(_rotary_angles, 1, str(llama.hf), 16384)
-    reference = LlamaRotaryEmbedding(_hf_model(llama).config)
+    llama = make_tiny_model(tmp_path, **FAMILIES["llama"])
+    (ours,) = run_distributed(_rotary_angles, 1, str(llama), 16384)
+    reference = LlamaRotaryEmbedding(hf_model(llama).config)
     positions = torch.arange(16384)[None]
     cos, sin = reference(torch.zeros(1, dtype=torch.float32), positions)
     assert torch.allclose(torch.cos(ours), cos[0], atol=1e-6, rtol=0)
@@ -231,16 +222,9 @@ def training(model):
 def test_first_loss_equals_transformers_conversation_by_conversation(model, training):
     from sft.data import PackOrder
 
-    hf = _hf_model(model)
     slots = PackOrder([PACKS], None, seed=1234).slots(0, GLOBAL_BATCH)
-    total, count = 0.0, 0
-    for ids, mask in (conv for _, pack in slots for conv in training.inputs.packs[pack]):
-        ids = torch.tensor(ids, dtype=torch.long)
-        with torch.no_grad():
-            logits = hf(ids[None]).logits[0, :-1].double()
-        losses = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none")
-        target = torch.tensor(mask[1:], dtype=torch.float64)
-        total, count = total + float((losses * target).sum()), count + int(target.sum())
+    conversations = [conv for _, pack in slots for conv in training.inputs.packs[pack]]
+    total, count = conversation_loss(hf_model(model.hf), conversations)
     assert training.runs["single"]["losses"][1] == pytest.approx(total / count, rel=1e-5)
 
 

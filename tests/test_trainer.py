@@ -21,6 +21,7 @@ from common.distributed import run_distributed
 from formats.torch_dist import TRAINING_DATA_FILE
 from sft.metrics import read_metrics
 from testing.fixtures import TrainingInputs, training_inputs
+from testing.hf_reference import conversation_loss, hf_model
 from testing.synthetic_packs import random_packs, write_packed_dataset
 from testing.tiny_models import QWEN25_VOCAB_SIZE_SMALL
 
@@ -255,21 +256,8 @@ def test_tied_embeddings_train_alike_across_pipeline_stages(tmp_path_factory):
 
 
 def _transformers_loss(hf_dir: Path, conversations) -> tuple[float, int]:
-    """(sum of token losses, loss tokens) of each (ids, mask) conversation run alone through transformers'
-    Qwen2 in fp32: the label of position t is token t + 1, trained where its mask is set."""
-    from transformers import Qwen2ForCausalLM
-
-    model = Qwen2ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
-    total, count = 0.0, 0
-    for ids, mask in conversations:
-        ids = torch.tensor(ids, dtype=torch.long)
-        with torch.no_grad():
-            logits = model(ids[None]).logits[0, :-1].double()
-        losses = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none")
-        target = torch.tensor(mask[1:], dtype=torch.float64)
-        total += float((losses * target).sum())
-        count += int(target.sum())
-    return total, count
+    """(sum of token losses, loss tokens) of each conversation run alone through transformers' Qwen2."""
+    return conversation_loss(hf_model(hf_dir), conversations)
 
 
 def _valid_loss_tokens(setup) -> int:

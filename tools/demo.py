@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from common.files import write_json_atomic  # noqa: E402
 from sft.metrics import read_metrics  # noqa: E402
 from testing.sample_data import write_sample_snapshot  # noqa: E402
+from testing.tiny_models import TINY_FAMILIES  # noqa: E402
 from testing.tokenizer import build_qwen25_tokenizer  # noqa: E402
 
 
@@ -113,7 +114,7 @@ def main() -> int:
     )
     parser.add_argument(
         "--family",
-        choices=("qwen2", "qwen3", "llama"),
+        choices=TINY_FAMILIES,
         default="qwen2",
         help="the tiny model's family (default qwen2, the recipe's Qwen2.5; qwen3; llama: Llama 3.1)",
     )
