@@ -132,7 +132,7 @@ class ReleaseTokens:
 
     eos: str  # the template's stop token, which ends every assistant turn
     pad: str  # the tokenizer's own pad token, else its end-of-text token (as LLaMA-Factory pads)
-    stops: tuple[str, ...]  # generation stops at any: the template's stop and the base model's end of text
+    stops: tuple[str, ...]  # generation stops at any: the template's stops and the base model's end of text
 
 
 def load_release_tokenizer(tokenizer_dir: Path, template: ChatTemplate):
@@ -147,10 +147,11 @@ def load_release_tokenizer(tokenizer_dir: Path, template: ChatTemplate):
             "made with"
         )
     base_eos = tokenizer.eos_token
+    known = set(tokenizer.get_vocab())
     tokens = ReleaseTokens(
         eos=stop,
         pad=tokenizer.pad_token or base_eos or stop,
-        stops=tuple(dict.fromkeys(t for t in (stop, base_eos) if t)),
+        stops=tuple(dict.fromkeys(t for t in (*template.stop_tokens, base_eos) if t in known)),
     )
     tokenizer.chat_template = template.jinja()
     tokenizer.eos_token = tokens.eos

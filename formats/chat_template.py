@@ -1,27 +1,37 @@
-"""The AM-thinking chat template and LLaMA-Factory's SFT encoding of it (the recipe's, exactly).
+"""The chat templates a dataset is encoded with, by name, as LLaMA-Factory 0.9.3 writes them.
 
-This module is the single definition of the template: the preprocessor encodes with it
-(`pieces` + `assemble`), and the exporter installs it in the HF release as a Jinja `chat_template`
-(`jinja`). The encoding reproduces LLaMA-Factory 0.9.3's supervised
-preprocessing for the K2-Think template:
+This module is the single definition of each template: the preprocessor renders conversations with it
+(`ChatTemplate.render`: per message, the strings LLaMA-Factory tokenises one by one), and the exporter
+installs it in the HF release as a Jinja `chat_template` (`jinja`). The templates:
 
-* each slot string is tokenised on its own (no special tokens added) and the ids are concatenated;
-* the system slot precedes only the first user turn; an absent or empty system text falls back to
-  the default AM-thinking prompt;
-* conversations are (source, target) pairs: source = [system slot +] user slot (which ends with the
-  assistant header), target = assistant slot (text + `<|im_end|>\\n`); targets are trained, sources
-  are masked;
-* truncation (`infer_seqlen`) is per pair with a remaining budget, keeping the head of each part;
-  later pairs are dropped once the budget is spent.
+* `AM-thinking` (the recipe's): Qwen's ChatML slots with the recipe's default system prompt;
+* `qwen`: the same slots, default system "You are Qwen, created by Alibaba Cloud. ...";
+* `qwen3`: the same slots, no default system, and LLaMA-Factory's reasoning rule: an assistant turn
+  without a `<think>` block gets an empty one (trained with the turn); with `enable_thinking=False`
+  every turn's thoughts are removed and the empty block goes, untrained, into the prompt;
+* `llama3`: Llama 3's header tokens and `<|eot_id|>`, the tokenizer's bos first.
+
+The rules they share, from LLaMA-Factory's `Template._encode`: the system text (else the default)
+precedes the first message, and is written only when it or the row's tools are non-empty (the tools
+are appended to it); user turns end with the assistant header; observation (tool result) and
+function-call turns have their own slots (`formats.tool_calls` writes tools and calls in the
+template's tool format). Messages alternate user/observation and assistant/function, so message
+2k + 1 answers message 2k: pair k's source and target.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from common.errors import InputError
+
+from .tool_calls import function_call_text, tool_prompt
+
+USER, ASSISTANT, OBSERVATION, FUNCTION = "user", "assistant", "observation", "function"
+ROLES = (USER, ASSISTANT, OBSERVATION, FUNCTION)
 
 AM_THINKING_DEFAULT_SYSTEM = (
     "You are a helpful assistant. To answer the user's question, you first think about the reasoning "
@@ -29,69 +39,139 @@ AM_THINKING_DEFAULT_SYSTEM = (
     "within <think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process "
     "here </think> <answer> answer here </answer>."
 )
+QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+THOUGHT_OPEN, THOUGHT_CLOSE = "<think>", "</think>"
+EMPTY_THOUGHT = f"{THOUGHT_OPEN}\n\n{THOUGHT_CLOSE}\n\n"
+_THOUGHT_BLOCK = re.compile(f"{re.escape(THOUGHT_OPEN)}(.*?){re.escape(THOUGHT_CLOSE)}", re.DOTALL)
 
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """A LLaMA-Factory-style template: three slots with a `{content}` placeholder and a default system."""
+    """A LLaMA-Factory-style template: slots with a `{content}` placeholder, a default system, a stop."""
 
     name: str
     system_slot: str
     user_slot: str  # ends with the assistant header, as in LLaMA-Factory
     assistant_slot: str
+    observation_slot: str  # a tool's result; ends with the assistant header too
+    function_slot: str  # an assistant's function call, written by `tool_format`
     assistant_header: str
     default_system: str
-    stop_token: str
+    stop_token: str  # ends every assistant turn: the release's EOS
+    tool_format: str  # "qwen" or "llama3" (formats.tool_calls)
+    bos_first: bool = False  # the tokenizer's bos token opens every conversation
+    reasoning: bool = False  # LLaMA-Factory's ReasoningTemplate: empty <think> blocks where none
+    # Further tokens generation stops at (LLaMA-Factory adds them to the tokenizer as special tokens).
+    extra_stop_tokens: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if not self.user_slot.endswith(self.assistant_header):
-            raise ValueError(
-                f"{self.name}: the user slot must end with the assistant header {self.assistant_header!r}"
-            )
+        for slot in (self.user_slot, self.observation_slot):
+            if not slot.endswith(self.assistant_header):
+                raise ValueError(f"{self.name}: {slot!r} must end with the assistant header")
 
-    def system_text(self, system: str | None) -> str:
-        return system or self.default_system
+    def render(
+        self,
+        system: str | None,
+        tools: str | None,
+        messages: Sequence[tuple[str, str]],
+        *,
+        bos_token: str | None = None,
+        enable_thinking: bool = True,
+        tool_date: str = "",
+    ) -> list[list[str]]:
+        """Per message (role, content), the strings LLaMA-Factory tokenises one by one, in order.
 
-    def pieces(self, system: str | None, turns: Sequence[str]) -> list[str]:
-        """Slot strings in order: the system slot, then one per turn (user, assistant, user, ...).
-
-        Each piece is tokenised separately; pair k's source is pieces[2k+1] (plus pieces[0] for k=0)
-        and its target pieces[2k+2].
+        `bos_token` is the tokenizer's (None when it has none: then nothing is written for it);
+        `tool_date` is the date llama3's tool prompt names. Raises `tool_calls.NotExpressible` for
+        tools or a function call the template cannot write.
         """
-        slots = (self.user_slot, self.assistant_slot)
-        out = [_fill(self.system_slot, self.system_text(system))]
-        out.extend(_fill(slots[i % 2], text) for i, text in enumerate(turns))
-        return out
+        if self.reasoning and not enable_thinking:
+            messages = [
+                (role, _remove_thought(text) if i % 2 else text) for i, (role, text) in enumerate(messages)
+            ]
+        system = system or self.default_system
+        rendered = []
+        for i, (role, content) in enumerate(messages):
+            pieces = []
+            if i == 0:
+                if self.bos_first and bos_token:
+                    pieces.append(bos_token)
+                if system or tools:
+                    tool_text = tool_prompt(self.tool_format, tools, tool_date) if tools else ""
+                    pieces.append(_fill(self.system_slot, system + tool_text))
+            pieces.append(self._message_text(role, content))
+            rendered.append(pieces)
+        if self.reasoning:
+            self._add_empty_thoughts(messages, rendered, enable_thinking)
+        return [[piece for piece in pieces if piece] for pieces in rendered]
+
+    def _message_text(self, role: str, content: str) -> str:
+        if role == FUNCTION:
+            return _fill(self.function_slot, function_call_text(self.tool_format, content))
+        slot = {USER: self.user_slot, ASSISTANT: self.assistant_slot, OBSERVATION: self.observation_slot}[
+            role
+        ]
+        return _fill(slot, content)
+
+    @staticmethod
+    def _add_empty_thoughts(messages, rendered: list[list[str]], enable_thinking: bool) -> None:
+        for k in range(0, len(messages), 2):
+            answer = messages[k + 1][1]
+            if THOUGHT_OPEN not in answer and THOUGHT_CLOSE not in answer:
+                if enable_thinking:  # trained, as the start of the answer
+                    rendered[k + 1].insert(0, EMPTY_THOUGHT)
+                else:  # untrained, at the end of the prompt
+                    rendered[k].append(EMPTY_THOUGHT)
+
+    @property
+    def stop_tokens(self) -> tuple[str, ...]:
+        return (self.stop_token, *self.extra_stop_tokens)
 
     def jinja(self) -> str:
         """The template as a transformers `chat_template` (roles system/user/assistant).
 
-        A whole conversation renders to exactly the concatenated `pieces()`. The assistant header is
+        A conversation renders to exactly the concatenated `render()` strings. The assistant header is
         emitted before each assistant message, or at the end with `add_generation_prompt=True`, so
-        prompts for generation end with it as in training.
+        prompts for generation end with it as in training. Tool turns are not written (an error).
         """
         header = self.assistant_header
         user_open, user_close = _split(self.user_slot[: -len(header)])
         sys_open, sys_close = _split(self.system_slot)
         asst_open, asst_close = _split(self.assistant_slot)
         q = json.dumps
-        return (
-            "{%- if messages and messages[0]['role'] == 'system' -%}"
-            "{%- set system_message = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}"
-            "{%- else -%}{%- set system_message = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
-            "{%- if not system_message -%}"
-            f"{{%- set system_message = {q(self.default_system)} -%}}"
-            "{%- endif -%}"
-            f"{{{{- {q(sys_open)} + system_message + {q(sys_close)} -}}}}"
-            "{%- for message in loop_messages -%}"
-            "{%- if message['role'] == 'user' -%}"
-            f"{{{{- {q(user_open)} + message['content'] + {q(user_close)} -}}}}"
-            "{%- elif message['role'] == 'assistant' -%}"
-            f"{{{{- {q(header)} + {q(asst_open)} + message['content'] + {q(asst_close)} -}}}}"
-            "{%- else -%}{{- raise_exception('AM-thinking template: unsupported role ' + message['role']) -}}"
-            "{%- endif -%}{%- endfor -%}"
-            f"{{%- if add_generation_prompt -%}}{{{{- {q(header)} -}}}}{{%- endif -%}}"
-        )
+        unsupported = q(f"{self.name} template: unsupported role ")
+        parts = [
+            "{%- if messages and messages[0]['role'] == 'system' -%}",
+            "{%- set system_message = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}",
+            "{%- else -%}{%- set system_message = '' -%}{%- set loop_messages = messages -%}{%- endif -%}",
+        ]
+        if self.bos_first:
+            parts.append("{{- bos_token -}}")
+        if self.default_system:
+            parts.append(
+                f"{{%- if not system_message -%}}{{%- set system_message = {q(self.default_system)} -%}}"
+                "{%- endif -%}"
+            )
+        parts += [
+            f"{{%- if system_message -%}}{{{{- {q(sys_open)} + system_message + {q(sys_close)} -}}}}",
+            "{%- endif -%}",
+            "{%- for message in loop_messages -%}{%- set content = message['content'] -%}",
+            "{%- if message['role'] == 'user' -%}",
+            f"{{{{- {q(user_open)} + content + {q(user_close)} -}}}}",
+            "{%- elif message['role'] == 'assistant' -%}",
+        ]
+        if self.reasoning:  # the empty thought training added to answers without one
+            parts.append(
+                f"{{%- if {q(THOUGHT_OPEN)} not in content and {q(THOUGHT_CLOSE)} not in content -%}}"
+                f"{{%- set content = {q(EMPTY_THOUGHT)} + content -%}}{{%- endif -%}}"
+            )
+        parts += [
+            f"{{{{- {q(header)} + {q(asst_open)} + content + {q(asst_close)} -}}}}",
+            f"{{%- else -%}}{{{{- raise_exception({unsupported} + message['role']) -}}}}",
+            "{%- endif -%}{%- endfor -%}",
+            f"{{%- if add_generation_prompt -%}}{{{{- {q(header)} -}}}}{{%- endif -%}}",
+        ]
+        return "".join(parts)
 
 
 def _fill(slot: str, content: str) -> str:
@@ -103,66 +183,52 @@ def _split(slot: str) -> tuple[str, str]:
     return head, tail
 
 
-AM_THINKING = ChatTemplate(
-    name="AM-thinking",
+def _remove_thought(text: str) -> str:
+    return _THOUGHT_BLOCK.sub("", text).lstrip("\n")
+
+
+_CHATML = dict(
     system_slot="<|im_start|>system\n{content}<|im_end|>\n",
     user_slot="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
     assistant_slot="{content}<|im_end|>\n",
+    observation_slot="<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n"
+    "<|im_start|>assistant\n",
+    function_slot="{content}<|im_end|>\n",
     assistant_header="<|im_start|>assistant\n",
-    default_system=AM_THINKING_DEFAULT_SYSTEM,
     stop_token="<|im_end|>",
+    tool_format="qwen",
+)
+AM_THINKING = ChatTemplate(name="AM-thinking", default_system=AM_THINKING_DEFAULT_SYSTEM, **_CHATML)
+QWEN = ChatTemplate(name="qwen", default_system=QWEN_DEFAULT_SYSTEM, **_CHATML)
+QWEN3 = ChatTemplate(name="qwen3", default_system="", reasoning=True, **_CHATML)
+LLAMA3 = ChatTemplate(
+    name="llama3",
+    system_slot="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+    user_slot="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    assistant_slot="{content}<|eot_id|>",
+    observation_slot="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    function_slot="{content}<|eot_id|>",
+    assistant_header="<|start_header_id|>assistant<|end_header_id|>\n\n",
+    default_system="",
+    stop_token="<|eot_id|>",
+    tool_format="llama3",
+    bos_first=True,
+    extra_stop_tokens=("<|eom_id|>",),
 )
 
 
-# Every template by the name a dataset's meta records (`template`) and the exporter's --chat-template takes.
-TEMPLATES = {template.name: template for template in (AM_THINKING,)}
+# Every template by the name `--template` takes, a dataset's meta records and the exporter's
+# --chat-template takes; the first is the default.
+TEMPLATES = {template.name: template for template in (AM_THINKING, QWEN, QWEN3, LLAMA3)}
+TEMPLATE_ALIASES = {"am-thinking": AM_THINKING.name}  # the spelling of the issue and LLaMA-Factory users
 
 
 def template_named(name: str, source: str = "--chat-template") -> ChatTemplate:
+    name = TEMPLATE_ALIASES.get(name, name)
     if name not in TEMPLATES:
         raise InputError(
             f"{source}: chat template {name!r} is unknown; the templates are {', '.join(TEMPLATES)}"
         )
     return TEMPLATES[name]
-
-
-def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
-    """LLaMA-Factory's budget split for one (source, target) pair; returns the kept lengths.
-
-    The float expression in the last branch is deliberate: it is LLaMA-Factory's, and an integer
-    formula would round differently in rare cases.
-    """
-    if target_len * 2 < cutoff_len:  # short target: it may use the whole budget
-        max_target_len = cutoff_len
-    elif source_len * 2 < cutoff_len:  # short source: the target gets the rest
-        max_target_len = cutoff_len - source_len
-    else:  # both long: split the budget in proportion
-        max_target_len = int(cutoff_len * (target_len / (source_len + target_len)))
-    new_target_len = min(max_target_len, target_len)
-    new_source_len = min(max(cutoff_len - new_target_len, 0), source_len)
-    return new_source_len, new_target_len
-
-
-def assemble(piece_ids: Sequence[Sequence[int]], cutoff_len: int) -> tuple[list[int], list[int], int]:
-    """Joins tokenised pieces (see `ChatTemplate.pieces`) into ids + loss mask, truncating per pair.
-
-    Returns (ids, mask, full_length) where full_length is the untruncated token count.
-    """
-    if len(piece_ids) < 3 or len(piece_ids) % 2 == 0:
-        raise ValueError("expected a system piece followed by (user, assistant) pairs")
-    ids: list[int] = []
-    mask: list[int] = []
-    full_length = sum(len(p) for p in piece_ids)
-    total = 0
-    for k in range(1, len(piece_ids), 2):
-        if total >= cutoff_len:
-            break
-        source = list(piece_ids[k]) if k > 1 else [*piece_ids[0], *piece_ids[1]]
-        target = piece_ids[k + 1]
-        source_len, target_len = infer_seqlen(len(source), len(target), cutoff_len - total)
-        ids += source[:source_len]
-        ids += target[:target_len]
-        mask += [0] * source_len
-        mask += [1] * target_len
-        total += source_len + target_len
-    return ids, mask, full_length

@@ -70,3 +70,15 @@ def tokenizer_fingerprint(path: str | Path) -> str:
             digest.update(name.encode())
             digest.update(file.read_bytes())
     return digest.hexdigest()
+
+
+def declared_special_token(path: str | Path, role: str) -> str | None:
+    """The token a local HF tokenizer declares for `role` ("bos_token", "eos_token", "pad_token"), as
+    transformers reads it (tokenizer_config.json, else special_tokens_map.json), or None."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        file = Path(path) / name
+        if file.is_file():
+            value = json.loads(file.read_text()).get(role)
+            if value is not None:
+                return value["content"] if isinstance(value, dict) else value
+    return None

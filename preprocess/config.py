@@ -6,12 +6,16 @@ these fields, and the run records them in PREFIX_meta.json.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import InputError
+from formats.chat_template import AM_THINKING, ChatTemplate, template_named
 from formats.packed import PackedPaths, validation_prefix
+
+from .sft_encoding import LossOptions
 
 OVERLONG_CHOICES = ("truncate", "drop")
 SYSTEM_SOURCES = ("turn", "column")
@@ -19,9 +23,18 @@ SYSTEM_SOURCES = ("turn", "column")
 
 @dataclass
 class PreprocessConfig:
-    input: Path
     tokenizer: Path
     output_prefix: Path
+    # Either the aligned AM-Thinking parquet, or a LLaMA-Factory registry and the datasets it names.
+    input: Path | None = None
+    dataset_info: Path | None = None
+    dataset: str | None = None  # comma-separated names of --dataset-info's entries
+    template: str = AM_THINKING.name
+    mask_history: bool = False
+    train_on_prompt: bool = False
+    enable_thinking: bool = True
+    # The date llama3's tool prompt names (LLaMA-Factory writes the day it runs); default: today.
+    tool_date: str | None = None
     seq_length: int = 32768
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     overlong: str = "truncate"
@@ -36,9 +49,36 @@ class PreprocessConfig:
         """Per-conversation cutoff: LLaMA-Factory reserves one position of each packed row."""
         return self.seq_length - 1
 
+    @property
+    def dataset_names(self) -> list[str]:
+        return [name.strip() for name in (self.dataset or "").split(",") if name.strip()]
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        return template_named(self.template, "--template")
+
+    @property
+    def loss(self) -> LossOptions:
+        return LossOptions(train_on_prompt=self.train_on_prompt, mask_history=self.mask_history)
+
     def validate(self) -> None:
-        if not Path(self.input).is_file():
+        if (self.input is None) == (self.dataset_info is None):
+            raise InputError(
+                "give either --input ALIGNED.parquet (tools/get_am_dataset.py) or --dataset-info REGISTRY "
+                "with --dataset NAME[,NAME...]"
+            )
+        if self.input is not None and not Path(self.input).is_file():
             raise InputError(f"--input {self.input} does not exist (make it with tools/get_am_dataset.py)")
+        if self.dataset_info is not None and not self.dataset_names:
+            raise InputError("--dataset-info needs --dataset NAME[,NAME...]: the registry's entries to read")
+        if self.dataset is not None and self.dataset_info is None:
+            raise InputError("--dataset names entries of a registry: give it with --dataset-info")
+        if self.dataset_info is not None and self.system_source != "turn":
+            raise InputError("--system-source applies to --input; a registry entry names its `system` column")
+        self.template = self.chat_template.name  # an unknown name raises, listing the templates
+        self.loss.validate()
+        if self.tool_date is None:
+            self.tool_date = datetime.date.today().strftime("%d %b %Y")
         if self.seq_length < 16:
             raise InputError(f"--seq-length {self.seq_length} is too small (the recipe uses 32768)")
         if self.workers < 1:

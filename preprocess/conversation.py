@@ -1,4 +1,4 @@
-"""What counts as a valid conversation, and the names of the reasons an invalid one is dropped.
+"""What counts as a valid aligned conversation, and the names of every reason a row is dropped.
 
 The rule is the one LLaMA-Factory's ShareGPT converter applies with the K2-Think dataset entry
 (role tag `from`, content tag `value`, user tag `human`, assistant tag `assistant`): an optional
@@ -13,6 +13,8 @@ import hashlib
 import json
 from typing import Any
 
+from formats.tool_calls import INVALID_FUNCTION_CALL, INVALID_TOOLS
+
 SYSTEM, HUMAN, ASSISTANT = "system", "human", "assistant"
 KNOWN_ROLES = frozenset({SYSTEM, HUMAN, ASSISTANT})
 
@@ -26,6 +28,14 @@ NON_STRING_VALUE = "non_string_value"
 UNDECODABLE_BYTES = "undecodable_bytes"
 BROKEN_JSONL_LINE = "broken_jsonl_line"
 NOT_AN_OBJECT = "row_not_an_object"
+# Registry datasets, as LLaMA-Factory's converters and its supervised processor judge a row (where it
+# would stop with an exception instead, the row is dropped and counted here).
+INVALID_ROLE_TAG = (
+    "invalid_role_tag"  # a role not allowed at its place: user/observation, then assistant/function
+)
+INVALID_MESSAGE_COUNT = "invalid_message_count"  # an odd number of messages
+NO_RESPONSE = "no_response"  # alpaca: the response is not a string
+MALFORMED_HISTORY = "malformed_history"  # alpaca: a history item that is not a [prompt, response] pair
 OVERLONG = "overlong"  # only with `preprocess_sft.py --overlong drop`: longer than the cutoff
 DROP_REASONS = (
     MISSING_CONVERSATIONS,
@@ -37,6 +47,12 @@ DROP_REASONS = (
     UNDECODABLE_BYTES,
     BROKEN_JSONL_LINE,
     NOT_AN_OBJECT,
+    INVALID_ROLE_TAG,
+    INVALID_MESSAGE_COUNT,
+    NO_RESPONSE,
+    MALFORMED_HISTORY,
+    INVALID_TOOLS,
+    INVALID_FUNCTION_CALL,
     OVERLONG,
 )
 
@@ -84,12 +100,16 @@ def split_system(conversations: list[dict[str, str]]) -> tuple[str | None, list[
     return None, conversations
 
 
-def held_out(conversations: list[dict[str, str]], fraction: float, seed: int) -> bool:
-    """Whether a valid conversation belongs to the validation split: decided by a seeded hash of its
-    turns (roles and texts) alone, so a conversation keeps its side when the dataset grows, shrinks or is
-    reordered, and duplicates always land on the same side."""
+def aligned_key(conversations: list[dict[str, str]]) -> str:
+    """The content identity of an aligned conversation: its turns' roles and texts."""
+    return json.dumps([[t["from"], t["value"]] for t in conversations], ensure_ascii=False)
+
+
+def held_out(key: str, fraction: float, seed: int) -> bool:
+    """Whether a conversation of content identity `key` belongs to the validation split: decided by a
+    seeded hash of its content alone, so a conversation keeps its side when the dataset grows, shrinks
+    or is reordered, and duplicates always land on the same side."""
     if fraction <= 0:
         return False
-    content = json.dumps([[t["from"], t["value"]] for t in conversations], ensure_ascii=False)
-    digest = hashlib.blake2b(content.encode("utf-8"), digest_size=8, key=f"valid-{seed}".encode()).digest()
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8, key=f"valid-{seed}".encode()).digest()
     return int.from_bytes(digest, "big") < fraction * 2**64

@@ -1,11 +1,12 @@
-"""One record batch of aligned rows -> token ids and loss masks, with LLaMA-Factory's semantics.
+"""One batch of rows -> token ids and loss masks, with LLaMA-Factory's semantics.
 
-Per row, in order: the validity rule (`conversation.conversation_problem`: invalid rows are counted
-by reason), the system text (a leading system turn, or the `system` column), the chat template's
-pieces, the held-out decision (a seeded hash of the content). Then the batch's pieces are tokenised
-in one call, and each conversation's pieces are joined and truncated to the cutoff per (source,
-target) pair (`formats.chat_template.assemble`); with `overlong="drop"` a conversation past the
-cutoff is counted and dropped instead.
+Per row, in order: the dataset's converter (`preprocess.converters`: an `Example`, or the reason the
+row is dropped, counted), the chat template's strings per message (`ChatTemplate.render`; tools or a
+function call it cannot write drop the row under that reason), the held-out decision (a seeded hash
+of the content). Then the batch's strings are tokenised in one call, each message's ids joined, and
+each conversation's (source, target) pairs encoded and truncated to the cutoff
+(`preprocess.sft_encoding`); with `overlong="drop"` a conversation past the cutoff is counted and
+dropped instead.
 
 `encode_batch` runs in worker processes (`preprocess.workers.ordered_map`): its settings are small
 and travel with each task; the tokenizer is loaded once per process, from the path in the settings.
@@ -18,32 +19,43 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from formats.chat_template import ChatTemplate, assemble
+from formats.chat_template import ChatTemplate
 from formats.packed import MASK_DTYPE, TOKEN_DTYPE
 from formats.tokenizer import load_backend_tokenizer
+from formats.tool_calls import NotExpressible
 
 from . import conversation
+from .converters import AlignedConverter, AlpacaConverter, Example, SharegptConverter
+from .sft_encoding import LossOptions, encode_pairs
+from .source import RowBatch
+
+Converter = AlignedConverter | AlpacaConverter | SharegptConverter
 
 
 @dataclass(frozen=True)
 class EncodeSettings:
     tokenizer: Path  # a local HF tokenizer directory
     template: ChatTemplate
+    converters: tuple[Converter, ...]  # per dataset of the run, in RowBatch.dataset order
     cutoff_len: int
     overlong: str  # "truncate" or "drop"
-    system_source: str  # "turn" or "column"
     valid_fraction: float
     seed: int
+    loss: LossOptions = LossOptions()
+    enable_thinking: bool = True
+    tool_date: str = ""
+    bos_token: str | None = None  # the tokenizer's, which templates with `bos_first` open with
 
 
 @dataclass
 class EncodedBatch:
-    """The kept conversations of one record batch, concatenated, plus what happened to the others."""
+    """The kept conversations of one batch (all of one dataset), concatenated, plus what happened to the
+    others."""
 
+    dataset: int
     rows: int
     ids: np.ndarray  # every kept conversation's token ids, one after another
     mask: np.ndarray  # their loss masks (1 = trained)
@@ -57,35 +69,46 @@ class EncodedBatch:
 
 @dataclass
 class _Templated:
-    """A valid conversation as the template's pieces (system slot, then one per turn)."""
+    """A valid conversation as the template's strings, per message."""
 
-    pieces: list[str]
+    messages: list[list[str]]
     subset: str
     held_out: bool
 
 
-def encode_batch(settings: EncodeSettings, batch: Any) -> EncodedBatch:
-    """Encodes one pyarrow record batch of aligned rows (columns conversations [, system, subset])."""
-    rows = batch.to_pylist()
+def encode_batch(settings: EncodeSettings, batch: RowBatch) -> EncodedBatch:
+    """Encodes one batch of rows of the dataset `batch.dataset`."""
+    rows = batch.to_rows()
+    convert = settings.converters[batch.dataset]
     dropped: Counter = Counter()
     templated: list[_Templated] = []
     for row in rows:
-        problem = conversation.conversation_problem(row.get("conversations"))
-        if problem:
-            dropped[problem] += 1
-        else:
-            templated.append(_apply_template(row, settings))
-    piece_ids = _tokenise([piece for conv in templated for piece in conv.pieces], settings.tokenizer)
-    return _assemble_batch(templated, piece_ids, settings, len(rows), dropped)
+        example = convert(row) if isinstance(row, dict) else conversation.NOT_AN_OBJECT
+        if isinstance(example, str):
+            dropped[example] += 1
+            continue
+        try:
+            templated.append(_apply_template(example, settings))
+        except NotExpressible as exc:
+            dropped[exc.reason] += 1
+    pieces = [piece for conv in templated for message in conv.messages for piece in message]
+    piece_ids = _tokenise(pieces, settings.tokenizer)
+    return _assemble_batch(batch.dataset, templated, piece_ids, settings, len(rows), dropped)
 
 
-def _apply_template(row: dict[str, Any], settings: EncodeSettings) -> _Templated:
-    turn_system, turns = conversation.split_system(row["conversations"])
-    system = row.get("system") if settings.system_source == "column" else turn_system
+def _apply_template(example: Example, settings: EncodeSettings) -> _Templated:
+    messages = settings.template.render(
+        example.system,
+        example.tools,
+        example.messages,
+        bos_token=settings.bos_token,
+        enable_thinking=settings.enable_thinking,
+        tool_date=settings.tool_date,
+    )
     return _Templated(
-        pieces=settings.template.pieces(system, [turn["value"] for turn in turns]),
-        subset=row.get("subset") or "",
-        held_out=conversation.held_out(row["conversations"], settings.valid_fraction, settings.seed),
+        messages=messages,
+        subset=example.subset,
+        held_out=conversation.held_out(example.key, settings.valid_fraction, settings.seed),
     )
 
 
@@ -101,6 +124,7 @@ def _backend_tokenizer(path: Path):
 
 
 def _assemble_batch(
+    dataset: int,
     templated: list[_Templated],
     piece_ids: list[list[int]],
     settings: EncodeSettings,
@@ -111,10 +135,11 @@ def _assemble_batch(
     mask: list[int] = []
     kept: list[_Templated] = []
     lengths, full_lengths, loss_tokens = [], [], []
-    start = 0
+    pieces = iter(piece_ids)  # in the order of the conversations' messages' strings
     for conv in templated:
-        conv_ids, conv_mask, full = assemble(piece_ids[start : start + len(conv.pieces)], settings.cutoff_len)
-        start += len(conv.pieces)
+        message_ids = [_joined(pieces, len(message)) for message in conv.messages]
+        pairs = list(zip(message_ids[::2], message_ids[1::2], strict=True))
+        conv_ids, conv_mask, full = encode_pairs(pairs, settings.cutoff_len, settings.loss)
         if full > settings.cutoff_len and settings.overlong == "drop":
             dropped[conversation.OVERLONG] += 1
             continue
@@ -125,6 +150,7 @@ def _assemble_batch(
         full_lengths.append(full)
         loss_tokens.append(sum(conv_mask))
     return EncodedBatch(
+        dataset=dataset,
         rows=rows,
         ids=np.asarray(ids, dtype=TOKEN_DTYPE),  # the spill holds the packed files' bytes
         mask=np.asarray(mask, dtype=MASK_DTYPE),
@@ -135,6 +161,14 @@ def _assemble_batch(
         subsets=[conv.subset for conv in kept],
         dropped=dropped,
     )
+
+
+def _joined(pieces, count: int) -> list[int]:
+    """The next `count` tokenised strings as one message's ids."""
+    ids: list[int] = []
+    for _ in range(count):
+        ids += next(pieces)
+    return ids
 
 
 def one_tokenizer_thread() -> None:

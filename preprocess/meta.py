@@ -26,12 +26,18 @@ from .stats import format_histogram, length_summary, log2_histogram
 
 
 def provenance(
-    cfg: PreprocessConfig, template: ChatTemplate, vocab_size: int, command: list[str] | None
+    cfg: PreprocessConfig,
+    template: ChatTemplate,
+    vocab_size: int,
+    inputs: list[Path],
+    datasets: list[dict[str, Any]],
+    command: list[str] | None,
 ) -> dict[str, Any]:
     """How the run's datasets were made: the part of the meta that they share."""
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "force"}
     return {
         "template": template.name,
+        "datasets": datasets,
         "cutoff_len": cfg.cutoff_len,
         "settings": settings,
         "tokenizer": {
@@ -40,7 +46,7 @@ def provenance(
             "vocab_size": vocab_size,
             "stop_token": template.stop_token,
         },
-        "inputs": [file_fingerprint(cfg.input)],
+        "inputs": [file_fingerprint(path) for path in inputs],
         "command": command,
     }
 
@@ -77,8 +83,30 @@ def dataset_meta(
         "lengths": length_summary(lengths),
         "length_histogram_log2": [list(row) for row in log2_histogram(lengths, cfg.seq_length)],
         "per_subset": encoded.per_subset[split["role"]],
+        "per_dataset": per_dataset_stats(made["datasets"], encoded, members),
     }
     return {**made, "split": split, "stats": stats}
+
+
+def per_dataset_stats(
+    datasets: list[dict[str, Any]], encoded: EncodedConversations, members: np.ndarray
+) -> dict[str, dict[str, Any]]:
+    """Per dataset of the run: rows read and dropped (input-wide), and its conversations in this dataset."""
+    index = encoded.dataset[members]
+    lengths, full_lengths = encoded.lengths[members], encoded.full_lengths[members]
+    stats = {}
+    for d, dataset in enumerate(datasets):
+        mine = index == d
+        dropped = encoded.dropped_per_dataset[d]
+        stats[dataset["name"]] = {
+            "rows_read": encoded.rows_per_dataset[d],
+            "dropped": {r: dropped[r] for r in conversation.DROP_REASONS if dropped[r]},
+            "conversations": int(mine.sum()),
+            "truncated": int((full_lengths[mine] > lengths[mine]).sum()),
+            "tokens": int(lengths[mine].sum(dtype=np.int64)),
+            "loss_tokens": int(encoded.loss_tokens[members][mine].sum()),
+        }
+    return stats
 
 
 def report(meta: dict[str, Any]) -> str:
@@ -105,6 +133,14 @@ def report(meta: dict[str, Any]) -> str:
             f"held out        {split['valid_conversations']:>12,}  conversations (--valid-fraction "
             f"{split['valid_fraction']}, seed {split['seed']}) in {split['valid_prefix']}"
         )
+    if len(stats.get("per_dataset", {})) > 1:
+        for name, counts in stats["per_dataset"].items():
+            dropped = counts["dropped"]
+            lines.append(
+                f"  dataset {name:<13} {counts['conversations']:>10,} conversations of "
+                f"{counts['rows_read']:,} rows {counts['tokens']:>14,} tokens  (truncated "
+                f"{counts['truncated']:,}; dropped {sum(dropped.values()):,} {dropped or ''})"
+            )
     for subset, counts in stats["per_subset"].items():
         lines.append(
             f"  subset {subset or '(none)':<14} {counts['conversations']:>10,} conversations "

@@ -3,10 +3,11 @@
 `preprocess()` runs the stages in order, each its own module, each with a progress bar where it
 takes time:
 
-1. source (`preprocess.source`): the aligned parquet (tools/get_am_dataset.py's output), its columns
-   checked, read in record batches;
-2. template + tokenise (`preprocess.encode`, in worker processes; `preprocess.spill` appends their
-   results in input order to two spill files, keeping only per-conversation arrays in memory);
+1. source (`preprocess.source`): the aligned parquet (tools/get_am_dataset.py's output), or the
+   datasets a LLaMA-Factory registry names (`preprocess.registry`), one after another, read in batches;
+2. convert + template + tokenise (`preprocess.encode`, in worker processes; `preprocess.spill`
+   appends their results in input order to two spill files, keeping only per-conversation arrays in
+   memory);
 3. split: the held-out conversations (`conversation.held_out`: a seeded hash of each conversation's
    content) become their own dataset `PREFIX_valid`, written before the training dataset;
 4. pack (`preprocess.packing.plan_packs`): best-fit decreasing over all of a dataset's lengths;
@@ -31,15 +32,17 @@ import numpy as np
 
 from common.errors import InputError
 from common.files import atomic_output
-from formats.chat_template import AM_THINKING
+from formats.chat_template import ChatTemplate
 from formats.packed import PackedWriter, validation_prefix
-from formats.tokenizer import load_backend_tokenizer
+from formats.tokenizer import declared_special_token, load_backend_tokenizer
 
 from .config import PreprocessConfig, dataset_files, histogram_path
+from .converters import AlignedConverter, converter_for
 from .encode import EncodeSettings
 from .meta import dataset_meta, provenance
 from .packing import plan_packs
-from .source import AlignedSource
+from .registry import dataset_entries
+from .source import AlignedSource, RegistrySource
 from .spill import EncodedConversations, SpillFiles, encode_to_spill
 from .stats import save_histogram_png
 from .write import write_packs
@@ -51,24 +54,26 @@ def preprocess(cfg: PreprocessConfig, command: list[str] | None = None) -> dict[
     """Runs the stages and returns the metadata written to PREFIX_meta.json (the training set's)."""
     cfg.validate()
     timer = _StageTimer()
-    template = AM_THINKING
-    # Loaded here once to check the files before any worker starts (each worker loads its own).
-    tokenizer = load_backend_tokenizer(cfg.tokenizer)
-    if tokenizer.token_to_id(template.stop_token) is None:
-        raise InputError(
-            f"{cfg.tokenizer}: the tokenizer has no {template.stop_token} token, with which the "
-            f"{template.name} chat template ends every assistant turn (as one token, the model's EOS): use "
-            "a tokenizer that has it"
-        )
-    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-    source = AlignedSource.open(cfg.input, need_system_column=cfg.system_source == "column")
+    template = cfg.chat_template
+    bos_token, vocab_size = _check_tokenizer(cfg.tokenizer, template)
+    source, converters, datasets = _open_source(cfg)
     Path(cfg.output_prefix).parent.mkdir(parents=True, exist_ok=True)
     timer.done("load tokenizer")
-    made = provenance(cfg, template, vocab_size, command)
+    made = provenance(cfg, template, vocab_size, source.inputs, datasets, command)
     timer.done("fingerprint inputs")
 
     settings = EncodeSettings(
-        cfg.tokenizer, template, cfg.cutoff_len, cfg.overlong, cfg.system_source, cfg.valid_fraction, cfg.seed
+        tokenizer=cfg.tokenizer,
+        template=template,
+        converters=converters,
+        cutoff_len=cfg.cutoff_len,
+        overlong=cfg.overlong,
+        valid_fraction=cfg.valid_fraction,
+        seed=cfg.seed,
+        loss=cfg.loss,
+        enable_thinking=cfg.enable_thinking,
+        tool_date=cfg.tool_date or "",
+        bos_token=bos_token,
     )
     spill = SpillFiles.beside(cfg.output_prefix)
     valid_prefix = validation_prefix(cfg.output_prefix)
@@ -96,6 +101,37 @@ def preprocess(cfg: PreprocessConfig, command: list[str] | None = None) -> dict[
     return meta
 
 
+def _check_tokenizer(path: Path, template: ChatTemplate) -> tuple[str | None, int]:
+    """Checks the tokenizer against the template before any worker starts (each loads its own);
+    returns (the bos token the template opens with, if any; the vocabulary size)."""
+    tokenizer = load_backend_tokenizer(path)
+    if tokenizer.token_to_id(template.stop_token) is None:
+        raise InputError(
+            f"{path}: the tokenizer has no {template.stop_token} token, with which the "
+            f"{template.name} chat template ends every assistant turn (as one token, the model's EOS): use "
+            "a tokenizer that has it, or the template of its family (--template)"
+        )
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    bos = declared_special_token(path, "bos_token") if template.bos_first else None
+    if bos is not None and tokenizer.token_to_id(bos) is None:
+        raise InputError(f"{path}: the tokenizer declares bos_token {bos!r} but has no such token")
+    return bos, vocab_size  # no bos declared: LLaMA-Factory writes none either
+
+
+def _open_source(cfg: PreprocessConfig):
+    """(the rows' source, one converter per dataset, the datasets as the meta records them)."""
+    if cfg.input is not None:
+        source = AlignedSource.open(cfg.input, need_system_column=cfg.system_source == "column")
+        return (
+            source,
+            (AlignedConverter(cfg.system_source),),
+            [{"name": Path(cfg.input).stem, "aligned": True}],
+        )
+    entries = dataset_entries(cfg.dataset_info, cfg.dataset_names)
+    source = RegistrySource(tuple(entries), cfg.seed)
+    return source, tuple(converter_for(entry) for entry in entries), [entry.record() for entry in entries]
+
+
 @dataclass(frozen=True)
 class HeldOutSplit:
     """The conversations (indices in spill order) of the training and the held-out dataset."""
@@ -120,7 +156,8 @@ class HeldOutSplit:
 
 def split_held_out(encoded: EncodedConversations, cfg: PreprocessConfig) -> HeldOutSplit:
     if len(encoded.lengths) == 0:
-        raise InputError(f"no conversation of {cfg.input} survived preprocessing: {dict(encoded.dropped)}")
+        inputs = cfg.input or f"the datasets {cfg.dataset} of {cfg.dataset_info}"
+        raise InputError(f"no conversation of {inputs} survived preprocessing: {dict(encoded.dropped)}")
     split = HeldOutSplit(
         np.flatnonzero(~encoded.held_out), np.flatnonzero(encoded.held_out), cfg.valid_fraction, cfg.seed
     )

@@ -1,25 +1,55 @@
-"""The aligned parquet as the preprocessor reads it: its columns checked, its rows in record batches.
+"""Where the preprocessor's rows come from, read in batches so memory does not grow with the input.
 
-The parquet is the output of tools/get_am_dataset.py (columns `conversations`, `system`, `subset`);
-only the columns the run needs are read, a batch at a time, so memory does not grow with the input.
+* `AlignedSource`: the aligned AM-Thinking parquet (tools/get_am_dataset.py; columns `conversations`,
+  `system`, `subset`), read with pyarrow, only the columns the run needs.
+* `RegistrySource`: the datasets a LLaMA-Factory registry names (`preprocess.registry`), one after
+  another, each through the `datasets` library in streaming mode: local json/jsonl/parquet files one
+  file at a time, hub datasets from a snapshot at the entry's revision. `num_samples` draws rows
+  as LLaMA-Factory does (every row once, then random repeats, when asked for more than there are; a
+  random subset when fewer), seeded by the run's seed and the dataset's name, and keeps them in file
+  order: the draw decides how many times each row appears.
+
+Both yield `RowBatch`es, the tokenising workers' tasks.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from common.errors import InputError
+
+from .registry import DatasetEntry
+
+log = logging.getLogger(__name__)
 
 ROWS_PER_BATCH = 256  # one worker task: large enough to amortise the transfer, small enough to balance
 
 
 @dataclass(frozen=True)
+class RowBatch:
+    """Rows of one dataset of the run (its index), as a pyarrow record batch or a list of dicts."""
+
+    dataset: int
+    rows: Any
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        return self.rows if isinstance(self.rows, list) else self.rows.to_pylist()
+
+    def __len__(self) -> int:
+        return len(self.rows) if isinstance(self.rows, list) else self.rows.num_rows
+
+
+@dataclass(frozen=True)
 class AlignedSource:
     path: Path
-    num_rows: int
+    num_rows: int | None
     columns: tuple[str, ...]  # those read: conversations, and system / subset where present
 
     @classmethod
@@ -41,10 +71,165 @@ class AlignedSource:
         columns = tuple(name for name in ("conversations", "system", "subset") if name in names)
         return cls(Path(path), parquet.metadata.num_rows, columns)
 
-    def batches(self, rows_per_batch: int = ROWS_PER_BATCH) -> Iterator[Any]:
+    @property
+    def inputs(self) -> list[Path]:
+        return [self.path]
+
+    def batches(self, rows_per_batch: int = ROWS_PER_BATCH) -> Iterator[RowBatch]:
         """Record batches (pyarrow) of the needed columns, in file order."""
         import pyarrow.parquet as pq
 
-        yield from pq.ParquetFile(self.path).iter_batches(
+        for batch in pq.ParquetFile(self.path).iter_batches(
             batch_size=rows_per_batch, columns=list(self.columns)
+        ):
+            yield RowBatch(0, batch)
+
+
+@dataclass(frozen=True)
+class RegistrySource:
+    entries: tuple[DatasetEntry, ...]
+    seed: int
+    cache_dir: str | None = None  # the hub snapshots' cache (default: Hugging Face's)
+
+    @property
+    def num_rows(self) -> int | None:
+        """The rows the run reads, where known without reading them (for the progress bar)."""
+        total = 0
+        for entry in self.entries:
+            if entry.num_samples is not None:
+                total += entry.num_samples
+            elif entry.file_type == "parquet":
+                total += sum(_parquet_rows(path) for path in entry.files)
+            else:
+                return None
+        return total
+
+    @property
+    def inputs(self) -> list[Path]:
+        return [path for entry in self.entries for path in entry.files]
+
+    def batches(self, rows_per_batch: int = ROWS_PER_BATCH) -> Iterator[RowBatch]:
+        for index, entry in enumerate(self.entries):
+            rows = self._rows(entry)
+            if entry.num_samples is not None:
+                rows = _resampled(rows, sample_counts(self._count_rows(entry), entry, self.seed))
+            batch: list[dict[str, Any]] = []
+            for row in rows:
+                batch.append(row)
+                if len(batch) == rows_per_batch:
+                    yield RowBatch(index, batch)
+                    batch = []
+            if batch:
+                yield RowBatch(index, batch)
+
+    def _rows(self, entry: DatasetEntry) -> Iterator[dict[str, Any]]:
+        if entry.hub_repo:
+            yield from _checked_rows(entry, self._hub_dataset(entry), entry.where)
+            return
+        for path in entry.files:
+            yield from _checked_rows(entry, _file_dataset(entry, path), f"{entry.where}, file {path}")
+
+    def _count_rows(self, entry: DatasetEntry) -> int:
+        if entry.file_type == "parquet":
+            return sum(_parquet_rows(path) for path in entry.files)
+        log.info("%s: counting its rows for num_samples", entry.where)
+        return sum(1 for _ in self._rows(entry))
+
+    def _hub_dataset(self, entry: DatasetEntry):
+        import datasets
+
+        snapshot = download_hub_snapshot(entry, self.cache_dir)
+        try:
+            return datasets.load_dataset(
+                str(snapshot), name=entry.subset, data_dir=entry.folder, split=entry.split, streaming=True
+            )
+        except (ValueError, FileNotFoundError) as exc:
+            raise InputError(
+                f"{entry.where}: cannot open subset {entry.subset!r}, split {entry.split!r}: {exc}"
+            ) from exc
+
+
+def _file_dataset(entry: DatasetEntry, path: Path):
+    import datasets
+
+    return datasets.load_dataset(entry.file_type, data_files=[str(path)], split="train", streaming=True)
+
+
+def _checked_rows(entry: DatasetEntry, dataset, where: str) -> Iterator[dict[str, Any]]:
+    """The rows of one file (or hub split); a parse error, or a field no row has, is an InputError."""
+    seen: set[str] = set()
+    read = 0
+    try:
+        for columns in dataset.iter(batch_size=ROWS_PER_BATCH):
+            seen.update(columns)
+            names = list(columns)
+            count = len(columns[names[0]]) if names else 0
+            for i in range(count):
+                yield {name: columns[name][i] for name in names}
+            read += count
+    except InputError:
+        raise
+    except Exception as exc:  # pyarrow/json/datasets errors: the file is not what it claims
+        raise InputError(f"{where}: cannot be read after row {read}: {exc}") from exc
+    missing = [name for name in entry.columns.required(entry.formatting) if name not in seen]
+    if missing and read:
+        raise InputError(
+            f"{where}: no row has the field {', '.join(map(repr, missing))} the entry reads (its fields: "
+            f"{', '.join(sorted(seen))}); fix `columns` in the registry"
         )
+
+
+def sample_counts(num_rows: int, entry: DatasetEntry, seed: int) -> np.ndarray:
+    """How many times each row appears when `entry.num_samples` rows are drawn from `num_rows`."""
+    if num_rows == 0:
+        raise InputError(f"{entry.where}: num_samples {entry.num_samples} asks for rows of an empty dataset")
+    name_key = int.from_bytes(hashlib.blake2b(entry.name.encode(), digest_size=8).digest(), "big")
+    rng = np.random.default_rng([seed, name_key])
+    target = entry.num_samples
+    counts = np.zeros(num_rows, dtype=np.int64)
+    if target <= num_rows:
+        counts[rng.choice(num_rows, size=target, replace=False)] = 1
+    else:
+        counts[:] = 1
+        np.add.at(counts, rng.integers(0, num_rows, size=target - num_rows), 1)
+    return counts
+
+
+def _resampled(rows: Iterator[dict[str, Any]], counts: np.ndarray) -> Iterator[dict[str, Any]]:
+    for row, count in zip(rows, counts.tolist(), strict=True):
+        for _ in range(count):
+            yield row
+
+
+def _parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception as exc:
+        raise InputError(f"cannot read {path} as parquet: {exc}") from exc
+
+
+def download_hub_snapshot(entry: DatasetEntry, cache_dir: str | None = None) -> Path:
+    """The entry's hub dataset at its revision, downloaded into the Hugging Face cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id=entry.hub_repo, repo_type="dataset", revision=entry.revision, cache_dir=cache_dir
+            )
+        )
+    except RevisionNotFoundError as exc:
+        raise InputError(
+            f"{entry.where}: the hub has no such revision; fix `revision` in the registry"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise InputError(
+            f"{entry.where}: the hub has no such dataset (or it is private and HF_TOKEN is not set)"
+        ) from exc
+    except LocalEntryNotFoundError as exc:
+        raise InputError(
+            f"{entry.where}: cannot reach the hub and it is not in the cache: check the network, HF_ENDPOINT"
+        ) from exc

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .encode import EncodedBatch, EncodeSettings, encode_batch, one_tokenizer_thread
-from .source import AlignedSource
+from .source import AlignedSource, RegistrySource
 from .workers import ordered_map
 
 
@@ -42,17 +42,20 @@ class EncodedConversations:
     full_lengths: np.ndarray
     loss_tokens: np.ndarray
     held_out: np.ndarray
+    dataset: np.ndarray  # the index of the run's dataset each conversation comes from
     rows: int
     dropped: Counter
     per_subset: dict[str, dict[str, dict[str, int]]]  # split ("train"/"valid") -> subset -> counts
+    rows_per_dataset: list[int]
+    dropped_per_dataset: list[Counter]
 
 
 def encode_to_spill(
-    source: AlignedSource, settings: EncodeSettings, spill: SpillFiles, workers: int
+    source: AlignedSource | RegistrySource, settings: EncodeSettings, spill: SpillFiles, workers: int
 ) -> EncodedConversations:
     from tqdm import tqdm
 
-    collected = _Collector()
+    collected = _Collector(len(settings.converters))
     encode = functools.partial(encode_batch, settings)
     with (
         open(spill.ids, "wb") as ids_file,
@@ -73,16 +76,26 @@ _ARRAYS = {"lengths": np.int32, "full_lengths": np.int64, "loss_tokens": np.int6
 
 @dataclass
 class _Collector:
+    datasets: int
     parts: dict[str, list[np.ndarray]] = field(default_factory=dict)
     rows: int = 0
     dropped: Counter = field(default_factory=Counter)
     per_subset: dict[tuple[str, str], Counter] = field(default_factory=dict)  # (split, subset) -> counts
 
+    def __post_init__(self):
+        self.rows_per_dataset = [0] * self.datasets
+        self.dropped_per_dataset = [Counter() for _ in range(self.datasets)]
+
     def add(self, batch: EncodedBatch) -> None:
         for name in _ARRAYS:
             self.parts.setdefault(name, []).append(getattr(batch, name))
+        self.parts.setdefault("dataset", []).append(
+            np.full(len(batch.lengths), batch.dataset, dtype=np.int32)
+        )
         self.rows += batch.rows
         self.dropped.update(batch.dropped)
+        self.rows_per_dataset[batch.dataset] += batch.rows
+        self.dropped_per_dataset[batch.dataset].update(batch.dropped)
         for subset, length, held in zip(
             batch.subsets, batch.lengths.tolist(), batch.held_out.tolist(), strict=True
         ):
@@ -96,6 +109,13 @@ class _Collector:
             splits[split][subset] = dict(counts)
         arrays = {
             name: np.concatenate(self.parts[name]) if self.parts.get(name) else np.zeros(0, dtype)
-            for name, dtype in _ARRAYS.items()
+            for name, dtype in {**_ARRAYS, "dataset": np.int32}.items()
         }
-        return EncodedConversations(**arrays, rows=self.rows, dropped=self.dropped, per_subset=splits)
+        return EncodedConversations(
+            **arrays,
+            rows=self.rows,
+            dropped=self.dropped,
+            per_subset=splits,
+            rows_per_dataset=self.rows_per_dataset,
+            dropped_per_dataset=self.dropped_per_dataset,
+        )

@@ -1,7 +1,7 @@
 """The two ways the preprocessor spreads work over processes.
 
 * `ordered_map`: tokenising. Spawned workers (no inherited state: the tokenizer's thread pool must
-  not be forked), tasks and results pickled, results yielded in input order with a bounded number in
+  not be forked; one worker runs in this process), tasks and results pickled, results yielded in input order with a bounded number in
   flight, so the output does not depend on the worker count and memory does not grow with the input.
 * `forked_unordered_map`: writing packs. Forked workers inherit the task function with its arrays
   (the plan, the offsets) instead of receiving them pickled with every task; results come back in
@@ -27,8 +27,12 @@ def ordered_map(
     """`function` over `tasks` in `workers` spawned processes, in input order.
 
     At most `4 * workers` tasks are in flight (Pool.imap would read the whole input ahead).
-    `function` must be picklable (a module-level function or a functools.partial of one).
+    `function` must be picklable (a module-level function or a functools.partial of one). One worker
+    runs here, in this process: the same results without a process to start.
     """
+    if workers == 1:
+        yield from map(function, tasks)
+        return
     import multiprocessing as mp
 
     window = 4 * workers

@@ -50,6 +50,7 @@ LLAMA3_SPECIAL_TOKENS = (
     "<|start_header_id|>",
     "<|end_header_id|>",
     "<|eot_id|>",
+    "<|eom_id|>",
 )
 # The pre-tokenizer regex of Qwen2/2.5 (single digits, unlike GPT-4's \p{N}{1,3}).
 QWEN25_PRETOKENIZE_REGEX = (

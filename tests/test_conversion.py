@@ -14,7 +14,7 @@ from common.distributed import run_distributed
 from common.errors import CheckpointError, InputError
 from convert.hf_to_mcore import plan_chunks
 from convert.verify import hf_logits, sample_token_ids, verify_conversion
-from formats.chat_template import AM_THINKING
+from formats.chat_template import AM_THINKING, LLAMA3
 from formats.hf_safetensors import HFSafetensorsReader
 from formats.torch_dist import (
     TRAINING_DATA_FILE,
@@ -291,6 +291,12 @@ def test_the_release_serves_the_training_template_and_the_tokenizer_tokens(
         tokenizer, tokens = load_release_tokenizer(tokenizer_dir, AM_THINKING)
         assert tokens == ReleaseTokens("<|im_end|>", pad, ("<|im_end|>", base_eos))
         assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", pad)
+    # Llama 3's template: EOS <|eot_id|>; generation also stops at <|eom_id|> (tool calls) and end of text.
+    tokenizer, tokens = load_release_tokenizer(llama3_tokenizer_dir, LLAMA3)
+    assert tokens == ReleaseTokens(
+        "<|eot_id|>", "<|end_of_text|>", ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
+    )
+    assert tokenizer.chat_template == LLAMA3.jinja()
 
 
 def test_export_errors_are_named(converted, tmp_path, capsys):

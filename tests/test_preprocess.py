@@ -16,10 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from common.errors import InputError
-from formats.chat_template import AM_THINKING, assemble
+from formats.chat_template import AM_THINKING
 from formats.packed import PackedPaths, indexed_dataset_module
 from preprocess.config import PreprocessConfig, histogram_path
 from preprocess.pipeline import preprocess
+from preprocess.sft_encoding import encode_pairs
+from testing.template_text import as_messages
 
 SEQ = 2048  # small, so the sample yields many packs and several truncations
 
@@ -47,7 +49,14 @@ def read_packed(prefix):
 
 def reference_conversations(aligned, tokenizer, cutoff, system_source="turn"):
     """(ids, mask) of each aligned row, encoded alone through transformers' tokenizer.encode."""
-    encode = lambda pieces: [tokenizer.encode(p, add_special_tokens=False) for p in pieces]  # noqa: E731
+
+    def encode(messages):
+        ids = [
+            [t for piece in message for t in tokenizer.encode(piece, add_special_tokens=False)]
+            for message in messages
+        ]
+        return list(zip(ids[::2], ids[1::2], strict=True))
+
     out = []
     for row in pq.read_table(aligned).to_pylist():
         turns = row["conversations"]
@@ -56,7 +65,8 @@ def reference_conversations(aligned, tokenizer, cutoff, system_source="turn"):
             turns = turns[1:]
         if system_source == "column":
             system = row["system"]
-        ids, mask, full = assemble(encode(AM_THINKING.pieces(system, [t["value"] for t in turns])), cutoff)
+        messages = AM_THINKING.render(system, None, as_messages([t["value"] for t in turns]))
+        ids, mask, full = encode_pairs(encode(messages), cutoff)
         out.append((tuple(ids), tuple(mask), full))
     return out
 
@@ -205,11 +215,11 @@ def test_held_out_split_is_decided_by_content(
     packed, aligned_parquet, qwen_tokenizer_dir, qwen_tokenizer, tmp_path
 ):
     from formats.packed import validation_prefix
-    from preprocess.conversation import held_out
+    from preprocess.conversation import aligned_key, held_out
 
     rows = pq.read_table(aligned_parquet).to_pylist()
     encoded = reference_conversations(aligned_parquet, qwen_tokenizer, SEQ - 1)
-    side = [held_out(row["conversations"], 0.2, 1234) for row in rows]
+    side = [held_out(aligned_key(row["conversations"]), 0.2, 1234) for row in rows]
     expected_valid = Counter((ids, mask) for (ids, mask, _), held in zip(encoded, side, strict=True) if held)
     assert 30 <= sum(expected_valid.values()) <= 90  # ~20% of 300
 

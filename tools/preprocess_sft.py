@@ -1,14 +1,23 @@
 #!/usr/bin/env python
-"""Tokenises aligned conversations with the AM-thinking template and packs them for megatron-core.
+"""Tokenises conversations with a chat template and packs them for megatron-core.
+
+The recipe's data (the aligned parquet of tools/get_am_dataset.py, the AM-thinking template):
 
     python tools/preprocess_sft.py --input data/AM-Thinking-3697c18.parquet \\
         --tokenizer /path/to/Qwen2.5-32B --output-prefix data/am_thinking_32k
 
+Any datasets a LLaMA-Factory registry (dataset_info.json) describes, concatenated, with a template
+by name:
+
+    python tools/preprocess_sft.py --dataset-info data/dataset_info.json --dataset openthoughts,my_tools \\
+        --template qwen --tokenizer /path/to/Qwen2.5-32B --output-prefix data/mix_32k
+
 Writes PREFIX_input_ids.{bin,idx} (int32 token ids), PREFIX_loss_mask.{bin,idx} (uint8, 1 = trained),
 PREFIX_lengths.png (length histogram) and, last, PREFIX_meta.json (settings, statistics, tokenizer and
-input fingerprints, this command line). One Megatron document is one packed sequence of at most
---seq-length tokens; each sequence inside it is one conversation. Token ids and loss masks match
-LLaMA-Factory 0.9.3's for the recipe's template and cutoff (seq_length - 1), truncation included.
+input fingerprints, counts per dataset, this command line). One Megatron document is one packed
+sequence of at most --seq-length tokens; each sequence inside it is one conversation. Token ids and
+loss masks match LLaMA-Factory 0.9.3's for the same data, template and cutoff (seq_length - 1),
+truncation included.
 With --valid-fraction F, about F of the conversations are held out as a validation set, written the
 same way under the prefix PREFIX_valid.
 """
@@ -24,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from common.cli import exit_status  # noqa: E402
 from common.logging_utils import setup_logging  # noqa: E402
+from formats.chat_template import TEMPLATES  # noqa: E402
 from formats.packed import validation_prefix  # noqa: E402
 from preprocess.config import OVERLONG_CHOICES, SYSTEM_SOURCES, PreprocessConfig  # noqa: E402
 from preprocess.meta import report  # noqa: E402
@@ -44,8 +54,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--input",
         type=Path,
-        required=True,
-        help="aligned parquet from tools/get_am_dataset.py (columns conversations, system, subset)",
+        help="aligned parquet from tools/get_am_dataset.py (columns conversations, system, subset); "
+        "or give --dataset-info and --dataset instead",
+    )
+    parser.add_argument(
+        "--dataset-info",
+        type=Path,
+        help="a LLaMA-Factory dataset registry: dataset_info.json, or the folder holding it (file_name "
+        "paths are relative to its folder)",
+    )
+    parser.add_argument(
+        "--dataset",
+        help="NAME[,NAME...]: the registry's datasets to read, concatenated in this order and packed "
+        "together (counts per dataset go in PREFIX_meta.json)",
+    )
+    parser.add_argument(
+        "--template",
+        default=DEFAULTS["template"],
+        help=f"chat template, by LLaMA-Factory's name: {', '.join(TEMPLATES)} (default %(default)s, the "
+        "recipe's; am-thinking also works); its stop token must be in the tokenizer",
+    )
+    parser.add_argument(
+        "--mask-history",
+        action="store_true",
+        help="train on the last assistant turn only (LLaMA-Factory's mask_history; truncation then "
+        "keeps the last turns); default: every assistant turn, as the recipe",
+    )
+    parser.add_argument(
+        "--train-on-prompt",
+        action="store_true",
+        help="train on the prompts too (LLaMA-Factory's train_on_prompt); not with --mask-history",
+    )
+    parser.add_argument(
+        "--enable-thinking",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULTS["enable_thinking"],
+        help="reasoning templates (qwen3): with it (default, LLaMA-Factory's), an answer without a "
+        "<think> block gets an empty one, trained; without it, every answer's thoughts are removed and "
+        "the empty block goes untrained into the prompt",
+    )
+    parser.add_argument(
+        "--tool-date",
+        help="the date the llama3 template's tool prompt names, e.g. '26 Jul 2024' (default: today, as "
+        "LLaMA-Factory writes it); recorded in PREFIX_meta.json",
     )
     parser.add_argument(
         "--tokenizer",
@@ -83,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--system-source",
         choices=SYSTEM_SOURCES,
         default=DEFAULTS["system_source"],
-        help="where a sample's system text comes from: 'turn' (default, the recipe) = a leading "
-        "turn with from == 'system', else the default AM-thinking prompt; 'column' = the "
+        help="--input only: where a sample's system text comes from: 'turn' (default, the recipe) = a "
+        "leading turn with from == 'system', else the template's default prompt; 'column' = the "
         "aligned `system` column, else the default prompt (a deviation from the recipe)",
     )
     parser.add_argument(

@@ -1,0 +1,98 @@
+"""Tool use as chat templates write it: the tool list in the system turn, function calls in assistant turns.
+
+Two formats, named as LLaMA-Factory 0.9.3 names them and producing exactly its text:
+
+* `qwen` (Qwen2.5's, used by the qwen, qwen3 and AM-thinking templates): the tools as JSON lines inside
+  `<tools></tools>` after the system text; each call as `<tool_call>\\n{"name": .., "arguments": ..}\\n
+  </tool_call>`, several joined by newlines;
+* `llama3` (Llama 3.1's JSON tool calling, tools in the system turn): a prompt with the knowledge cutoff
+  and a date, each tool as indented JSON; a call as `{"name": .., "parameters": ..}`, several as a list.
+
+Data gives tools as a JSON string (a `tools` column) and calls as the JSON content of a
+`function_call` turn (an object or a list of objects with `name` and `arguments`). What cannot be read
+raises `NotExpressible`, and the preprocessor drops that row under the exception's reason.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+INVALID_TOOLS = "invalid_tools"
+INVALID_FUNCTION_CALL = "invalid_function_call"
+TOOL_FORMATS = ("qwen", "llama3")
+
+_QWEN_TOOL_PROMPT = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>{tool_text}"
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{{"name": <function-name>, '
+    '"arguments": <args-json-object>}}\n</tool_call>'
+)
+_LLAMA3_TOOL_PROMPT = (
+    "Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n"
+    "You have access to the following functions. To call a function, please respond with JSON for a "
+    'function call. Respond in the format {{"name": function name, "parameters": dictionary of argument '
+    "name and its value}}. Do not use variables.\n\n{tool_text}"
+)
+_THOUGHT = re.compile(r"<think>(.*)</think>", re.DOTALL)
+
+
+class NotExpressible(ValueError):
+    """A row's tools or function call that the template cannot write; `reason` names the drop."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def tool_prompt(tool_format: str, tools_json: str, date: str) -> str:
+    """The text appended to the system turn for a row's `tools` (a JSON list; an empty list gives "")."""
+    try:
+        tools = json.loads(tools_json)
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise NotExpressible(INVALID_TOOLS, f"tools are not JSON: {exc}") from exc
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        raise NotExpressible(INVALID_TOOLS, "tools must be a JSON list of objects")
+    if not tools:
+        return ""
+    wrapped = [
+        tool if tool.get("type") == "function" else {"type": "function", "function": tool} for tool in tools
+    ]
+    if tool_format == "qwen":
+        return _QWEN_TOOL_PROMPT.format(tool_text="".join("\n" + _dumps(tool) for tool in wrapped))
+    tool_text = "".join(json.dumps(tool, indent=4, ensure_ascii=False) + "\n\n" for tool in wrapped)
+    return _LLAMA3_TOOL_PROMPT.format(date=date, tool_text=tool_text)
+
+
+def function_call_text(tool_format: str, content: str) -> str:
+    """An assistant's function-call turn as the template writes it; a leading <think> block is kept."""
+    thought = _THOUGHT.search(content)
+    if thought:
+        content = content.replace(thought.group(0), "")
+    calls = _parse_calls(content)
+    if tool_format == "qwen":
+        text = "\n".join(
+            f"<tool_call>\n{_dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
+            for name, arguments in calls
+        )
+    else:
+        objects = [{"name": name, "parameters": arguments} for name, arguments in calls]
+        text = _dumps(objects[0] if len(objects) == 1 else objects)
+    return thought.group(0) + text if thought else text
+
+
+def _parse_calls(content: str) -> list[tuple[str, Any]]:
+    try:
+        calls = json.loads(content)
+    except json.JSONDecodeError as exc:
+        raise NotExpressible(INVALID_FUNCTION_CALL, f"a function call is not JSON: {exc}") from exc
+    calls = calls if isinstance(calls, list) else [calls]
+    if not all(isinstance(call, dict) and "name" in call and "arguments" in call for call in calls):
+        raise NotExpressible(INVALID_FUNCTION_CALL, "a function call needs `name` and `arguments`")
+    return [(call["name"], call["arguments"]) for call in calls]
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)

@@ -1,0 +1,141 @@
+"""Rows -> `Example`s (system, tools, role-tagged messages), or the reason a row is dropped.
+
+Three readers, each a small picklable object that travels to the tokenising workers:
+
+* `AlignedConverter`: the aligned AM-Thinking parquet (tools/get_am_dataset.py), judged by the rule
+  of `preprocess.conversation` (the recipe's path, unchanged);
+* `AlpacaConverter` and `SharegptConverter`: a registry entry's rows, read as LLaMA-Factory 0.9.3's
+  converters read them (`AlpacaDatasetConverter`, `SharegptDatasetConverter`), followed by its
+  supervised processor's check (an odd number of prompt messages and one response). Where
+  LLaMA-Factory would stop with an exception (a non-string text, a history item that is not a pair),
+  the row is dropped and counted instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from formats.chat_template import ASSISTANT, FUNCTION, OBSERVATION, USER
+from formats.tool_calls import INVALID_TOOLS
+
+from . import conversation
+from .registry import DatasetEntry
+
+SYSTEM = "system"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One conversation as a template renders it."""
+
+    system: str | None
+    tools: str | None  # a JSON list of tools, as the row gives it
+    messages: list[tuple[str, str]]  # (role, text); roles alternate user/observation, assistant/function
+    key: str  # its content identity, which decides the held-out split
+    subset: str = ""
+
+
+Converted = Example | str  # an Example, or the reason the row is dropped
+
+
+@dataclass(frozen=True)
+class AlignedConverter:
+    system_source: str  # "turn" or "column" (preprocess_sft.py --system-source)
+
+    def __call__(self, row: dict[str, Any]) -> Converted:
+        problem = conversation.conversation_problem(row.get("conversations"))
+        if problem:
+            return problem
+        turn_system, turns = conversation.split_system(row["conversations"])
+        return Example(
+            system=row.get("system") if self.system_source == "column" else turn_system,
+            tools=None,
+            messages=[(USER if t["from"] == conversation.HUMAN else ASSISTANT, t["value"]) for t in turns],
+            key=conversation.aligned_key(row["conversations"]),
+            subset=row.get("subset") or "",
+        )
+
+
+@dataclass(frozen=True)
+class AlpacaConverter:
+    entry: DatasetEntry
+
+    def __call__(self, row: dict[str, Any]) -> Converted:
+        columns = self.entry.columns
+        messages: list[tuple[str, Any]] = []
+        history = row.get(columns.history) if columns.history else None
+        if isinstance(history, list):
+            for item in history:
+                if not isinstance(item, list | tuple) or len(item) != 2:
+                    return conversation.MALFORMED_HISTORY
+                messages += [(USER, item[0]), (ASSISTANT, item[1])]
+        query = [row.get(c) for c in (columns.prompt, columns.query) if c and row.get(c)]
+        if not all(isinstance(part, str) for part in query):
+            return conversation.NON_STRING_VALUE
+        messages.append((USER, "\n".join(query)))
+        response = row.get(columns.response) if columns.response else None
+        if not isinstance(response, str):
+            return conversation.NO_RESPONSE
+        messages.append((ASSISTANT, response))
+        system = row.get(columns.system) if columns.system else ""
+        return _example(system, row, columns.tools, messages)
+
+
+@dataclass(frozen=True)
+class SharegptConverter:
+    entry: DatasetEntry
+
+    def __call__(self, row: dict[str, Any]) -> Converted:
+        columns, tags = self.entry.columns, self.entry.tags
+        raw = row.get(columns.messages)
+        if raw is None:
+            return conversation.MISSING_CONVERSATIONS
+        if not isinstance(raw, list) or not all(isinstance(m, dict) for m in raw):
+            return conversation.MALFORMED_TURN
+        if tags.system_tag and raw and raw[0].get(tags.role_tag) == tags.system_tag:
+            system, raw = raw[0].get(tags.content_tag), raw[1:]
+        else:
+            system = row.get(columns.system) if columns.system else ""
+        roles = {
+            tags.user_tag: USER,
+            tags.observation_tag: OBSERVATION,
+            tags.assistant_tag: ASSISTANT,
+            tags.function_tag: FUNCTION,
+        }
+        allowed = (
+            {tags.user_tag, tags.observation_tag} - {None},
+            {tags.assistant_tag, tags.function_tag} - {None},
+        )
+        messages = []
+        for i, message in enumerate(raw):
+            tag = message.get(tags.role_tag)
+            if tag not in allowed[i % 2]:
+                return conversation.INVALID_ROLE_TAG
+            messages.append((roles[tag], message.get(tags.content_tag)))
+        if len(messages) % 2:
+            return conversation.INVALID_MESSAGE_COUNT
+        if not messages:
+            return conversation.EMPTY_CONVERSATIONS
+        return _example(system, row, columns.tools, messages)
+
+
+def _example(system: Any, row: dict[str, Any], tools_column: str | None, messages: list) -> Converted:
+    """The Example, once every text is a string that can be tokenised."""
+    tools = row.get(tools_column) if tools_column else ""
+    if tools is not None and not isinstance(tools, str):
+        return INVALID_TOOLS  # LLaMA-Factory reads tools only as a JSON string
+    if system is not None and not isinstance(system, str):
+        return conversation.NON_STRING_VALUE
+    texts = [system or "", tools or "", *(text for _, text in messages)]
+    if not all(isinstance(text, str) for text in texts):
+        return conversation.NON_STRING_VALUE
+    if not all(conversation.is_encodable(text) for text in texts):
+        return conversation.UNDECODABLE_BYTES
+    key = json.dumps([system or "", tools or "", messages], ensure_ascii=False)
+    return Example(system=system, tools=tools, messages=messages, key=key)
+
+
+def converter_for(entry: DatasetEntry) -> AlpacaConverter | SharegptConverter:
+    return AlpacaConverter(entry) if entry.formatting == "alpaca" else SharegptConverter(entry)
