@@ -44,6 +44,9 @@ class ModelFamily:
     model_type: str  # config.json's model_type
     hf_model_class: str  # the transformers class of its checkpoints and of the release
     hf_config_class: str  # the transformers config class written at export
+    # The chat templates (formats.chat_template names) written in this family's special tokens: data
+    # encoded with another is refused by the trainer.
+    chat_templates: tuple[str, ...]
     # (config dict, source name) -> the family's architecture, validated
     arch_from_hf_config: Callable[..., Arch]
     # (arch, tensor_parallel=, pipeline_parallel=, params_dtype=, **overrides) -> TransformerConfig

@@ -1,8 +1,9 @@
 """The two ways the preprocessor spreads work over processes.
 
 * `ordered_map`: tokenising. Spawned workers (no inherited state: the tokenizer's thread pool must
-  not be forked; one worker runs in this process), tasks and results pickled, results yielded in input order with a bounded number in
-  flight, so the output does not depend on the worker count and memory does not grow with the input.
+  not be forked; one worker runs in this process), tasks and results pickled, results yielded in
+  input order with a bounded number in flight, so the output does not depend on the worker count
+  and memory does not grow with the input.
 * `forked_unordered_map`: writing packs. Forked workers inherit the task function with its arrays
   (the plan, the offsets) instead of receiving them pickled with every task; results come back in
   completion order, so the function must not depend on the order it runs in.

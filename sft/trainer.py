@@ -30,10 +30,11 @@ import torch.distributed as dist
 from common.devices import RECIPE_ACCELERATOR, find_accelerator, peak_tflops
 from common.distributed import init_process_group
 from common.errors import ConfigError, DataError
+from formats.chat_template import TEMPLATES
 from formats.torch_dist import TOKENIZER_DIR, verify_checkpoint
 from models.backends import te_available
 from models.hf_config import find_hf_config
-from models.registry import Arch, read_arch
+from models.registry import Arch, family_of, read_arch
 
 from .callbacks import Callback, StepResult, default_callbacks
 from .checkpointing import (
@@ -78,6 +79,20 @@ class RunInputs:
     valid: ValidationData | None = None  # the held-out packs, when there are any
 
 
+def _check_template(data: SFTData, arch: Arch) -> None:
+    """The data's chat template must be one written in the model's special tokens (a name this project
+    does not know, as synthetic test data's, cannot be checked: it is logged)."""
+    family = family_of(arch)
+    if data.chat_template not in TEMPLATES:
+        log.warning("the data's chat template %r is none this project knows: not checked", data.chat_template)
+    elif data.chat_template not in family.chat_templates:
+        raise DataError(
+            f"{data.datasets[0].prefix}: the data was encoded with the {data.chat_template} chat template, "
+            f"which a {family.name} model does not speak: re-run tools/preprocess_sft.py with --template "
+            f"{' or '.join(family.chat_templates)} and this model's tokenizer"
+        )
+
+
 def check_run(config: TrainConfig, world_size: int, device: str) -> RunInputs:
     """Opens the data and the starting checkpoint and validates the configuration against them and the
     world size; raises ConfigError (listing every problem) or DataError before anything heavy starts."""
@@ -105,6 +120,7 @@ def check_run(config: TrainConfig, world_size: int, device: str) -> RunInputs:
         problems += layout_problems(valid.datasets, config.parallel)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    _check_template(data, arch)
     for dataset in data.datasets:
         if dataset.vocab_size > arch.vocab_size:
             raise DataError(

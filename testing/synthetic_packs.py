@@ -40,9 +40,15 @@ def random_packs(
 
 
 def write_packed_dataset(
-    prefix: str | Path, packs, seq_length: int, vocab_size: int, pad_multiple: int = 1
+    prefix: str | Path,
+    packs,
+    seq_length: int,
+    vocab_size: int,
+    pad_multiple: int = 1,
+    template: str = "synthetic",
 ) -> Path:
-    """Writes PREFIX_input_ids/_loss_mask (.bin/.idx) and PREFIX_meta.json; returns the prefix."""
+    """Writes PREFIX_input_ids/_loss_mask (.bin/.idx) and PREFIX_meta.json; returns the prefix.
+    `template`: the chat template the meta names (random ids are encoded with none)."""
     with PackedWriter(prefix, seq_length, pad_multiple) as writer:
         for pack in packs:
             add_pack(
@@ -53,7 +59,7 @@ def write_packed_dataset(
             )
         writer.commit(
             {
-                "template": "synthetic",
+                "template": template,
                 "tokenizer": {"vocab_size": vocab_size, "path": None},
                 "stats": {
                     "conversations": sum(len(p) for p in packs),

@@ -437,6 +437,12 @@ def test_run_checks_name_the_problem_before_training(setup, tmp_path):
     config = load_config(None, _overrides(setup, tmp_path) + [f"data.prefixes=[{wide}]"])
     with pytest.raises(DataError, match="200000 tokens, the model's vocabulary only 151936"):
         check_run(config, world_size=1, device="cpu")
+    llama_data = write_packed_dataset(
+        tmp_path / "llama", random_packs(4, SEQ, 10, seed=0), SEQ, 1000, template="llama3"
+    )
+    config = load_config(None, _overrides(setup, tmp_path) + [f"data.prefixes=[{llama_data}]"])
+    with pytest.raises(DataError, match="llama3 chat template, which a Qwen2 / Qwen2.5 model does not speak"):
+        check_run(config, world_size=1, device="cpu")
     config = load_config(None, _overrides(setup, tmp_path) + ["schedule.train_iters=1"])
     with pytest.raises(ConfigError, match=r"warmup_ratio=0.2 of 1 iteration\(s\) is 1 warm-up step\(s\)"):
         check_run(config, world_size=1, device="cpu")  # megatron-core's scheduler would only assert

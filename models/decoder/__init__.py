@@ -29,6 +29,7 @@ def decoder_family(
     model_type: str,
     hf_model_class: str,
     hf_config_class: str,
+    chat_templates: tuple[str, ...],
     arch_from_hf_config: Callable[[dict[str, Any], str], DecoderArch],
 ) -> ModelFamily:
     """A family that is this decoder: its own config reader and transformers classes, the rest shared."""
@@ -37,6 +38,7 @@ def decoder_family(
         model_type=model_type,
         hf_model_class=hf_model_class,
         hf_config_class=hf_config_class,
+        chat_templates=chat_templates,
         arch_from_hf_config=arch_from_hf_config,
         transformer_config=transformer_config,
         layer_spec=layer_spec,

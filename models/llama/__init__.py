@@ -70,5 +70,6 @@ FAMILY = decoder_family(
     model_type=MODEL_TYPE,
     hf_model_class=ARCHITECTURES[0],
     hf_config_class="LlamaConfig",
+    chat_templates=("llama3",),  # header tokens and <|eot_id|>
     arch_from_hf_config=arch_from_hf_config,
 )

@@ -34,5 +34,6 @@ FAMILY = decoder_family(
     model_type=MODEL_TYPE,
     hf_model_class=ARCHITECTURES[0],
     hf_config_class="Qwen2Config",
+    chat_templates=("AM-thinking", "qwen", "qwen3"),  # ChatML (<|im_start|>, <|im_end|>)
     arch_from_hf_config=arch_from_hf_config,
 )

@@ -37,5 +37,6 @@ FAMILY = decoder_family(
     model_type=MODEL_TYPE,
     hf_model_class=ARCHITECTURES[0],
     hf_config_class="Qwen3Config",
+    chat_templates=("qwen3", "qwen", "AM-thinking"),  # ChatML (<|im_start|>, <|im_end|>)
     arch_from_hf_config=arch_from_hf_config,
 )
