@@ -13,9 +13,15 @@ reasoning-trace distribution (log-normal, median ~3K tokens, tail past 32K):
    these, on an existing output);
 3. packing quality at 32K: best-fit decreasing vs LLaMA-Factory's per-1000-sample greedy knapsack on
    the corpus's lengths and on 2 million synthetic lengths (goals: >= 99.5% fill, strictly fewer packs);
-4. packing time for 2 million lengths (goal < 10 s).
+4. packing time for 2 million lengths (goal < 10 s);
+5. the same conversations read through a LLaMA-Factory registry (--dataset-info): as one sharegpt
+   jsonl file, and as a mixture of two datasets (the first half sharegpt jsonl, the second half an
+   alpaca json array), tokens/s and peak RSS beside the aligned-parquet path's;
+6. with `--many-rows N` only: memory with many conversations, N short sharegpt rows split over two
+   jsonl datasets of one registry, peak RSS of the run.
 
     .venv/bin/python bench/preprocess.py [--megabytes 100] [--workdir DIR] [--json OUT]
+    .venv/bin/python bench/preprocess.py --many-rows 1000000 [--json OUT]
 """
 
 from __future__ import annotations
@@ -54,8 +60,8 @@ def synthetic_lengths(n: int, rng: np.random.Generator) -> np.ndarray:
     return np.maximum(rng.lognormal(np.log(3000), 1.0, n), 64).astype(np.int64)
 
 
-def write_corpus(path: Path, megabytes: int, seed: int = 0) -> list[str]:
-    """An aligned parquet of reasoning conversations; returns their rendered texts."""
+def write_corpus(path: Path, megabytes: int, seed: int = 0) -> tuple[list[str], list[dict]]:
+    """An aligned parquet of reasoning conversations; returns their rendered texts and the rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -74,7 +80,79 @@ def write_corpus(path: Path, megabytes: int, seed: int = 0) -> list[str]:
         texts.append(render(AM_THINKING, None, [question, answer]))
         size += len(question) + len(answer)
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=512)
-    return texts
+    return texts, rows
+
+
+def write_registry_corpus(rows: list[dict], folder: Path) -> Path:
+    """The rows as registry datasets: `sharegpt` (all of them, jsonl), `first_half` (sharegpt jsonl) and
+    `second_half` (alpaca json array); returns the dataset_info.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    half = len(rows) // 2
+    jsonl = lambda part: "".join(json.dumps({"conversations": r["conversations"]}) + "\n" for r in part)  # noqa: E731
+    (folder / "sharegpt.jsonl").write_text(jsonl(rows))
+    (folder / "first_half.jsonl").write_text(jsonl(rows[:half]))
+    alpaca = [
+        {"instruction": r["conversations"][0]["value"], "output": r["conversations"][1]["value"]}
+        for r in rows[half:]
+    ]
+    (folder / "second_half.json").write_text(json.dumps(alpaca))
+    tags = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "assistant"}
+    sharegpt = {"formatting": "sharegpt", "tags": tags}
+    registry = {
+        "sharegpt": {"file_name": "sharegpt.jsonl", **sharegpt},
+        "first_half": {"file_name": "first_half.jsonl", **sharegpt},
+        "second_half": {
+            "file_name": "second_half.json",
+            "columns": {"prompt": "instruction", "response": "output"},
+        },
+    }
+    (folder / "dataset_info.json").write_text(json.dumps(registry))
+    return folder / "dataset_info.json"
+
+
+def many_rows_run(rows: int, work: Path, tokenizer_dir: Path, workers: int) -> dict:
+    """N short conversations in two jsonl datasets of one registry, preprocessed as a mixture."""
+    rng = np.random.default_rng(0)
+    folder = work / "many"
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, count in (("a", rows // 2), ("b", rows - rows // 2)):
+        with open(folder / f"{part}.jsonl", "w") as f:
+            for _ in range(count):
+                question = " ".join(rng.choice(WORDS, 8))
+                answer = "<think>" + " ".join(rng.choice(WORDS, 40)) + "</think> ok"
+                conv = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+                f.write(json.dumps({"conversations": conv}) + "\n")
+    entry = {"formatting": "sharegpt"}
+    registry = {"a": {"file_name": "a.jsonl", **entry}, "b": {"file_name": "b.jsonl", **entry}}
+    (folder / "dataset_info.json").write_text(json.dumps(registry))
+    row = registry_run(folder / "dataset_info.json", "a,b", tokenizer_dir, work / "out" / "many", workers)
+    meta = json.loads((work / "out" / "many_meta.json").read_text())
+    return {**row, "rows": rows, "conversations": meta["stats"]["conversations"]}
+
+
+def registry_run(registry: Path, datasets: str, tokenizer_dir: Path, prefix: Path, workers: int) -> dict:
+    """tools/preprocess_sft.py --dataset-info as a subprocess: wall, tokens/s, peak RSS, stage times."""
+    cmd = [sys.executable, "tools/preprocess_sft.py", "--dataset-info", str(registry), "--dataset", datasets]
+    cmd += [
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--output-prefix",
+        str(prefix),
+        "--workers",
+        str(workers),
+        "--force",
+    ]
+    wall, peak_rss, peak_anon, output = run_with_peak_rss(cmd)
+    tokens = json.loads(Path(f"{prefix}_meta.json").read_text())["stats"]["tokens"]
+    return {
+        "datasets": datasets,
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / wall),
+        "wall_s": round(wall, 1),
+        "peak_rss_mb": round(peak_rss / 2**20),
+        "peak_rss_anon_mb": round(peak_anon / 2**20),
+        "stage_seconds": stage_seconds(output),
+    }
 
 
 def raw_tokenizer_throughput(tokenizer_dir: Path, texts: list[str]) -> tuple[int, float]:
@@ -207,8 +285,25 @@ def main() -> int:
         "this way, in a fresh process like the pipeline's: forked writers are slower from a process that "
         "has loaded torch or run the tokenizer",
     )
+    parser.add_argument(
+        "--many-rows", type=int, default=None, metavar="N", help="only the many-conversations memory run"
+    )
     args = parser.parse_args()
     cores = os.cpu_count() or 1
+    if args.many_rows:
+        from testing.tokenizer import build_qwen25_tokenizer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            work = args.workdir or Path(tmp)
+            figures = many_rows_run(args.many_rows, work, build_qwen25_tokenizer(work / "tokenizer"), cores)
+        print(
+            f"{figures['conversations']:,} of {figures['rows']:,} short conversations in two registry "
+            f"datasets: {figures['tokens']:,} tokens in {figures['wall_s']} s, peak RSS "
+            f"{figures['peak_rss_mb']:,} MiB (anonymous {figures['peak_rss_anon_mb']:,} MiB)"
+        )
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        return 0
     if args.write_trials:
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(write_stage_trials(args.write_trials, args.workdir or Path(tmp), cores)))
@@ -223,7 +318,9 @@ def main() -> int:
             build_qwen25_tokenizer(tokenizer_dir)
         corpus = work / "corpus.parquet"
         t = time.perf_counter()
-        texts = write_corpus(corpus, args.megabytes)
+        texts, rows = write_corpus(corpus, args.megabytes)
+        registry = write_registry_corpus(rows, work / "registry")
+        del rows
         text_mb = sum(len(x.encode()) for x in texts) / 1e6
         print(
             f"corpus: {len(texts):,} conversations, {text_mb:.0f} MB of text "
@@ -260,6 +357,10 @@ def main() -> int:
                 text=True,
             ).stdout
         )
+        registry_rows = {
+            name: registry_run(registry, datasets, tokenizer_dir, work / "out" / name, cores)
+            for name, datasets in (("sharegpt_jsonl", "sharegpt"), ("mixture", "first_half,second_half"))
+        }
         corpus_lengths = read_sequence_lengths(f"{prefix}_input_ids.idx").astype(np.int64)
         corpus_full = packing_figures(corpus_lengths)
         synthetic = packing_figures(synthetic_lengths(2_000_000, np.random.default_rng(1)))
@@ -286,6 +387,7 @@ def main() -> int:
         "pipeline_peak_rss_mb": round(peak_rss / 2**20),
         "pipeline_peak_rss_anon_mb": round(peak_anon / 2**20),
         "pipeline_packing_efficiency": stats["packing_efficiency"],
+        "registry": registry_rows,
         "packing_corpus": corpus_full,
         "packing_2M": synthetic,
     }
@@ -314,6 +416,13 @@ def main() -> int:
         f"{', '.join(map(str, trials['plain_mb_per_s']))} MB/s -> median "
         f"{trials['median_stage_vs_plain']:.2f}x (goal >= 0.5)"
     )
+    for name, row in registry_rows.items():
+        print(
+            f"registry {name} ({row['datasets']}): {row['tokens_per_s']:,} tokens/s "
+            f"({row['tokens_per_s'] / pipeline_tps:.2f}x the aligned parquet's); {row['tokens']:,} tokens in "
+            f"{row['wall_s']} s; peak RSS {row['peak_rss_mb']:,} MiB, anonymous "
+            f"{row['peak_rss_anon_mb']:,} MiB"
+        )
     for name, f in (("corpus lengths", corpus_full), ("2M synthetic lengths", synthetic)):
         print(
             f"packing at {SEQ} on {name} ({f['conversations']:,}): best-fit decreasing "
