@@ -26,7 +26,8 @@ from preprocess.pipeline import preprocess
 from preprocess.registry import dataset_entries
 from preprocess.sft_encoding import LossOptions, encode_pairs
 from testing.llamafactory_golden import DATA_DIR
-from tests.tools_runner import run_tool
+
+from tools_runner import run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 256
