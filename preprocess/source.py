@@ -167,8 +167,6 @@ def _checked_rows(entry: DatasetEntry, dataset, where: str) -> Iterator[dict[str
             for i in range(count):
                 yield {name: columns[name][i] for name in names}
             read += count
-    except InputError:
-        raise
     except Exception as exc:  # pyarrow/json/datasets errors: the file is not what it claims
         raise InputError(f"{where}: cannot be read after row {read}: {exc}") from exc
     missing = [name for name in entry.columns.required(entry.formatting) if name not in seen]
