@@ -53,8 +53,9 @@ re-runs) divided by GPUs x peak x the GEMM efficiency (--efficiency, default 0.6
 pipeline bubble (PP - 1) / (VP x micro-batches per step), plus exposed communication: tensor parallel
 all-gathers/reduce-scatters (all-reduces without SP) of the activations, 4 per layer and micro-batch
 over NVLink (--nvlink-gbps, bus bandwidth), not hidden (the trainer does not turn on TE's TP overlap);
-data-parallel reduce-scatter of the fp32 gradients and all-gather of the bf16 weights over the
-inter-node network (--network-gbps per GPU), not overlapped (the trainer does not overlap them yet);
+the distributed optimizer's reduce-scatter of the fp32 gradients and all-gather of the bf16 weights
+over the DP x CP replicas, over NVLink when TP x CP x DP fits a node, else the inter-node network
+(--network-gbps per GPU), not overlapped (the trainer does not overlap them yet);
 context parallelism's ring exchange of each TP rank's K/V shard (forward) and of K/V and their
 gradients (backward), (CP - 1) chunks per layer, half hidden, over NVLink when TP x CP fits a node;
 pipeline sends of activations and their gradients at the PP x VP - 1 stage boundaries (a rank takes
@@ -348,15 +349,22 @@ def _step_time(
         pp_time = (
             0.5 * pp_bytes * hops * micro_batches / layout.pipeline / (hw.network_gbps * GB)
         )  # half hidden
-    dp_time = 0.0
-    if dp > 1:
-        intra_node = layout.model_parallel_size * dp <= hw.gpus_per_node
-        bandwidth = (hw.nvlink_gbps if intra_node else hw.network_gbps) * GB
-        dp_time = (
-            (4 + 2) * params * (dp - 1) / dp / bandwidth
-        )  # fp32 grad reduce-scatter + bf16 weight all-gather
+    dp_time = gradient_sync_seconds(layout, dp, params, hw)
     step = compute * (1 + bubble) + tp_time + cp_time + pp_time + dp_time
     return round(step, 3), round(model_flops / (step * hw.gpus * hw.peak_tflops * 1e12), 4)
+
+
+def gradient_sync_seconds(layout: ParallelLayout, dp: int, params: int, hw: Hardware) -> float:
+    """The distributed optimizer's exchange per step: reduce-scatter of the fp32 gradients and all-gather
+    of the bf16 weights, each a ring over the DP x CP ranks that hold replicas of the rank's parameters.
+    With megatron-core's rank order (tp-cp-ep-dp-pp) those ranks lie within TP x CP x DP consecutive
+    ones: NVLink when that fits a node, else the network."""
+    replicas = dp * layout.context
+    if replicas == 1:
+        return 0.0
+    intra_node = layout.tensor * layout.context * dp <= hw.gpus_per_node
+    bandwidth = (hw.nvlink_gbps if intra_node else hw.network_gbps) * GB
+    return (4 + 2) * params * (replicas - 1) / replicas / bandwidth
 
 
 def plan(

@@ -14,6 +14,7 @@ from sft.planner import (
     Hardware,
     activation_bytes_per_token_layer,
     estimate,
+    gradient_sync_seconds,
     local_parameters,
     plan,
 )
@@ -244,6 +245,25 @@ def test_recomputation_trades_memory_for_time_and_padding_costs_mfu():
     # the same rows run through the GEMMs (only the attention of the missing conversations is saved)
     assert padded.step_time_s == pytest.approx(runs["none"].step_time_s, rel=0.01)
     assert padded.mfu < 0.91 * runs["none"].mfu  # but a tenth of them carries no model FLOPs
+
+
+def test_gradient_sync_runs_over_the_data_and_context_parallel_replicas():
+    hw, params, gb = Hardware(gpus=256), 1_000_000_000, 1e9
+    # the fp32 gradients' reduce-scatter plus the bf16 weights' all-gather: 6 bytes a parameter, of
+    # which a ring of n ranks moves (n - 1) / n
+    ring = 6 * params * 3 / 4
+    # DP 4 x TP 2 = 8 ranks: one node, NVLink
+    assert gradient_sync_seconds(ParallelLayout(tensor=2), 4, params, hw) == pytest.approx(ring / (360 * gb))
+    # context-parallel ranks hold replicas too: CP 2 x DP 2 is a ring of 4, still within the node
+    cp = ParallelLayout(tensor=2, context=2)
+    assert gradient_sync_seconds(cp, 2, params, hw) == pytest.approx(ring / (360 * gb))
+    # CP 4 alone (DP 1) still exchanges gradients; TP 4 x CP 4 spans two nodes: the network
+    wide = ParallelLayout(tensor=4, context=4)
+    assert gradient_sync_seconds(wide, 1, params, hw) == pytest.approx(ring / (45 * gb))
+    # the pipeline stages do not join the ring, nor make it leave the node
+    staged = ParallelLayout(tensor=2, pipeline=4)
+    assert gradient_sync_seconds(staged, 4, params, hw) == pytest.approx(ring / (360 * gb))
+    assert gradient_sync_seconds(ParallelLayout(tensor=8), 1, params, hw) == 0.0
 
 
 def test_the_recommendation_keeps_memory_to_spare_among_equally_fast_layouts():

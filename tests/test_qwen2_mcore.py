@@ -146,6 +146,13 @@ def test_unsupported_configs_are_refused(tiny_qwen2_dir, change, message):
         qwen2_arch(config)
 
 
+def test_a_config_missing_a_field_is_named_not_a_key_error(tiny_qwen2_dir):
+    config = _config(tiny_qwen2_dir)
+    del config["num_hidden_layers"], config["rms_norm_eps"]
+    with pytest.raises(UnsupportedModelError, match="no num_hidden_layers, rms_norm_eps; a model's config"):
+        qwen2_arch(config)
+
+
 def test_shape_mismatch_and_missing_shard_are_named(tiny_qwen2_dir, tmp_path):
     config = _config(tiny_qwen2_dir)
     arch = qwen2_arch({**config, "intermediate_size": config["intermediate_size"] + 1})

@@ -98,6 +98,18 @@ def refuse_sliding_window(config: dict[str, Any], source: str) -> None:
         )
 
 
+# The fields every family's config.json must give (the others have defaults).
+REQUIRED_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "rms_norm_eps",
+)
+
+
 def read_decoder_config(
     config: dict[str, Any],
     source: str,
@@ -108,6 +120,12 @@ def read_decoder_config(
 ) -> DecoderArch:
     """The architecture of `config` with the family's traits; checks what every family shares (SwiGLU,
     an explicit rope base, consistent head counts)."""
+    missing = [name for name in REQUIRED_FIELDS if name not in config]
+    if missing:
+        raise UnsupportedModelError(
+            f"{source}: no {', '.join(missing)}; a model's config.json (as transformers writes it) names "
+            f"{', '.join(REQUIRED_FIELDS)}"
+        )
     if config.get("hidden_act", "silu") != "silu":
         raise UnsupportedModelError(
             f"{source}: hidden_act={config['hidden_act']!r}; the supported models use SwiGLU (silu)"
