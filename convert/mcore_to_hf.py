@@ -114,16 +114,28 @@ def release_template(checkpoint: Path, requested: str | None = None) -> ChatTemp
     never trained) the recipe's AM-thinking template."""
     if requested is not None:
         return template_named(requested)
-    recorded = checkpoint / TRAINING_DATA_FILE
-    name = json.loads(recorded.read_text()).get("chat_template") if recorded.is_file() else None
+    name = _training_data(checkpoint).get("chat_template")
     if name is not None:
-        return template_named(name, str(recorded))
+        return template_named(name, str(checkpoint / TRAINING_DATA_FILE))
     log.info(
         "%s records no training data's chat template: the release gets %s (--chat-template to choose)",
         checkpoint,
         AM_THINKING.name,
     )
     return AM_THINKING
+
+
+def release_thinking(checkpoint: Path, requested: bool | None = None) -> bool:
+    """The default of a reasoning template's `enable_thinking` in the release: `requested`, else the
+    setting the training data was encoded with, else LLaMA-Factory's default (thinking)."""
+    if requested is not None:
+        return requested
+    return bool(_training_data(checkpoint).get("enable_thinking", True))
+
+
+def _training_data(checkpoint: Path) -> dict:
+    recorded = checkpoint / TRAINING_DATA_FILE
+    return json.loads(recorded.read_text()) if recorded.is_file() else {}
 
 
 @dataclass(frozen=True)
@@ -135,9 +147,9 @@ class ReleaseTokens:
     stops: tuple[str, ...]  # generation stops at any: the template's stops and the base model's end of text
 
 
-def load_release_tokenizer(tokenizer_dir: Path, template: ChatTemplate):
+def load_release_tokenizer(tokenizer_dir: Path, template: ChatTemplate, enable_thinking: bool = True):
     """(the tokenizer with `template` as its chat template and the template's stop token as EOS, the
-    release's tokens)."""
+    release's tokens); `enable_thinking`: a reasoning template's default."""
     tokenizer = load_tokenizer(tokenizer_dir)
     stop = template.stop_token
     if tokenizer.convert_tokens_to_ids(stop) in (None, tokenizer.unk_token_id):
@@ -153,7 +165,7 @@ def load_release_tokenizer(tokenizer_dir: Path, template: ChatTemplate):
         pad=tokenizer.pad_token or base_eos or stop,
         stops=tuple(dict.fromkeys(t for t in (*template.stop_tokens, base_eos) if t in known)),
     )
-    tokenizer.chat_template = template.jinja()
+    tokenizer.chat_template = template.jinja(enable_thinking)
     tokenizer.eos_token = tokens.eos
     tokenizer.pad_token = tokens.pad
     return tokenizer, tokens
@@ -197,6 +209,7 @@ def convert_mcore_to_hf(
     tokenizer_dir: str | Path | None = None,
     dtype: str | None = None,
     chat_template: str | None = None,
+    enable_thinking: bool | None = None,
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     max_piece_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -204,7 +217,8 @@ def convert_mcore_to_hf(
 ) -> ExportResult:
     """Exports the checkpoint at `mcore_dir` as a Hugging Face model directory `out_dir`.
     `dtype`: "bf16" or "fp32", or None to keep the checkpoint's dtype; `chat_template`: a template's name,
-    or None for the one the training data was encoded with (`release_template`)."""
+    or None for the one the training data was encoded with (`release_template`); `enable_thinking`: a
+    reasoning template's default, or None for the training data's (`release_thinking`)."""
     from tqdm import tqdm
 
     started = time.perf_counter()
@@ -218,7 +232,8 @@ def convert_mcore_to_hf(
     target = DTYPES[dtype] if dtype else source_dtype
     tokenizer_path = find_tokenizer(checkpoint, tokenizer_dir)
     template = release_template(checkpoint, chat_template)
-    tokenizer, tokens = load_release_tokenizer(tokenizer_path, template)
+    thinking = release_thinking(checkpoint, enable_thinking)
+    tokenizer, tokens = load_release_tokenizer(tokenizer_path, template, thinking)
     specs = [
         TensorSpec(key, shape, target)
         for m in mappings
@@ -257,6 +272,7 @@ def convert_mcore_to_hf(
                 "checkpoint": str(checkpoint.resolve()),
                 "tokenizer": str(tokenizer_path.resolve()),
                 "chat_template": template.name,
+                "enable_thinking": thinking,
                 "source_dtype": str(source_dtype),
                 "dtype": str(target),
                 "arch": arch.to_dict(),

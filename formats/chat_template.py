@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from common.errors import InputError
 
-from .tool_calls import function_call_text, tool_prompt
+from .tool_calls import function_call_text, jinja_function_call, jinja_tool_prompt, tool_prompt
 
 USER, ASSISTANT, OBSERVATION, FUNCTION = "user", "assistant", "observation", "function"
 ROLES = (USER, ASSISTANT, OBSERVATION, FUNCTION)
@@ -127,24 +127,35 @@ class ChatTemplate:
     def stop_tokens(self) -> tuple[str, ...]:
         return (self.stop_token, *self.extra_stop_tokens)
 
-    def jinja(self) -> str:
-        """The template as a transformers `chat_template` (roles system/user/assistant).
+    def jinja(self, enable_thinking: bool = True) -> str:
+        """The template as a transformers `chat_template`.
 
-        A conversation renders to exactly the concatenated `render()` strings. The assistant header is
-        emitted before each assistant message, or at the end with `add_generation_prompt=True`, so
-        prompts for generation end with it as in training. Tool turns are not written (an error).
+        Roles: system (first only), user, assistant (with OpenAI-style `tool_calls`: its content, e.g. a
+        thought, then the calls, as a function turn), tool (an observation turn); `tools` go into the
+        system turn as in training. A conversation renders to exactly the concatenated `render()`
+        strings. The assistant header is written before each assistant message, or at the end with
+        `add_generation_prompt=True`, so prompts for generation end with it as in training. A reasoning
+        template reads `enable_thinking` (its default: the one given here, the data's setting), and
+        without thinking drops every thought and ends the prompt with the empty one, as in training.
         """
+        q = json.dumps
         header = self.assistant_header
         user_open, user_close = _split(self.user_slot[: -len(header)])
+        tool_open, tool_close = _split(self.observation_slot[: -len(header)])
         sys_open, sys_close = _split(self.system_slot)
         asst_open, asst_close = _split(self.assistant_slot)
-        q = json.dumps
-        unsupported = q(f"{self.name} template: unsupported role ")
+        call_open, call_close = _split(self.function_slot)
         parts = [
+            "{%- set ns = namespace(tool_text='', calls='', objects=[], rest='', kept='') -%}",
             "{%- if messages and messages[0]['role'] == 'system' -%}",
             "{%- set system_message = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}",
             "{%- else -%}{%- set system_message = '' -%}{%- set loop_messages = messages -%}{%- endif -%}",
         ]
+        if self.reasoning:
+            parts.append(
+                "{%- if enable_thinking is not defined -%}"
+                f"{{%- set enable_thinking = {q(enable_thinking)} -%}}{{%- endif -%}}"
+            )
         if self.bos_first:
             parts.append("{{- bos_token -}}")
         if self.default_system:
@@ -153,25 +164,60 @@ class ChatTemplate:
                 "{%- endif -%}"
             )
         parts += [
-            f"{{%- if system_message -%}}{{{{- {q(sys_open)} + system_message + {q(sys_close)} -}}}}",
+            "{%- if tools -%}" + jinja_tool_prompt(self.tool_format) + "{%- endif -%}",
+            # as in training, a tool list makes a system turn even when empty (LLaMA-Factory tests the
+            # row's JSON string, "[]" included)
+            "{%- if system_message or (tools is defined and tools is not none) -%}",
+            f"{{{{- {q(sys_open)} + system_message + ns.tool_text + {q(sys_close)} -}}}}",
             "{%- endif -%}",
-            "{%- for message in loop_messages -%}{%- set content = message['content'] -%}",
+            "{%- for message in loop_messages -%}",
+            "{%- set content = message['content'] if message['content'] is string else '' -%}",
+            "{%- if message['content'] is defined and message['content'] is not none "
+            "and message['content'] is not string -%}",
+            f"{{{{- raise_exception({q(self.name + ' template: message content must be text, not ')} + "
+            "(message['content'] | string)) -}}",
+            "{%- endif -%}",
             "{%- if message['role'] == 'user' -%}",
             f"{{{{- {q(user_open)} + content + {q(user_close)} -}}}}",
+            "{%- elif message['role'] == 'tool' -%}",
+            f"{{{{- {q(tool_open)} + content + {q(tool_close)} -}}}}",
             "{%- elif message['role'] == 'assistant' -%}",
         ]
-        if self.reasoning:  # the empty thought training added to answers without one
-            parts.append(
+        if self.reasoning:  # the thoughts training removed, and the empty one it added where none
+            parts += [
+                "{%- if not enable_thinking -%}" + _JINJA_REMOVE_THOUGHTS + "{%- endif -%}",
                 f"{{%- if {q(THOUGHT_OPEN)} not in content and {q(THOUGHT_CLOSE)} not in content -%}}"
-                f"{{%- set content = {q(EMPTY_THOUGHT)} + content -%}}{{%- endif -%}}"
-            )
+                f"{{%- set content = {q(EMPTY_THOUGHT)} + content -%}}{{%- endif -%}}",
+            ]
         parts += [
-            f"{{{{- {q(header)} + {q(asst_open)} + content + {q(asst_close)} -}}}}",
-            f"{{%- else -%}}{{{{- raise_exception({unsupported} + message['role']) -}}}}",
+            "{%- if message['tool_calls'] -%}" + jinja_function_call(self.tool_format),
+            f"{{{{- {q(header)} + {q(call_open)} + content + ns.calls + {q(call_close)} -}}}}",
+            f"{{%- else -%}}{{{{- {q(header)} + {q(asst_open)} + content + {q(asst_close)} -}}}}",
+            "{%- endif -%}",
+            f"{{%- else -%}}{{{{- raise_exception({q(self.name + ' template: unsupported role ')} + "
+            "message['role']) -}}",
             "{%- endif -%}{%- endfor -%}",
-            f"{{%- if add_generation_prompt -%}}{{{{- {q(header)} -}}}}{{%- endif -%}}",
+            f"{{%- if add_generation_prompt -%}}{{{{- {q(header)} -}}}}",
         ]
+        if self.reasoning:
+            parts.append(f"{{%- if not enable_thinking -%}}{{{{- {q(EMPTY_THOUGHT)} -}}}}{{%- endif -%}}")
+        parts.append("{%- endif -%}")
         return "".join(parts)
+
+
+# `_remove_thought` in Jinja (no regular expressions there): each <think> block cut up to the first
+# </think> after it, then the leading newlines.
+_JINJA_REMOVE_THOUGHTS = (
+    "{%- set ns.rest = content -%}{%- set ns.kept = '' -%}"
+    f"{{%- for _ in range(content.count({json.dumps(THOUGHT_OPEN)})) -%}}"
+    f"{{%- set start = ns.rest.find({json.dumps(THOUGHT_OPEN)}) -%}}"
+    f"{{%- set end = ns.rest.find({json.dumps(THOUGHT_CLOSE)}, start + {len(THOUGHT_OPEN)}) -%}}"
+    "{%- if end < 0 -%}{%- break -%}{%- endif -%}"
+    "{%- set ns.kept = ns.kept + ns.rest[:start] -%}"
+    f"{{%- set ns.rest = ns.rest[end + {len(THOUGHT_CLOSE)}:] -%}}"
+    "{%- endfor -%}"
+    "{%- set content = (ns.kept + ns.rest).lstrip('\\n') -%}"
+)
 
 
 def _fill(slot: str, content: str) -> str:

@@ -351,6 +351,12 @@ class PackedDataset:
         return self.meta.get("template")
 
     @property
+    def enable_thinking(self) -> bool:
+        """Whether a reasoning template kept the thoughts (LLaMA-Factory's enable_thinking; True where
+        not recorded, its default)."""
+        return bool(self.meta.get("settings", {}).get("enable_thinking", True))
+
+    @property
     def vocab_size(self) -> int:
         """The size of the tokenizer's vocabulary the data was made with."""
         return int(self.meta["tokenizer"]["vocab_size"])

@@ -23,18 +23,21 @@ INVALID_TOOLS = "invalid_tools"
 INVALID_FUNCTION_CALL = "invalid_function_call"
 TOOL_FORMATS = ("qwen", "llama3")
 
-_QWEN_TOOL_PROMPT = (
+# Each prompt's fixed text around what a row gives: the Python writer and the Jinja one share it.
+_QWEN_TOOLS_BEFORE = (
     "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>{tool_text}"
-    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
-    '<tool_call></tool_call> XML tags:\n<tool_call>\n{{"name": <function-name>, '
-    '"arguments": <args-json-object>}}\n</tool_call>'
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
 )
-_LLAMA3_TOOL_PROMPT = (
-    "Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n"
-    "You have access to the following functions. To call a function, please respond with JSON for a "
-    'function call. Respond in the format {{"name": function name, "parameters": dictionary of argument '
-    "name and its value}}. Do not use variables.\n\n{tool_text}"
+_QWEN_TOOLS_AFTER = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, '
+    '"arguments": <args-json-object>}\n</tool_call>'
+)
+_LLAMA3_BEFORE_DATE = "Cutting Knowledge Date: December 2023\nToday Date: "
+_LLAMA3_AFTER_DATE = (
+    "\n\nYou have access to the following functions. To call a function, please respond with JSON for a "
+    'function call. Respond in the format {"name": function name, "parameters": dictionary of argument '
+    "name and its value}. Do not use variables.\n\n"
 )
 _THOUGHT = re.compile(r"<think>(.*)</think>", re.DOTALL)
 
@@ -61,9 +64,9 @@ def tool_prompt(tool_format: str, tools_json: str, date: str) -> str:
         tool if tool.get("type") == "function" else {"type": "function", "function": tool} for tool in tools
     ]
     if tool_format == "qwen":
-        return _QWEN_TOOL_PROMPT.format(tool_text="".join("\n" + _dumps(tool) for tool in wrapped))
+        return _QWEN_TOOLS_BEFORE + "".join("\n" + _dumps(tool) for tool in wrapped) + _QWEN_TOOLS_AFTER
     tool_text = "".join(json.dumps(tool, indent=4, ensure_ascii=False) + "\n\n" for tool in wrapped)
-    return _LLAMA3_TOOL_PROMPT.format(date=date, tool_text=tool_text)
+    return _LLAMA3_BEFORE_DATE + date + _LLAMA3_AFTER_DATE + tool_text
 
 
 def function_call_text(tool_format: str, content: str) -> str:
@@ -96,3 +99,52 @@ def _parse_calls(content: str) -> list[tuple[str, Any]]:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
+
+
+# The same text in a transformers chat template: `tools` as apply_chat_template takes them (JSON schemas,
+# bare or wrapped in {"type": "function", "function": ...}), an assistant message's `tool_calls` in the
+# OpenAI shape ({"function": {"name", "arguments"}}, or {"name", "arguments"}). transformers' `tojson`
+# is json.dumps with ensure_ascii=False, the writer's `_dumps`.
+_JINJA_WRAPPED = (
+    "{%- set wrapped = tool if tool['type'] == 'function' else {'type': 'function', 'function': tool} -%}"
+)
+_JINJA_CALL = "{%- set call = call['function'] if call['function'] is defined else call -%}"
+
+
+def jinja_tool_prompt(tool_format: str) -> str:
+    """Jinja statements that set `ns.tool_text` to `tool_prompt`'s text for `tools` (llama3: dated
+    `date_string`, else today as `strftime_now` gives it, as LLaMA-Factory dates its training data)."""
+    q = json.dumps
+    if tool_format == "qwen":
+        return (
+            "{%- set ns.tool_text = '' -%}{%- for tool in tools -%}"
+            + _JINJA_WRAPPED
+            + "{%- set ns.tool_text = ns.tool_text + '\\n' + (wrapped | tojson) -%}{%- endfor -%}"
+            + f"{{%- set ns.tool_text = {q(_QWEN_TOOLS_BEFORE)} + ns.tool_text + {q(_QWEN_TOOLS_AFTER)} -%}}"
+        )
+    return (
+        "{%- if date_string is not defined -%}{%- set date_string = strftime_now('%d %b %Y') -%}{%- endif -%}"
+        f"{{%- set ns.tool_text = {q(_LLAMA3_BEFORE_DATE)} + date_string + {q(_LLAMA3_AFTER_DATE)} -%}}"
+        "{%- for tool in tools -%}"
+        + _JINJA_WRAPPED
+        + "{%- set ns.tool_text = ns.tool_text + (wrapped | tojson(indent=4)) + '\\n\\n' -%}{%- endfor -%}"
+    )
+
+
+def jinja_function_call(tool_format: str) -> str:
+    """Jinja statements that set `ns.calls` to `function_call_text`'s text for `message['tool_calls']`."""
+    if tool_format == "qwen":
+        return (
+            "{%- set ns.calls = '' -%}{%- for call in message['tool_calls'] -%}"
+            + _JINJA_CALL
+            + "{%- if not loop.first -%}{%- set ns.calls = ns.calls + '\\n' -%}{%- endif -%}"
+            "{%- set ns.calls = ns.calls + '<tool_call>\\n' + ({'name': call['name'], 'arguments': "
+            "call['arguments']} | tojson) + '\\n</tool_call>' -%}{%- endfor -%}"
+        )
+    return (
+        "{%- set ns.objects = [] -%}{%- for call in message['tool_calls'] -%}"
+        + _JINJA_CALL
+        + "{%- set ns.objects = ns.objects + [{'name': call['name'], 'parameters': call['arguments']}] -%}"
+        "{%- endfor -%}"
+        "{%- set ns.calls = (ns.objects[0] if ns.objects | length == 1 else ns.objects) | tojson -%}"
+    )

@@ -5,8 +5,9 @@ tools/convert_mcore_to_hf.py exports any of them), the distributed optimizer's s
 sharding: a run resumes at another data-parallel size, not at another TP/PP; to change those, start a
 new run from the weights with model.init_checkpoint=SAVE_DIR/iter_N), the scheduler, the trainer state
 (iteration, consumed samples = data position, skip counters) and the resolved configuration; plus
-hf_config.json, tokenizer/, config.yaml, training_data.json (the chat template the data was encoded with,
-which the export installs) and provenance.json (versions, git commit, command) next to them.
+hf_config.json, tokenizer/, config.yaml, training_data.json (the chat template the data was encoded
+with and its enable_thinking setting, which the export installs) and provenance.json (versions, git
+commit, command) next to them.
 
 Atomicity: everything is written to iter_NNNNNNN.partial/ and renamed once all ranks are done; a
 partial directory is never picked up (formats.torch_dist.complete_iterations), so a kill during a save
@@ -124,7 +125,7 @@ class CheckpointSaver:
         hf_config_file: Path,
         tokenizer_dir: Path | None,
         config_yaml: str,
-        chat_template: str | None,
+        training_data: dict[str, Any],
     ):
         from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -138,7 +139,7 @@ class CheckpointSaver:
         self._run_files = {
             HF_CONFIG_FILE: Path(hf_config_file).read_bytes(),
             CONFIG_FILE: config_yaml.encode(),
-            TRAINING_DATA_FILE: json.dumps({"chat_template": chat_template}, indent=2).encode(),
+            TRAINING_DATA_FILE: json.dumps(training_data, indent=2).encode(),
         }
         if tokenizer_dir is not None:
             self._run_files.update(

@@ -31,11 +31,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from common.errors import DataError
+from formats.chat_template import TEMPLATES
 from formats.packed import Pack, PackedDataset, padded_lengths, validation_prefix
 from models.parallel_layout import ParallelLayout
 
@@ -263,7 +265,19 @@ class SFTData:
                 f"{sorted(map(str, templates))}: preprocess them with one template (the release serves one)"
             )
         self.chat_template = templates.pop()
+        thinking = {d.enable_thinking for d in self.datasets}
+        if len(thinking) > 1 and getattr(TEMPLATES.get(self.chat_template), "reasoning", False):
+            raise DataError(
+                f"data prefixes were encoded with the {self.chat_template} template with and without "
+                "--enable-thinking: preprocess them with one setting (the release serves one)"
+            )
+        self.enable_thinking = all(thinking)
         self.order = PackOrder([len(d) for d in self.datasets], weights, seed)
+
+    @property
+    def training_data(self) -> dict[str, Any]:
+        """What a checkpoint records of its data for the release: the chat template and its setting."""
+        return {"chat_template": self.chat_template, "enable_thinking": self.enable_thinking}
 
     def iterations(self, epochs: int, global_batch_size: int) -> int:
         """Optimizer steps for `epochs` passes; the < 1 global batch left over at the end is not trained."""

@@ -230,7 +230,7 @@ class Trainer:
             hf_config_file=inputs.hf_config_file,
             tokenizer_dir=inputs.tokenizer_dir,
             config_yaml=dump_config(config),
-            chat_template=self.data.chat_template,
+            training_data=self.data.training_data,
         )
 
     def _load_group(self):

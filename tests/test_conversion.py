@@ -269,9 +269,10 @@ def test_existing_output_needs_force_and_a_crash_leaves_nothing(
 def test_the_release_serves_the_training_template_and_the_tokenizer_tokens(
     converted, qwen_tokenizer_dir, llama3_tokenizer_dir, tmp_path
 ):
-    from convert.mcore_to_hf import ReleaseTokens, load_release_tokenizer, release_template
+    from convert.mcore_to_hf import ReleaseTokens, load_release_tokenizer, release_template, release_thinking
 
     assert release_template(converted) is AM_THINKING  # converted and never trained: the recipe's
+    assert release_thinking(converted) is True  # and LLaMA-Factory's default
     trained = shutil.copytree(converted, tmp_path / "trained")
     (trained / TRAINING_DATA_FILE).write_text(json.dumps({"chat_template": "chatml"}))
     with pytest.raises(InputError, match=r"training_data.json: chat template 'chatml' is unknown"):
@@ -279,6 +280,10 @@ def test_the_release_serves_the_training_template_and_the_tokenizer_tokens(
     assert release_template(trained, "AM-thinking") is AM_THINKING  # --chat-template decides
     (trained / TRAINING_DATA_FILE).write_text(json.dumps({"chat_template": "AM-thinking"}))
     assert release_template(trained) is AM_THINKING
+    (trained / TRAINING_DATA_FILE).write_text(
+        json.dumps({"chat_template": "qwen3", "enable_thinking": False})
+    )
+    assert release_thinking(trained) is False and release_thinking(trained, True) is True
     # The pad token is the tokenizer's own; without one (as Llama 3's), its end of text; generation stops
     # at the template's stop token and at the base model's end of text.
     with_pad = shutil.copytree(qwen_tokenizer_dir, tmp_path / "with_pad")

@@ -374,3 +374,23 @@ def test_datasets_of_one_run_share_a_chat_template(tmp_path):
     meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "template": "AM-thinking"}))
     with pytest.raises(DataError, match=r"different chat templates \['AM-thinking', 'synthetic'\]"):
         SFTData([str(first), str(second)], None, seed=0)
+
+
+def test_datasets_of_a_reasoning_template_share_its_thinking_setting(tmp_path):
+    def packed(name: str, template: str, thinking: bool) -> str:
+        prefix = write_packed_dataset(tmp_path / name, random_packs(2, 8, 100, seed=0), 8, 100)
+        meta_file = PackedDataset(str(prefix)).paths.meta
+        meta = json.loads(meta_file.read_text())
+        meta_file.write_text(
+            json.dumps({**meta, "template": template, "settings": {"enable_thinking": thinking}})
+        )
+        return str(prefix)
+
+    quiet = SFTData([packed("a", "qwen3", False), packed("b", "qwen3", False)], None, seed=0)
+    assert quiet.training_data == {"chat_template": "qwen3", "enable_thinking": False}
+    with pytest.raises(DataError, match="qwen3 template with and without --enable-thinking"):
+        SFTData([packed("c", "qwen3", True), packed("d", "qwen3", False)], None, seed=0)
+    # a template without thoughts to drop ignores the setting
+    assert (
+        SFTData([packed("e", "qwen", True), packed("f", "qwen", False)], None, seed=0).chat_template == "qwen"
+    )

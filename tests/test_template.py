@@ -191,8 +191,8 @@ def test_jinja_generation_prompt_matches_training_prefix(qwen_tokenizer):
         prompt == f"<|im_start|>system\n{RECIPE_SYSTEM}<|im_end|>\n"
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     )
-    with pytest.raises(Exception, match="unsupported role"):
-        tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+    with pytest.raises(Exception, match="unsupported role developer"):
+        tok.apply_chat_template([{"role": "developer", "content": "x"}], tokenize=False)
 
 
 # The other templates' text, written out from LLaMA-Factory 0.9.3's registrations (template.py).

@@ -359,9 +359,9 @@ def test_schedule_and_metrics_file(setup, reference):
         assert r["loss_tokens"] > 0 and r["tokens"] > r["loss_tokens"] and r["tflops_per_device"] > 0
         assert 0 < r["mfu"] < 1 and r["skipped_steps"] == 0
     assert records[-1]["epoch"] == 2.0
-    # Each checkpoint records the chat template its data was encoded with, for the export.
+    # Each checkpoint records the chat template its data was encoded with and its setting, for the export.
     recorded = reference.save_dir / "iter_0000006" / TRAINING_DATA_FILE
-    assert json.loads(recorded.read_text()) == {"chat_template": "synthetic"}
+    assert json.loads(recorded.read_text()) == {"chat_template": "synthetic", "enable_thinking": True}
 
 
 @pytest.mark.slow

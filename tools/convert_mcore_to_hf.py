@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
         "with, as the trainer recorded it; AM-thinking for a checkpoint that was never trained)",
     )
     parser.add_argument(
+        "--enable-thinking",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="for a reasoning template (qwen3): whether prompts leave the model to think, the default of "
+        "the template's enable_thinking variable (default: as the training data was encoded)",
+    )
+    parser.add_argument(
         "--dtype",
         choices=sorted(DTYPES),
         default=None,
@@ -89,6 +96,7 @@ def main(argv=None) -> int:
             tokenizer_dir=args.tokenizer,
             dtype=args.dtype,
             chat_template=args.chat_template,
+            enable_thinking=args.enable_thinking,
             force=args.force,
             max_shard_bytes=int(args.max_shard_gb * 1e9),
         )
