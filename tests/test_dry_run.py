@@ -142,20 +142,16 @@ def _assert_the_planner_agrees(model: str, name: str) -> None:
         assert total == pytest.approx(measured["peak_bytes"], rel=0.12), (name, plan.stage_name)
 
 
-def test_dry_run_reports_each_stage_and_fails_when_a_rank_does_not_fit(dry_run_model, tmp_path, capsys):
+def _dry_run_arguments(dry_run_model, report_file) -> list[str]:
+    common = ["--dry-run", "--gpus", "16", "--dry-run-json", str(report_file)]
+    return [*common, f"model.random_init_config={dry_run_model}", *TINY, *LAYOUTS["TP2 SP CP2 PP2"][1]]
+
+
+def test_dry_run_reports_each_stage(dry_run_model, tmp_path, capsys):
     import pretrain_sft
 
     report_file = tmp_path / "dry.json"
-    common = [
-        "--dry-run",
-        "--gpus",
-        "16",
-        "--dry-run-json",
-        str(report_file),
-        f"model.random_init_config={dry_run_model}",
-    ]
-    layout = LAYOUTS["TP2 SP CP2 PP2"][1]
-    assert pretrain_sft.main([*common, *TINY, *layout]) == 0
+    assert pretrain_sft.main(_dry_run_arguments(dry_run_model, report_file)) == 0
     report = json.loads(report_file.read_text())
     assert set(report) >= {"world_size", "gpu_memory_gb", "layout", "ranks", "fits"} and report["fits"]
     assert report["world_size"] == 16 and report["layout"]["data_parallel"] == 2
@@ -166,8 +162,17 @@ def test_dry_run_reports_each_stage_and_fails_when_a_rank_does_not_fit(dry_run_m
         assert rank["estimate_gb"] == pytest.approx(rank["peak_gb"], rel=0.12)
     assert report["ranks"][0]["parts_gb"]["logits"] == 0 < report["ranks"][1]["parts_gb"]["logits"]
     assert "every rank fits" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_dry_run_fails_when_a_rank_does_not_fit(dry_run_model, tmp_path, capsys):
+    import pretrain_sft
+
+    report_file = tmp_path / "dry.json"
     # 6.01 GB less the 6 GB allowance leaves 10 MB, which neither rank fits in
-    assert pretrain_sft.main([*common, "--gpu-memory-gb", "6.01", *TINY, *layout]) == 1
+    assert (
+        pretrain_sft.main([*_dry_run_arguments(dry_run_model, report_file), "--gpu-memory-gb", "6.01"]) == 1
+    )
     err = capsys.readouterr().err
     assert "rank 0 (pipeline stage 0) peaks at" in err and "rank 8 (pipeline stage 1)" in err
     assert not json.loads(report_file.read_text())["fits"]

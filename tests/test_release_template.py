@@ -9,6 +9,7 @@ golden token ids (testing/llamafactory_golden.py) for every example it did not t
 
 from __future__ import annotations
 
+import copy
 import datetime
 from collections import Counter
 
@@ -21,8 +22,9 @@ from preprocess.source import RegistrySource
 from testing.hf_messages import hf_conversation
 from testing.llamafactory_golden import CASES, DATA_DIR, DATASETS, SEQ_LENGTH, read_golden
 
-# The cases whose text differs (the loss options change only the masks).
+# The cases whose text differs (the loss options change only the masks); two in the fast suite.
 TEXT_CASES = ("am_thinking", "qwen", "qwen3", "qwen3_no_thinking", "llama3")
+FAST_CASES = ("qwen3_no_thinking", "llama3")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,9 @@ def _release_tokenizer(case, qwen_tokenizer_dir, llama3_tokenizer_dir):
     return TEMPLATES[template_name], tokenizer, thinking
 
 
-@pytest.mark.parametrize("case", TEXT_CASES)
+@pytest.mark.parametrize(
+    "case", [c if c in FAST_CASES else pytest.param(c, marks=pytest.mark.slow) for c in TEXT_CASES]
+)
 def test_the_release_template_renders_what_training_encoded(
     case, examples, qwen_tokenizer_dir, llama3_tokenizer_dir
 ):
@@ -80,13 +84,16 @@ def test_the_release_template_renders_what_training_encoded(
     assert sum((theirs & rendered).values()) == len(golden) - truncated
 
 
-def test_the_generation_prompt_and_enable_thinking(qwen_tokenizer_dir, llama3_tokenizer_dir):
-    from convert.mcore_to_hf import load_release_tokenizer
+def _with_template(tokenizer, template, enable_thinking=True):
+    served = copy.copy(tokenizer)
+    served.chat_template = template.jinja(enable_thinking)
+    return served
 
+
+def test_the_generation_prompt_and_enable_thinking(qwen_tokenizer):
     qwen3 = TEMPLATES["qwen3"]
     question = [{"role": "user", "content": "Q"}]
-    thinking, _ = load_release_tokenizer(qwen_tokenizer_dir, qwen3, enable_thinking=True)
-    quiet, _ = load_release_tokenizer(qwen_tokenizer_dir, qwen3, enable_thinking=False)
+    thinking, quiet = _with_template(qwen_tokenizer, qwen3), _with_template(qwen_tokenizer, qwen3, False)
     prompt = "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
     empty = "<think>\n\n</think>\n\n"
     assert thinking.apply_chat_template(question, add_generation_prompt=True, tokenize=False) == prompt
@@ -102,15 +109,13 @@ def test_the_generation_prompt_and_enable_thinking(qwen_tokenizer_dir, llama3_to
     history = [*question, {"role": "assistant", "content": "<think>a</think>\n\nA<think>b</think>c"}]
     assert quiet.apply_chat_template(history, tokenize=False) == prompt + empty + "Ac<|im_end|>\n"
     # llama3 dates its tool prompt today where the caller gives no date_string, as LLaMA-Factory does
-    llama3, _ = load_release_tokenizer(llama3_tokenizer_dir, TEMPLATES["llama3"])
+    llama3 = _with_template(qwen_tokenizer, TEMPLATES["llama3"])
     text = llama3.apply_chat_template(question, tools=[{"name": "f", "parameters": {}}], tokenize=False)
     assert f"Today Date: {datetime.date.today().strftime('%d %b %Y')}\n" in text
 
 
-def test_what_the_release_template_refuses(qwen_tokenizer_dir):
-    from convert.mcore_to_hf import load_release_tokenizer
-
-    tokenizer, _ = load_release_tokenizer(qwen_tokenizer_dir, TEMPLATES["qwen"])
+def test_what_the_release_template_refuses(qwen_tokenizer):
+    tokenizer = _with_template(qwen_tokenizer, TEMPLATES["qwen"])
     for messages, message in (
         (
             [{"role": "user", "content": "Q"}, {"role": "system", "content": "late"}],
