@@ -91,6 +91,8 @@ class PreprocessConfig:
             raise InputError(
                 f"--pad-multiple {self.pad_multiple} must be >= 1 and divide --seq-length {self.seq_length}"
             )
+        if not 0 <= self.seed < 2**32:
+            raise InputError(f"--seed must be in [0, 2**32), got {self.seed}")
         if not 0 <= self.valid_fraction < 1:
             raise InputError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
         existing = [p for p in output_files(self.output_prefix) if p.exists()]

@@ -4,17 +4,15 @@
   `system`, `subset`), read with pyarrow, only the columns the run needs.
 * `RegistrySource`: the datasets a LLaMA-Factory registry names (`preprocess.registry`), one after
   another, each through the `datasets` library in streaming mode: local json/jsonl/parquet files one
-  file at a time, hub datasets from a snapshot at the entry's revision. `num_samples` draws rows
-  as LLaMA-Factory does (every row once, then random repeats, when asked for more than there are; a
-  random subset when fewer), seeded by the run's seed and the dataset's name, and keeps them in file
-  order: the draw decides how many times each row appears.
+  file at a time, hub datasets from a snapshot at the entry's revision. `num_samples` draws the rows
+  LLaMA-Factory draws (`sample_counts`) and keeps them in file order: the draw decides how many times
+  each row appears.
 
 Both yield `RowBatch`es, the tokenising workers' tasks.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -109,10 +107,11 @@ class RegistrySource:
         return [path for entry in self.entries for path in entry.files]
 
     def batches(self, rows_per_batch: int = ROWS_PER_BATCH) -> Iterator[RowBatch]:
+        draws = np.random.RandomState(self.seed)  # one stream for the run's datasets, in their order
         for index, entry in enumerate(self.entries):
             rows = self._rows(entry)
             if entry.num_samples is not None:
-                rows = _resampled(rows, sample_counts(self._count_rows(entry), entry, self.seed))
+                rows = _resampled(rows, sample_counts(self._count_rows(entry), entry, draws))
             batch: list[dict[str, Any]] = []
             for row in rows:
                 batch.append(row)
@@ -177,20 +176,22 @@ def _checked_rows(entry: DatasetEntry, dataset, where: str) -> Iterator[dict[str
         )
 
 
-def sample_counts(num_rows: int, entry: DatasetEntry, seed: int) -> np.ndarray:
-    """How many times each row appears when `entry.num_samples` rows are drawn from `num_rows`."""
+def sample_counts(num_rows: int, entry: DatasetEntry, draws: np.random.RandomState) -> np.ndarray:
+    """How many times each row appears when `entry.num_samples` rows are drawn from `num_rows`.
+
+    As LLaMA-Factory 0.9.3 draws them (`_load_single_dataset`): the first num_samples of a permutation
+    of the rows and, when that is more than there are, uniform picks for the rest, from numpy's legacy
+    generator; LLaMA-Factory seeds it with the training seed before reading any dataset and draws for
+    the datasets in their order, so `draws` is RandomState(--seed) shared in the same order, and the
+    rows drawn are LLaMA-Factory's for the same seed.
+    """
     if num_rows == 0:
         raise InputError(f"{entry.where}: num_samples {entry.num_samples} asks for rows of an empty dataset")
-    name_key = int.from_bytes(hashlib.blake2b(entry.name.encode(), digest_size=8).digest(), "big")
-    rng = np.random.default_rng([seed, name_key])
     target = entry.num_samples
-    counts = np.zeros(num_rows, dtype=np.int64)
-    if target <= num_rows:
-        counts[rng.choice(num_rows, size=target, replace=False)] = 1
-    else:
-        counts[:] = 1
-        np.add.at(counts, rng.integers(0, num_rows, size=target - num_rows), 1)
-    return counts
+    indexes = draws.permutation(num_rows)[:target]
+    if target > num_rows:
+        indexes = np.concatenate([indexes, draws.choice(num_rows, target - num_rows)])
+    return np.bincount(indexes, minlength=num_rows)
 
 
 def _resampled(rows: Iterator[dict[str, Any]], counts: np.ndarray) -> Iterator[dict[str, Any]]:

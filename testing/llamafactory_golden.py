@@ -3,7 +3,9 @@
 Each case is a template with loss options; LLaMA-Factory's own `get_dataset` reads the same
 dataset_info.json (all its datasets, concatenated) with the same offline tokenizer, and every example it
 keeps is written as one JSON line [input_ids, loss mask] after a header line that records how the
-file was made. tests/test_llamafactory_parity.py checks our preprocessor against these files.
+file was made. The training seed (SEED, given to our preprocessor as --seed) is set as
+LLaMA-Factory's argument parser sets it, since num_samples draws from it.
+tests/test_llamafactory_parity.py checks our preprocessor against these files.
 
 LLaMA-Factory pins transformers 4.52, so it runs in its own environment:
 
@@ -26,8 +28,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT / "tests" / "data" / "llamafactory"
 GOLDEN_DIR = DATA_DIR / "golden"
-DATASETS = ("alpaca_history", "sharegpt_tools", "openai_messages", "reasoning")
+DATASETS = (
+    "alpaca_history",
+    "sharegpt_tools",
+    "openai_messages",
+    "reasoning",
+    "reasoning_subset",
+    "reasoning_repeated",
+)
 SEQ_LENGTH = 512  # packed length; LLaMA-Factory's per-example cutoff is one less when packing
+SEED = 1234  # LLaMA-Factory's training seed, which num_samples draws from; our --seed
 # case -> (template, tokenizer kind, LLaMA-Factory data arguments)
 CASES = {
     "am_thinking": ("AM-thinking", "qwen", {}),
@@ -85,7 +95,7 @@ def dump(case: str, tokenizer_dir: str, out: str) -> None:
 
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
     from llamafactory.hparams import DataArguments, ModelArguments
-    from transformers import AutoTokenizer, Seq2SeqTrainingArguments
+    from transformers import AutoTokenizer, Seq2SeqTrainingArguments, set_seed
 
     template_name, _, options = CASES[case]
     register_am_thinking()
@@ -100,7 +110,8 @@ def dump(case: str, tokenizer_dir: str, out: str) -> None:
             **options,
         )
         model_args = ModelArguments(model_name_or_path=tokenizer_dir, cache_dir=tmp)
-        training_args = Seq2SeqTrainingArguments(output_dir=tmp, do_train=True, seed=1234, report_to="none")
+        training_args = Seq2SeqTrainingArguments(output_dir=tmp, do_train=True, seed=SEED, report_to="none")
+        set_seed(training_args.seed)  # as LLaMA-Factory's get_train_args does: num_samples draws from it
         template = get_template_and_fix_tokenizer(tokenizer, data_args)
         dataset = get_dataset(
             template, model_args, data_args, training_args, stage="sft", tokenizer=tokenizer

@@ -3,7 +3,7 @@
 (dataset_info.json) and one dataset in each format it describes (alpaca json with history and system;
 sharegpt jsonl with tools, function calls and observations; OpenAI-style messages in parquet, described
 by tags; reasoning traces), each with rows LLaMA-Factory keeps (multi-turn, long rows that truncate)
-and rows it drops.
+and rows it drops; and the reasoning traces again, drawn with `num_samples` below and above their count.
 
     .venv/bin/python -m testing.llamafactory_inputs    # then regenerate the golden files:
     .venv/bin/python -m testing.llamafactory_golden --lf-python /tmp/lf/bin/python
@@ -116,6 +116,10 @@ REGISTRY = {
                  "system_tag": "system"},
     },
     "reasoning": {"file_name": "reasoning.jsonl", "formatting": "sharegpt"},
+    # LLaMA-Factory's draw from numpy's generator seeded with the training seed: a subset, then every row
+    # once and random repeats
+    "reasoning_subset": {"file_name": "reasoning.jsonl", "formatting": "sharegpt", "num_samples": 2},
+    "reasoning_repeated": {"file_name": "reasoning.jsonl", "formatting": "sharegpt", "num_samples": 9},
 }  # fmt: skip
 
 

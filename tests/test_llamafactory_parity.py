@@ -5,8 +5,9 @@ LLaMA-Factory's `get_dataset` on the same dataset_info.json and the same offline
 example LLaMA-Factory keeps, per template and loss option. Our preprocessor reads the same registry,
 all four datasets as one mixture (alpaca with history and system, sharegpt with tools and function
 calls, OpenAI-style messages described by tags, reasoning traces; rows LLaMA-Factory drops among
-them), and the packed files it writes must hold exactly those examples: the same token ids, the same
-loss masks, nothing more; the drops counted per dataset.
+them; the traces drawn again with num_samples, below and above their count, so the rows drawn must be
+LLaMA-Factory's), and the packed files it writes must hold exactly those examples: the same token ids,
+the same loss masks, as often, nothing more; the drops counted per dataset.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from formats.packed import indexed_dataset_module
 from formats.tokenizer import tokenizer_fingerprint
 from preprocess.config import PreprocessConfig
 from preprocess.pipeline import preprocess
-from testing.llamafactory_golden import CASES, DATA_DIR, DATASETS, SEQ_LENGTH, read_golden
+from testing.llamafactory_golden import CASES, DATA_DIR, DATASETS, SEED, SEQ_LENGTH, read_golden
 
 # What LLaMA-Factory drops of each dataset, read off the inputs (testing/llamafactory_inputs.py).
 EXPECTED_DROPS = {
@@ -27,6 +28,8 @@ EXPECTED_DROPS = {
     "sharegpt_tools": {"invalid_role_tag": 1, "invalid_message_count": 1, "empty_conversations": 2},
     "openai_messages": {"invalid_role_tag": 1},
     "reasoning": {},
+    "reasoning_subset": {},
+    "reasoning_repeated": {},
 }
 
 
@@ -61,6 +64,7 @@ def test_packed_examples_equal_llamafactory_s(case, qwen_tokenizer_dir, llama3_t
         seq_length=SEQ_LENGTH,
         workers=1,
         tool_date=header["tool_date"],
+        seed=SEED,
         **options,
     )
     meta = preprocess(cfg, command=["test"])

@@ -20,7 +20,7 @@ from preprocess.converters import Example, converter_for
 from preprocess.registry import dataset_entries
 from preprocess.source import RegistrySource
 from testing.hf_messages import hf_conversation
-from testing.llamafactory_golden import CASES, DATA_DIR, DATASETS, SEQ_LENGTH, read_golden
+from testing.llamafactory_golden import CASES, DATA_DIR, DATASETS, SEED, SEQ_LENGTH, read_golden
 
 # The cases whose text differs (the loss options change only the masks); two in the fast suite.
 TEXT_CASES = ("am_thinking", "qwen", "qwen3", "qwen3_no_thinking", "llama3")
@@ -31,7 +31,7 @@ FAST_CASES = ("qwen3_no_thinking", "llama3")
 def examples() -> list[Example]:
     entries = dataset_entries(DATA_DIR / "dataset_info.json", list(DATASETS))
     kept = []
-    for batch in RegistrySource(tuple(entries), seed=0).batches():
+    for batch in RegistrySource(tuple(entries), seed=SEED).batches():
         convert = converter_for(entries[batch.dataset])
         kept += [e for e in map(convert, batch.to_rows()) if isinstance(e, Example)]
     return kept

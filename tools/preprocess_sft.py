@@ -162,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         type=int,
         default=DEFAULTS["seed"],
-        help="seed for tie-breaking among equal lengths, the order of packs and the held-out split "
-        "(default %(default)s)",
+        help="seed for tie-breaking among equal lengths, the order of packs, the held-out split and the "
+        "registry's num_samples draws (LLaMA-Factory's training seed gives its draws; default %(default)s)",
     )
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs of this prefix")
     return parser
