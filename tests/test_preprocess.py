@@ -185,6 +185,8 @@ def test_bad_inputs_are_named(qwen_tokenizer_dir, tmp_path):
     (other / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(InputError, match=r"no <\|im_end\|> token, with which the AM-thinking chat template"):
         run(tmp_path / "plain.parquet", other, tmp_path / "x")
+    with pytest.raises(InputError, match=r"--seed must be in \[0, 2\*\*32\), got -1"):
+        run(tmp_path / "plain.parquet", qwen_tokenizer_dir, tmp_path / "x", seed=-1)
 
 
 def test_packs_fit_once_every_conversation_is_padded_for_context_parallelism(
