@@ -281,13 +281,18 @@ def stage_env(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
         "matmul_bf16_tflops": matmul_tflops(args.device, sizes.matmul),
     }
     if args.device == "cuda":
-        figures["driver"] = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version,memory.total", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
+        figures["driver"] = nvidia_smi("--query-gpu=driver_version,memory.total", "--format=csv,noheader")
         figures["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     return figures["megatron_core"] is not None, figures
+
+
+def nvidia_smi(*arguments: str) -> str | None:
+    """nvidia-smi's answer, or None where it is missing or fails (a sandboxed driver may lack it)."""
+    try:
+        done = subprocess.run(["nvidia-smi", *arguments], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def matmul_tflops(device: str, n: int, warmup: int = 3, timed: int = 10) -> float:
@@ -450,8 +455,11 @@ def _measure_trainer(rank: int, world_size: int, overrides: list[str], warmup: i
         for _ in range(warmup + iters):
             trainer.step()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-        with profile(activities=activities) as prof:
-            trainer.step()
+        try:
+            with profile(activities=activities) as prof:
+                trainer.step()
+        except Exception as exc:  # e.g. CUPTI refused by a sandboxed driver: the timed steps still count
+            return {"error": f"the profiler failed: {type(exc).__name__}: {exc}"}
     return profile_split(prof, device)
 
 
@@ -702,10 +710,13 @@ def profile_split(profiler, device: str, top: int = 8) -> dict:
             seconds = event.self_cpu_time_total / 1e6
         split[_classify(event.key)] += seconds
         kernels.append((seconds, event.key[:80]))
-    return {
+    found = {
         "split_s": split,
         "top": [{"name": k, "s": round(s, 4)} for s, k in sorted(kernels, reverse=True)[:top]],
     }
+    if not kernels:
+        found["error"] = f"the profiler recorded no {device} events (on a GPU: CUPTI unavailable?)"
+    return found
 
 
 def device_name(device: str) -> str:
