@@ -125,10 +125,15 @@ def release_template(checkpoint: Path, requested: str | None = None) -> ChatTemp
     return AM_THINKING
 
 
-def release_thinking(checkpoint: Path, requested: bool | None = None) -> bool:
+def release_thinking(checkpoint: Path, template: ChatTemplate, requested: bool | None = None) -> bool:
     """The default of a reasoning template's `enable_thinking` in the release: `requested`, else the
     setting the training data was encoded with, else LLaMA-Factory's default (thinking)."""
     if requested is not None:
+        if not template.reasoning:
+            raise InputError(
+                f"--{'' if requested else 'no-'}enable-thinking applies to a reasoning template (qwen3); "
+                f"the release's is {template.name}, which keeps every thought as written"
+            )
         return requested
     return bool(_training_data(checkpoint).get("enable_thinking", True))
 
@@ -232,7 +237,7 @@ def convert_mcore_to_hf(
     target = DTYPES[dtype] if dtype else source_dtype
     tokenizer_path = find_tokenizer(checkpoint, tokenizer_dir)
     template = release_template(checkpoint, chat_template)
-    thinking = release_thinking(checkpoint, enable_thinking)
+    thinking = release_thinking(checkpoint, template, enable_thinking)
     tokenizer, tokens = load_release_tokenizer(tokenizer_path, template, thinking)
     specs = [
         TensorSpec(key, shape, target)

@@ -14,7 +14,7 @@ from common.distributed import run_distributed
 from common.errors import CheckpointError, InputError
 from convert.hf_to_mcore import plan_chunks
 from convert.verify import hf_logits, sample_token_ids, verify_conversion
-from formats.chat_template import AM_THINKING, LLAMA3
+from formats.chat_template import AM_THINKING, LLAMA3, QWEN3
 from formats.hf_safetensors import HFSafetensorsReader
 from formats.torch_dist import (
     TRAINING_DATA_FILE,
@@ -272,7 +272,9 @@ def test_the_release_serves_the_training_template_and_the_tokenizer_tokens(
     from convert.mcore_to_hf import ReleaseTokens, load_release_tokenizer, release_template, release_thinking
 
     assert release_template(converted) is AM_THINKING  # converted and never trained: the recipe's
-    assert release_thinking(converted) is True  # and LLaMA-Factory's default
+    assert release_thinking(converted, AM_THINKING) is True  # and LLaMA-Factory's default
+    with pytest.raises(InputError, match="--no-enable-thinking applies to a reasoning template"):
+        release_thinking(converted, AM_THINKING, False)
     trained = shutil.copytree(converted, tmp_path / "trained")
     (trained / TRAINING_DATA_FILE).write_text(json.dumps({"chat_template": "chatml"}))
     with pytest.raises(InputError, match=r"training_data.json: chat template 'chatml' is unknown"):
@@ -283,7 +285,7 @@ def test_the_release_serves_the_training_template_and_the_tokenizer_tokens(
     (trained / TRAINING_DATA_FILE).write_text(
         json.dumps({"chat_template": "qwen3", "enable_thinking": False})
     )
-    assert release_thinking(trained) is False and release_thinking(trained, True) is True
+    assert release_thinking(trained, QWEN3) is False and release_thinking(trained, QWEN3, True) is True
     # The pad token is the tokenizer's own; without one (as Llama 3's), its end of text; generation stops
     # at the template's stop token and at the base model's end of text.
     with_pad = shutil.copytree(qwen_tokenizer_dir, tmp_path / "with_pad")
