@@ -389,8 +389,11 @@ class Trainer:
             for batch in self.valid.micro_batches(self.layout, self.dp_rank, self.dp_size, self.cp_rank):
                 yield batch.to(torch.cuda.current_device()) if self.device == "cuda" else batch
 
-        reduced = self.module.forward_backward(batches, count, self.row_width, forward_only=True)
-        loss_sum, loss_tokens = self._global_loss(reduced)
+        # a forward over the packs of this many global batches takes less than as many training steps
+        steps_worth = len(self.valid.packs) / self.config.schedule.global_batch_size
+        with self.watchdog.watch("validation", self.state.iteration, steps_worth):
+            reduced = self.module.forward_backward(batches, count, self.row_width, forward_only=True)
+            loss_sum, loss_tokens = self._global_loss(reduced)
         val_loss = loss_sum / max(loss_tokens, 1)
         self.metrics.log_validation(
             self.state.iteration,

@@ -1,4 +1,4 @@
-"""A per-rank watchdog that ends a process whose training step hangs.
+"""A per-rank watchdog that ends a process whose training step (or validation) hangs.
 
 A hung collective (another rank died, froze or lost its network) blocks every rank in it; torch's own
 timeouts (the process-group timeout, NCCL's watchdog) fire only after `timeout_minutes`, which has to
@@ -8,12 +8,15 @@ has completed): a daemon thread checks the step in progress, and past the bound 
 iteration and which phase, dumps every thread's stack, and exits the process with `EXIT_HUNG`, so that
 the job fails and the scheduler's requeue takes over instead of holding its GPUs.
 
-Only training steps are watched; checkpoint saves, loads and evaluation are bounded by the process-group
-timeout alone.
+Validation is watched too, with the bound of as many steps as its packs fill global batches (each
+forward-only, so cheaper than a step); checkpoint saves and loads, whose length is the storage's, are
+bounded by the process-group timeout alone.
 
     watchdog = StepWatchdog(WatchdogConfig(), rank=0)
     with watchdog.step(iteration=7):
         watchdog.phase("forward-backward")
+        ...
+    with watchdog.watch("validation", iteration=7, steps_worth=3.0):
         ...
 """
 
@@ -57,7 +60,8 @@ class StepWatchdog:
         self.config, self.rank = config, rank
         self._durations: deque[float] = deque(maxlen=50)
         self._lock = threading.Lock()
-        self._armed: tuple[int, float] | None = None  # (iteration, start) of the step in progress
+        # (iteration, start, steps' worth of bound) of the block in progress
+        self._armed: tuple[int, float, float] | None = None
         self._phase = ""
         self._poll = poll_seconds
         self._closed = threading.Event()
@@ -78,13 +82,27 @@ class StepWatchdog:
     @contextmanager
     def step(self, iteration: int):
         """Watches the block as the step of `iteration`; its duration joins the median when it completes."""
-        with self._lock:
-            self._armed, self._phase = (iteration, time.monotonic()), "start"
-        try:
+        with self._watching(iteration, "start", 1.0) as started:
             yield
+        with self._lock:
+            self._durations.append(time.monotonic() - started)
+
+    @contextmanager
+    def watch(self, what: str, iteration: int, steps_worth: float):
+        """Watches a collective block other than a step, e.g. validation, with the bound of `steps_worth`
+        steps (at least one); its duration stays out of the steps' median."""
+        with self._watching(iteration, what, max(1.0, steps_worth)):
+            yield
+
+    @contextmanager
+    def _watching(self, iteration: int, phase: str, steps_worth: float):
+        started = time.monotonic()
+        with self._lock:
+            self._armed, self._phase = (iteration, started, steps_worth), phase
+        try:
+            yield started
         finally:
             with self._lock:
-                self._durations.append(time.monotonic() - self._armed[1])
                 self._armed = None
 
     def phase(self, name: str) -> None:
@@ -95,22 +113,24 @@ class StepWatchdog:
         while not self._closed.wait(self._poll):
             with self._lock:
                 armed, phase, bound = self._armed, self._phase, self.bound()
-            if armed is not None and time.monotonic() - armed[1] > bound:
-                self._fire(armed[0], phase, time.monotonic() - armed[1], bound)
+            if armed is not None and time.monotonic() - armed[1] > bound * armed[2]:
+                self._fire(armed[0], phase, time.monotonic() - armed[1], bound, armed[2])
 
-    def _fire(self, iteration: int, phase: str, elapsed: float, bound: float) -> None:
+    def _fire(self, iteration: int, phase: str, elapsed: float, bound: float, steps_worth: float) -> None:
         c = self.config
         median = f"{statistics.median(self._durations):.2f} s" if self._durations else "none yet"
+        worth = f"{steps_worth:g} steps' worth of " if steps_worth != 1 else ""
         log.error(
-            "rank %d: iteration %d has spent %.0f s in phase '%s', past the bound of %.0f s "
-            "(max(watchdog.min_step_seconds=%g, watchdog.step_factor=%g x median step %s)): a collective is "
+            "rank %d: iteration %d has spent %.0f s in phase '%s', past the bound of %.0f s (%s"
+            "max(watchdog.min_step_seconds=%g, watchdog.step_factor=%g x median step %s)): a collective is "
             "probably hung on a rank that died or stalled; exiting with status %d so that the job fails "
             "and can be requeued. Stacks of this process:",
             self.rank,
             iteration,
             elapsed,
             phase,
-            bound,
+            bound * steps_worth,
+            worth,
             c.min_step_seconds,
             c.step_factor,
             median,

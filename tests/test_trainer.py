@@ -393,19 +393,24 @@ def test_resume_is_exact_after_a_kill_during_a_save_and_after_a_signal(setup, re
 
 
 @pytest.mark.slow
-def test_a_frozen_rank_ends_the_others_within_the_watchdog_bound(setup, tmp_path, capfd):
+@pytest.mark.parametrize("where", ["step", "validation"])
+def test_a_frozen_rank_ends_the_others_within_the_watchdog_bound(where, setup, tmp_path, capfd):
     from sft.watchdog import EXIT_HUNG
 
     watchdog = ("watchdog.min_step_seconds=4", "watchdog.step_factor=5")
+    # the validation after iteration 3 forwards 5 packs, global batches' worth 1.25: its bound's share
+    fault = ("freeze", 3) if where == "step" else ("freeze_in_validation", EVAL_INTERVAL)
     with pytest.raises(RuntimeError, match=rf"rank 0 exited with status {EXIT_HUNG} without a result"):
-        _train(setup, tmp_path, 2, *watchdog, fault=("freeze", 3))
+        _train(setup, tmp_path, 2, *watchdog, fault=fault)
     err = capfd.readouterr().err
     report = re.search(
-        r"rank 0: iteration 3 has spent (\d+) s in phase '([^']+)', past the bound of (\d+) s", err
+        rf"rank 0: iteration {fault[1]} has spent (\d+) s in phase '([^']+)', past the bound of (\d+) s", err
     )
     assert report, err[-3000:]
     spent, phase, bound = int(report.group(1)), report.group(2), int(report.group(3))
-    assert phase.startswith("forward-backward") and 4 <= bound <= spent <= bound + 2  # whole seconds
+    assert phase.startswith("forward-backward" if where == "step" else "validation")
+    assert 4 <= bound <= spent <= bound + 2  # whole seconds
+    assert (f"{VALID_PACKS / GLOBAL_BATCH:g} steps' worth of max(" in err) == (where == "validation")
     assert "Stacks of this process" in err and "Thread" in err  # where it hung, for the post-mortem
 
 

@@ -12,7 +12,8 @@ per-iteration losses. `fault` injects what a real run meets, inside the real cod
 - ("nan_loss", k): the loss of iteration k is NaN (k = 0: every iteration);
 - ("record", 0): no fault; the result's "hooks" lists every callback hook the loop called;
 - ("freeze", k): the last rank stops (SIGSTOP, as a frozen node: its threads too) at the start of
-  iteration k; the others block in the step's first collective.
+  iteration k; the others block in the step's first collective;
+- ("freeze_in_validation", k): the same, as the validation after iteration k starts.
 """
 
 from __future__ import annotations
@@ -127,6 +128,15 @@ def _inject(trainer, fault) -> None:
             return total, count, reduced
 
         train_module.loss_func = poisoned
+    elif kind == "freeze_in_validation":
+        evaluate = trainer.evaluate
+
+        def freezing_evaluate():
+            if trainer.state.iteration == k:
+                _freeze(trainer)
+            return evaluate()
+
+        trainer.evaluate = freezing_evaluate
 
 
 def _slow_down_async_writers(seconds: float) -> None:
