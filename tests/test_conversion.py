@@ -160,6 +160,9 @@ def test_converted_checkpoints_hold_the_extra_state_megatron_core_expects(conver
     arch = read_arch(converted)
     assert objects == set(extra_state_objects(arch))
     assert "decoder.layers.self_attention.linear_proj._extra_state/shard_1_2" in objects  # layer 1 of 2
+    # Transformer Engine's final RMSNorm (a te.pytorch.ops operation) has extra state too: one object
+    assert "decoder.final_layernorm._extra_state/shard_0_1" in objects
+    assert not any("q_layernorm" in key for key in objects)  # Qwen2 has no per-head norms
 
 
 def test_chunks_tile_every_tensor_within_the_size_cap(tiny_qwen2_dir):

@@ -121,6 +121,21 @@ def test_round_trip_in_memory_is_bitwise(model):
         assert mcore["decoder.layers.1.self_attention.q_layernorm.weight"].shape == (arch.head_dim,)
 
 
+def test_the_converted_checkpoint_holds_each_spec_s_extra_state(model):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    stored = FileSystemReader(str(model.mcore)).read_metadata().state_dict_metadata
+    objects = {key for key, meta in stored.items() if isinstance(meta, BytesStorageMetadata)}
+    layers = read_arch(model.hf).num_layers
+    # five modules a layer (the four linear layers, TE's attention), Qwen3's two query/key norms under
+    # the TE spec (TE's RMSNorm keeps extra state), and the final norm once
+    per_layer = 7 if model.name == "qwen3" else 5
+    assert len(objects) == per_layer * layers + 1
+    norm = f"decoder.layers.self_attention.k_layernorm._extra_state/shard_{layers - 1}_{layers}"
+    assert (norm in objects) == (model.name == "qwen3")
+
+
 @pytest.mark.slow
 def test_logits_match_transformers_at_tp1(model):
     with torch.no_grad():

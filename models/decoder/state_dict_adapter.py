@@ -117,14 +117,23 @@ EXTRA_STATE_MODULES = (
     "mlp.linear_fc2",
     "self_attention.core_attention",
 )
+# Under the TE spec the separate norms are TE's RMSNorm, an operation of te.pytorch.ops whose extra state
+# holds its quantization metadata: the per-head query/key norms (per layer) and the final norm (once).
+TE_NORM_EXTRA_STATE_MODULES = ("self_attention.q_layernorm", "self_attention.k_layernorm")
+FINAL_NORM_EXTRA_STATE = "decoder.final_layernorm._extra_state/shard_0_1"
 
 
 def extra_state_objects(arch: DecoderArch) -> dict[str, None]:
     """The `_extra_state` ShardedObjects of a weights-only checkpoint by unique key, all None (no FP8
-    state yet), as megatron-core names them for the stacked layers."""
+    state yet), as megatron-core names them, for a model of either spec (a loader ignores the ones its
+    spec lacks)."""
     layers = arch.num_layers
+    modules = EXTRA_STATE_MODULES + (TE_NORM_EXTRA_STATE_MODULES if arch.qk_layernorm else ())
     return {
-        f"decoder.layers.{module}._extra_state/shard_{layer}_{layers}": None
-        for layer in range(layers)
-        for module in EXTRA_STATE_MODULES
+        **{
+            f"decoder.layers.{module}._extra_state/shard_{layer}_{layers}": None
+            for layer in range(layers)
+            for module in modules
+        },
+        FINAL_NORM_EXTRA_STATE: None,
     }
