@@ -373,7 +373,35 @@ def stage_attention(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
         "kernel": packed_attention_kernel(args.device),
         "max_rel_error_bf16": error,
         "tolerance": ATTENTION_RTOL,
+        "unrepeated_gqa": unrepeated_gqa(q, k, v, cu, max(lengths), dim**-0.5, args.device),
     }
+
+
+def unrepeated_gqa(q, k, v, cu, max_seqlen: int, scale: float, device: str) -> dict:
+    """Where torch's varlen attention takes no `enable_gqa` (torch 2.11), the trainer repeats K/V to the
+    query heads. Whether its flash kernel takes the fewer K/V heads as they are, forward and backward,
+    with the same result (a saving to measure next), recorded and never failing the stage."""
+    from models.packed_attention import _varlen_attention
+
+    varlen = _varlen_attention() if device == "cuda" else None
+    if varlen is None or varlen[2]:
+        return {"checked": False, "why": "no varlen attention here" if varlen is None else "takes enable_gqa"}
+    varlen_attn, repeat = varlen[0], q.shape[1] // k.shape[1]
+    try:
+        inputs = [t.to(device, torch.bfloat16).requires_grad_() for t in (q, k, v)]
+        repeated = [inputs[0], *(t.repeat_interleave(repeat, dim=1) for t in inputs[1:])]
+        cu32 = cu.to(device, torch.int32)
+        results = []
+        for query, key, value in (inputs, repeated):
+            out = varlen_attn(
+                query, key, value, cu32, cu32, max_seqlen, max_seqlen, scale=scale, window_size=(-1, 0)
+            )
+            grads = torch.autograd.grad(out.float().square().sum(), inputs)
+            results.append((out.detach().float(), *(g.float() for g in grads)))
+        errors = [float((a - b).abs().max() / b.abs().max()) for a, b in zip(*results, strict=True)]
+        return {"checked": True, "max_rel_error_out_dq_dk_dv": errors}
+    except Exception as exc:  # the answer is the point: a kernel that refuses it says so here
+        return {"checked": True, "error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
 def stage_verify(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
