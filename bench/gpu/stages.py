@@ -14,7 +14,9 @@ nothing already measured). Stages:
   train_vs_cpu a tiny Qwen2 (the real 151,936 vocabulary) converted from HF: 3 training steps in bf16 on
                the device against the same 3 steps in fp32 on the CPU (a child process that sees no
                GPU), per-step loss within a stated bf16 tolerance
-  attention    the packed attention on the device (bf16) against per-conversation attention in fp32
+  attention    the packed attention on the device (bf16) against per-conversation attention in fp32;
+               and, on a torch whose varlen attention takes no enable_gqa, whether its flash kernel
+               takes unrepeated GQA K/V (recorded, never failing the stage)
   verify       tools/verify_conversion.py on the device against transformers
   resume       save at iteration 2, resume, and continue with the uninterrupted run's losses
   shard        throughput of the recipe's per-GPU shard: Qwen2.5-32B layers as one tensor-parallel-8
