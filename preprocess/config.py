@@ -35,6 +35,8 @@ class PreprocessConfig:
     enable_thinking: bool = True
     # The date llama3's tool prompt names (LLaMA-Factory writes the day it runs); default: today.
     tool_date: str | None = None
+    # Of each dataset, only the first rows (after num_samples), as LLaMA-Factory's max_samples.
+    max_samples: int | None = None
     seq_length: int = 32768
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     overlong: str = "truncate"
@@ -91,6 +93,8 @@ class PreprocessConfig:
             raise InputError(
                 f"--pad-multiple {self.pad_multiple} must be >= 1 and divide --seq-length {self.seq_length}"
             )
+        if self.max_samples is not None and self.max_samples < 1:
+            raise InputError(f"--max-samples must be >= 1, got {self.max_samples}")
         if not 0 <= self.seed < 2**32:
             raise InputError(f"--seed must be in [0, 2**32), got {self.seed}")
         if not 0 <= self.valid_fraction < 1:

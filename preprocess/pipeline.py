@@ -121,14 +121,14 @@ def _check_tokenizer(path: Path, template: ChatTemplate) -> tuple[str | None, in
 def _open_source(cfg: PreprocessConfig):
     """(the rows' source, one converter per dataset, the datasets as the meta records them)."""
     if cfg.input is not None:
-        source = AlignedSource.open(cfg.input, need_system_column=cfg.system_source == "column")
+        source = AlignedSource.open(cfg.input, cfg.system_source == "column", cfg.max_samples)
         return (
             source,
             (AlignedConverter(cfg.system_source),),
             [{"name": Path(cfg.input).stem, "aligned": True}],
         )
     entries = dataset_entries(cfg.dataset_info, cfg.dataset_names)
-    source = RegistrySource(tuple(entries), cfg.seed)
+    source = RegistrySource(tuple(entries), cfg.seed, max_samples=cfg.max_samples)
     return source, tuple(converter_for(entry) for entry in entries), [entry.record() for entry in entries]
 
 

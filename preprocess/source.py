@@ -8,11 +8,14 @@
   LLaMA-Factory draws (`sample_counts`) and keeps them in file order: the draw decides how many times
   each row appears.
 
+Both take `max_samples` (LLaMA-Factory's): each dataset's first rows only, after the num_samples draw.
+
 Both yield `RowBatch`es, the tokenising workers' tasks.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,9 +52,10 @@ class AlignedSource:
     path: Path
     num_rows: int | None
     columns: tuple[str, ...]  # those read: conversations, and system / subset where present
+    max_samples: int | None = None  # read only the first rows
 
     @classmethod
-    def open(cls, path: Path, need_system_column: bool) -> AlignedSource:
+    def open(cls, path: Path, need_system_column: bool, max_samples: int | None = None) -> AlignedSource:
         import pyarrow.parquet as pq
 
         try:
@@ -67,7 +71,7 @@ class AlignedSource:
         if need_system_column and "system" not in names:
             raise InputError(f"--system-source column needs a `system` column in {path}")
         columns = tuple(name for name in ("conversations", "system", "subset") if name in names)
-        return cls(Path(path), parquet.metadata.num_rows, columns)
+        return cls(Path(path), _at_most(parquet.metadata.num_rows, max_samples), columns, max_samples)
 
     @property
     def inputs(self) -> list[Path]:
@@ -77,10 +81,14 @@ class AlignedSource:
         """Record batches (pyarrow) of the needed columns, in file order."""
         import pyarrow.parquet as pq
 
+        left = self.num_rows
         for batch in pq.ParquetFile(self.path).iter_batches(
             batch_size=rows_per_batch, columns=list(self.columns)
         ):
-            yield RowBatch(0, batch)
+            if left <= 0:
+                return
+            yield RowBatch(0, batch.slice(0, left))
+            left -= batch.num_rows
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,7 @@ class RegistrySource:
     entries: tuple[DatasetEntry, ...]
     seed: int
     cache_dir: str | None = None  # the hub snapshots' cache (default: Hugging Face's)
+    max_samples: int | None = None  # of each dataset, only the first rows (after num_samples)
 
     @property
     def num_rows(self) -> int | None:
@@ -95,11 +104,13 @@ class RegistrySource:
         total = 0
         for entry in self.entries:
             if entry.num_samples is not None:
-                total += entry.num_samples
+                total += _at_most(entry.num_samples, self.max_samples)
             elif entry.file_type == "parquet":
-                total += sum(_parquet_rows(path) for path in entry.files)
-            else:
+                total += _at_most(sum(_parquet_rows(path) for path in entry.files), self.max_samples)
+            elif self.max_samples is None:
                 return None
+            else:
+                total += self.max_samples  # at most; unknown without reading the dataset
         return total
 
     @property
@@ -111,7 +122,10 @@ class RegistrySource:
         for index, entry in enumerate(self.entries):
             rows = self._rows(entry)
             if entry.num_samples is not None:
-                rows = _resampled(rows, sample_counts(self._count_rows(entry), entry, draws))
+                counts = sample_counts(self._count_rows(entry), entry, draws, self.max_samples)
+                rows = _resampled(rows, counts)
+            elif self.max_samples is not None:
+                rows = itertools.islice(rows, self.max_samples)
             batch: list[dict[str, Any]] = []
             for row in rows:
                 batch.append(row)
@@ -176,8 +190,11 @@ def _checked_rows(entry: DatasetEntry, dataset, where: str) -> Iterator[dict[str
         )
 
 
-def sample_counts(num_rows: int, entry: DatasetEntry, draws: np.random.RandomState) -> np.ndarray:
-    """How many times each row appears when `entry.num_samples` rows are drawn from `num_rows`.
+def sample_counts(
+    num_rows: int, entry: DatasetEntry, draws: np.random.RandomState, max_samples: int | None = None
+) -> np.ndarray:
+    """How many times each row appears when `entry.num_samples` rows are drawn from `num_rows` (and only
+    the first `max_samples` of the draw are kept, as LLaMA-Factory keeps them).
 
     As LLaMA-Factory 0.9.3 draws them (`_load_single_dataset`): the first num_samples of a permutation
     of the rows and, when that is more than there are, uniform picks for the rest, from numpy's legacy
@@ -191,7 +208,11 @@ def sample_counts(num_rows: int, entry: DatasetEntry, draws: np.random.RandomSta
     indexes = draws.permutation(num_rows)[:target]
     if target > num_rows:
         indexes = np.concatenate([indexes, draws.choice(num_rows, target - num_rows)])
-    return np.bincount(indexes, minlength=num_rows)
+    return np.bincount(indexes[:max_samples], minlength=num_rows)
+
+
+def _at_most(count: int, limit: int | None) -> int:
+    return count if limit is None else min(count, limit)
 
 
 def _resampled(rows: Iterator[dict[str, Any]], counts: np.ndarray) -> Iterator[dict[str, Any]]:

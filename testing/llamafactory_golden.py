@@ -44,6 +44,7 @@ CASES = {
     "qwen": ("qwen", "qwen", {}),
     "qwen_mask_history": ("qwen", "qwen", {"mask_history": True}),
     "qwen_train_on_prompt": ("qwen", "qwen", {"train_on_prompt": True}),
+    "qwen_max_samples": ("qwen", "qwen", {"max_samples": 3}),
     "qwen3": ("qwen3", "qwen", {}),
     "qwen3_no_thinking": ("qwen3", "qwen", {"enable_thinking": False}),
     "llama3": ("llama3", "llama3", {}),

@@ -73,16 +73,21 @@ def test_packed_examples_equal_llamafactory_s(case, qwen_tokenizer_dir, llama3_t
     assert sum(ours.values()) == sum(theirs.values()) == meta["stats"]["conversations"]
     assert ours == theirs
     assert meta["cutoff_len"] == header["cutoff_len"] == SEQ_LENGTH - 1
-    assert meta["stats"]["truncated"] >= 2  # the long rows: truncation is part of what is compared
+    # the long rows (one of them among the first 3): truncation is part of what is compared
+    assert meta["stats"]["truncated"] >= (1 if "max_samples" in options else 2)
     per_dataset = meta["stats"]["per_dataset"]
     assert list(per_dataset) == list(DATASETS)
-    assert {name: counts["dropped"] for name, counts in per_dataset.items()} == EXPECTED_DROPS
+    if "max_samples" in options:  # each dataset's first 3 rows, the num_samples 2 draw's 2
+        rows_read = {name: 2 if name == "reasoning_subset" else 3 for name in DATASETS}
+        assert {name: counts["rows_read"] for name, counts in per_dataset.items()} == rows_read
+    else:
+        assert {name: counts["dropped"] for name, counts in per_dataset.items()} == EXPECTED_DROPS
     assert sum(c["conversations"] for c in per_dataset.values()) == len(golden)
     assert meta["template"] == template and [d["name"] for d in meta["datasets"]] == list(DATASETS)
 
 
 def test_the_cases_differ_where_their_options_do():
-    """The golden files are not one encoding under seven names: each option changes what it should."""
+    """The golden files are not one encoding under eight names: each option changes what it should."""
     qwen = Counter(read_golden("qwen")[1])
     ids = lambda case: sorted(ids for ids, _ in read_golden(case)[1])  # noqa: E731
     masks = lambda case: sum(sum(mask) for _, mask in read_golden(case)[1])  # noqa: E731
@@ -91,3 +96,4 @@ def test_the_cases_differ_where_their_options_do():
     assert ids("qwen_train_on_prompt") == ids("qwen")  # the same tokens, more of them trained
     assert ids("am_thinking") != ids("qwen")  # the default system prompts differ
     assert ids("qwen3") != ids("qwen3_no_thinking") and Counter(read_golden("qwen3")[1]) != qwen
+    assert Counter(read_golden("qwen_max_samples")[1]) < qwen  # a part of the same examples

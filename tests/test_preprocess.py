@@ -128,6 +128,17 @@ def test_output_is_byte_identical_for_any_worker_count(packed, aligned_parquet, 
     assert meta4["stats"] == meta["stats"]
 
 
+def test_max_samples_reads_the_first_rows_only(aligned_parquet, qwen_tokenizer_dir, tmp_path):
+    meta = run(aligned_parquet, qwen_tokenizer_dir, tmp_path / "first", max_samples=7)
+    assert meta["stats"]["rows_read"] == 7 and meta["settings"]["max_samples"] == 7
+    sliced = tmp_path / "first7.parquet"
+    pq.write_table(pq.read_table(aligned_parquet).slice(0, 7), sliced)
+    run(sliced, qwen_tokenizer_dir, tmp_path / "sliced")
+    assert _conversations(tmp_path / "first") == _conversations(tmp_path / "sliced")
+    with pytest.raises(InputError, match="--max-samples must be >= 1, got 0"):
+        run(aligned_parquet, qwen_tokenizer_dir, tmp_path / "none", max_samples=0)
+
+
 def test_overlong_drop_and_system_column(
     aligned_parquet, qwen_tokenizer_dir, qwen_tokenizer, tmp_path, packed
 ):

@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         "aligned `system` column, else the default prompt (a deviation from the recipe)",
     )
     parser.add_argument(
+        "--max-samples",
+        type=int,
+        default=DEFAULTS["max_samples"],
+        help="of each dataset, only the first N rows (after a registry entry's num_samples draw), as "
+        "LLaMA-Factory's max_samples: for quick runs; default all",
+    )
+    parser.add_argument(
         "--pad-multiple",
         type=int,
         default=DEFAULTS["pad_multiple"],
