@@ -69,11 +69,15 @@ def tool_prompt(tool_format: str, tools_json: str, date: str) -> str:
     return _LLAMA3_BEFORE_DATE + date + _LLAMA3_AFTER_DATE + tool_text
 
 
+def split_thought(content: str) -> tuple[str, str]:
+    """(the <think> block of a function-call turn, or "", the rest: the calls' JSON)."""
+    thought = _THOUGHT.search(content)
+    return (thought.group(0), content.replace(thought.group(0), "")) if thought else ("", content)
+
+
 def function_call_text(tool_format: str, content: str) -> str:
     """An assistant's function-call turn as the template writes it; a leading <think> block is kept."""
-    thought = _THOUGHT.search(content)
-    if thought:
-        content = content.replace(thought.group(0), "")
+    thought, content = split_thought(content)
     calls = _parse_calls(content)
     if tool_format == "qwen":
         text = "\n".join(
@@ -83,7 +87,7 @@ def function_call_text(tool_format: str, content: str) -> str:
     else:
         objects = [{"name": name, "parameters": arguments} for name, arguments in calls]
         text = _dumps(objects[0] if len(objects) == 1 else objects)
-    return thought.group(0) + text if thought else text
+    return thought + text
 
 
 def _parse_calls(content: str) -> list[tuple[str, Any]]:

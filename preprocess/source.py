@@ -50,9 +50,8 @@ class RowBatch:
 @dataclass(frozen=True)
 class AlignedSource:
     path: Path
-    num_rows: int | None
+    num_rows: int  # the rows read: the file's, or its first max_samples
     columns: tuple[str, ...]  # those read: conversations, and system / subset where present
-    max_samples: int | None = None  # read only the first rows
 
     @classmethod
     def open(cls, path: Path, need_system_column: bool, max_samples: int | None = None) -> AlignedSource:
@@ -71,7 +70,7 @@ class AlignedSource:
         if need_system_column and "system" not in names:
             raise InputError(f"--system-source column needs a `system` column in {path}")
         columns = tuple(name for name in ("conversations", "system", "subset") if name in names)
-        return cls(Path(path), _at_most(parquet.metadata.num_rows, max_samples), columns, max_samples)
+        return cls(Path(path), _at_most(parquet.metadata.num_rows, max_samples), columns)
 
     @property
     def inputs(self) -> list[Path]:

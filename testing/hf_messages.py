@@ -12,13 +12,11 @@ the text the preprocessor trained on (tests/test_release_template.py).
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from formats.chat_template import FUNCTION, OBSERVATION
+from formats.tool_calls import split_thought
 from preprocess.converters import Example
-
-_THOUGHT = re.compile(r"<think>(.*)</think>", re.DOTALL)  # as formats.tool_calls finds it
 
 
 def hf_conversation(example: Example) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
@@ -35,11 +33,11 @@ def hf_conversation(example: Example) -> tuple[list[dict[str, Any]], list[dict[s
 
 
 def _function_call_message(text: str) -> dict[str, Any]:
-    thought = _THOUGHT.search(text)
-    calls = json.loads(text.replace(thought.group(0), "") if thought else text)
+    thought, calls_json = split_thought(text)
+    calls = json.loads(calls_json)
     return {
         "role": "assistant",
-        "content": thought.group(0) if thought else "",
+        "content": thought,
         "tool_calls": [
             {"type": "function", "function": {"name": call["name"], "arguments": call["arguments"]}}
             for call in (calls if isinstance(calls, list) else [calls])
