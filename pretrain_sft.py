@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout 
 from common.cli import exit_status  # noqa: E402
 from common.config_docs import format_tree  # noqa: E402
 from common.logging_utils import setup_logging  # noqa: E402
-from sft.config import TrainConfig, dump_config, load_config  # noqa: E402
+from sft.config import TrainConfig, dump_config, load_config, unset_variables  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--print-config",
         action="store_true",
         help="print the resolved configuration (YAML, after the file, the overrides and the environment "
-        "variables) and exit",
+        "variables; one that is not set stays ${NAME}, with a note on stderr) and exit",
     )
     dry = parser.add_argument_group(
         "dry run", "each rank's GPU memory, measured on this machine (a CPU) before the job starts"
@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="build the first and the last pipeline stage's rank of the job on fake tensors, run two "
         "iterations, print each one's peak memory by part beside the planner's estimate, and exit "
-        "(1 when a rank would not fit); no GPU, data or weights are needed",
+        "(1 when a rank would not fit); no GPU, data or weights are needed: only the model's shape "
+        "(model.init_checkpoint: a converted checkpoint, an HF model directory or its config.json)",
     )
     dry.add_argument(
         "--gpus",
@@ -89,7 +90,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         if args.print_config:
-            print(dump_config(load_config(args.config, args.overrides)), end="")
+            config = load_config(args.config, args.overrides, allow_unset=True)
+            print(dump_config(config), end="")
+            unset = unset_variables(config)
+            if unset:
+                print(
+                    "note: not set, shown as ${NAME}: "
+                    + ", ".join(f"{name} ({', '.join(keys)})" for name, keys in unset.items())
+                    + "; a run needs them exported or the keys overridden",
+                    file=sys.stderr,
+                )
             return 0
         if args.dry_run:
             from sft.dry_run import run_dry_run
@@ -97,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.gpus is None:
                 print("error: --dry-run needs --gpus N, the job's number of GPUs", file=sys.stderr)
                 return 2
-            config = load_config(args.config, args.overrides)
+            config = load_config(args.config, args.overrides, allow_unset=True)
             return run_dry_run(config, args.gpus, args.gpu_memory_gb, args.dry_run_json)
         from sft.callbacks import NonFiniteLossError
         from sft.trainer import run

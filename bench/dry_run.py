@@ -55,7 +55,10 @@ def main() -> int:
         model = Path(tmp) / "config.json"
         model.write_text(json.dumps(hf_config))
         report_file = Path(tmp) / "report.json"
-        os.environ.update(K2_INIT_CKPT="", K2_DATA_PREFIX=str(Path(tmp) / "no-data"), K2_SAVE_DIR=tmp)
+        # as a user runs it: the model's directory (only its config.json), the data and save paths unset
+        os.environ["K2_INIT_CKPT"] = tmp
+        for name in ("K2_DATA_PREFIX", "K2_SAVE_DIR"):
+            os.environ.pop(name, None)
         command = [
             sys.executable,
             str(ROOT / "pretrain_sft.py"),
@@ -66,13 +69,11 @@ def main() -> int:
             str(args.gpus or gpus),
             "--dry-run-json",
             str(report_file),
-            "model.init_checkpoint=null",
-            f"model.random_init_config={model}",
             *args.overrides,
         ]
         seconds, peak_rss, _, output = run_with_peak_rss(command)
         report = json.loads(report_file.read_text())
-    print("\n".join(line for line in output.splitlines() if not line.lstrip().startswith(("warnings.", "/"))))
+    print(output.rstrip())
     print(
         f"\nwall {seconds:.1f} s, peak memory of the process tree {peak_rss / 1e9:.2f} GB, "
         f"{os.cpu_count()} cores"

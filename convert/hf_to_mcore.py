@@ -1,4 +1,4 @@
-"""Hugging Face Qwen2/Qwen2.5 safetensors -> megatron-core torch_dist checkpoint, streamed.
+"""Hugging Face safetensors (Qwen2/2.5, Qwen3, Llama 3.x) -> megatron-core torch_dist checkpoint, streamed.
 
     python tools/convert_hf_to_mcore.py --hf /models/Qwen2.5-32B --out ckpt/qwen2.5-32b-mcore
 

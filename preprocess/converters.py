@@ -9,19 +9,24 @@ Three readers, each a small picklable object that travels to the tokenising work
   supervised processor's check (an odd number of prompt messages and one response). Where
   LLaMA-Factory would stop with an exception (a non-string text, a history item that is not a pair),
   the row is dropped and counted instead.
+
+When a dataset loses every row (or most), `drop_details` says what a dropped row holds (the role tags of
+its messages, the type of its tools) and `drop_hints` turns those into the fix: the entry's `tags`, or
+tools stored as a JSON string.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, fields
 from typing import Any
 
 from formats.chat_template import ASSISTANT, FUNCTION, OBSERVATION, USER
-from formats.tool_calls import INVALID_TOOLS
+from formats.tool_calls import INVALID_FUNCTION_CALL, INVALID_TOOLS
 
 from . import conversation
-from .registry import DatasetEntry
+from .registry import DatasetEntry, Tags
 
 SYSTEM = "system"
 
@@ -57,6 +62,12 @@ class AlignedConverter:
             subset=row.get("subset") or "",
         )
 
+    def drop_details(self, row: dict[str, Any], reason: str) -> list[str]:
+        return []  # the aligner's own rule, counted by reason (tools/get_am_dataset.py explains each)
+
+    def drop_hints(self, details: Counter) -> list[str]:
+        return []
+
 
 @dataclass(frozen=True)
 class AlpacaConverter:
@@ -81,6 +92,12 @@ class AlpacaConverter:
         messages.append((ASSISTANT, response))
         system = row.get(columns.system) if columns.system else ""
         return _example(system, row, columns.tools, messages)
+
+    def drop_details(self, row: dict[str, Any], reason: str) -> list[str]:
+        return _tools_details(row, self.entry, reason)
+
+    def drop_hints(self, details: Counter) -> list[str]:
+        return drop_hints(self.entry, details)
 
 
 @dataclass(frozen=True)
@@ -120,6 +137,23 @@ class SharegptConverter:
             return conversation.EMPTY_CONVERSATIONS
         return _example(system, row, columns.tools, messages)
 
+    def drop_details(self, row: dict[str, Any], reason: str) -> list[str]:
+        if reason != conversation.INVALID_ROLE_TAG:
+            return _tools_details(row, self.entry, reason)
+        role_tag = self.entry.tags.role_tag
+        details = []
+        for message in row.get(self.entry.columns.messages) or []:
+            if role_tag in message:
+                detail = repr(message[role_tag])
+            else:
+                detail = f"no {role_tag!r} key (its keys: {', '.join(map(repr, sorted(message)))})"
+            if detail not in details:
+                details.append(detail)
+        return details
+
+    def drop_hints(self, details: Counter) -> list[str]:
+        return drop_hints(self.entry, details)
+
 
 def _example(system: Any, row: dict[str, Any], tools_column: str | None, messages: list) -> Converted:
     """The Example, once every text is a string that can be tokenised."""
@@ -135,6 +169,55 @@ def _example(system: Any, row: dict[str, Any], tools_column: str | None, message
         return conversation.UNDECODABLE_BYTES
     key = json.dumps([system or "", tools or "", messages], ensure_ascii=False)
     return Example(system=system, tools=tools, messages=messages, key=key)
+
+
+def _tools_details(row: dict[str, Any], entry: DatasetEntry, reason: str) -> list[str]:
+    tools = row.get(entry.columns.tools) if entry.columns.tools else None
+    if reason == INVALID_TOOLS and tools is not None and not isinstance(tools, str):
+        return [f"a {type(tools).__name__}, not a string"]
+    return []
+
+
+# The tags of OpenAI-style messages ({"role": "user", "content": ...}), which sharegpt's defaults are not.
+OPENAI_TAGS = {
+    "role_tag": "role",
+    "content_tag": "content",
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "system_tag": "system",
+}
+
+
+def drop_hints(entry: DatasetEntry, details: Counter) -> list[str]:
+    """What to change in a registry entry or its data, from the details (`(reason, detail) -> rows`) of
+    the dataset's dropped rows."""
+    found: dict[str, list[str]] = {}
+    for (reason, detail), rows in details.most_common():
+        found.setdefault(reason, []).append(f"{detail} ({rows:,} row{'s' * (rows != 1)})")
+    found = {reason: ", ".join(parts) for reason, parts in found.items()}
+    hints = []
+    if conversation.INVALID_ROLE_TAG in found:
+        tags = entry.tags
+        expected = ", ".join(
+            f"{f.name} {getattr(tags, f.name)!r}" for f in fields(Tags) if getattr(tags, f.name) is not None
+        )
+        hints.append(
+            f"its messages' role tags are {found[conversation.INVALID_ROLE_TAG]}; the entry expects "
+            f"{expected} (a user or observation turn first, then assistant or function turns alternating; "
+            'LLaMA-Factory\'s defaults where the entry gives no "tags"): set the entry\'s "tags" to the '
+            f'rows\' names; an OpenAI-messages file needs "tags": {json.dumps(OPENAI_TAGS)}'
+        )
+    if INVALID_TOOLS in found:
+        hints.append(
+            f"its tools (column {entry.columns.tools!r}): {found[INVALID_TOOLS]}; LLaMA-Factory reads tools "
+            "only as a JSON string of a list of tool objects: store each row's tools as json.dumps(tools)"
+        )
+    if INVALID_FUNCTION_CALL in found:
+        hints.append(
+            f"its function-call turns: {found[INVALID_FUNCTION_CALL]}; each is the JSON of a call (or a "
+            'list of calls) with "name" and "arguments"'
+        )
+    return hints
 
 
 def converter_for(entry: DatasetEntry) -> AlpacaConverter | SharegptConverter:

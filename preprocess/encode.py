@@ -65,6 +65,7 @@ class EncodedBatch:
     held_out: np.ndarray  # bool: in the validation split
     subsets: list[str]
     dropped: Counter
+    drop_details: Counter  # (reason, what a dropped row holds) -> rows: the converters' drop_details
 
 
 @dataclass
@@ -81,19 +82,23 @@ def encode_batch(settings: EncodeSettings, batch: RowBatch) -> EncodedBatch:
     rows = batch.to_rows()
     convert = settings.converters[batch.dataset]
     dropped: Counter = Counter()
+    details: Counter = Counter()
     templated: list[_Templated] = []
     for row in rows:
         example = convert(row) if isinstance(row, dict) else conversation.NOT_AN_OBJECT
         if isinstance(example, str):
             dropped[example] += 1
+            if isinstance(row, dict):
+                details.update((example, detail) for detail in convert.drop_details(row, example))
             continue
         try:
             templated.append(_apply_template(example, settings))
         except NotExpressible as exc:
             dropped[exc.reason] += 1
+            details[exc.reason, str(exc).partition(": ")[0]] += 1  # without the parser's position
     pieces = [piece for conv in templated for message in conv.messages for piece in message]
     piece_ids = _tokenise(pieces, settings.tokenizer)
-    return _assemble_batch(batch.dataset, templated, piece_ids, settings, len(rows), dropped)
+    return _assemble_batch(batch.dataset, templated, piece_ids, settings, len(rows), dropped, details)
 
 
 def _apply_template(example: Example, settings: EncodeSettings) -> _Templated:
@@ -130,6 +135,7 @@ def _assemble_batch(
     settings: EncodeSettings,
     rows: int,
     dropped: Counter,
+    drop_details: Counter,
 ) -> EncodedBatch:
     ids: list[int] = []
     mask: list[int] = []
@@ -160,6 +166,7 @@ def _assemble_batch(
         held_out=np.asarray([conv.held_out for conv in kept], dtype=bool),
         subsets=[conv.subset for conv in kept],
         dropped=dropped,
+        drop_details=drop_details,
     )
 
 

@@ -82,16 +82,23 @@ def dataset_meta(
         "max_pack_tokens_padded": int(padded_tokens.max()),
         "lengths": length_summary(lengths),
         "length_histogram_log2": [list(row) for row in log2_histogram(lengths, cfg.seq_length)],
-        "per_subset": encoded.per_subset[split["role"]],
+        "per_subset": _named_subsets(encoded.per_subset[split["role"]]),
         "per_dataset": per_dataset_stats(made["datasets"], encoded, members),
     }
     return {**made, "split": split, "stats": stats}
 
 
+def _named_subsets(per_subset: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Counts per subset, where the rows name one (the aligned AM-Thinking parquet); registry datasets have
+    none (their counts are per dataset)."""
+    return {} if set(per_subset) <= {""} else per_subset
+
+
 def per_dataset_stats(
     datasets: list[dict[str, Any]], encoded: EncodedConversations, members: np.ndarray
 ) -> dict[str, dict[str, Any]]:
-    """Per dataset of the run: rows read and dropped (input-wide), and its conversations in this dataset."""
+    """Per dataset of the run: rows read, dropped and held out (input-wide), and its conversations in this
+    dataset."""
     index = encoded.dataset[members]
     lengths, full_lengths = encoded.lengths[members], encoded.full_lengths[members]
     stats = {}
@@ -101,6 +108,7 @@ def per_dataset_stats(
         stats[dataset["name"]] = {
             "rows_read": encoded.rows_per_dataset[d],
             "dropped": {r: dropped[r] for r in conversation.DROP_REASONS if dropped[r]},
+            "held_out": int((encoded.held_out & (encoded.dataset == d)).sum()),
             "conversations": int(mine.sum()),
             "truncated": int((full_lengths[mine] > lengths[mine]).sum()),
             "tokens": int(lengths[mine].sum(dtype=np.int64)),
@@ -136,8 +144,9 @@ def report(meta: dict[str, Any]) -> str:
     if len(stats.get("per_dataset", {})) > 1:
         for name, counts in stats["per_dataset"].items():
             dropped = counts["dropped"]
+            held_out = f" (+{counts['held_out']:,} held out)" if counts["held_out"] else ""
             lines.append(
-                f"  dataset {name:<13} {counts['conversations']:>10,} conversations of "
+                f"  dataset {name:<13} {counts['conversations']:>10,} conversations{held_out} of "
                 f"{counts['rows_read']:,} rows {counts['tokens']:>14,} tokens  (truncated "
                 f"{counts['truncated']:,}; dropped {sum(dropped.values()):,} {dropped or ''})"
             )

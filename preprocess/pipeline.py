@@ -36,6 +36,7 @@ from formats.chat_template import ChatTemplate
 from formats.packed import PackedWriter, validation_prefix
 from formats.tokenizer import declared_special_token, load_backend_tokenizer
 
+from . import conversation
 from .config import PreprocessConfig, dataset_files, histogram_path
 from .converters import AlignedConverter, converter_for
 from .encode import EncodeSettings
@@ -80,6 +81,7 @@ def preprocess(cfg: PreprocessConfig, command: list[str] | None = None) -> dict[
     try:
         encoded = encode_to_spill(source, settings, spill, cfg.workers)
         timer.done("tokenise")
+        check_every_dataset_kept(encoded, converters, datasets, cfg)
         split = split_held_out(encoded, cfg)
         for stale in dataset_files(valid_prefix):  # from an earlier run (replacing it needs --force)
             stale.unlink(missing_ok=True)
@@ -154,10 +156,44 @@ class HeldOutSplit:
         return {**record, "role": role}
 
 
+def check_every_dataset_kept(
+    encoded: EncodedConversations, converters, datasets: list[dict[str, Any]], cfg: PreprocessConfig
+) -> None:
+    """Raises InputError, before anything is written, when a dataset keeps no conversation (a mistake in
+    its registry entry or its data, not a choice), naming it, its drops and what to change; warns when
+    one keeps fewer than half of its rows."""
+    kept = encoded.kept_per_dataset()
+    lost = []
+    for d, dataset in enumerate(datasets):
+        rows, dropped = encoded.rows_per_dataset[d], encoded.dropped_per_dataset[d]
+        counts = ", ".join(f"{r} {dropped[r]:,}" for r in conversation.DROP_REASONS if dropped[r])
+        hints = "".join(f"; {hint}" for hint in converters[d].drop_hints(encoded.drop_details_per_dataset[d]))
+        where = _dataset_label(dataset, cfg)
+        if not rows:
+            lost.append(f"{where} has no rows")
+        elif not kept[d]:
+            lost.append(f"{where}: none of its {rows:,} rows is kept (dropped: {counts}){hints}")
+        elif 2 * kept[d] < rows:
+            log.warning(
+                "%s: only %d of its %d rows are kept (dropped: %s)%s", where, kept[d], rows, counts, hints
+            )
+    if lost:
+        raise InputError("nothing written: a dataset keeps no conversation\n  - " + "\n  - ".join(lost))
+
+
+def _dataset_label(dataset: dict[str, Any], cfg: PreprocessConfig) -> str:
+    """A dataset as the messages about its rows name it: its name and where its rows come from."""
+    if dataset.get("aligned"):
+        return f"{cfg.input}"
+    if dataset.get("hub"):
+        hub = dataset["hub"]
+        return f"dataset {dataset['name']!r} (hub {hub['repo']}@{hub['revision'] or 'main'})"
+    files = dataset["files"]
+    more = f" and {len(files) - 1} more files" if len(files) > 1 else ""
+    return f"dataset {dataset['name']!r} ({files[0]}{more})"
+
+
 def split_held_out(encoded: EncodedConversations, cfg: PreprocessConfig) -> HeldOutSplit:
-    if len(encoded.lengths) == 0:
-        inputs = cfg.input or f"the datasets {cfg.dataset} of {cfg.dataset_info}"
-        raise InputError(f"no conversation of {inputs} survived preprocessing: {dict(encoded.dropped)}")
     split = HeldOutSplit(
         np.flatnonzero(~encoded.held_out), np.flatnonzero(encoded.held_out), cfg.valid_fraction, cfg.seed
     )

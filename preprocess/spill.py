@@ -48,6 +48,11 @@ class EncodedConversations:
     per_subset: dict[str, dict[str, dict[str, int]]]  # split ("train"/"valid") -> subset -> counts
     rows_per_dataset: list[int]
     dropped_per_dataset: list[Counter]
+    drop_details_per_dataset: list[Counter]  # (reason, detail) -> rows; a few distinct details per reason
+
+    def kept_per_dataset(self) -> np.ndarray:
+        """Conversations kept of each dataset, both splits."""
+        return np.bincount(self.dataset, minlength=len(self.rows_per_dataset))
 
 
 def encode_to_spill(
@@ -70,6 +75,7 @@ def encode_to_spill(
     return collected.result()
 
 
+_DETAILS_PER_REASON = 8
 # The per-conversation arrays of an EncodedBatch kept for the whole run, with their dtypes.
 _ARRAYS = {"lengths": np.int32, "full_lengths": np.int64, "loss_tokens": np.int64, "held_out": bool}
 
@@ -85,6 +91,7 @@ class _Collector:
     def __post_init__(self):
         self.rows_per_dataset = [0] * self.datasets
         self.dropped_per_dataset = [Counter() for _ in range(self.datasets)]
+        self.drop_details_per_dataset = [Counter() for _ in range(self.datasets)]
 
     def add(self, batch: EncodedBatch) -> None:
         for name in _ARRAYS:
@@ -96,6 +103,11 @@ class _Collector:
         self.dropped.update(batch.dropped)
         self.rows_per_dataset[batch.dataset] += batch.rows
         self.dropped_per_dataset[batch.dataset].update(batch.dropped)
+        details = self.drop_details_per_dataset[batch.dataset]
+        for (reason, detail), rows in batch.drop_details.items():
+            # a few distinct details per reason explain it; an unbounded set (free-text roles) would not
+            if (reason, detail) in details or sum(r == reason for r, _ in details) < _DETAILS_PER_REASON:
+                details[reason, detail] += rows
         for subset, length, held in zip(
             batch.subsets, batch.lengths.tolist(), batch.held_out.tolist(), strict=True
         ):
@@ -118,4 +130,5 @@ class _Collector:
             per_subset=splits,
             rows_per_dataset=self.rows_per_dataset,
             dropped_per_dataset=self.dropped_per_dataset,
+            drop_details_per_dataset=self.drop_details_per_dataset,
         )

@@ -25,6 +25,7 @@ import yaml
 from common.errors import ConfigError
 from formats.packed import PackedPaths
 from formats.torch_dist import HF_CONFIG_FILE
+from models.hf_config import HF_CONFIG_NAME
 from models.parallel_layout import ParallelLayout
 
 from .watchdog import WatchdogConfig
@@ -34,7 +35,8 @@ RECOMPUTE_MODULES = {"core_attn", "mlp", "layernorm"}  # megatron-core's, for a 
 
 @dataclass
 class ModelConfig:
-    # torch_dist from tools/convert_hf_to_mcore.py (architecture from its hf_config.json)
+    # torch_dist from tools/convert_hf_to_mcore.py (architecture from its hf_config.json); the dry run
+    # reads only the shape, so an HF model directory or its config.json serves it too
     init_checkpoint: str | None = None
     # instead of init_checkpoint: random weights of the architecture in this HF config.json (benchmarks)
     random_init_config: str | None = None
@@ -49,11 +51,6 @@ class ModelConfig:
 
     def problems(self) -> list[str]:
         problems = []
-        if self.init_checkpoint and not (Path(self.init_checkpoint) / HF_CONFIG_FILE).is_file():
-            problems.append(
-                f"model.init_checkpoint={self.init_checkpoint} is not a converted checkpoint "
-                f"(no {HF_CONFIG_FILE}): run tools/convert_hf_to_mcore.py"
-            )
         if self.init_checkpoint and self.random_init_config:
             problems.append("model.init_checkpoint and model.random_init_config are both set: choose one")
         if self.random_init_config and not Path(self.random_init_config).is_file():
@@ -68,6 +65,23 @@ class ModelConfig:
                 f"model.recompute_modules: {sorted(unknown)} unknown; choose from {sorted(RECOMPUTE_MODULES)}"
             )
         return problems
+
+    def path_problems(self) -> list[str]:
+        """The starting checkpoint, checked apart: the dry run reads only the model's shape, which an HF
+        model directory or its config.json gives too."""
+        checkpoint = self.init_checkpoint
+        if not checkpoint or (Path(checkpoint) / HF_CONFIG_FILE).is_file():
+            return []
+        if (Path(checkpoint) / HF_CONFIG_NAME).is_file():
+            return [
+                f"model.init_checkpoint={checkpoint} is a Hugging Face model, not a converted checkpoint: "
+                f"convert it first (tools/convert_hf_to_mcore.py --hf {checkpoint} --out CKPT) and set "
+                "model.init_checkpoint=CKPT"
+            ]
+        return [
+            f"model.init_checkpoint={checkpoint} is not a converted checkpoint (no {HF_CONFIG_FILE}): "
+            "run tools/convert_hf_to_mcore.py"
+        ]
 
 
 @dataclass
@@ -241,7 +255,11 @@ class TrainConfig:
         the world size: `validate`)."""
         problems = [problem for name in self.SECTIONS for problem in getattr(self, name).problems()]
         if check_paths:
-            problems += self.data.path_problems() + self.checkpoint.path_problems()
+            problems += [
+                *self.model.path_problems(),
+                *self.data.path_problems(),
+                *self.checkpoint.path_problems(),
+            ]
         if self.loss.normalization == "per_group" and self.schedule.global_batch_size % max(
             self.loss.group_size, 1
         ):
@@ -269,8 +287,8 @@ class TrainConfig:
     ) -> None:
         """Raises ConfigError listing every problem found; `arch` (the model's architecture, from
         models/registry.py) and the data's sequence length are checked when given; without `check_paths`,
-        the data files and the save directory are not asked for (the dry run, on a machine that may not
-        see them)."""
+        the data files, the save directory and the starting checkpoint are not asked for (the dry run, on a
+        machine that may not see them, reads the model's shape from any of find_hf_config's sources)."""
         problems = self.problems(check_paths) + self.parallel.problems(
             world_size=world_size,
             arch=arch,
@@ -296,7 +314,9 @@ class TrainConfig:
         if data_seq_length is not None and data_seq_length != self.data.seq_length:
             problems.append(
                 f"data.seq_length={self.data.seq_length} but the data was packed at {data_seq_length}: "
-                f"set data.seq_length={data_seq_length} or re-run tools/preprocess_sft.py"
+                f"re-pack it at {self.data.seq_length} (tools/preprocess_sft.py --seq-length "
+                f"{self.data.seq_length}: every micro-batch row is one pack wide, so on a CPU the shorter "
+                f"packs are the affordable ones), or train at data.seq_length={data_seq_length}"
             )
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
@@ -305,9 +325,15 @@ class TrainConfig:
 # Loading ---------------------------------------------------------------------------------------------
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] = (), *, allow_unset: bool = False
+) -> TrainConfig:
     """The defaults, updated by the YAML file at `path`, then by `key.sub=value` overrides (values in
-    YAML syntax: `parallel.tensor=8`, `data.prefixes=[/data/a,/data/b]`, `data.weights=null`)."""
+    YAML syntax: `parallel.tensor=8`, `data.prefixes=[/data/a,/data/b]`, `data.weights=null`).
+
+    `${NAME}` in a string value is the environment variable NAME. An unset one is an error naming every
+    unset variable and its key, unless `allow_unset`: then the value keeps `${NAME}` as written
+    (`unset_variables` lists them), for `--print-config` and the dry run, which need no paths."""
     values: dict[str, Any] = {}
     if path is not None:
         if not Path(path).is_file():
@@ -330,32 +356,56 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             if not isinstance(node, dict):
                 raise ConfigError(f"override {override!r}: {name} is not a section")
         node[leaf] = yaml.safe_load(raw) if raw.strip() else None
-    return _build(TrainConfig, _expand_environment(values, ""), "")
+    expanded = _expand_environment(values)
+    unset = _references(expanded)
+    if unset and not allow_unset:
+        raise ConfigError(
+            "the configuration refers to environment variables that are not set: "
+            + ", ".join(f"{name} ({', '.join(keys)})" for name, keys in unset.items())
+            + ". Export them, or override those keys on the command line (KEY=VALUE)"
+        )
+    return _build(TrainConfig, expanded, "")
 
 
 _ENV_REFERENCE = re.compile(r"\$\{(\w+)\}")
 
 
-def _expand_environment(value, where: str):
-    """`${NAME}` in string values is replaced by the environment variable NAME (an unset one is an
-    error naming the key), so configs in configs/ take paths from the environment, never from edits."""
+def _expand_environment(value):
+    """`${NAME}` in string values is replaced by the environment variable NAME, so configs in configs/
+    take paths from the environment, never from edits; an unset one stays as written."""
     if isinstance(value, dict):
-        return {k: _expand_environment(v, f"{where}{k}.") for k, v in value.items()}
+        return {k: _expand_environment(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand_environment(v, where) for v in value]
+        return [_expand_environment(v) for v in value]
     if isinstance(value, str):
-
-        def substitute(match):
-            name = match.group(1)
-            if name not in os.environ:
-                raise ConfigError(
-                    f"{where.rstrip('.')} refers to ${{{name}}}, which is not set: export {name}=... "
-                    f"or override the key on the command line"
-                )
-            return os.environ[name]
-
-        return _ENV_REFERENCE.sub(substitute, value)
+        return _ENV_REFERENCE.sub(lambda match: os.environ.get(match.group(1), match.group(0)), value)
     return value
+
+
+def unset_variables(config: TrainConfig) -> dict[str, list[str]]:
+    """The environment variables the configuration's values still refer to (unset when it was loaded
+    with `allow_unset`), each with the keys that name it, in the tree's order."""
+    return _references(config.to_dict())
+
+
+def _references(tree: dict[str, Any]) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+
+    def visit(value, key: str) -> None:
+        if isinstance(value, dict):
+            for name, inner in value.items():
+                visit(inner, f"{key}.{name}" if key else name)
+        elif isinstance(value, list):
+            for inner in value:
+                visit(inner, key)
+        elif isinstance(value, str):
+            for name in _ENV_REFERENCE.findall(value):
+                keys = found.setdefault(name, [])
+                if key not in keys:
+                    keys.append(key)
+
+    visit(tree, "")
+    return found
 
 
 def _build(cls, values: dict[str, Any], where: str):

@@ -127,20 +127,37 @@ def check_run(config: TrainConfig, world_size: int, device: str) -> RunInputs:
                 f"{dataset.prefix}: the tokenizer has {dataset.vocab_size} tokens, the model's vocabulary "
                 f"only {arch.vocab_size}: the data was tokenised for another model"
             )
-    schedule = config.schedule
+    train_iters = _train_iters(config.schedule, data)
+    return RunInputs(data, arch, resume_from, hf_config_file, tokenizer_dir, train_iters, valid)
+
+
+def schedule_summary(train_iters: int, global_batch_size: int, packs: int) -> str:
+    """The run's length as trained: its epochs are those its iterations make (schedule.train_iters may
+    differ from schedule.epochs' count)."""
+    epochs = train_iters * global_batch_size / packs
+    return f"{train_iters} iterations of {global_batch_size} packs ({epochs:.3g} epochs over {packs} packs)"
+
+
+def _train_iters(schedule, data: SFTData) -> int:
+    """The run's optimizer steps (schedule.train_iters, or the epochs over the data); a ConfigError when
+    they are too few to train, naming the cause: a global batch larger than the data, or the warm-up."""
+    packs = data.order.epoch_size
     train_iters = schedule.train_iters or data.iterations(schedule.epochs, schedule.global_batch_size)
-    if train_iters < 1:
-        raise ConfigError(
-            f"{data.order.epoch_size} packs x {schedule.epochs} epochs do not fill one global batch of "
-            f"{schedule.global_batch_size}: lower schedule.global_batch_size"
-        )
+    if schedule.train_iters is None and packs < schedule.global_batch_size:
+        if train_iters < 1 or warmup_steps(schedule.warmup_ratio, train_iters) >= train_iters:
+            raise ConfigError(
+                f"schedule.global_batch_size={schedule.global_batch_size} packs is larger than the data's "
+                f"{packs} packs, so {schedule.epochs} epochs make {train_iters} optimizer step(s), too few "
+                f"to warm up and decay: lower schedule.global_batch_size (at most {packs}: one step per "
+                "epoch), set schedule.train_iters (the data repeats), or train on more data"
+            )
     if warmup_steps(schedule.warmup_ratio, train_iters) >= train_iters:
         raise ConfigError(
             f"schedule.warmup_ratio={schedule.warmup_ratio} of {train_iters} iteration(s) is "
             f"{warmup_steps(schedule.warmup_ratio, train_iters)} warm-up step(s), which leaves no step "
             "to decay over: lower schedule.warmup_ratio (0 for a run this short) or train longer"
         )
-    return RunInputs(data, arch, resume_from, hf_config_file, tokenizer_dir, train_iters, valid)
+    return train_iters
 
 
 def _validation_data(config: TrainConfig, seq_length: int) -> ValidationData | None:
@@ -270,11 +287,10 @@ class Trainer:
         if self.rank == 0:
             log.info("configuration:\n%s", dump_config(config))
             log.info(
-                "%d iterations of %d packs (%d epochs over %d packs), layout %s",
-                self.train_iters,
-                config.schedule.global_batch_size,
-                config.schedule.epochs,
-                self.data.order.epoch_size,
+                "%s, layout %s",
+                schedule_summary(
+                    self.train_iters, config.schedule.global_batch_size, self.data.order.epoch_size
+                ),
                 self.layout.describe(self.world_size),
             )
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}

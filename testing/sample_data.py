@@ -7,14 +7,14 @@ top-level `system`), single- and multi-turn conversations, leading system turns,
 exceed 32K tokens), non-ASCII text, and malformed rows. `write_sample_snapshot()` returns what a correct
 aligner must report: rows kept per subset and rows dropped per reason.
 
-    python -m testing.sample_data OUT_DIR
+    python -m testing.sample_data OUT_DIR [--rows-per-subset 50] [--length-scale 1.0]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,11 +245,32 @@ def _write_parquet(path: Path, rows: list[dict]) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=16)
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        raise SystemExit("usage: python -m testing.sample_data OUT_DIR")
-    snapshot = write_sample_snapshot(sys.argv[1])
+def main(argv: list[str] | None = None) -> SampleSnapshot:
+    parser = argparse.ArgumentParser(
+        prog="python -m testing.sample_data",
+        description="Write the synthetic AM-Thinking-shaped snapshot (six subset files, malformed rows "
+        "included on purpose) that tools/get_am_dataset.py --source reads.",
+    )
+    parser.add_argument("out_dir", help="directory to write the subset files to (created)")
+    parser.add_argument(
+        "--rows-per-subset", type=int, default=50, help="valid rows per subset file (default 50)"
+    )
+    parser.add_argument(
+        "--length-scale",
+        type=float,
+        default=1.0,
+        help="multiply each drawn question and answer length (the two long-tail rows past 32K tokens "
+        "excepted); the demo uses 0.02 (default 1)",
+    )
+    parser.add_argument("--seed", type=int, default=1234, help="the generator's seed (default 1234)")
+    args = parser.parse_args(argv)
+    snapshot = write_sample_snapshot(args.out_dir, args.rows_per_subset, args.seed, args.length_scale)
     print(
         f"wrote {snapshot.root}: {snapshot.kept} valid rows, {sum(snapshot.dropped_per_reason.values())} "
         "malformed"
     )
+    return snapshot
+
+
+if __name__ == "__main__":
+    main()

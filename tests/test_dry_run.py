@@ -142,16 +142,26 @@ def _assert_the_planner_agrees(model: str, name: str) -> None:
         assert total == pytest.approx(measured["peak_bytes"], rel=0.12), (name, plan.stage_name)
 
 
-def _dry_run_arguments(dry_run_model, report_file) -> list[str]:
+def _dry_run_arguments(dry_run_model: str | None, report_file) -> list[str]:
     common = ["--dry-run", "--gpus", "16", "--dry-run-json", str(report_file)]
-    return [*common, f"model.random_init_config={dry_run_model}", *TINY, *LAYOUTS["TP2 SP CP2 PP2"][1]]
+    model = [f"model.random_init_config={dry_run_model}"] if dry_run_model else []
+    return [*common, *model, *TINY, *LAYOUTS["TP2 SP CP2 PP2"][1]]
 
 
-def test_dry_run_reports_each_stage(dry_run_model, tmp_path, capsys):
+def test_dry_run_reports_each_stage(dry_run_model, tmp_path, capfd, monkeypatch):
+    """As the README runs it: the recipe's config, K2_INIT_CKPT an HF model directory (its config.json, no
+    weights), the data and save paths unset; megatron-core's warnings about the accelerators not shown."""
+    from pathlib import Path
+
     import pretrain_sft
 
     report_file = tmp_path / "dry.json"
-    assert pretrain_sft.main(_dry_run_arguments(dry_run_model, report_file)) == 0
+    monkeypatch.setenv("K2_INIT_CKPT", str(Path(dry_run_model).parent))
+    for name in ("K2_DATA_PREFIX", "K2_SAVE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    recipe = Path(pretrain_sft.__file__).parent / "configs" / "k2think_qwen2.5_32b.yaml"
+    arguments = [*_dry_run_arguments(None, report_file), "--config", str(recipe)]
+    assert pretrain_sft.main(arguments) == 0
     report = json.loads(report_file.read_text())
     assert set(report) >= {"world_size", "gpu_memory_gb", "layout", "ranks", "fits"} and report["fits"]
     assert report["world_size"] == 16 and report["layout"]["data_parallel"] == 2
@@ -161,7 +171,16 @@ def test_dry_run_reports_each_stage(dry_run_model, tmp_path, capsys):
         assert rank["peak_gb"] == pytest.approx(sum(rank["parts_gb"].values()), abs=0.01)
         assert rank["estimate_gb"] == pytest.approx(rank["peak_gb"], rel=0.12)
     assert report["ranks"][0]["parts_gb"]["logits"] == 0 < report["ranks"][1]["parts_gb"]["logits"]
-    assert "every rank fits" in capsys.readouterr().out
+    assert report["rows"].startswith("synthetic")
+    out, err = capfd.readouterr()
+    assert "every rank fits" in out
+    assert "Transformer Engine and Apex are not installed" not in err and "warnings.warn" not in err
+    # without the model's shape, the one variable it needs is named
+    monkeypatch.delenv("K2_INIT_CKPT")
+    assert pretrain_sft.main(arguments) == 2
+    assert "the dry run needs the model's shape: model.init_checkpoint refers to ${K2_INIT_CKPT}" in (
+        capfd.readouterr().err
+    )
 
 
 @pytest.mark.slow

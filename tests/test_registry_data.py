@@ -179,7 +179,7 @@ def test_a_missing_field_and_a_broken_file_are_errors_naming_them(tmp_path, qwen
     assert not list(tmp_path.glob("a_*")) and not list(tmp_path.glob("b_*"))  # nothing half-written
 
 
-def test_rows_llamafactory_would_stop_on_are_dropped_and_counted(tmp_path, qwen_tokenizer_dir):
+def test_rows_llamafactory_would_stop_on_are_dropped_and_counted(tmp_path, qwen_tokenizer_dir, caplog):
     rows = [
         {"conversations": chat("fine", "kept")},
         {"conversations": chat("q", None)},  # LLaMA-Factory: "Expected a string"
@@ -207,6 +207,118 @@ def test_rows_llamafactory_would_stop_on_are_dropped_and_counted(tmp_path, qwen_
         "invalid_tools": 2,
         "invalid_function_call": 1,
     }
+    # most of the dataset is lost: a warning with the same hints as the error for a dataset lost whole
+    assert (
+        "only 1 of its 6 rows are kept (dropped: malformed_turn 1, non_string_value 1, invalid_tools 2, "
+        "invalid_function_call 1); its tools (column 'tools'): a list, not a string (1 row), tools are not "
+        "JSON (1 row); LLaMA-Factory reads tools"
+    ) in caplog.text
+    assert (
+        "its function-call turns: a function call is not JSON (1 row); each is the JSON of a call"
+        in caplog.text
+    )
+
+
+def openai_messages(*texts: str, system: str | None = None) -> list[dict[str, str]]:
+    turns = [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(texts)]
+    return ([{"role": "system", "content": system}] if system else []) + turns
+
+
+def test_a_dataset_that_keeps_no_row_stops_the_run_naming_what_to_change(tmp_path, qwen_tokenizer_dir):
+    """A registry mistake that drops a whole dataset is an error before anything is written, even when the
+    other datasets are fine: the dataset, its drops, the role tags its rows hold against those its entry
+    expects, and what LLaMA-Factory reads tools as."""
+    chats = [{"messages": openai_messages("q", "a", system="be brief")} for _ in range(3)]
+    entries = {
+        "good": {"file_name": "good.jsonl", **SHAREGPT},
+        # the rows' user role is "user", the entry says "human" (and no system tag)
+        "chats": {
+            "file_name": "chats.jsonl",
+            **SHAREGPT,
+            "columns": {"messages": "messages"},
+            "tags": {
+                "role_tag": "role",
+                "content_tag": "content",
+                "user_tag": "human",
+                "assistant_tag": "assistant",
+            },
+        },
+        # OpenAI messages without "tags": sharegpt's default role key "from" is in no message
+        "untagged": {"file_name": "chats.jsonl", **SHAREGPT, "columns": {"messages": "messages"}},
+        "tools": {
+            "file_name": "tools.jsonl",
+            **SHAREGPT,
+            "columns": {"messages": "conversations", "tools": "tools"},
+        },
+    }
+    tools = [{"conversations": chat("q", "a"), "tools": [{"name": "f", "parameters": {}}]} for _ in range(2)]
+    registry = write_registry(
+        tmp_path, entries, {"good.jsonl": ROWS, "chats.jsonl": chats, "tools.jsonl": tools}
+    )
+    with pytest.raises(InputError) as info:
+        run(registry, "good,chats,untagged,tools", qwen_tokenizer_dir, tmp_path / "out")
+    lines = str(info.value).split("\n  - ")
+    assert lines[0] == "nothing written: a dataset keeps no conversation" and len(lines) == 4
+    openai_tags = (
+        '"tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": '
+        '"assistant", "system_tag": "system"}'
+    )
+    assert lines[1] == (
+        f"dataset 'chats' ({tmp_path / 'chats.jsonl'}): none of its 3 rows is kept "
+        "(dropped: invalid_role_tag 3); its messages' role tags are 'system' (3 rows), 'user' (3 rows), "
+        "'assistant' (3 rows); the entry expects role_tag 'role', content_tag 'content', user_tag 'human', "
+        "assistant_tag 'assistant' (a user or observation turn first, then assistant or function turns "
+        'alternating; LLaMA-Factory\'s defaults where the entry gives no "tags"): set the entry\'s "tags" '
+        f"to the rows' names; an OpenAI-messages file needs {openai_tags}"
+    )
+    assert lines[2].startswith(
+        f"dataset 'untagged' ({tmp_path / 'chats.jsonl'}): none of its 3 rows is kept (dropped: "
+        "invalid_role_tag 3); its messages' role tags are no 'from' key (its keys: 'content', 'role') "
+        "(3 rows); the entry expects role_tag 'from', content_tag 'value', user_tag 'human', "
+        "assistant_tag 'gpt', observation_tag 'observation', function_tag 'function_call', "
+        "system_tag 'system'"
+    )
+    assert lines[3] == (
+        f"dataset 'tools' ({tmp_path / 'tools.jsonl'}): none of its 2 rows is kept "
+        "(dropped: invalid_tools 2); its tools (column 'tools'): a list, not a string (2 rows); "
+        "LLaMA-Factory reads tools only as a JSON string of a list of tool objects: store each row's tools "
+        "as json.dumps(tools)"
+    )
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith("out")) == []
+    # the same entries fixed as the messages say: every dataset is kept
+    entries["chats"]["tags"]["user_tag"] = "user"
+    entries["chats"]["tags"]["system_tag"] = "system"
+    entries["untagged"]["tags"] = json.loads(openai_tags.split(": ", 1)[1])
+    for row in tools:
+        row["tools"] = json.dumps(row["tools"])
+    registry = write_registry(tmp_path, entries, {"tools.jsonl": tools})
+    meta = run(registry, "good,chats,untagged,tools", qwen_tokenizer_dir, tmp_path / "out")
+    assert [c["conversations"] for c in meta["stats"]["per_dataset"].values()] == [5, 3, 3, 2]
+
+
+def test_held_out_conversations_are_counted_per_dataset(tmp_path, qwen_tokenizer_dir):
+    """With --valid-fraction, each dataset's line says how many of its conversations were held out; registry
+    rows have no subsets, so none are listed."""
+    from preprocess.meta import report
+
+    many = [{"conversations": chat(f"question {i}", f"answer {i}")} for i in range(40)]
+    registry = write_registry(
+        tmp_path,
+        {"a": {"file_name": "a.jsonl", **SHAREGPT}, "b": {"file_name": "b.parquet", **SHAREGPT}},
+        {"a.jsonl": many[:25], "b.parquet": many[25:]},
+    )
+    meta = run(registry, "a,b", qwen_tokenizer_dir, tmp_path / "out", valid_fraction=0.3)
+    per_dataset = meta["stats"]["per_dataset"]
+    valid = json.loads((tmp_path / "out_valid_meta.json").read_text())["stats"]["per_dataset"]
+    for name, rows in (("a", 25), ("b", 15)):
+        assert per_dataset[name]["held_out"] == valid[name]["conversations"]
+        assert per_dataset[name]["conversations"] + per_dataset[name]["held_out"] == rows
+    assert sum(c["held_out"] for c in per_dataset.values()) == meta["split"]["valid_conversations"] > 0
+    assert meta["stats"]["per_subset"] == {}
+    text = report(meta)
+    a = per_dataset["a"]
+    assert f"{a['conversations']} conversations (+{a['held_out']} held out) of 25 rows" in text
+    assert "subset" not in text
 
 
 def test_a_directory_of_files_reads_as_their_concatenation_in_name_order(tmp_path, qwen_tokenizer_dir):

@@ -144,3 +144,25 @@ def test_sample_corpus_matches_tiktoken_and_round_trips(qwen_tokenizer, tiktoken
         assert qwen_tokenizer.decode(ids) == unicodedata.normalize(
             "NFC", text
         )  # no added tokens in this text
+
+
+@pytest.mark.slow
+def test_the_fixture_command_lines_run_as_the_readme_lists_them(tmp_path, qwen_tokenizer_dir, capsys):
+    """`python -m testing.tokenizer --help` explains itself, and `python -m testing.tiny_models DIR` writes
+    a model directory with its tokenizer, as a real snapshot has (the demo copies its own one in)."""
+    from transformers import AutoTokenizer
+
+    from testing import tiny_models, tokenizer
+
+    with pytest.raises(SystemExit) as info:
+        tokenizer.main(["--help"])
+    assert info.value.code == 0 and "--llama3" in capsys.readouterr().out
+    copied = tiny_models.main(
+        [str(tmp_path / "copied"), "--plain-init", "--tokenizer", str(qwen_tokenizer_dir)]
+    )
+    for name in tiny_models.TOKENIZER_FILES:
+        assert (copied / name).read_bytes() == (qwen_tokenizer_dir / name).read_bytes()
+    built = tiny_models.main([str(tmp_path / "built"), "--family", "qwen3"])
+    assert json.loads((built / "config.json").read_text())["model_type"] == "qwen3"
+    loaded = AutoTokenizer.from_pretrained(built)
+    assert loaded.convert_tokens_to_ids("<|im_end|>") == 151645 and len(loaded) == 151665

@@ -433,10 +433,14 @@ def test_a_non_finite_step_is_skipped_and_too_many_abort(setup, tmp_path):
 def test_run_checks_name_the_problem_before_training(setup, tmp_path):
     from common.errors import CheckpointError, ConfigError, DataError
     from sft.config import load_config
-    from sft.trainer import check_run
+    from sft.trainer import check_run, schedule_summary
 
     config = load_config(None, _overrides(setup, tmp_path) + ["data.seq_length=128"])
-    with pytest.raises(ConfigError, match=r"data.seq_length=128 but the data was packed at 64"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data.seq_length=128 but the data was packed at 64: re-pack it at 128 "
+        r"\(tools/preprocess_sft.py --seq-length 128: .*\), or train at data.seq_length=64",
+    ):
         check_run(config, world_size=1, device="cpu")
     wide = write_packed_dataset(tmp_path / "wide", random_packs(4, SEQ, 10, seed=0), SEQ, vocab_size=200_000)
     config = load_config(None, _overrides(setup, tmp_path) + [f"data.prefixes=[{wide}]"])
@@ -451,6 +455,24 @@ def test_run_checks_name_the_problem_before_training(setup, tmp_path):
     config = load_config(None, _overrides(setup, tmp_path) + ["schedule.train_iters=1"])
     with pytest.raises(ConfigError, match=r"warmup_ratio=0.2 of 1 iteration\(s\) is 1 warm-up step\(s\)"):
         check_run(config, world_size=1, device="cpu")  # megatron-core's scheduler would only assert
+    # a global batch larger than the data: that is the cause named, not the warm-up it leaves no room for
+    for global_batch, steps in ((PACKS + 4, 1), (3 * PACKS, 0)):
+        config = load_config(None, _overrides(setup, tmp_path, f"schedule.global_batch_size={global_batch}"))
+        with pytest.raises(
+            ConfigError,
+            match=rf"schedule.global_batch_size={global_batch} packs is larger than the data's {PACKS} "
+            rf"packs, so 2 epochs make {steps} optimizer step\(s\), too few to warm up and decay: lower "
+            rf"schedule.global_batch_size \(at most {PACKS}: one step per epoch\), set schedule.train_iters",
+        ):
+            check_run(config, world_size=1, device="cpu")
+    assert schedule_summary(3, 8, 4) == "3 iterations of 8 packs (6 epochs over 4 packs)"  # not the 2 set
+    assert schedule_summary(ITERS, GLOBAL_BATCH, PACKS) == "6 iterations of 4 packs (2 epochs over 12 packs)"
+    assert schedule_summary(1, 4, 12) == "1 iterations of 4 packs (0.333 epochs over 12 packs)"
+    # ... which schedule.train_iters repeats enough to train on
+    config = load_config(
+        None, _overrides(setup, tmp_path, f"schedule.global_batch_size={PACKS + 4}", "schedule.train_iters=3")
+    )
+    assert check_run(config, world_size=1, device="cpu").train_iters == 3
     config = load_config(None, _overrides(setup, tmp_path) + ["parallel.tensor=3"])
     with pytest.raises(ConfigError, match="parallel.tensor=3 must divide the attention heads"):
         check_run(config, world_size=3, device="cpu")

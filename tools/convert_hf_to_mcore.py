@@ -1,5 +1,5 @@
-#!/usr/bin/env python
-"""Converts a Hugging Face Qwen2/Qwen2.5 checkpoint into a megatron-core torch_dist checkpoint.
+"""Converts a Hugging Face checkpoint of a supported family (Qwen2/Qwen2.5, Qwen3 dense, Llama 3.x; the
+family is read from config.json's model_type) into a megatron-core torch_dist checkpoint.
 
     python tools/convert_hf_to_mcore.py --hf /models/Qwen2.5-32B --out ckpt/qwen2.5-32b-mcore
 

@@ -39,9 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from common.files import write_json_atomic  # noqa: E402
 from sft.metrics import read_metrics  # noqa: E402
-from testing.sample_data import write_sample_snapshot  # noqa: E402
 from testing.tiny_models import TINY_FAMILIES  # noqa: E402
-from testing.tokenizer import build_qwen25_tokenizer  # noqa: E402
 
 
 def run(*args: object) -> None:
@@ -131,18 +129,16 @@ def main() -> int:
     tokenizer = out / "tokenizer"
     if not (tokenizer / "tokenizer.json").is_file():
         print("[1/9] building the offline Qwen2.5 tokenizer", flush=True)
-        build_qwen25_tokenizer(tokenizer)
+        run("-m", "testing.tokenizer", tokenizer)
     print(f"[1/9] tokenizer: {tokenizer}")
 
-    snapshot = write_sample_snapshot(out / "snapshot", rows_per_subset=100, length_scale=0.02)
-    print(
-        f"[2/9] sample snapshot: {snapshot.root} ({len(list(snapshot.root.iterdir()))} subset files, "
-        f"{snapshot.kept} valid rows, {sum(snapshot.dropped_per_reason.values())} malformed on purpose)"
-    )
+    print("[2/9] the sample snapshot: six subset files, some rows malformed on purpose")
+    snapshot = out / "snapshot"
+    run("-m", "testing.sample_data", snapshot, "--rows-per-subset", 100, "--length-scale", 0.02)
 
     print("[3/9] aligning the subsets")
     aligned = out / "AM-Thinking-sample.parquet"
-    run("tools/get_am_dataset.py", "--source", snapshot.root, aligned, "--force")
+    run("tools/get_am_dataset.py", "--source", snapshot, aligned, "--force")
 
     print("[4/9] tokenising and packing, 5% of the conversations held out for validation")
     data = out / "data" / "am_sample"
@@ -163,9 +159,18 @@ def main() -> int:
 
     print(f"[5/9] a tiny {args.family}-architecture model (random weights) as an HF snapshot")
     tiny_hf = out / f"tiny-{args.family}-hf"
-    run("-m", "testing.tiny_models", tiny_hf, "--family", args.family, "--layers", 2, "--plain-init")
-    for name in ("tokenizer.json", "tokenizer_config.json"):  # a real snapshot ships its tokenizer
-        shutil.copy(tokenizer / name, tiny_hf / name)
+    run(
+        "-m",
+        "testing.tiny_models",
+        tiny_hf,
+        "--family",
+        args.family,
+        "--layers",
+        2,
+        "--plain-init",
+        "--tokenizer",
+        tokenizer,
+    )
 
     print("[6/9] HF -> torch_dist")
     tiny_mcore = out / f"tiny-{args.family}-mcore"

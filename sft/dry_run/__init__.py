@@ -12,7 +12,10 @@ in for (kernels.py, which lists what each keeps). The figures leave out what fak
 the CUDA context, NCCL's buffers and the allocator's fragmentation, for which `ALLOWANCE_GB` is kept
 free of the device's memory.
 
-The rows are those of the configured data when its files exist here, otherwise full-width rows of
+The model's shape comes from model.init_checkpoint (a converted checkpoint, an HF model directory or its
+config.json; no weights are read) or model.random_init_config; the data and save paths need not be set
+(an environment variable they refer to may be unset). The rows are those of the configured data when its
+files exist here, otherwise full-width rows of
 4,000-token conversations (the stand-ins keep per-token state only, so the lengths do not change the
 figures). The micro-batches run per step are min(the step's, 2 x PP x VP), which reaches the 1F1B
 schedule's steady state and so its peak.
@@ -28,11 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import ConfigError, DataError
+from common.logging_utils import quiet_dependencies
 from models.hf_config import find_hf_config
 from models.parallel_layout import ParallelLayout
 from models.registry import Arch, read_arch
 
-from ..config import TrainConfig
+from ..config import TrainConfig, unset_variables
 from ..planner import BUFFER_ALLOWANCE_GB, Hardware, estimate, recompute_mode
 
 log = logging.getLogger(__name__)
@@ -70,13 +74,8 @@ def measured_ranks(layout: ParallelLayout, world_size: int) -> list[tuple[int, i
 def plan_ranks(config: TrainConfig, world_size: int) -> tuple[Arch, list[RankPlan]]:
     """Checks the configuration for `world_size` GPUs with Transformer Engine (the cluster's path) and
     lays out the measured ranks; raises ConfigError."""
-    source = config.model.init_checkpoint or config.model.random_init_config
-    if not source:
-        raise ConfigError(
-            "the dry run needs the architecture: set model.init_checkpoint (a converted checkpoint) or "
-            "model.random_init_config (an HF config.json; no weights are read)"
-        )
-    hf_config_file = find_hf_config(source)
+    config = _without_unset_paths(config)
+    hf_config_file = find_hf_config(config.model.init_checkpoint or config.model.random_init_config)
     arch = read_arch(hf_config_file)
     data = _open_data(config)
     config.validate(
@@ -98,6 +97,39 @@ def plan_ranks(config: TrainConfig, world_size: int) -> tuple[Arch, list[RankPla
     return arch, plans
 
 
+MODEL_SHAPE_SOURCES = (
+    "a Hugging Face model directory (its config.json is read, no weights), that config.json, or a converted "
+    "checkpoint"
+)
+
+
+def _without_unset_paths(config: TrainConfig) -> TrainConfig:
+    """The configuration the dry run measures: it needs the model's shape, and neither the data (without
+    it, synthetic rows) nor any other path, so environment variables those refer to may be unset."""
+    model = config.model
+    key = "model.init_checkpoint" if model.init_checkpoint else "model.random_init_config"
+    source = model.init_checkpoint or model.random_init_config
+    if not source:
+        raise ConfigError(
+            f"the dry run needs the model's shape: set model.init_checkpoint to {MODEL_SHAPE_SOURCES}"
+        )
+    unset = unset_variables(config)
+    for name, keys in unset.items():
+        if key in keys:
+            raise ConfigError(
+                f"the dry run needs the model's shape: {key} refers to ${{{name}}}, which is not set: export "
+                f"{name}=PATH, {MODEL_SHAPE_SOURCES} (or override {key}=PATH)"
+            )
+    if any("data.prefixes" in keys for keys in unset.values()):  # synthetic rows
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, prefixes=[], weights=None))
+    if unset:
+        log.info(
+            "not needed by the dry run: %s",
+            ", ".join(f"${{{name}}} ({', '.join(keys)})" for name, keys in unset.items()),
+        )
+    return config
+
+
 def _open_data(config: TrainConfig):
     """The configured data when its files are here (a login node may not see the cluster's storage)."""
     from ..data import SFTData
@@ -116,8 +148,17 @@ def dry_run(config: TrainConfig, world_size: int, gpu_memory_gb: float = 80.0, p
     from .rank import measure_rank
 
     arch, plans = plan_ranks(config, world_size)
+    log.info(
+        "Transformer Engine and apex are not needed here: the dry run stands in for the cluster's kernels "
+        "(listed below)"
+    )
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(processes, len(plans)), mp_context=context, max_tasks_per_child=1) as pool:
+    with ProcessPoolExecutor(
+        min(processes, len(plans)),
+        mp_context=context,
+        max_tasks_per_child=1,
+        initializer=quiet_dependencies,  # before megatron-core's import warns of the missing accelerators
+    ) as pool:
         measured = list(pool.map(measure_rank, plans))
     return report_json(config, arch, plans, measured, world_size, gpu_memory_gb)
 
