@@ -39,7 +39,7 @@ from formats.tokenizer import declared_special_token, load_backend_tokenizer
 from . import conversation
 from .config import PreprocessConfig, dataset_files, histogram_path
 from .converters import AlignedConverter, converter_for
-from .encode import EncodeSettings
+from .encode import Converter, EncodeSettings
 from .meta import dataset_meta, provenance
 from .packing import plan_packs
 from .registry import dataset_entries
@@ -157,7 +157,10 @@ class HeldOutSplit:
 
 
 def check_every_dataset_kept(
-    encoded: EncodedConversations, converters, datasets: list[dict[str, Any]], cfg: PreprocessConfig
+    encoded: EncodedConversations,
+    converters: tuple[Converter, ...],
+    datasets: list[dict[str, Any]],
+    cfg: PreprocessConfig,
 ) -> None:
     """Raises InputError, before anything is written, when a dataset keeps no conversation (a mistake in
     its registry entry or its data, not a choice), naming it, its drops and what to change; warns when
@@ -184,7 +187,7 @@ def check_every_dataset_kept(
 def _dataset_label(dataset: dict[str, Any], cfg: PreprocessConfig) -> str:
     """A dataset as the messages about its rows name it: its name and where its rows come from."""
     if dataset.get("aligned"):
-        return f"{cfg.input}"
+        return str(cfg.input)
     if dataset.get("hub"):
         hub = dataset["hub"]
         return f"dataset {dataset['name']!r} (hub {hub['repo']}@{hub['revision'] or 'main'})"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 
 
@@ -33,6 +34,9 @@ def allocator_peak(plan) -> dict:
     from sft.dry_run.rank import measure_rank
 
     recorded = {}
+    # oneDNN's bf16 GEMMs on CPUs with AMX take a scratchpad from torch's allocator inside the kernel:
+    # a CPU kernel's workspace, which the dry run models on no device; without AMX they take none
+    os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE_BF16"  # read at oneDNN's first GEMM, after this
 
     @contextlib.contextmanager
     def profiled():
