@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout 
 from common.cli import exit_status  # noqa: E402
 from common.config_docs import format_tree  # noqa: E402
 from common.logging_utils import setup_logging  # noqa: E402
-from sft.config import TrainConfig, dump_config, load_config, unset_variables  # noqa: E402
+from sft.config import TrainConfig, describe_unset, dump_config, load_config, unset_variables  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,9 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             unset = unset_variables(config)
             if unset:
                 print(
-                    "note: not set, shown as ${NAME}: "
-                    + ", ".join(f"{name} ({', '.join(keys)})" for name, keys in unset.items())
-                    + "; a run needs them exported or the keys overridden",
+                    f"note: not set, shown as ${{NAME}}: {describe_unset(unset)}; a run needs them exported "
+                    "or the keys overridden",
                     file=sys.stderr,
                 )
             return 0

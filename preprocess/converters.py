@@ -188,6 +188,27 @@ OPENAI_TAGS = {
 }
 
 
+def _role_tag_hint(tags: Tags, seen: set[str], described: str) -> str:
+    """Why messages' roles were refused: names the entry does not expect, or its own names out of order."""
+    order = "a user or observation turn first, then assistant or function turns alternating"
+    role_values = {
+        repr(getattr(tags, f.name)) for f in fields(Tags) if f.name not in ("role_tag", "content_tag")
+    }
+    if seen <= role_values:
+        return (
+            f"its messages' role tags ({described}) are the entry's, out of the order LLaMA-Factory "
+            f"requires: {order}"
+        )
+    expected = ", ".join(
+        f"{f.name} {getattr(tags, f.name)!r}" for f in fields(Tags) if getattr(tags, f.name) is not None
+    )
+    return (
+        f"its messages' role tags are {described}; the entry expects {expected} ({order}; LLaMA-Factory's "
+        'defaults where the entry gives no "tags"): set the entry\'s "tags" to the rows\' names; an '
+        f'OpenAI-messages file needs "tags": {json.dumps(OPENAI_TAGS)}'
+    )
+
+
 def drop_hints(entry: DatasetEntry, details: Counter) -> list[str]:
     """What to change in a registry entry or its data, from the details (`(reason, detail) -> rows`) of
     the dataset's dropped rows."""
@@ -197,16 +218,8 @@ def drop_hints(entry: DatasetEntry, details: Counter) -> list[str]:
     found = {reason: ", ".join(parts) for reason, parts in found.items()}
     hints = []
     if conversation.INVALID_ROLE_TAG in found:
-        tags = entry.tags
-        expected = ", ".join(
-            f"{f.name} {getattr(tags, f.name)!r}" for f in fields(Tags) if getattr(tags, f.name) is not None
-        )
-        hints.append(
-            f"its messages' role tags are {found[conversation.INVALID_ROLE_TAG]}; the entry expects "
-            f"{expected} (a user or observation turn first, then assistant or function turns alternating; "
-            'LLaMA-Factory\'s defaults where the entry gives no "tags"): set the entry\'s "tags" to the '
-            f'rows\' names; an OpenAI-messages file needs "tags": {json.dumps(OPENAI_TAGS)}'
-        )
+        seen = {detail for reason, detail in details if reason == conversation.INVALID_ROLE_TAG}
+        hints.append(_role_tag_hint(entry.tags, seen, found[conversation.INVALID_ROLE_TAG]))
     if INVALID_TOOLS in found:
         hints.append(
             f"its tools (column {entry.columns.tools!r}): {found[INVALID_TOOLS]}; LLaMA-Factory reads tools "

@@ -175,7 +175,9 @@ def check_every_dataset_kept(
         if not rows:
             lost.append(f"{where} has no rows")
         elif not kept[d]:
-            lost.append(f"{where}: none of its {rows:,} rows is kept (dropped: {counts}){hints}")
+            lost.append(
+                f"{where}: none of its {rows:,} row{'s' * (rows != 1)} is kept (dropped: {counts}){hints}"
+            )
         elif 2 * kept[d] < rows:
             log.warning(
                 "%s: only %d of its %d rows are kept (dropped: %s)%s", where, kept[d], rows, counts, hints

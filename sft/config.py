@@ -360,9 +360,8 @@ def load_config(
     unset = _references(expanded)
     if unset and not allow_unset:
         raise ConfigError(
-            "the configuration refers to environment variables that are not set: "
-            + ", ".join(f"{name} ({', '.join(keys)})" for name, keys in unset.items())
-            + ". Export them, or override those keys on the command line (KEY=VALUE)"
+            f"the configuration refers to environment variables that are not set: {describe_unset(unset)}. "
+            "Export them, or override those keys on the command line (KEY=VALUE)"
         )
     return _build(TrainConfig, expanded, "")
 
@@ -386,6 +385,11 @@ def unset_variables(config: TrainConfig) -> dict[str, list[str]]:
     """The environment variables the configuration's values still refer to (unset when it was loaded
     with `allow_unset`), each with the keys that name it, in the tree's order."""
     return _references(config.to_dict())
+
+
+def describe_unset(unset: dict[str, list[str]]) -> str:
+    """`unset_variables`' answer as messages name it: NAME (key, key), ..."""
+    return ", ".join(f"{name} ({', '.join(keys)})" for name, keys in unset.items())
 
 
 def _references(tree: dict[str, Any]) -> dict[str, list[str]]:

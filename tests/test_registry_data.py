@@ -252,13 +252,24 @@ def test_a_dataset_that_keeps_no_row_stops_the_run_naming_what_to_change(tmp_pat
         },
     }
     tools = [{"conversations": chat("q", "a"), "tools": [{"name": "f", "parameters": {}}]} for _ in range(2)]
+    # the entry's own role names, out of order: two user turns, then two answers
+    entries["order"] = {"file_name": "order.jsonl", **SHAREGPT}
+    order = [{"conversations": chat("q")[:1] * 2 + chat("q", "a")[1:] * 2}]
     registry = write_registry(
-        tmp_path, entries, {"good.jsonl": ROWS, "chats.jsonl": chats, "tools.jsonl": tools}
+        tmp_path,
+        entries,
+        {"good.jsonl": ROWS, "chats.jsonl": chats, "tools.jsonl": tools, "order.jsonl": order},
     )
     with pytest.raises(InputError) as info:
-        run(registry, "good,chats,untagged,tools", qwen_tokenizer_dir, tmp_path / "out")
+        run(registry, "good,chats,untagged,tools,order", qwen_tokenizer_dir, tmp_path / "out")
     lines = str(info.value).split("\n  - ")
-    assert lines[0] == "nothing written: a dataset keeps no conversation" and len(lines) == 4
+    assert lines[0] == "nothing written: a dataset keeps no conversation" and len(lines) == 5
+    assert lines[4] == (
+        f"dataset 'order' ({tmp_path / 'order.jsonl'}): none of its 1 row is kept (dropped: "
+        "invalid_role_tag 1); its messages' role tags ('human' (1 row), 'gpt' (1 row)) are the entry's, out "
+        "of the order LLaMA-Factory requires: a user or observation turn first, then assistant or function "
+        "turns alternating"
+    )
     openai_tags = (
         '"tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": '
         '"assistant", "system_tag": "system"}'

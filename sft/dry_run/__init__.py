@@ -36,7 +36,7 @@ from models.hf_config import find_hf_config
 from models.parallel_layout import ParallelLayout
 from models.registry import Arch, read_arch
 
-from ..config import TrainConfig, unset_variables
+from ..config import TrainConfig, describe_unset, unset_variables
 from ..planner import BUFFER_ALLOWANCE_GB, Hardware, estimate, recompute_mode
 
 log = logging.getLogger(__name__)
@@ -123,10 +123,7 @@ def _without_unset_paths(config: TrainConfig) -> TrainConfig:
     if any("data.prefixes" in keys for keys in unset.values()):  # synthetic rows
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, prefixes=[], weights=None))
     if unset:
-        log.info(
-            "not needed by the dry run: %s",
-            ", ".join(f"${{{name}}} ({', '.join(keys)})" for name, keys in unset.items()),
-        )
+        log.info("not set, and not needed by the dry run: %s", describe_unset(unset))
     return config
 
 
