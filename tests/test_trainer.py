@@ -37,10 +37,10 @@ CURVES = ("logging.tensorboard=true", "logging.plot=true")  # off in the other r
 LR, WARMUP_RATIO = 1e-2, 0.2
 
 
-def _make_setup(root: Path, tied: bool) -> TrainingInputs:
+def _make_setup(root: Path, tied: bool, layers: int = 4) -> TrainingInputs:
     packs = random_packs(PACKS, SEQ, QWEN25_VOCAB_SIZE_SMALL, seed=0)
     valid = random_packs(VALID_PACKS, SEQ, QWEN25_VOCAB_SIZE_SMALL, seed=1)
-    return training_inputs(root, packs, SEQ, layers=4, tied=tied, valid_packs=valid)
+    return training_inputs(root, packs, SEQ, layers=layers, tied=tied, valid_packs=valid)
 
 
 def _overrides(setup: TrainingInputs, save_dir: Path, *extra: str) -> list[str]:
@@ -138,6 +138,8 @@ LAYOUTS = {
     "pp2-full-recompute": (2, ["parallel.pipeline=2", "model.recompute=full"]),
     "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
     "pp2xvp2-interleaved": (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]),
+    # one layer per stage: the two middle stages get packed rows from the stage before, not the data
+    "pp4-middle-stages": (4, ["parallel.pipeline=4"]),
 }
 
 
@@ -253,6 +255,22 @@ def test_tied_embeddings_train_alike_across_pipeline_stages(tmp_path_factory):
         val_losses=_val_losses(root / "single"),
     )
     _assert_same_training(_train(tied, root / "pp2", 2, "parallel.pipeline=2"), root / "pp2", reference)
+
+
+@pytest.mark.slow
+def test_a_deep_interleaved_pipeline_trains_like_one_process(tmp_path_factory):
+    """PP4 x VP2 on 8 layers: eight model chunks, one layer each, every rank holding a middle chunk, and
+    packs of several conversations crossing each stage boundary of the interleaved 1F1B schedule."""
+    root = tmp_path_factory.mktemp("deep")
+    deep = _make_setup(root, tied=False, layers=8)
+    single = _train(deep, root / "single")
+    reference = SimpleNamespace(
+        losses=single["losses"],
+        weights=_weights(root / "single" / f"iter_{ITERS:07d}"),
+        val_losses=_val_losses(root / "single"),
+    )
+    run = _train(deep, root / "pp4xvp2", 4, "parallel.pipeline=4", "parallel.virtual_pipeline=2")
+    _assert_same_training(run, root / "pp4xvp2", reference)
 
 
 def _transformers_loss(hf_dir: Path, conversations) -> tuple[float, int]:
