@@ -53,7 +53,9 @@ def enable() -> None:
         raise RuntimeError("megatron_cpu.enable() is for CPU-only runs; CUDA is available here")
     from megatron.core.tensor_parallel import random as tp_random
 
-    torch.cuda.current_device = lambda: 0  # mapped to the CPU by the mode
+    # the CPU itself, not an index for the mode to map: autograd's backward runs without the mode, and
+    # megatron-core's backward functions allocate on it (sequence parallelism's all-gather buffers)
+    torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.manual_seed = lambda seed: None  # the CPU generator is seeded by torch.manual_seed
     torch.cuda.manual_seed_all = lambda seed: None
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()

@@ -25,7 +25,7 @@ class ParallelLayout:
     pipeline: int = 1  # pipeline stages: the layers split into consecutive groups
     virtual_pipeline: int | None = None  # interleaved 1F1B: model chunks per pipeline rank
     context: int = 1  # context-parallel ranks: each row's tokens split across them (needs TE)
-    sequence_parallel: bool = False  # the norms' and residuals' tokens split over the TP ranks (needs TE)
+    sequence_parallel: bool = False  # the norms' and residuals' tokens split over the TP ranks (TP > 1)
     micro_batch_size: int = 1  # packs per micro-batch
 
     @property
@@ -88,6 +88,11 @@ class ParallelLayout:
             problems.append(
                 "parallel.virtual_pipeline needs parallel.pipeline >= 2 and a value >= 2 (or null)"
             )
+        if self.sequence_parallel and self.tensor == 1:
+            problems.append(
+                "parallel.sequence_parallel=true needs parallel.tensor > 1 (it splits the tokens over the "
+                "tensor-parallel ranks): raise parallel.tensor or turn it off"
+            )
         if seq_length is not None and self.sequence_parallel and self.context == 1:
             if (self.micro_batch_size * seq_length) % self.tensor:
                 problems.append(
@@ -137,14 +142,7 @@ class ParallelLayout:
         return problems
 
     def _te_problems(self) -> list[str]:
-        needs = [
-            name
-            for name, wanted in (
-                ("parallel.sequence_parallel=true", self.sequence_parallel),
-                (f"parallel.context={self.context}", self.context > 1),
-            )
-            if wanted
-        ]
+        needs = [name for name, wanted in ((f"parallel.context={self.context}", self.context > 1),) if wanted]
         return [
             f"{need} needs Transformer Engine, which is not importable here (install it, or turn it off)"
             for need in needs

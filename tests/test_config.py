@@ -123,12 +123,6 @@ def test_a_valid_layout_passes(tmp_path):
             "to be a "
             "multiple of parallel.pipeline=4",
         ),
-        (
-            {"parallel.sequence_parallel": True},
-            8,
-            False,
-            "parallel.sequence_parallel=true needs Transformer Engine",
-        ),
         ({"parallel.context": 2}, 8, False, "parallel.context=2 needs Transformer Engine"),
         (
             {"parallel.tensor": 8, "parallel.sequence_parallel": True, "data.seq_length": 32764},
@@ -152,6 +146,17 @@ def test_layout_problems_name_the_field(tmp_path, overrides, world_size, te, mes
     with pytest.raises(ConfigError) as info:
         c.validate(world_size=world_size, te_available=te, arch=ARCH_32B, data_seq_length=32768)
     assert message in str(info.value)
+
+
+def test_sequence_parallelism_runs_without_transformer_engine(tmp_path):
+    """megatron-core's local layers with the project's torch RMSNorm (models/decoder/model.py) run SP;
+    context parallelism still needs TE."""
+    c = _ready(tmp_path, **{"parallel.tensor": 8, "parallel.sequence_parallel": True})
+    c.validate(world_size=8, te_available=False, arch=ARCH_32B, data_seq_length=32768)
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel=true needs parallel.tensor > 1"):
+        _ready(tmp_path, **{"parallel.sequence_parallel": True}).validate(
+            world_size=8, te_available=False, arch=ARCH_32B, data_seq_length=32768
+        )
 
 
 def test_missing_inputs_are_named(tmp_path):

@@ -138,6 +138,7 @@ LAYOUTS = {
     "pp2-full-recompute": (2, ["parallel.pipeline=2", "model.recompute=full"]),
     "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
     "pp2xvp2-interleaved": (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]),
+    "tp2-sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
     # one layer per stage: the two middle stages get packed rows from the stage before, not the data
     "pp4-middle-stages": (4, ["parallel.pipeline=4"]),
 }

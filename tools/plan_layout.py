@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         + " GB by default",
     )
     parser.add_argument(
-        "--no-te", action="store_true", help="Transformer Engine absent: no sequence/context parallelism"
+        "--no-te",
+        action="store_true",
+        help="Transformer Engine absent: the torch layers, no context parallelism",
     )
     parser.add_argument("--top", type=int, default=15, help="layouts to print (default 15)")
     parser.add_argument("--json", type=Path, help="also write every estimate to this JSON file")

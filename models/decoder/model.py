@@ -13,6 +13,7 @@ packed attention (models/packed_attention.py).
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 from models.backends import Backend
@@ -82,11 +83,57 @@ def layer_spec(arch: DecoderArch, backend: Backend, *, packed: bool):
     if backend.transformer_engine:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
     spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    _use_torch_rms_norm(spec)
     if packed:
         from models.packed_attention import with_packed_attention
 
         spec = with_packed_attention(spec)
     return spec
+
+
+@functools.cache
+def torch_rms_norm():
+    """RMSNorm in pure torch (the function torch.nn.RMSNorm runs) taking megatron-core's norm arguments,
+    which, unlike megatron-core's WrappedTorchNorm, runs under sequence parallelism: each tensor-parallel
+    rank normalises its share of the tokens, and the weight is marked `sequence_parallel`, so megatron-core
+    sums its gradient over the TP ranks (as it does for TE's norms)."""
+    import torch
+
+    class TorchRMSNorm(torch.nn.Module):
+        def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_ignored):
+            super().__init__()
+            self.eps = eps
+            self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+            self.weight.sequence_parallel = config.sequence_parallel
+
+        def forward(self, x):
+            return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+    return TorchRMSNorm
+
+
+def _use_torch_rms_norm(spec) -> None:
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    norm = torch_rms_norm()
+    layer = spec.submodules
+    layer.input_layernorm = layer.pre_mlp_layernorm = norm
+    attention = layer.self_attention.submodules
+    for name in ("q_layernorm", "k_layernorm"):  # per head, over the whole sequence: summed over TP by name
+        if getattr(attention, name) is not IdentityOp:
+            setattr(attention, name, norm)
+
+
+def _with_final_norm(layer_spec, config, vp_stage):
+    """The block of `layer_spec`'s layers ending with the same torch RMSNorm (megatron-core's default final
+    norm for a local layer spec is its WrappedTorchNorm)."""
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * layers, layer_norm=torch_rms_norm())
 
 
 def build_model(
@@ -99,6 +146,8 @@ def build_model(
 
     scaling = arch.rope_scaling
     rope_scaling = dict(rope_scaling=True, rope_scaling_factor=scaling.factor) if scaling else {}
+    if getattr(spec.submodules, "input_layernorm", None) is torch_rms_norm():
+        spec = _with_final_norm(spec, config, vp_stage)
 
     return GPTModel(
         config=config,
