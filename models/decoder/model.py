@@ -3,8 +3,9 @@
 Used (through models/registry.py) by the converters' verifier, the trainer and the benchmarks, so
 exactly one place decides how a checkpoint of each family maps onto megatron-core. The layer spec is
 Transformer Engine's when the backend is TE (models/backends.py), megatron-core's local (pure torch)
-spec otherwise; for packed (THD) batches the local spec's core attention is replaced by the project's
-packed attention (models/packed_attention.py).
+spec otherwise, with a torch RMSNorm that runs under sequence parallelism (`torch_rms_norm`, in the
+layers and as the final norm); for packed (THD) batches the local spec's core attention is replaced by
+the project's packed attention (models/packed_attention.py).
 
     arch = read_arch("/models/Qwen2.5-32B")
     config = transformer_config(arch, tensor_parallel=8, params_dtype=torch.bfloat16)
