@@ -24,8 +24,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q --durations=30
 
-# The tier to run while editing (about 2 minutes on 2 cores): every package, without the multi-process
-# training runs, the demo and the Slurm job (tests marked `slow`).
+# The tier to run while editing (under 90 s on 2 cores): every package, without the multi-process
+# training runs, the demo, the Slurm job and the other tests marked `slow`.
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 

@@ -59,6 +59,7 @@ def test_plot_metrics_draws_a_run_and_names_a_missing_one(tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a training run, a subprocess or a full pipeline: test-fast stays under 90 s
 def test_trainer_rejects_a_bad_configuration_before_starting(tmp_path):
     result = subprocess.run(
         [

@@ -144,6 +144,7 @@ def _running(pid: int) -> bool:
     return state != "Z"  # a zombie has ended, waiting for its new parent to collect it
 
 
+@pytest.mark.slow  # a training run, a subprocess or a full pipeline: test-fast stays under 90 s
 def test_what_a_dead_rank_leaves_running_is_ended(tmp_path):
     with pytest.raises(RuntimeError, match="rank 0 exited with status 1 without a result"):
         run_distributed(_rank_leaving_a_process, 1, str(tmp_path / "pid"))

@@ -51,6 +51,7 @@ def assert_same_weights(expected_dir, actual_dir):
         assert a.dtype == b.dtype and torch.equal(a, b), key
 
 
+@pytest.mark.slow  # a training run, a subprocess or a full pipeline: test-fast stays under 90 s
 def test_round_trip_through_files_is_bitwise(tiny_qwen2_dir, converted, qwen_tokenizer_dir, tmp_path):
     out = tmp_path / "release"
     assert (
@@ -269,6 +270,7 @@ def test_existing_output_needs_force_and_a_crash_leaves_nothing(
     assert not (out / "keep").exists() and resolve_checkpoint(out) == out
 
 
+@pytest.mark.slow  # two exports: test-fast stays under 90 s
 def test_the_release_serves_the_training_template_and_the_tokenizer_tokens(
     converted, qwen_tokenizer_dir, llama3_tokenizer_dir, tmp_path
 ):

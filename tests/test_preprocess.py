@@ -224,6 +224,7 @@ def _conversations(prefix) -> Counter:
     return Counter((tuple(ids_ds[i].tolist()), tuple(mask_ds[i].tolist())) for i in range(len(ids_ds)))
 
 
+@pytest.mark.slow  # a training run, a subprocess or a full pipeline: test-fast stays under 90 s
 def test_held_out_split_is_decided_by_content(
     packed, aligned_parquet, qwen_tokenizer_dir, qwen_tokenizer, tmp_path
 ):

@@ -362,6 +362,7 @@ def test_the_loop_calls_each_callback_hook_in_order(reference):
     assert reference.hooks == [("on_start", 0), *steps, ("on_end", ITERS, False)]
 
 
+@pytest.mark.slow  # a training run, a subprocess or a full pipeline: test-fast stays under 90 s
 def test_schedule_and_metrics_file(setup, reference):
     records, validations = read_metrics(reference.save_dir / "metrics.jsonl")
     assert [(r["iteration"], r["val_packs"]) for r in validations] == [(3, VALID_PACKS), (6, VALID_PACKS)]
