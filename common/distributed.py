@@ -138,11 +138,7 @@ def _die_with_caller(parent: int) -> None:
       rank's group, the children it started included."""
     if not sys.platform.startswith("linux"):
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(1)
+    die_with_parent(parent)
     caller = mp.parent_process()
     if caller is not None:
 
@@ -151,6 +147,20 @@ def _die_with_caller(parent: int) -> None:
             os.killpg(os.getpgrp(), signal.SIGKILL)
 
         threading.Thread(target=end_group_when_the_caller_is_gone, name="caller-watch", daemon=True).start()
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """This process is SIGKILLed when its parent dies, however the parent dies (Linux; elsewhere a no-op).
+    A process started with multiprocessing outlives a parent killed with SIGKILL, whose finalizers
+    never run; this closes that. `parent`: the pid it was started by (default: the current parent)."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid() if parent is None else parent
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
 
 _PR_SET_PDEATHSIG = 1  # <sys/prctl.h>

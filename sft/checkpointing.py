@@ -26,17 +26,20 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import multiprocessing as mp
 import os
 import shutil
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
+from common.distributed import die_with_parent
 from common.errors import CheckpointError, ConfigError
 from common.files import partial_path, publish_directory, write_json_atomic
 from common.provenance import tool_info
@@ -153,6 +156,8 @@ class CheckpointSaver:
             FullyParallelSaveStrategyWrapper(strategy, parallel_group) if fully_parallel_save else strategy
         )
         self._queue = AsyncCallsQueue() if async_save else None
+        if async_save:
+            write_results_queue()
         self._published: list[Path] = []
         self._deleter = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-delete") if self._rank0 else None
         if self._rank0 and self.save_dir.is_dir():
@@ -333,3 +338,17 @@ def load_checkpoint(
     scheduler.load_state_dict(state["scheduler"])
     _restore_adam_step(optimizer, scheduler.num_steps)
     return TrainState(**state["train_state"])
+
+
+def write_results_queue():
+    """megatron-core's background writer reports through the queue of a multiprocessing manager, whose
+    server process megatron-core starts on the first asynchronous save and which outlives a rank killed
+    with SIGKILL (an OOM kill, a dying node: no finalizer runs). Installs, once per process, the same
+    queue from a manager whose server dies with this rank; returns it."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=die_with_parent)
+        filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
+    return filesystem_async._results_queue

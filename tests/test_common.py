@@ -198,3 +198,39 @@ def test_ranks_end_with_a_caller_killed_before_its_clean_up(killed, tmp_path):
     while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_running(pid) for pid in pids)
+
+
+_HOLD_THE_WRITE_RESULTS_QUEUE = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from sft.checkpointing import write_results_queue
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+queue = write_results_queue()
+print(queue._manager._process.pid, flush=True)
+assert write_results_queue() is queue and filesystem_async._get_write_results_queue() is queue
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow  # a subprocess importing megatron-core
+def test_the_async_writers_results_queue_dies_with_a_killed_rank():
+    """megatron-core's asynchronous checkpoint writer reports through a multiprocessing manager's queue;
+    its server process outlived a rank killed with SIGKILL (found left behind by the Slurm test of a
+    killed rank). The queue the trainer installs comes from a manager that dies with the rank."""
+    root = str(Path(__file__).resolve().parents[1])
+    rank = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_THE_WRITE_RESULTS_QUEUE.format(root=root)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        server = int(rank.stdout.readline())
+        assert _running(server)
+        os.kill(rank.pid, signal.SIGKILL)
+        rank.wait(10)
+        deadline = time.monotonic() + 10
+        while _running(server) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(server), "the manager's server outlived the killed rank"
+    finally:
+        rank.kill()
