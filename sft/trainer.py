@@ -43,7 +43,7 @@ from .checkpointing import (
     find_resume_checkpoint,
     load_checkpoint,
 )
-from .config import TrainConfig, dump_config
+from .config import ScheduleConfig, TrainConfig, dump_config
 from .data import MicroBatch, SFTData, ValidationData, default_valid_prefixes, layout_problems
 from .metrics import MetricsLogger
 from .train_module import TrainModule, initialize_model_parallel, warmup_steps
@@ -138,7 +138,7 @@ def schedule_summary(train_iters: int, global_batch_size: int, packs: int) -> st
     return f"{train_iters} iterations of {global_batch_size} packs ({epochs:.3g} epochs over {packs} packs)"
 
 
-def _train_iters(schedule, data: SFTData) -> int:
+def _train_iters(schedule: ScheduleConfig, data: SFTData) -> int:
     """The run's optimizer steps (schedule.train_iters, or the epochs over the data); a ConfigError when
     they are too few to train, naming the cause: a global batch larger than the data, or the warm-up."""
     packs = data.order.epoch_size

@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Converts a Hugging Face checkpoint of a supported family (Qwen2/Qwen2.5, Qwen3 dense, Llama 3.x; the
 family is read from config.json's model_type) into a megatron-core torch_dist checkpoint.
 

@@ -283,11 +283,6 @@ def dry_run_patches() -> Iterator[None]:
         (clip_grads, "l2_norm_impl", _l2_norm),
         (dist, "all_gather_object", _all_gather_object),
         (torch.nn.Module, "bfloat16", _bfloat16),
-        # common.megatron_cpu's mode maps megatron-core's CUDA device index to the CPU, but torch function
-        # modes are not active in the autograd engine: the backward passes that allocate on
-        # `torch.cuda.current_device()` (sequence parallelism's gathers, the weight-gradient dummies)
-        # need the CPU device itself
-        (torch.cuda, "current_device", lambda: torch.device("cpu")),
         (layers, "_grad_accum_fusion_available", True),
         (layers, "fused_weight_gradient_mlp_cuda", _WeightGradientAccumulation),
         (torch.optim, "AdamW", FusedAdam),  # the class megatron-core builds without TE or apex
