@@ -5,7 +5,7 @@ and the layout planner, so the rules that make a layout valid are written once (
 
     layout = ParallelLayout(tensor=8, pipeline=2, virtual_pipeline=4, context=2, sequence_parallel=True)
     layout.data_parallel(world_size=256)        # 8
-    layout.problems(world_size=256, arch=arch, global_batch=512, seq_length=32768, te_available=True)
+    layout.problems(world_size=256, arch=arch, global_batch=512, seq_length=32768)
 
 Data parallelism is what the world size leaves: world = tensor x pipeline x context x data. Messages
 name the configuration keys (`parallel.*`), since that is where a user changes a layout.
@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 MODEL_PARALLEL_KEYS = ("tensor", "pipeline", "virtual_pipeline", "context")
+# The sizes that cut the weights, hence the distributed optimizer's state: context parallelism does not
+# (the optimizer shards over data x context-parallel replicas alike).
+WEIGHT_SHARDING_KEYS = ("tensor", "pipeline", "virtual_pipeline")
 
 
 @dataclass
@@ -24,7 +27,7 @@ class ParallelLayout:
     tensor: int = 1  # tensor-parallel ranks: each layer's weights split across them
     pipeline: int = 1  # pipeline stages: the layers split into consecutive groups
     virtual_pipeline: int | None = None  # interleaved 1F1B: model chunks per pipeline rank
-    context: int = 1  # context-parallel ranks: each row's tokens split across them (needs TE)
+    context: int = 1  # context-parallel ranks: each row's tokens split across them
     sequence_parallel: bool = False  # the norms' and residuals' tokens split over the TP ranks (TP > 1)
     micro_batch_size: int = 1  # packs per micro-batch
 
@@ -55,11 +58,11 @@ class ParallelLayout:
         """The layout as stored with a checkpoint, including the data-parallel size."""
         return {**{k: getattr(self, k) for k in MODEL_PARALLEL_KEYS}, "data": self.data_parallel(world_size)}
 
-    def model_parallel_changes(self, saved: dict[str, Any]) -> dict[str, tuple]:
-        """{key: (saved, now)} for every model-parallel size that differs from a checkpoint's layout."""
+    def weight_sharding_changes(self, saved: dict[str, Any]) -> dict[str, tuple]:
+        """{key: (saved, now)} for every size that cuts the weights and differs from a checkpoint's layout."""
         return {
             k: (saved.get(k), getattr(self, k))
-            for k in MODEL_PARALLEL_KEYS
+            for k in WEIGHT_SHARDING_KEYS
             if saved.get(k) != getattr(self, k)
         }
 
@@ -70,7 +73,6 @@ class ParallelLayout:
         arch=None,
         global_batch: int | None = None,
         seq_length: int | None = None,
-        te_available: bool = True,
     ) -> list[str]:
         """Every reason this layout cannot run, for the given world size and, when given, the model
         (an architecture from models/registry.py), the global batch (packs per step) and the row length."""
@@ -93,17 +95,30 @@ class ParallelLayout:
                 "parallel.sequence_parallel=true needs parallel.tensor > 1 (it splits the tokens over the "
                 "tensor-parallel ranks): raise parallel.tensor or turn it off"
             )
-        if seq_length is not None and self.sequence_parallel and self.context == 1:
-            if (self.micro_batch_size * seq_length) % self.tensor:
-                problems.append(
-                    f"parallel.sequence_parallel splits the {self.micro_batch_size} x {seq_length}-token row "
-                    f"across parallel.tensor={self.tensor} ranks: make it divisible"
-                )
+        if seq_length is not None:
+            problems += self._row_problems(seq_length)
         if arch is not None:
             problems += self._model_problems(arch)
-        if not te_available:
-            problems += self._te_problems()
         return problems
+
+    def _row_problems(self, seq_length: int) -> list[str]:
+        row = (
+            f"{self.micro_batch_size} x {seq_length}-token row (parallel.micro_batch_size x data.seq_length)"
+        )
+        width = self.micro_batch_size * seq_length
+        if self.context > 1 and width % self.pad_multiple:
+            sp = " x parallel.tensor" if self.sequence_parallel else ""
+            return [
+                f"parallel.context={self.context} cuts every conversation of a row, its trailing padding "
+                f"included, into 2 x parallel.context{sp} = {self.pad_multiple} equal pieces: the {row} "
+                f"must be a multiple of {self.pad_multiple}"
+            ]
+        if self.sequence_parallel and width % self.tensor:
+            return [
+                f"parallel.sequence_parallel splits the {row} across parallel.tensor={self.tensor} ranks: "
+                "make it divisible"
+            ]
+        return []
 
     def _batch_problems(self, world_size: int, global_batch: int) -> list[str]:
         dp = self.data_parallel(world_size)
@@ -140,14 +155,6 @@ class ParallelLayout:
                 f"{stages}"
             )
         return problems
-
-    def _te_problems(self) -> list[str]:
-        if self.context == 1:
-            return []  # sequence parallelism runs on the local layers too (models/decoder/model.py)
-        return [
-            f"parallel.context={self.context} needs Transformer Engine, which is not importable here "
-            "(install it, or turn it off)"
-        ]
 
     def describe(self, world_size: int) -> str:
         vp = f" (x{self.virtual_pipeline} virtual)" if self.virtual_pipeline else ""

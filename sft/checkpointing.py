@@ -318,12 +318,13 @@ def load_checkpoint(
             f"{path} is not a training checkpoint (no trainer state): to start from its weights, "
             f"set model.init_checkpoint={path} and checkpoint.resume=none"
         )
-    changed = layout.model_parallel_changes(saved_layout)
+    changed = layout.weight_sharding_changes(saved_layout)
     if changed:
         raise ConfigError(
-            f"{path} was saved at another model-parallel layout {changed} (saved, now); the optimizer "
-            "state reshards only across data parallelism. Resume with the saved layout, or start a new "
-            f"run from the weights: model.init_checkpoint={path} checkpoint.resume=none"
+            f"{path} was saved at another tensor/pipeline layout {changed} (saved, now); the optimizer "
+            "state reshards only across data and context parallelism. Resume with the saved tensor and "
+            f"pipeline sizes, or start a new run from the weights: model.init_checkpoint={path} "
+            "checkpoint.resume=none"
         )
     _materialise_torch_adam_state(optimizer)
     template = _full_state(

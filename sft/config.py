@@ -294,7 +294,6 @@ class TrainConfig:
             arch=arch,
             global_batch=self.schedule.global_batch_size,
             seq_length=self.data.seq_length,
-            te_available=te_available,
         )
         if not te_available and "layernorm" in (self.model.recompute_modules or []):
             problems.append(

@@ -21,7 +21,8 @@ where they differ, in brackets):
   the data- and context-parallel replicas of the rank's parameters: megatron-core's intra_dp_cp group);
 - activations: per token and layer, the tensors the backward pass keeps (bf16): the two norms' inputs and
   outputs 4h [norms and residuals 6h]; with q = n d the query width: q/k/v before and q/k after RoPE 2q +
-  3gd, attention output q (flash attention keeps no s^2 scores), and where the family norms each query
+  3gd, attention output q (flash attention keeps no s^2 scores) [with CP, the all-gather attention's
+  copies of the keys and values it attends, (2 CP + 1) g d], and where the family norms each query
   and key head (Qwen3) those norms' inputs q + gd; the MLP's fc1 output 2f and the fused SwiGLU's output
   f: 3f [the unfused SwiGLU's gate activation too: 4f]; in fp32, each norm's reciprocal RMS (per token;
   per q/k head for Qwen3's) and the attention's logsumexp per head. Tensor parallelism divides the parts
@@ -57,7 +58,8 @@ the distributed optimizer's reduce-scatter of the fp32 gradients and all-gather 
 over the DP x CP replicas, over NVLink when TP x CP x DP fits a node, else the inter-node network
 (--network-gbps per GPU), not overlapped (the trainer does not overlap them yet);
 context parallelism's ring exchange of each TP rank's K/V shard (forward) and of K/V and their
-gradients (backward), (CP - 1) chunks per layer, half hidden, over NVLink when TP x CP fits a node;
+gradients (backward), (CP - 1) chunks per layer [the all-gather of K/V and the reduce-scatter of their
+gradients: 2 (CP - 1)], half hidden, over NVLink when TP x CP fits a node;
 pipeline sends of activations and their gradients at the PP x VP - 1 stage boundaries (a rank takes
 part in 1/PP of them), half hidden, over the network.
 MFU = model FLOPs of the real tokens (fill x seq: --packing-fill, the data's packing efficiency) /
@@ -193,6 +195,10 @@ def activation_bytes_per_token_layer(
     attention = 3 * q + 3 * g * d  # q/k/v, RoPE'd q/k, attention output
     if arch.qk_layernorm:  # the per-head q/k norms keep their inputs (the heads copied out of q/k/v)
         attention += q + g * d
+    if not fused and layout.context > 1 and recompute != "selective":
+        # the all-gather attention's keys and values, each query chunk's conversation prefix copied out
+        # for the kernel: (2 CP + 1) / 2 local tokens' worth of each (models/packed_attention.py)
+        attention += (2 * layout.context + 1) * g * d
     mlp = 0 if recompute == "mlp" else (3 if fused else 4) * f
     fp32 = 0.0
     if fused:  # the norms' reciprocal RMS per token (and per q/k head), flash attention's logsumexp per head
@@ -221,7 +227,6 @@ def estimate(
         arch=arch,
         global_batch=global_batch,
         seq_length=seq_length,
-        te_available=te_available,
     ):
         return None
     dp = layout.data_parallel(hw.gpus)
@@ -256,6 +261,7 @@ def estimate(
         dp,
         params,
         fill,
+        te_available,
     )
     return result
 
@@ -308,7 +314,18 @@ def _stage_memory(
 
 
 def _step_time(
-    arch, layout, recompute, hw, seq_length, global_batch, mean_conversation, micro_batches, dp, params, fill
+    arch,
+    layout,
+    recompute,
+    hw,
+    seq_length,
+    global_batch,
+    mean_conversation,
+    micro_batches,
+    dp,
+    params,
+    fill,
+    fused,
 ):
     real = fill * seq_length
     conversations = [mean_conversation] * max(1, round(real / mean_conversation))
@@ -338,7 +355,8 @@ def _step_time(
         kv_bytes = (
             tokens * 2 * arch.num_query_groups * arch.head_dim * 2 / layout.tensor
         )  # this TP rank's heads
-        cp_bytes = 3 * (layout.context - 1) * kv_bytes * (arch.num_layers // layout.pipeline) * micro_batches
+        exchanges = (3 if fused else 2) * (layout.context - 1)
+        cp_bytes = exchanges * kv_bytes * (arch.num_layers // layout.pipeline) * micro_batches
         intra_node = layout.tensor * layout.context <= hw.gpus_per_node
         cp_time = 0.5 * cp_bytes / ((hw.nvlink_gbps if intra_node else hw.network_gbps) * GB)  # half hidden
     pp_time = 0.0

@@ -124,7 +124,7 @@ class TrainModule:
             backend.describe(),
             "Transformer Engine THD attention"
             if backend.transformer_engine
-            else packed_attention_kernel(self.device),
+            else packed_attention_kernel(self.device, self.layout.context),
         )
         return self.family.layer_spec(self.arch, backend, packed=True)
 

@@ -49,9 +49,11 @@ def training_inputs(
     layers: int = 2,
     tied: bool = False,
     valid_packs: list | None = None,
+    pad_multiple: int = 1,
 ) -> TrainingInputs:
     """Converts `hf` (default: a new tiny random Qwen2 with `layers` layers) with the project's converter
-    and writes `packs` as a packed dataset, and `valid_packs` as its held-out set, all under `root`."""
+    and writes `packs` as a packed dataset, and `valid_packs` as its held-out set, all under `root`
+    (packed with `pad_multiple`, which must fit them: see random_packs)."""
     from convert.hf_to_mcore import convert_hf_to_mcore
     from models.registry import read_arch
 
@@ -63,7 +65,7 @@ def training_inputs(
     )
     convert_hf_to_mcore(hf, root / "mcore", progress=False)
     vocab_size = read_arch(hf).vocab_size
-    prefix = write_packed_dataset(root / "data" / "packs", packs, seq_length, vocab_size)
+    prefix = write_packed_dataset(root / "data" / "packs", packs, seq_length, vocab_size, pad_multiple)
     if valid_packs is not None:
-        write_packed_dataset(validation_prefix(prefix), valid_packs, seq_length, vocab_size)
+        write_packed_dataset(validation_prefix(prefix), valid_packs, seq_length, vocab_size, pad_multiple)
     return TrainingInputs(hf, root / "mcore", prefix, seq_length, packs, valid_packs)

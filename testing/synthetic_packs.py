@@ -18,15 +18,25 @@ from formats.packed import INDEX_HEADER, PackedWriter, padded_lengths
 
 
 def random_packs(
-    num_packs: int, seq_length: int, vocab_size: int, seed: int = 0, max_conversations: int = 4
+    num_packs: int,
+    seq_length: int,
+    vocab_size: int,
+    seed: int = 0,
+    max_conversations: int = 4,
+    pad_multiple: int = 1,
 ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """Packs of up to `max_conversations` random conversations (random loss spans) that fit `seq_length`
+    once each is padded to a multiple of `pad_multiple`."""
     rng = np.random.default_rng(seed)
     packs = []
+    units = seq_length // pad_multiple
     for _ in range(num_packs):
-        budget = int(rng.integers(seq_length // 2, seq_length + 1))  # some packs full, some with padding
+        budget = int(rng.integers(units // 2, units + 1))  # some packs full, some with padding
         count = int(rng.integers(1, max_conversations + 1))
         cuts = np.sort(rng.choice(np.arange(1, budget), size=min(count - 1, budget - 2), replace=False))
         lengths = np.diff(np.concatenate([[0], cuts, [budget]]))
+        if pad_multiple > 1:  # from padded sizes to real lengths that round up to them
+            lengths = lengths * pad_multiple - rng.integers(0, pad_multiple, size=len(lengths))
         pack = []
         for length in lengths:
             ids = rng.integers(0, vocab_size, size=length, dtype=np.int32)

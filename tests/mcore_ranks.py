@@ -111,3 +111,35 @@ def stock_load_matches_ours(
     assert got.keys() == expected.keys(), sorted(got.keys() ^ expected.keys())[:5]
     assert all(torch.equal(got[k], expected[k]) for k in got)
     return len(got)
+
+
+def context_parallel_attention_rank(rank: int, world_size: int, lengths: list[int], seed: int) -> dict:
+    """This rank's share of a packed row of conversations of `lengths` (each padded to a multiple of
+    2 x CP, the world being the context-parallel group) through the all-gather attention: the output and
+    the gradients of query, key and value for a fixed weighting of the whole row's output."""
+    import torch.distributed as dist
+
+    from models.packed_attention import context_parallel_causal_attention
+    from sft.data import context_parallel_indices
+
+    q, k, v, weights, cu = packed_attention_inputs(lengths, 2 * world_size, seed)
+    index = torch.from_numpy(context_parallel_indices(cu.numpy(), world_size, rank))
+    local = [t.index_select(0, index).requires_grad_() for t in (q, k, v)]
+    out = context_parallel_causal_attention(*local, cu, q.shape[-1] ** -0.5, dist.group.WORLD)
+    (out * weights.index_select(0, index)).sum().backward()
+    return {"index": index, "out": out.detach(), "grads": [t.grad for t in local]}
+
+
+def packed_attention_inputs(lengths: list[int], pad_multiple: int, seed: int):
+    """Random float64 query [T, 4, 8], key and value [T, 2, 8] and output weights for conversations of
+    `lengths` padded to `pad_multiple` each, with their padded offsets."""
+    import numpy as np
+
+    from formats.packed import padded_lengths
+
+    padded = padded_lengths(np.asarray(lengths), pad_multiple)
+    cu = torch.from_numpy(np.concatenate([[0], np.cumsum(padded)]).astype(np.int32))
+    total = int(cu[-1])
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
+    return draw(total, 4, 8), draw(total, 2, 8), draw(total, 2, 8), draw(total, 4, 8), cu

@@ -123,12 +123,24 @@ def test_a_valid_layout_passes(tmp_path):
             "to be a "
             "multiple of parallel.pipeline=4",
         ),
-        ({"parallel.context": 2}, 8, False, "parallel.context=2 needs Transformer Engine"),
+        (
+            {
+                "parallel.context": 2,
+                "parallel.tensor": 2,
+                "parallel.sequence_parallel": True,
+                "data.seq_length": 32764,
+            },
+            8,
+            False,
+            "parallel.context=2 cuts every conversation of a row, its trailing padding included, into 2 x "
+            "parallel.context x parallel.tensor = 8 equal pieces: the 1 x 32764-token row",
+        ),
         (
             {"parallel.tensor": 8, "parallel.sequence_parallel": True, "data.seq_length": 32764},
             8,
             True,
-            "splits the 1 x 32764-token row across parallel.tensor=8 ranks",
+            "splits the 1 x 32764-token row (parallel.micro_batch_size x data.seq_length) across "
+            "parallel.tensor=8 ranks",
         ),
         ({"data.seq_length": 16384}, 8, True, "data.seq_length=16384 but the data was packed at 32768"),
         ({"schedule.warmup_ratio": 1.5}, 8, True, "schedule.warmup_ratio=1.5 must be in [0, 1)"),
@@ -148,11 +160,15 @@ def test_layout_problems_name_the_field(tmp_path, overrides, world_size, te, mes
     assert message in str(info.value)
 
 
-def test_sequence_parallelism_runs_without_transformer_engine(tmp_path):
+def test_sequence_and_context_parallelism_run_without_transformer_engine(tmp_path):
     """megatron-core's local layers with the project's torch RMSNorm (models/decoder/model.py) run SP;
-    context parallelism still needs TE."""
+    models/packed_attention.py runs CP (the recipe's layout, scaled to 32 processes)."""
     c = _ready(tmp_path, **{"parallel.tensor": 8, "parallel.sequence_parallel": True})
     c.validate(world_size=8, te_available=False, arch=ARCH_32B, data_seq_length=32768)
+    recipe = {"parallel.tensor": 4, "parallel.sequence_parallel": True, "parallel.context": 4}
+    _ready(tmp_path, **recipe, **{"parallel.pipeline": 2}).validate(
+        world_size=32, te_available=False, arch=ARCH_32B, data_seq_length=32768
+    )
     with pytest.raises(ConfigError, match="parallel.sequence_parallel=true needs parallel.tensor > 1"):
         _ready(tmp_path, **{"parallel.sequence_parallel": True}).validate(
             world_size=8, te_available=False, arch=ARCH_32B, data_seq_length=32768

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from common.distributed import run_distributed
 from common.errors import DataError
 from formats.packed import Pack, PackedDataset
 from models.parallel_layout import ParallelLayout
@@ -394,3 +396,66 @@ def test_datasets_of_a_reasoning_template_share_its_thinking_setting(tmp_path):
     assert (
         SFTData([packed("e", "qwen", True), packed("f", "qwen", False)], None, seed=0).chat_template == "qwen"
     )
+
+
+@pytest.mark.parametrize(
+    "cp, lengths",
+    [(2, [1, 3, 4, 7, 13]), (3, [1, 5, 6, 11, 20])],
+    ids=["cp2", "cp3"],
+)
+def test_context_parallel_attention_equals_one_rank(cp, lengths):
+    """Each rank's chunks through the all-gather attention give the single-rank packed attention's output
+    and gradients at those positions: conversations of length 1, 2CP-1, 2CP, odd, and longer than a
+    chunk, each padded to a multiple of 2 x CP."""
+    from models.packed_attention import packed_causal_attention
+
+    from mcore_ranks import context_parallel_attention_rank, packed_attention_inputs
+
+    q, k, v, weights, cu = packed_attention_inputs(lengths, 2 * cp, seed=3)
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    reference = packed_causal_attention(*full, cu, int((cu[1:] - cu[:-1]).max()), q.shape[-1] ** -0.5)
+    (reference * weights).sum().backward()
+    covered = []
+    for rank in run_distributed(context_parallel_attention_rank, cp, lengths, 3):
+        index = rank["index"]
+        covered += index.tolist()
+        assert torch.allclose(rank["out"], reference.detach().index_select(0, index), atol=1e-12)
+        for got, whole in zip(rank["grads"], full, strict=True):
+            assert torch.allclose(got, whole.grad.index_select(0, index), atol=1e-12)
+    assert sorted(covered) == list(range(int(cu[-1])))  # every position on exactly one rank
+
+
+def _varlen_semantics(query, key, value, cu_q, cu_k, max_q, max_k, *, scale, window_size, enable_gqa):
+    """torch's varlen flash attention as flash attention defines it, on the CPU: segment i of the queries
+    against segment i of the keys, causal (window (-1, 0)) aligned at the bottom right."""
+    assert window_size == (-1, 0) and enable_gqa
+    out = torch.empty_like(query)
+    q_bounds, k_bounds = cu_q.tolist(), cu_k.tolist()
+    assert max_q == max(np.diff(q_bounds)) and max_k == max(np.diff(k_bounds))
+    for i in range(len(q_bounds) - 1):
+        q = query[q_bounds[i] : q_bounds[i + 1]].transpose(0, 1)
+        k, v = (t[k_bounds[i] : k_bounds[i + 1]].transpose(0, 1) for t in (key, value))
+        allowed = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).tril(k.shape[1] - q.shape[1])
+        out[q_bounds[i] : q_bounds[i + 1]] = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, scale=scale, enable_gqa=True
+        ).transpose(0, 1)
+    return out
+
+
+def test_context_parallel_chunks_for_the_varlen_kernel():
+    """The CUDA route's segments (each query chunk against its conversation's keys up to the chunk's end,
+    copied out contiguously), run through flash attention's varlen semantics on the CPU, give the
+    single-rank attention at each rank's positions (the kernel itself: bench/gpu's attention stage)."""
+    from models.packed_attention import ContextParallelChunks, _flash_varlen_chunks, packed_causal_attention
+    from sft.data import context_parallel_indices
+
+    from mcore_ranks import packed_attention_inputs
+
+    cp, lengths = 4, [1, 7, 8, 9, 30]
+    q, k, v, _, cu = packed_attention_inputs(lengths, 2 * cp, seed=5)
+    reference = packed_causal_attention(q, k, v, cu, int((cu[1:] - cu[:-1]).max()), 8**-0.5)
+    for rank in range(cp):
+        index = torch.from_numpy(context_parallel_indices(cu.numpy(), cp, rank))
+        chunks = ContextParallelChunks.build(cu, cp, rank)
+        out = _flash_varlen_chunks((_varlen_semantics, True, True), q[index], k, v, chunks, 8**-0.5)
+        assert torch.allclose(out, reference[index], atol=1e-12), rank

@@ -19,6 +19,7 @@ import torch
 
 from common.distributed import run_distributed
 from formats.torch_dist import TRAINING_DATA_FILE
+from sft.data import make_micro_batch
 from sft.metrics import read_metrics
 from testing.fixtures import TrainingInputs, training_inputs
 from testing.hf_reference import conversation_loss, hf_model
@@ -37,10 +38,26 @@ CURVES = ("logging.tensorboard=true", "logging.plot=true")  # off in the other r
 LR, WARMUP_RATIO = 1e-2, 0.2
 
 
+# Conversations padded to a multiple of 8 fit each pack: the data serves CP2 with TP2+SP (2 x 2 x 2)
+PAD_MULTIPLE = 8
+
+
 def _make_setup(root: Path, tied: bool, layers: int = 4) -> TrainingInputs:
-    packs = random_packs(PACKS, SEQ, QWEN25_VOCAB_SIZE_SMALL, seed=0)
-    valid = random_packs(VALID_PACKS, SEQ, QWEN25_VOCAB_SIZE_SMALL, seed=1)
-    return training_inputs(root, packs, SEQ, layers=layers, tied=tied, valid_packs=valid)
+    packs = random_packs(PACKS, SEQ, QWEN25_VOCAB_SIZE_SMALL, seed=0, pad_multiple=PAD_MULTIPLE)
+    packs[-1] = [_prompt_heavy_conversation(seed=2)]
+    valid = random_packs(VALID_PACKS, SEQ, QWEN25_VOCAB_SIZE_SMALL, seed=1, pad_multiple=PAD_MULTIPLE)
+    return training_inputs(
+        root, packs, SEQ, layers=layers, tied=tied, valid_packs=valid, pad_multiple=PAD_MULTIPLE
+    )
+
+
+def _prompt_heavy_conversation(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One row-long conversation trained only on tokens 1 to 10: with CP2 its targets (positions 0 to 9)
+    all lie in chunk 0, so context-parallel rank 1 (chunks 1 and 2) holds no loss token of its micro-batch."""
+    ids = np.random.default_rng(seed).integers(0, QWEN25_VOCAB_SIZE_SMALL, size=SEQ, dtype=np.int32)
+    mask = np.zeros(SEQ, dtype=np.uint8)
+    mask[1:11] = 1
+    return ids, mask
 
 
 def _overrides(setup: TrainingInputs, save_dir: Path, *extra: str) -> list[str]:
@@ -141,6 +158,9 @@ LAYOUTS = {
     "tp2-sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
     # one layer per stage: the two middle stages get packed rows from the stage before, not the data
     "pp4-middle-stages": (4, ["parallel.pipeline=4"]),
+    # every micro-batch split over two ranks; one of them holds no loss token of the last pack's row
+    "cp2": (2, ["parallel.context=2"]),
+    "tp2-sp-cp2": (4, ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.context=2"]),
 }
 
 
@@ -150,6 +170,47 @@ def test_layouts_train_like_one_process(setup, reference, layout, tmp_path):
     world_size, extra = LAYOUTS[layout]
     run = _train(setup, tmp_path, world_size, *extra)
     _assert_same_training(run, tmp_path, reference)
+
+
+def test_the_prompt_heavy_pack_leaves_a_context_parallel_rank_without_loss_tokens():
+    """The layouts with CP2 above see a micro-batch whose second CP rank holds only masked tokens (a
+    rank dividing by its own token count would give NaN there): shown on the row they build."""
+    from models.parallel_layout import ParallelLayout
+    from sft.data import split_for_context_parallel
+
+    ids, mask = _prompt_heavy_conversation(seed=2)
+    pack = SimpleNamespace(input_ids=ids, loss_mask=mask, lengths=np.array([SEQ]))
+    for extra in ({}, {"tensor": 2, "sequence_parallel": True}):
+        layout = ParallelLayout(context=2, **extra)
+        row = make_micro_batch([pack], SEQ, pad_multiple=layout.pad_multiple)
+        ranks = [split_for_context_parallel(row, 2, rank).loss_mask.sum().item() for rank in (0, 1)]
+        assert ranks == [10.0, 0.0]
+
+
+RECIPE_SHAPE = ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.context=2"]
+
+
+@pytest.mark.slow
+def test_the_recipe_layout_scaled_down_trains_like_one_process_and_resumes_without_cp(
+    setup, reference, tmp_path
+):
+    """The K2 layout (TP4+SP x CP4 x PP8) at a CPU's scale: TP2+SP x CP2 x PP2 in eight processes trains
+    like one; its checkpoint of iteration 4 resumes at TP2+SP x PP2 (no context parallelism, the
+    optimizer state resharded from 2 data x context replicas to 1) and continues like one process."""
+    run = _train(setup, tmp_path / "k2", 8, *RECIPE_SHAPE, "parallel.pipeline=2")
+    _assert_same_training(run, tmp_path / "k2", reference)
+
+    shutil.copytree(tmp_path / "k2" / "iter_0000004", tmp_path / "resumed" / "iter_0000004")
+    layout = ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.pipeline=2"]
+    resumed = _train(setup, tmp_path / "resumed", 4, *layout)
+    assert sorted(resumed["losses"]) == [5, 6]
+    for iteration in (5, 6):
+        assert resumed["losses"][iteration] == pytest.approx(reference.losses[iteration], rel=1e-5)
+    assert _val_losses(tmp_path / "resumed")[ITERS] == pytest.approx(reference.val_losses[ITERS], rel=1e-5)
+    final = _weights(tmp_path / "resumed" / f"iter_{ITERS:07d}")
+    assert final.keys() == reference.weights.keys()
+    for key, value in reference.weights.items():
+        assert torch.allclose(final[key], value, rtol=0, atol=WEIGHT_ATOL), key
 
 
 @pytest.fixture(scope="module")
@@ -297,21 +358,26 @@ def test_first_loss_equals_transformers_conversation_by_conversation(setup, refe
 @pytest.mark.slow
 def test_recipe_loss_weighting_per_group_of_packs(setup, reference, tmp_path):
     """loss.normalization=per_group: the first loss is the mean over the step's two groups of two packs
-    of each group's per-token loss computed by transformers, and DP2 trains like one process."""
+    of each group's per-token loss computed by transformers, and DP2 and TP2+SP x CP2 train like one
+    process."""
     from sft.data import PackOrder
 
     per_group = ("loss.normalization=per_group", "loss.group_size=2", "schedule.train_iters=3")
     single = _train(setup, tmp_path / "one", 1, *per_group)
     slots = PackOrder([PACKS], None, seed=1234).slots(0, GLOBAL_BATCH)
-    group_means = []
-    for group in (slots[:2], slots[2:]):
-        total, count = _transformers_loss(setup.hf, [conv for _, pack in group for conv in setup.packs[pack]])
-        group_means.append(total / count)
-    assert single["losses"][1] == pytest.approx(sum(group_means) / 2, rel=1e-5)
-    assert single["losses"][1] != pytest.approx(reference.losses[1], rel=1e-4)  # not the global mean
+    sums = [
+        _transformers_loss(setup.hf, [conv for _, pack in group for conv in setup.packs[pack]])
+        for group in (slots[:2], slots[2:])
+    ]
+    recipe_mean = sum(total / count for total, count in sums) / 2
+    global_mean = sum(total for total, _ in sums) / sum(count for _, count in sums)
+    assert abs(recipe_mean - global_mean) > 4e-5 * global_mean  # the check below tells the two apart
+    assert single["losses"][1] == pytest.approx(recipe_mean, rel=1e-5)
     data_parallel = _train(setup, tmp_path / "dp2", 2, *per_group)
+    context_parallel = _train(setup, tmp_path / "cp2", 4, *per_group, *RECIPE_SHAPE)
     for iteration, loss in single["losses"].items():
         assert data_parallel["losses"][iteration] == pytest.approx(loss, rel=1e-5), iteration
+        assert context_parallel["losses"][iteration] == pytest.approx(loss, rel=1e-5), iteration
 
 
 @pytest.mark.slow

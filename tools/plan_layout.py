@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-te",
         action="store_true",
-        help="Transformer Engine absent: the torch layers, no context parallelism",
+        help="Transformer Engine absent: the torch layers and the all-gather context-parallel attention",
     )
     parser.add_argument("--top", type=int, default=15, help="layouts to print (default 15)")
     parser.add_argument("--json", type=Path, help="also write every estimate to this JSON file")

@@ -371,11 +371,54 @@ def stage_attention(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
         .cpu()
     )
     error = float((ours - reference).abs().max() / reference.abs().max())
-    return error <= ATTENTION_RTOL, {
+    context_parallel = context_parallel_chunks_error(lengths, heads, groups, dim, args.device)
+    passed = error <= ATTENTION_RTOL and context_parallel["max_rel_error_bf16"] <= ATTENTION_RTOL
+    return passed, {
         "kernel": packed_attention_kernel(args.device),
         "max_rel_error_bf16": error,
         "tolerance": ATTENTION_RTOL,
         "unrepeated_gqa": unrepeated_gqa(q, k, v, cu, max(lengths), dim**-0.5, args.device),
+        "context_parallel": context_parallel,
+    }
+
+
+def context_parallel_chunks_error(lengths: list[int], heads: int, groups: int, dim: int, device: str) -> dict:
+    """The context-parallel attention's kernel on one device: each CP rank's query chunks (CP4, the
+    conversations padded to multiples of 8) against the whole row's keys and values, in bf16, against
+    the fp32 per-conversation attention on the CPU at the same positions (the all-gather around it is
+    proven on CPU by tests/test_sft_data.py)."""
+    from formats.packed import padded_lengths
+    from models.packed_attention import (
+        ContextParallelChunks,
+        attend_query_chunks,
+        packed_attention_kernel,
+        packed_causal_attention,
+    )
+    from sft.data import context_parallel_indices
+
+    cp = 4
+    padded = padded_lengths(lengths, 2 * cp)
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(padded)]), dtype=torch.int32)
+    torch.manual_seed(1)
+    q = torch.randn(int(cu[-1]), heads, dim)
+    k, v = torch.randn(int(cu[-1]), groups, dim), torch.randn(int(cu[-1]), groups, dim)
+    reference = packed_causal_attention(q, k, v, cu, int(padded.max()), dim**-0.5)
+    error = 0.0
+    for rank in range(cp):
+        index = torch.from_numpy(context_parallel_indices(cu.numpy(), cp, rank))
+        chunks = ContextParallelChunks.build(cu, cp, rank)
+        ours = attend_query_chunks(
+            q.index_select(0, index).to(device, torch.bfloat16),
+            *(t.to(device, torch.bfloat16) for t in (k, v)),
+            chunks,
+            dim**-0.5,
+        )
+        expected = reference.index_select(0, index)
+        error = max(error, float((ours.float().cpu() - expected).abs().max() / expected.abs().max()))
+    return {
+        "kernel": packed_attention_kernel(device, cp),
+        "context_parallel": cp,
+        "max_rel_error_bf16": error,
     }
 
 
