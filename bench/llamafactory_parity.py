@@ -26,16 +26,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def dump_llamafactory(aligned: str, tokenizer_dir: str, seq_length: int, out: str) -> None:
-    """Runs inside the LLaMA-Factory environment: one JSON line [ids, mask] per kept conversation."""
-    import pyarrow.parquet as pq
-    from llamafactory.data.converter import SharegptDatasetConverter
+def register_am_thinking() -> None:
+    """Runs inside the LLaMA-Factory environment: registers the recipe's AM-thinking template, as the
+    recipe's README has it added to LLaMA-Factory's template.py."""
     from llamafactory.data.formatter import StringFormatter
-    from llamafactory.data.parser import DatasetAttr
-    from llamafactory.data.processor.supervised import SupervisedDatasetProcessor
-    from llamafactory.data.template import get_template_and_fix_tokenizer, register_template
-    from llamafactory.hparams import DataArguments
-    from transformers import AutoTokenizer
+    from llamafactory.data.template import register_template
 
     register_template(  # the recipe's registration, from its README and template slots
         name="AM-thinking",
@@ -55,6 +50,19 @@ def dump_llamafactory(aligned: str, tokenizer_dir: str, seq_length: int, out: st
         stop_words=["<|im_end|>"],
         replace_eos=True,
     )
+
+
+def dump_llamafactory(aligned: str, tokenizer_dir: str, seq_length: int, out: str) -> None:
+    """Runs inside the LLaMA-Factory environment: one JSON line [ids, mask] per kept conversation."""
+    import pyarrow.parquet as pq
+    from llamafactory.data.converter import SharegptDatasetConverter
+    from llamafactory.data.parser import DatasetAttr
+    from llamafactory.data.processor.supervised import SupervisedDatasetProcessor
+    from llamafactory.data.template import get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments
+    from transformers import AutoTokenizer
+
+    register_am_thinking()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     data_args = DataArguments(template="AM-thinking", cutoff_len=seq_length, packing=True, neat_packing=True)
     template = get_template_and_fix_tokenizer(tokenizer, data_args)

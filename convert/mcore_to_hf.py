@@ -188,11 +188,27 @@ def write_release_configs(
     config.eos_token_id = tokenizer.convert_tokens_to_ids(tokens.eos)
     config.pad_token_id = tokenizer.convert_tokens_to_ids(tokens.pad)
     config.save_pretrained(out_dir)
+    written = json.loads((out_dir / "config.json").read_text())
+    write_json_atomic(out_dir / "config.json", with_transformers4_rope_keys(written))
     GenerationConfig(
         bos_token_id=config.bos_token_id,
         eos_token_id=tokenizer.convert_tokens_to_ids(list(tokens.stops)),
         pad_token_id=config.pad_token_id,
     ).save_pretrained(out_dir)
+
+
+def with_transformers4_rope_keys(config: dict) -> dict:
+    """`config` with the rotary settings also where transformers 4 reads them: transformers 5 writes
+    them only under `rope_parameters`, and transformers 4 (the pin of vLLM releases and of LLaMA-Factory
+    0.9.3) reads the top-level `rope_theta` and `rope_scaling`, silently using a base of 10000 without
+    them."""
+    parameters = config.get("rope_parameters")
+    if not isinstance(parameters, dict) or "rope_theta" not in parameters:
+        return config
+    out = {**config, "rope_theta": parameters["rope_theta"]}
+    if parameters.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
+        out["rope_scaling"] = {k: v for k, v in parameters.items() if k != "rope_theta"}
+    return out
 
 
 def find_tokenizer(checkpoint: Path, tokenizer_dir: str | Path | None) -> Path:

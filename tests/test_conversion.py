@@ -76,6 +76,8 @@ def test_round_trip_through_files_is_bitwise(tiny_qwen2_dir, converted, qwen_tok
     original = json.loads((tiny_qwen2_dir / "config.json").read_text())
     exported = json.loads((out / "config.json").read_text())
     assert arch_from_config(exported) == arch_from_config(original)
+    # also where transformers 4 reads it (vLLM's pins, LLaMA-Factory 0.9.3): without it, a base of 10000
+    assert exported["rope_theta"] == exported["rope_parameters"]["rope_theta"] == 1e6
 
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -91,6 +93,32 @@ def test_round_trip_through_files_is_bitwise(tiny_qwen2_dir, converted, qwen_tok
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_the_release_config_states_the_rope_for_transformers_4_and_5(family, tmp_path):
+    """transformers 5 writes the rotary settings only under rope_parameters; the release repeats them
+    where transformers 4 reads them (rope_theta, and rope_scaling for Llama 3.1's), and transformers 5
+    reads the result back unchanged."""
+    from transformers import AutoConfig
+
+    from convert.mcore_to_hf import with_transformers4_rope_keys
+    from testing.tiny_models import tiny_config
+
+    config = tiny_config(family)
+    config.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_theta" not in written  # what transformers 5 leaves out
+    both = with_transformers4_rope_keys(written)
+    parameters = written["rope_parameters"]
+    assert both["rope_theta"] == parameters["rope_theta"]
+    if family == "llama":
+        assert both["rope_scaling"] == {k: v for k, v in parameters.items() if k != "rope_theta"}
+        assert both["rope_scaling"]["rope_type"] == "llama3"
+    else:
+        assert not both.get("rope_scaling")
+    (tmp_path / "config.json").write_text(json.dumps(both))
+    assert AutoConfig.from_pretrained(tmp_path).rope_parameters == config.rope_parameters
+
+
 def test_logits_match_transformers_at_tp2_pp2(tiny_qwen2_dir, converted):
     result = verify_conversion(
         tiny_qwen2_dir, converted, tensor_parallel=2, pipeline_parallel=2, seq_length=24

@@ -398,6 +398,7 @@ def test_datasets_of_a_reasoning_template_share_its_thinking_setting(tmp_path):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "cp, lengths",
     [(2, [1, 3, 4, 7, 13]), (3, [1, 5, 6, 11, 20])],

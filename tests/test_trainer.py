@@ -307,8 +307,8 @@ def test_prefetching_the_next_batch_changes_nothing(setup, reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_tied_embeddings_train_alike_across_pipeline_stages(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tied")
+def test_tied_embeddings_train_alike_across_pipeline_stages(tmp_path):
+    root = tmp_path
     tied = _make_setup(root, tied=True)
     single = _train(tied, root / "single")
     reference = SimpleNamespace(
@@ -320,10 +320,10 @@ def test_tied_embeddings_train_alike_across_pipeline_stages(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_deep_interleaved_pipeline_trains_like_one_process(tmp_path_factory):
+def test_a_deep_interleaved_pipeline_trains_like_one_process(tmp_path):
     """PP4 x VP2 on 8 layers: eight model chunks, one layer each, every rank holding a middle chunk, and
     packs of several conversations crossing each stage boundary of the interleaved 1F1B schedule."""
-    root = tmp_path_factory.mktemp("deep")
+    root = tmp_path
     deep = _make_setup(root, tied=False, layers=8)
     single = _train(deep, root / "single")
     reference = SimpleNamespace(
