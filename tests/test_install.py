@@ -3,11 +3,17 @@ environment that already has a torch (here, this venv's), installing them resolv
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
+import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,3 +54,48 @@ def test_installing_them_keeps_the_torch_that_is_there(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     would_install = [item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]]
     assert "torch" not in would_install, would_install
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_every_package_and_each_family_loads_from_it(tmp_path):
+    """What a cluster image's `pip install .` gets: a wheel with every package of the tree, from which
+    every registered model family loads outside the source tree (without the editable install's path)."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
+    source = tmp_path / "source"  # the tracked files only: no build/ left by an earlier build
+    for path in tracked.stdout.splitlines():
+        (source / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / path, source / path)
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    dist = tmp_path / "dist"
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", *isolation, "-w", str(dist)]
+    subprocess.run([*build, str(source)], check=True, cwd=tmp_path)
+    (wheel,) = dist.glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(tmp_path / "site")
+        held = set(archive.namelist())
+    packages = [
+        path
+        for path in tracked.stdout.splitlines()
+        if path.endswith("/__init__.py") and path.split("/")[0] not in ("tests", "tools", "bench")
+    ]
+    assert packages and [path for path in packages if path not in held] == []
+    # -S: no .pth file runs, so the editable install's finder does not put the checkout back on the path
+    probe = f"""
+import importlib, sys
+sys.path[:0] = [{str(tmp_path / "site")!r}]
+sys.path.append({sysconfig.get_paths()["purelib"]!r})
+from models.registry import _PACKAGES, supported_model_types
+for model_type in supported_model_types():
+    module = importlib.import_module(_PACKAGES[model_type])
+    assert module.__file__.startswith({str(tmp_path / "site")!r}), module.__file__
+    print(model_type, module.FAMILY.__class__.__name__)
+"""
+    done = subprocess.run([sys.executable, "-S", "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(line.split()[0] for line in done.stdout.splitlines()) == sorted(_supported_model_types())
+
+
+def _supported_model_types() -> list[str]:
+    from models.registry import supported_model_types
+
+    return list(supported_model_types())
