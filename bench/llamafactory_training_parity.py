@@ -113,10 +113,10 @@ def prepare(tmp: Path) -> tuple[Path, Path]:
     from convert.mcore_to_hf import with_transformers4_rope_keys
     from preprocess.align import align_snapshot
     from testing.sample_data import write_sample_snapshot
-    from testing.tiny_models import make_tiny_model
+    from testing.tiny_models import QWEN_BOS_EOS, make_tiny_model
     from testing.tokenizer import build_qwen25_tokenizer
 
-    hf = make_tiny_model(tmp / "hf", "qwen2", num_layers=4, **_QWEN_SPECIAL_TOKENS)
+    hf = make_tiny_model(tmp / "hf", "qwen2", num_layers=4, **QWEN_BOS_EOS)
     # as the release writes it: LLaMA-Factory's transformers 4.52 reads the rotary base at the top level
     config = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps(with_transformers4_rope_keys(config), indent=2))
@@ -141,9 +141,6 @@ def prepare(tmp: Path) -> tuple[Path, Path]:
     }
     (data / "dataset_info.json").write_text(json.dumps(registry))
     return hf, data
-
-
-_QWEN_SPECIAL_TOKENS = {"bos_token_id": 151643, "eos_token_id": 151643}
 
 
 def conversations_of(pack: dict) -> list[tuple]:
