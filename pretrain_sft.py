@@ -23,12 +23,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
-
-from common.cli import exit_status  # noqa: E402
-from common.config_docs import format_tree  # noqa: E402
-from common.logging_utils import setup_logging  # noqa: E402
-from sft.config import TrainConfig, describe_unset, dump_config, load_config, unset_variables  # noqa: E402
+from common.cli import exit_status
+from common.config_docs import format_tree
+from common.logging_utils import setup_logging
+from sft.config import TrainConfig, describe_unset, dump_config, load_config, unset_variables
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(args.config, args.overrides, allow_unset=True)
             return run_dry_run(config, args.gpus, args.gpu_memory_gb, args.dry_run_json)
         from sft.callbacks import NonFiniteLossError
-        from sft.trainer import run
+        from sft.launch import run
 
         try:
             run(load_config(args.config, args.overrides))

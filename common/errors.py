@@ -9,6 +9,8 @@ traceback.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class UserError(Exception):
     """A problem with what the user gave us; the message says what is wrong and how to fix it."""
@@ -20,6 +22,11 @@ class InputError(UserError):
 
 class ConfigError(UserError):
     """The trainer configuration is invalid; the message names the field and the fix."""
+
+    @classmethod
+    def listing(cls, problems: Sequence[str]) -> ConfigError:
+        """One error for every problem found, one per line (a user fixes them all in one go)."""
+        return cls("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
 class DataError(UserError):

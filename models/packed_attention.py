@@ -223,7 +223,8 @@ class PackedCoreAttention(torch.nn.Module):
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise ValueError(
-                f"PackedCoreAttention has no attention dropout (got {dropout}); Qwen2.5 uses none"
+                f"PackedCoreAttention has no attention dropout (got {dropout}); none of the registered "
+                "families trains with one: set attention_dropout=0 in the model's config"
             )
         self.config = config
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)

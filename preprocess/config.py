@@ -1,7 +1,9 @@
 """The settings of one preprocessing run, validated before any work starts, and the files it writes.
 
-`PreprocessConfig` is the one place its defaults live: tools/preprocess_sft.py builds its flags from
-these fields, and the run records them in PREFIX_meta.json.
+`PreprocessConfig` is the one place its settings are defined and documented: each field's comment is
+its flag's help (tools/preprocess_sft.py builds the flags from the fields, as the trainer's `--help`
+lists its configuration keys from theirs: common/config_docs.py), and the run records them in
+PREFIX_meta.json.
 """
 
 from __future__ import annotations
@@ -23,27 +25,62 @@ SYSTEM_SOURCES = ("turn", "column")
 
 @dataclass
 class PreprocessConfig:
+    # local Hugging Face tokenizer directory (the base model's, e.g. Qwen2.5-32B)
     tokenizer: Path
+    # path prefix P of the outputs P_input_ids.*, P_loss_mask.*, P_meta.json
     output_prefix: Path
-    # Either the aligned AM-Thinking parquet, or a LLaMA-Factory registry and the datasets it names.
+    # aligned parquet from tools/get_am_dataset.py (columns conversations, system, subset); or give
+    # --dataset-info and --dataset instead
     input: Path | None = None
+    # a LLaMA-Factory dataset registry: dataset_info.json, or the folder holding it (file_name paths are
+    # relative to its folder)
     dataset_info: Path | None = None
-    dataset: str | None = None  # comma-separated names of --dataset-info's entries
+    # NAME[,NAME...]: the registry's datasets to read, concatenated in this order and packed together
+    # (counts per dataset go in PREFIX_meta.json)
+    dataset: str | None = None
+    # chat template, by LLaMA-Factory's name (the recipe's is the default; am-thinking also works); its
+    # stop token must be in the tokenizer
     template: str = AM_THINKING.name
+    # train on the last assistant turn only (LLaMA-Factory's mask_history; truncation then keeps the
+    # last turns); default: every assistant turn, as the recipe
     mask_history: bool = False
+    # train on the prompts too (LLaMA-Factory's train_on_prompt); not with --mask-history
     train_on_prompt: bool = False
+    # reasoning templates (qwen3): with it (LLaMA-Factory's default), an answer without a <think> block
+    # gets an empty one, trained; without it, every answer's thoughts are removed and the empty block
+    # goes untrained into the prompt
     enable_thinking: bool = True
-    # The date llama3's tool prompt names (LLaMA-Factory writes the day it runs); default: today.
+    # the date the llama3 template's tool prompt names, e.g. '26 Jul 2024' (LLaMA-Factory writes the
+    # day it runs; default: today); recorded in PREFIX_meta.json
     tool_date: str | None = None
-    # Of each dataset, only the first rows (after num_samples), as LLaMA-Factory's max_samples.
+    # of each dataset, only the first N rows (after a registry entry's num_samples draw), as
+    # LLaMA-Factory's max_samples: for quick runs; default all
     max_samples: int | None = None
+    # tokens per packed sequence (the recipe's 32768); each conversation is cut to seq_length - 1
+    # tokens, as LLaMA-Factory does when packing
     seq_length: int = 32768
+    # tokeniser processes (default: all cores); the output is identical for any value
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # conversations longer than the cutoff: truncate them with the recipe's per-turn rule, or drop
+    # them; either way they are counted
     overlong: str = "truncate"
+    # --input only: where a sample's system text comes from: 'turn' (the recipe) = a leading turn with
+    # from == 'system', else the template's default prompt; 'column' = the aligned `system` column,
+    # else the default prompt (a deviation from the recipe)
     system_source: str = "turn"
+    # pack conversations as if each were rounded up to a multiple of N tokens, so that every pack still
+    # fits --seq-length when the trainer pads each conversation for context parallelism (to 2 x CP, x TP
+    # with sequence parallelism; 64 serves every layout up to that); recorded in PREFIX_meta.json; 1
+    # packs the real lengths, as LLaMA-Factory does
     pad_multiple: int = 64
+    # hold out about this fraction of the conversations (0: none) as a validation set, written as the
+    # dataset PREFIX_valid (the trainer evaluates on it); a conversation's side is decided by a seeded
+    # hash of its content, so it stays held out when the dataset grows or is reordered
     valid_fraction: float = 0.0
+    # seed for tie-breaking among equal lengths, the order of packs, the held-out split and the
+    # registry's num_samples draws (LLaMA-Factory's training seed gives its draws)
     seed: int = 1234
+    # overwrite existing outputs of this prefix
     force: bool = False
 
     @property

@@ -1,15 +1,18 @@
 """What the training loop does around its steps, one callback per job: metrics and MFU, the non-finite
 guard, evaluation, checkpoints, the finished marker and the end-of-run plot.
 
-The loop (sft/trainer.py) calls, on every callback in order:
+The loop (sft/trainer.py) calls, on every callback sorted by `Callback.order`:
 
     on_start(trainer)                   once, before the first step
     before_step(trainer)                before each step
     after_step(trainer, step)           after each step and the ranks' agreement on stopping
+    before_validation(trainer)          before each validation pass (called by the validator)
     on_end(trainer, failed)             once, after the last step or when the loop is left by an error
 
-Every hook is collective where what it does is (evaluation, saving): all ranks call them in the same
-order. A test injects a fault at a chosen point with a callback of its own (`Trainer(callbacks=[...])`).
+Every hook is collective where what it does is (validation, saving): all ranks call them in the same
+order. The validator (sft/validator.py) and the checkpointer (sft/checkpointer.py) are callbacks too,
+built by the trainer. A test injects a fault at a chosen point with a callback of its own
+(`Trainer(callbacks=[...])`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from common.files import write_json_atomic
 from models.registry import family_of
@@ -24,6 +28,9 @@ from models.registry import family_of
 from .checkpointing import FINISHED_FILE
 from .metrics import peak_memory_gb
 from .plots import plot_metrics
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -46,26 +53,49 @@ class StepResult:
 
 
 class Callback:
-    """A no-op for every hook; a callback overrides the ones it needs."""
+    """A no-op for every hook; a callback overrides the ones it needs.
 
-    def on_start(self, trainer) -> None:
-        pass
+    The trainer runs its callbacks sorted by `order` (stably: equal orders keep the order given), so a
+    step's metrics are logged before the guard may end the run, and the validation loss of an iteration
+    is known before its checkpoint is written. Hooks run on every rank unless the callback returns early
+    on some; a hook that does something collective (validation, saving) must run on all ranks, in the
+    same order. A callback with state of its own returns it from `state_dict` (picklable); the
+    checkpointer saves it with every checkpoint and hands it back to `load_state_dict` on resume."""
 
-    def before_step(self, trainer) -> None:
-        pass
+    order: int = 100  # the trainer's own callbacks are numbered below 100; a user's run after them
 
-    def after_step(self, trainer, step: StepResult) -> None:
-        pass
+    def on_start(self, trainer: Trainer) -> None:
+        """Once, as `train()` starts: after the model is built and any checkpoint resumed."""
 
-    def on_end(self, trainer, failed: bool) -> None:
-        pass
+    def before_step(self, trainer: Trainer) -> None:
+        """Before each step; trainer.state.iteration is the number of steps done."""
+
+    def after_step(self, trainer: Trainer, step: StepResult) -> None:
+        """After each step and the ranks' agreement on stopping (trainer.stop_agreed); trainer.state
+        counts the step."""
+
+    def before_validation(self, trainer: Trainer) -> None:
+        """Before each validation pass (sft/validator.py), on every rank."""
+
+    def on_end(self, trainer: Trainer, failed: bool) -> None:
+        """Once, after the last step, or with `failed` when an exception leaves the loop (then the other
+        ranks may be gone: nothing collective)."""
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """What this callback needs to continue exactly after a resume (None: nothing)."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what `state_dict` returned in the checkpoint resumed from."""
 
 
 class StepMetrics(Callback):
-    """Every logging.log_interval steps (and the last one): loss, learning rate, gradient norm,
-    throughput and MFU against the trainer's peak, to the console, JSONL, TensorBoard and wandb."""
+    """Every logging.log_interval steps (and the last one), on rank 0: loss, learning rate, gradient
+    norm, throughput and MFU against the trainer's peak, to the console, JSONL, TensorBoard and wandb."""
 
-    def after_step(self, trainer, step: StepResult) -> None:
+    order = 10  # first: a step that ends the run is still logged
+
+    def after_step(self, trainer: Trainer, step: StepResult) -> None:
         config, state = trainer.config, trainer.state
         last = state.iteration == trainer.train_iters
         if trainer.rank != 0 or (state.iteration % config.logging.log_interval and not last):
@@ -100,63 +130,43 @@ class StepMetrics(Callback):
 
 
 class NonFiniteGuard(Callback):
-    """Ends the run after schedule.max_consecutive_nonfinite skipped steps in a row."""
+    """Ends the run (NonFiniteLossError, on every rank: the loss and gradient norm are global) after
+    schedule.max_consecutive_nonfinite skipped steps in a row; the count survives a resume."""
 
-    def after_step(self, trainer, step: StepResult) -> None:
-        state, limit = trainer.state, trainer.config.schedule.max_consecutive_nonfinite
-        if not step.finite and state.consecutive_nonfinite >= limit:
+    order = 20
+
+    def __init__(self) -> None:
+        self.consecutive = 0  # skipped steps since the last good one
+
+    def after_step(self, trainer: Trainer, step: StepResult) -> None:
+        self.consecutive = 0 if step.finite else self.consecutive + 1
+        limit = trainer.config.schedule.max_consecutive_nonfinite
+        if self.consecutive >= limit:
             raise NonFiniteLossError(
-                f"{state.consecutive_nonfinite} consecutive iterations (up to {state.iteration}) had a "
+                f"{self.consecutive} consecutive iterations (up to {trainer.state.iteration}) had a "
                 f"non-finite loss or gradient norm (loss {step.loss}, grad norm {step.grad_norm}); the "
                 "weights are those of the last good step. Lower optimizer.lr, check the data, or resume "
                 "from an earlier checkpoint."
             )
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"consecutive": self.consecutive}
 
-class Evaluation(Callback):
-    """The validation loss every eval.interval steps and at the end, when there is held-out data."""
-
-    def after_step(self, trainer, step: StepResult) -> None:
-        interval, iteration = trainer.config.eval.interval, trainer.state.iteration
-        at_interval = interval > 0 and iteration % interval == 0
-        if trainer.valid is not None and (at_interval or iteration == trainer.train_iters):
-            trainer.evaluate()
-
-
-class Checkpoints(Callback):
-    """Publishes finished asynchronous saves between steps; saves every checkpoint.save_interval steps,
-    at the end (checkpoint.save_at_end) and when the ranks agreed to stop; on the end of the run waits
-    for the save in flight, or abandons it when the run failed (the other ranks may be gone)."""
-
-    def after_step(self, trainer, step: StepResult) -> None:
-        config, iteration = trainer.config.checkpoint, trainer.state.iteration
-        trainer.checkpoints.poll()
-        at_end = iteration == trainer.train_iters and config.save_at_end
-        if trainer.stop_agreed or at_end or iteration % config.save_interval == 0:
-            trainer.last_checkpoint = trainer.save()
-        if trainer.stop_agreed:
-            trainer.checkpoints.wait()
-
-    def on_end(self, trainer, failed: bool) -> None:
-        if failed:  # the other ranks may be gone: no collective
-            trainer.checkpoints.close(abort=True)
-            return
-        try:
-            trainer.checkpoints.wait()
-        except BaseException:
-            trainer.checkpoints.close(abort=True)
-            raise
-        trainer.checkpoints.close()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.consecutive = state["consecutive"]
 
 
 class FinishedMarker(Callback):
-    """SAVE_DIR/finished.json once every iteration has run (slurm/sft.sh stops requeueing on it)."""
+    """SAVE_DIR/finished.json on rank 0 once every iteration has run (slurm/sft.sh stops requeueing on
+    it); after the checkpointer has published the last checkpoint."""
 
-    def on_end(self, trainer, failed: bool) -> None:
+    order = 50
+
+    def on_end(self, trainer: Trainer, failed: bool) -> None:
         state = trainer.state
         if failed or state.iteration < trainer.train_iters or trainer.rank != 0:
             return
-        last = trainer.last_checkpoint
+        last = trainer.checkpointer.last
         write_json_atomic(
             Path(trainer.config.checkpoint.save_dir) / FINISHED_FILE,
             {
@@ -169,10 +179,12 @@ class FinishedMarker(Callback):
 
 
 class CurvesPlot(Callback):
-    """SAVE_DIR/metrics.png from metrics.jsonl (logging.plot); a failure to draw is no reason to fail a
-    trained run."""
+    """SAVE_DIR/metrics.png from metrics.jsonl on rank 0 at the end (logging.plot); a failure to draw is
+    no reason to fail a trained run."""
 
-    def on_end(self, trainer, failed: bool) -> None:
+    order = 60
+
+    def on_end(self, trainer: Trainer, failed: bool) -> None:
         if failed or trainer.rank != 0 or not trainer.config.logging.plot:
             return
         trainer.metrics.close()  # flushed before it is read
@@ -186,6 +198,6 @@ class CurvesPlot(Callback):
 
 
 def default_callbacks() -> list[Callback]:
-    """The trainer's own jobs, in the order they run after a step: the metrics of the step first (so a
-    failing step is still logged), then the guard, evaluation before the checkpoint that follows it."""
-    return [StepMetrics(), NonFiniteGuard(), Evaluation(), Checkpoints(), FinishedMarker(), CurvesPlot()]
+    """The trainer's own jobs besides validation (order 30) and checkpoints (order 40), which it builds
+    as components (sft/validator.py, sft/checkpointer.py)."""
+    return [StepMetrics(), NonFiniteGuard(), FinishedMarker(), CurvesPlot()]

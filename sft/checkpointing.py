@@ -23,6 +23,7 @@ Old checkpoints are renamed out of sight at once and deleted by a background thr
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -53,12 +54,12 @@ from formats.torch_dist import (
     resolve_checkpoint,
 )
 from models.parallel_layout import ParallelLayout
-from models.weights import assign_weights, load_strategy
+from models.weights import load_strategy
+
+from .train_module import TrainModule
 
 log = logging.getLogger(__name__)
 
-# The only sharding type that loads with torch's Adam (docs/architecture.md): it reshards across DP only.
-OPTIMIZER_SHARDING = "dp_reshardable"
 CONFIG_FILE = "config.yaml"
 # in SAVE_DIR once every iteration is trained (slurm/sft.sh requeues until then)
 FINISHED_FILE = "finished.json"
@@ -72,41 +73,21 @@ class TrainState:
     iteration: int = 0
     consumed_samples: int = 0  # the data position: slots of the sample stream already trained on
     skipped_steps: int = 0
-    consecutive_nonfinite: int = 0
-
-
-def unwrap(chunk):
-    """The GPTModel inside the DDP and bf16 wrappers, whose state-dict keys are the checkpoint's (the
-    wrappers would prefix them with `module.`, which the converters and other layouts do not expect)."""
-    from megatron.core.distributed import DistributedDataParallel
-    from megatron.core.transformer.module import Float16Module
-
-    while isinstance(chunk, (DistributedDataParallel, Float16Module)):
-        chunk = chunk.module
-    return chunk
-
-
-def _model_key(index: int, count: int) -> str:
-    return f"model{index}" if count > 1 else "model"
-
-
-def model_sharded_state_dict(chunks: list) -> dict[str, Any]:
-    """All model chunks' sharded state (one entry per virtual stage; the tensor keys are global)."""
-    return {_model_key(i, len(chunks)): unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
 def _full_state(
-    chunks, optimizer, scheduler, state: TrainState, layout: dict[str, Any], *, loading: bool
+    module: TrainModule,
+    state: TrainState,
+    layout: dict[str, Any],
+    callbacks: dict[str, Any],
+    *,
+    loading: bool,
 ) -> dict[str, Any]:
-    model = model_sharded_state_dict(chunks)
     return {
-        **model,
-        "optimizer": optimizer.sharded_state_dict(
-            model, is_loading=loading, metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING}
-        ),
-        "scheduler": scheduler.state_dict(),
+        **module.sharded_state_dict(loading=loading),
         "train_state": asdict(state),
         "layout": layout,
+        "callbacks": callbacks,
     }
 
 
@@ -165,8 +146,11 @@ class CheckpointSaver:
             for leftover in self.save_dir.glob(f"*{_DELETING}*"):
                 self._deleter.submit(shutil.rmtree, leftover, ignore_errors=True)
 
-    def save(self, chunks, optimizer, scheduler, state: TrainState, layout: dict[str, Any]) -> Path:
-        """Starts (async) or writes (sync) the checkpoint of `state.iteration`; returns its final path."""
+    def save(
+        self, module: TrainModule, state: TrainState, layout: dict[str, Any], callbacks: dict[str, Any]
+    ) -> Path:
+        """Starts (async) or writes (sync) the checkpoint of `state.iteration` (`callbacks`: their state by
+        name); returns its final path."""
         from megatron.core import dist_checkpointing
 
         self.wait()
@@ -178,7 +162,7 @@ class CheckpointSaver:
             partial.mkdir(parents=True)
         dist.barrier()
         request = dist_checkpointing.save(
-            _full_state(chunks, optimizer, scheduler, state, layout, loading=False),
+            _full_state(module, state, layout, callbacks, loading=False),
             str(partial),
             sharded_strategy=self._strategy,
             async_sharded_save=self._queue is not None,
@@ -265,50 +249,12 @@ def find_resume_checkpoint(resume: str, save_dir: str | Path | None) -> Path | N
     return resolve_checkpoint(resume)
 
 
-def _torch_adams(optimizer) -> list:
-    import torch
-
-    inner = [
-        getattr(chained, "optimizer", None)
-        for chained in getattr(optimizer, "chained_optimizers", [optimizer])
-    ]
-    return [o for o in inner if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
-
-
-def _materialise_torch_adam_state(optimizer) -> None:
-    """torch's Adam (megatron-core's fallback without TE or apex) creates its per-parameter state at the
-    first step; megatron-core's loader reads that state to build the structure it loads into, so a fresh
-    optimizer gets zero state first (the moments are then overwritten by the load; see _restore_adam_step)."""
-    import torch
-
-    for adam in _torch_adams(optimizer):
-        for group in adam.param_groups:
-            for param in group["params"]:
-                if not adam.state[param]:
-                    adam.state[param].update(
-                        step=torch.tensor(0.0),
-                        exp_avg=torch.zeros_like(param),
-                        exp_avg_sq=torch.zeros_like(param),
-                    )
-
-
-def _restore_adam_step(optimizer, successful_steps: int) -> None:
-    """torch's Adam keeps its bias-correction step count per parameter; megatron-core's 'dp_reshardable'
-    loader writes back the template's value (0) after restoring the moments, so it is set here from the
-    scheduler, which advances exactly on the successful optimizer steps."""
-    import torch
-
-    for adam in _torch_adams(optimizer):
-        for state in adam.state.values():
-            state["step"] = torch.tensor(float(successful_steps))
-
-
 def load_checkpoint(
-    path: Path, chunks, optimizer, scheduler, layout: ParallelLayout, world_size: int, parallel_group=None
-) -> TrainState:
-    """Collective: restores model, optimizer, scheduler and trainer state saved by `CheckpointSaver`; with
-    a `parallel_group` (data/context-parallel replicas) the replicas split the reading."""
-    import torch
+    path: Path, module: TrainModule, layout: ParallelLayout, world_size: int, parallel_group=None
+) -> tuple[TrainState, dict[str, Any]]:
+    """Collective: restores the module's state (model, optimizer, scheduler) saved by `CheckpointSaver`
+    and returns the trainer state and the callbacks' states; with a `parallel_group`
+    (data/context-parallel replicas) the replicas split the reading."""
     from megatron.core import dist_checkpointing
 
     common = dist_checkpointing.load_common_state_dict(str(path))
@@ -326,19 +272,12 @@ def load_checkpoint(
             f"pipeline sizes, or start a new run from the weights: model.init_checkpoint={path} "
             "checkpoint.resume=none"
         )
-    _materialise_torch_adam_state(optimizer)
-    template = _full_state(
-        chunks, optimizer, scheduler, TrainState(), layout.to_dict(world_size), loading=True
-    )
+    template = _full_state(module, TrainState(), layout.to_dict(world_size), {}, loading=True)
     state = dist_checkpointing.load(template, str(path), sharded_strategy=load_strategy(path, parallel_group))
-    for i, chunk in enumerate(chunks):
-        assign_weights(unwrap(chunk), state[_model_key(i, len(chunks))], path)
-    # Under no_grad, or torch refuses the in-place copy into views of leaves that require grad.
-    with torch.no_grad():
-        optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _restore_adam_step(optimizer, scheduler.num_steps)
-    return TrainState(**state["train_state"])
+    module.load_state_dict(state, path)
+    fields = {f.name for f in dataclasses.fields(TrainState)}
+    train_state = TrainState(**{k: v for k, v in state["train_state"].items() if k in fields})
+    return train_state, common.get("callbacks") or {}
 
 
 def write_results_queue():

@@ -255,11 +255,7 @@ class TrainConfig:
         the world size: `validate`)."""
         problems = [problem for name in self.SECTIONS for problem in getattr(self, name).problems()]
         if check_paths:
-            problems += [
-                *self.model.path_problems(),
-                *self.data.path_problems(),
-                *self.checkpoint.path_problems(),
-            ]
+            problems += self.path_problems()
         if self.loss.normalization == "per_group" and self.schedule.global_batch_size % max(
             self.loss.group_size, 1
         ):
@@ -276,7 +272,11 @@ class TrainConfig:
             problems.append("timeout_minutes must be >= 1 (the process-group timeout; default 60)")
         return problems
 
-    def validate(
+    def path_problems(self) -> list[str]:
+        """The files and directories the run reads or writes, checked before any is opened."""
+        return [*self.model.path_problems(), *self.data.path_problems(), *self.checkpoint.path_problems()]
+
+    def run_problems(
         self,
         *,
         world_size: int,
@@ -284,11 +284,12 @@ class TrainConfig:
         arch=None,
         data_seq_length: int | None = None,
         check_paths: bool = True,
-    ) -> None:
-        """Raises ConfigError listing every problem found; `arch` (the model's architecture, from
-        models/registry.py) and the data's sequence length are checked when given; without `check_paths`,
-        the data files, the save directory and the starting checkpoint are not asked for (the dry run, on a
-        machine that may not see them, reads the model's shape from any of find_hf_config's sources)."""
+    ) -> list[str]:
+        """Every problem of the configuration for a run of `world_size` processes: the sections', the
+        layout's, the kernels' (`te_available`), and, when given, against the model's architecture (from
+        models/registry.py) and the data's sequence length; without `check_paths`, the data files, the save
+        directory and the starting checkpoint are not asked for (the dry run, on a machine that may not
+        see them, reads the model's shape from any of find_hf_config's sources)."""
         problems = self.problems(check_paths) + self.parallel.problems(
             world_size=world_size,
             arch=arch,
@@ -317,8 +318,13 @@ class TrainConfig:
                 f"{self.data.seq_length}: every micro-batch row is one pack wide, so on a CPU the shorter "
                 f"packs are the affordable ones), or train at data.seq_length={data_seq_length}"
             )
+        return problems
+
+    def validate(self, **run: Any) -> None:
+        """Raises ConfigError listing every problem `run_problems(**run)` finds."""
+        problems = self.run_problems(**run)
         if problems:
-            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+            raise ConfigError.listing(problems)
 
 
 # Loading ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""One rank's model, data-parallel wrapper, distributed optimizer and LR schedule, and its training step.
+"""One rank's model, data-parallel wrapper, distributed optimizer and LR schedule: its training step
+and its state.
 
-The trainer (sft/trainer.py) and the dry run (sft/dry_run.py) build a rank through this module, so the
+The trainer (sft/trainer.py) and the dry run (sft/dry_run/) build a rank through this module, so the
 dry run measures exactly what a real run builds. A subclass changes the kernels (`layer_spec`,
 `kernel_settings`) or the weights' precision (`params_dtype`), nothing else.
 
@@ -8,8 +9,12 @@ dry run measures exactly what a real run builds. A subclass changes the kernels 
     module = TrainModule(config, arch, "cuda", train_iters, init_checkpoint=config.model.init_checkpoint)
     module.zero_grad()
     reduced = module.forward_backward(lambda: micro_batches, len(micro_batches), row_width)
+    loss_sum, loss_tokens = module.global_loss(reduced)
     found_inf, grad_norm = module.gradient_norm()
     if finite: module.optimizer_step()
+
+    state = module.sharded_state_dict()               # model, optimizer, scheduler: what a checkpoint holds
+    module.load_state_dict(dist_checkpointing.load(module.sharded_state_dict(loading=True), path), path)
 """
 
 from __future__ import annotations
@@ -19,20 +24,30 @@ import logging
 import math
 from collections.abc import Callable, Iterable
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from models.backends import choose_backend
 from models.megatron_settings import kernel_settings, recompute_settings
 from models.packed_attention import packed_attention_kernel
 from models.parallel_layout import ParallelLayout
 from models.registry import Arch, family_of
-from models.weights import load_weights
+from models.weights import assign_weights, load_weights
 
 from .config import TrainConfig
 from .data import MicroBatch
 
 log = logging.getLogger(__name__)
+
+# The only sharding type of the distributed optimizer's state that loads with torch's Adam
+# (docs/architecture.md): it reshards across data parallelism only.
+OPTIMIZER_SHARDING = "dp_reshardable"
+
+# (loss mask, per-token losses) -> (masked loss sum, loss-token count, [sum, count] for logging)
+LossFunction = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def initialize_model_parallel(
@@ -71,22 +86,30 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return total, count, torch.stack([total.detach(), count.detach().float()])
 
 
-def forward_step(data_iterator, model):
-    batch: MicroBatch = next(data_iterator)
-    output = model(
-        batch.tokens,
-        batch.position_ids,
-        attention_mask=None,
-        labels=batch.labels,
-        packed_seq_params=batch.packed_seq_params(),
-    )
-    return output, partial(loss_func, batch.loss_mask)
+def unwrap(chunk):
+    """The GPTModel inside the DDP and bf16 wrappers, whose state-dict keys are the checkpoint's (the
+    wrappers would prefix them with `module.`, which the converters and other layouts do not expect)."""
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.transformer.module import Float16Module
+
+    while isinstance(chunk, (DistributedDataParallel, Float16Module)):
+        chunk = chunk.module
+    return chunk
+
+
+def model_sharded_state_dict(chunks: list) -> dict[str, Any]:
+    """All model chunks' sharded state (one entry per virtual stage; the tensor keys are global)."""
+    return {_model_key(i, len(chunks)): unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _model_key(index: int, count: int) -> str:
+    return f"model{index}" if count > 1 else "model"
 
 
 class TrainModule:
     """Needs megatron-core's model-parallel groups (`initialize_model_parallel`). `init_checkpoint`: the
     weights to start from (None: random, or a resume that loads them afterwards); `load_group`: the
-    replicas that split reading them."""
+    replicas that split reading them; `loss_function`: each micro-batch's loss (`loss_func`'s contract)."""
 
     # megatron-core's gloo side groups (the distributed optimizer's checkpoint gathers); a fake process
     # group has none
@@ -101,8 +124,10 @@ class TrainModule:
         *,
         init_checkpoint: str | None = None,
         load_group=None,
+        loss_function: LossFunction = loss_func,
     ):
         self.config, self.arch, self.device = config, arch, device
+        self.loss_function = loss_function
         self.family = family_of(arch)
         self.layout = config.parallel
         self.train_iters = train_iters
@@ -277,7 +302,7 @@ class TrainModule:
         try:
             with torch.no_grad() if forward_only else contextlib.nullcontext():
                 return get_forward_backward_func()(
-                    forward_step_func=forward_step,
+                    forward_step_func=self._forward_step,
                     data_iterator=iterators if len(self.chunks) > 1 else iterators[0],
                     model=self.chunks,
                     num_microbatches=count,
@@ -290,6 +315,37 @@ class TrainModule:
                 for chunk in self.chunks:
                     chunk.train()
 
+    def _forward_step(self, data_iterator, model):
+        """megatron-core's forward step: the next micro-batch through `model` (one chunk), and the loss
+        function of its output."""
+        batch: MicroBatch = next(data_iterator)
+        output = model(
+            batch.tokens,
+            batch.position_ids,
+            attention_mask=None,
+            labels=batch.labels,
+            packed_seq_params=batch.packed_seq_params(),
+        )
+        return output, partial(self.loss_function, batch.loss_mask)
+
+    def global_loss(self, reduced: list[torch.Tensor]) -> tuple[float, int]:
+        """Collective: [sum, count] of `forward_backward`'s micro-batches over the global batch, known on
+        every rank: only the first tensor-parallel rank of each last pipeline stage contributes (the
+        others hold copies)."""
+        from megatron.core import parallel_state
+
+        device = torch.device("cuda", torch.cuda.current_device()) if self.device == "cuda" else None
+        totals = torch.zeros(2, dtype=torch.float64, device=device)
+        if (
+            parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+        ):
+            for item in reduced:
+                totals += item.to(totals.device, torch.float64)
+        dist.all_reduce(totals)
+        loss_sum, loss_tokens = totals.tolist()
+        return loss_sum, int(loss_tokens)
+
     def gradient_norm(self) -> tuple[bool, float]:
         """(whether a gradient is not finite, the global gradient norm). Checked before stepping:
         megatron-core's bf16/fp32 step has no finiteness check of its own (only fp16 loss scaling has
@@ -301,3 +357,61 @@ class TrainModule:
         """The distributed optimizer's step (clipping included) and the scheduler's."""
         self.optimizer.step()
         self.scheduler.step(increment=1)
+
+    # State -------------------------------------------------------------------------------------------
+
+    def sharded_state_dict(self, *, loading: bool = False) -> dict[str, Any]:
+        """This rank's share of the model (one entry per virtual stage), the distributed optimizer and the
+        scheduler, as megatron-core's dist_checkpointing saves it, or, `loading`, the template it loads
+        into (then the torch Adam state that megatron-core's loader reads the structure of exists)."""
+        if loading:
+            self._materialise_torch_adam_state()
+        model = model_sharded_state_dict(self.chunks)
+        return {
+            **model,
+            "optimizer": self.optimizer.sharded_state_dict(
+                model, is_loading=loading, metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING}
+            ),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: str | Path) -> None:
+        """Restores what `sharded_state_dict(loading=True)`'s template was loaded with from `source` (named
+        in the error when the weights do not match the model)."""
+        for i, chunk in enumerate(self.chunks):
+            assign_weights(unwrap(chunk), state[_model_key(i, len(self.chunks))], source)
+        # Under no_grad, or torch refuses the in-place copy into views of leaves that require grad.
+        with torch.no_grad():
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self._restore_adam_step(self.scheduler.num_steps)
+
+    def _torch_adams(self) -> list:
+        inner = [
+            getattr(chained, "optimizer", None)
+            for chained in getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        ]
+        return [o for o in inner if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
+
+    def _materialise_torch_adam_state(self) -> None:
+        """torch's Adam (megatron-core's fallback without TE or apex) creates its per-parameter state at
+        the first step; megatron-core's loader reads that state to build the structure it loads into, so
+        a fresh optimizer gets zero state first (the moments are then overwritten by the load; see
+        _restore_adam_step)."""
+        for adam in self._torch_adams():
+            for group in adam.param_groups:
+                for param in group["params"]:
+                    if not adam.state[param]:
+                        adam.state[param].update(
+                            step=torch.tensor(0.0),
+                            exp_avg=torch.zeros_like(param),
+                            exp_avg_sq=torch.zeros_like(param),
+                        )
+
+    def _restore_adam_step(self, successful_steps: int) -> None:
+        """torch's Adam keeps its bias-correction step count per parameter; megatron-core's
+        'dp_reshardable' loader writes back the template's value (0) after restoring the moments, so it
+        is set here from the scheduler, which advances exactly on the successful optimizer steps."""
+        for adam in self._torch_adams():
+            for state in adam.state.values():
+                state["step"] = torch.tensor(float(successful_steps))

@@ -57,9 +57,10 @@ def test_installing_them_keeps_the_torch_that_is_there(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_wheel_holds_every_package_and_each_family_loads_from_it(tmp_path):
+def test_the_wheel_holds_every_package_and_each_family_and_tool_loads_from_it(tmp_path):
     """What a cluster image's `pip install .` gets: a wheel with every package of the tree, from which
-    every registered model family loads outside the source tree (without the editable install's path)."""
+    every registered model family loads outside the source tree (without the editable install's path),
+    and a console script for every tool that answers --help from there."""
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
     source = tmp_path / "source"  # the tracked files only: no build/ left by an earlier build
     for path in tracked.stdout.splitlines():
@@ -76,9 +77,15 @@ def test_the_wheel_holds_every_package_and_each_family_loads_from_it(tmp_path):
     packages = [
         path
         for path in tracked.stdout.splitlines()
-        if path.endswith("/__init__.py") and path.split("/")[0] not in ("tests", "tools", "bench")
+        if path.endswith("/__init__.py") and path.split("/")[0] not in ("tests", "bench")
     ]
     assert packages and [path for path in packages if path not in held] == []
+    assert "pretrain_sft.py" in held
+    scripts = _console_scripts(_archive_text(wheel, "entry_points.txt"))
+    tools = sorted(p.stem for p in (ROOT / "tools").glob("*.py") if p.stem not in ("__init__", "demo"))
+    assert sorted(target.split(":")[0] for target in scripts.values()) == sorted(
+        ["pretrain_sft", *(f"tools.{name}" for name in tools)]
+    )
     # -S: no .pth file runs, so the editable install's finder does not put the checkout back on the path
     probe = f"""
 import importlib, sys
@@ -93,6 +100,40 @@ for model_type in supported_model_types():
     done = subprocess.run([sys.executable, "-S", "-c", probe], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(line.split()[0] for line in done.stdout.splitlines()) == sorted(_supported_model_types())
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        help_probe = f"""
+import importlib, sys
+sys.path[:0] = [{str(tmp_path / "site")!r}]
+sys.path.append({sysconfig.get_paths()["purelib"]!r})
+module = importlib.import_module({module!r})
+assert module.__file__.startswith({str(tmp_path / "site")!r}), module.__file__
+sys.exit(getattr(module, {function!r})(["--help"]))
+"""
+        done = subprocess.run(
+            [sys.executable, "-S", "-c", help_probe], cwd=tmp_path, capture_output=True, text=True
+        )
+        assert done.returncode == 0 and "usage:" in done.stdout, (name, done.stderr[-3000:])
+
+
+def _archive_text(wheel: Path, name: str) -> str:
+    """The text of the wheel's dist-info file `name`."""
+    with zipfile.ZipFile(wheel) as archive:
+        (path,) = [p for p in archive.namelist() if p.endswith(f".dist-info/{name}")]
+        return archive.read(path).decode()
+
+
+def _console_scripts(entry_points: str) -> dict[str, str]:
+    """[console_scripts] of an entry_points.txt: script name -> module:function."""
+    scripts, section = {}, None
+    for line in entry_points.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif line and section == "console_scripts":
+            name, target = (part.strip() for part in line.split("=", 1))
+            scripts[name] = target
+    return scripts
 
 
 def _supported_model_types() -> list[str]:

@@ -335,6 +335,27 @@ def test_the_command_line_takes_its_defaults_from_the_config():
     assert (chosen.seq_length, chosen.overlong, chosen.pad_multiple) == (4096, "drop", 64)
 
 
+def test_every_setting_is_a_flag_documented_where_the_field_is(capsys):
+    """One convention with the trainer's keys: a PreprocessConfig field's comment is its flag's help (a
+    new field without one fails here), and every field is a flag."""
+    import dataclasses
+
+    from common.config_docs import field_docs
+
+    from tools_runner import load_tool
+
+    docs = field_docs(PreprocessConfig)
+    fields = [f.name for f in dataclasses.fields(PreprocessConfig)]
+    assert [name for name in fields if not docs.get(name)] == []
+    with pytest.raises(SystemExit):
+        load_tool("preprocess_sft").main(["--help"])
+    flowing = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    for name in fields:
+        assert f"--{name.replace('_', '-')}" in flowing, name
+        assert " ".join(docs[name].split()) in flowing, name
+    assert "its stop token must be in the tokenizer (default AM-thinking)" in flowing
+
+
 def test_a_tokenizer_that_adds_a_bos_token_changes_no_token(
     packed, aligned_parquet, llama3_tokenizer_dir, tmp_path
 ):

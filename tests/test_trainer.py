@@ -519,7 +519,7 @@ def test_a_non_finite_step_is_skipped_and_too_many_abort(setup, tmp_path):
 def test_run_checks_name_the_problem_before_training(setup, tmp_path):
     from common.errors import CheckpointError, ConfigError, DataError
     from sft.config import load_config
-    from sft.trainer import check_run, schedule_summary
+    from sft.preflight import check_run, schedule_summary
 
     config = load_config(None, _overrides(setup, tmp_path) + ["data.seq_length=128"])
     with pytest.raises(

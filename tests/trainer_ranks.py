@@ -77,28 +77,61 @@ class _Recorder(Callback):
         self.calls.append(("on_end", trainer.state.iteration, failed))
 
 
-def _fault_callbacks(fault) -> list:
-    """The callbacks that inject `fault` through the trainer's own seams (("record", 0): none, only a
-    recorder of the hooks)."""
+class _NaNLoss(Callback):
+    """A loss function that is NaN at iteration k (k = 0: at every one), and the callback that tells it
+    which iteration runs."""
+
+    def __init__(self, k: int):
+        self.k, self.iteration = k, 0
+
+    def before_step(self, trainer) -> None:
+        self.iteration = trainer.state.iteration
+
+    def __call__(self, loss_mask, output_tensor):
+        from sft.train_module import loss_func
+
+        total, count, reduced = loss_func(loss_mask, output_tensor)
+        if self.k == 0 or self.iteration == self.k - 1:
+            total = total * math.nan
+            reduced = reduced.clone()
+            reduced[0] = math.nan
+        return total, count, reduced
+
+
+class _FreezeInValidation(Callback):
+    def __init__(self, k: int):
+        self.k = k
+
+    def before_validation(self, trainer) -> None:
+        if trainer.state.iteration == self.k:
+            _freeze(trainer)
+
+
+def _fault_seams(fault) -> tuple[list, dict]:
+    """The callbacks and Trainer arguments that inject `fault` through the trainer's own seams
+    (("record", 0): none, only a recorder of the hooks)."""
     if fault is None:
-        return []
+        return [], {}
     kind, k = fault
     if kind == "record":
-        return [_Recorder()]
+        return [_Recorder()], {}
     if kind in ("crash_after", "crash_during_async_save"):
-        return [_BeforeStep(k, _crash(k))]
+        return [_BeforeStep(k, _crash(k))], {}
     if kind == "signal":
-        return [_BeforeStep(k - 1, _signal)]
+        return [_BeforeStep(k - 1, _signal)], {}
     if kind == "freeze":
-        return [_BeforeStep(k - 1, _freeze)]
-    return []
+        return [_BeforeStep(k - 1, _freeze)], {}
+    if kind == "nan_loss":
+        nan_loss = _NaNLoss(k)
+        return [nan_loss], {"loss_function": nan_loss}
+    if kind == "freeze_in_validation":
+        return [_FreezeInValidation(k)], {}
+    return [], {}
 
 
-def _inject(trainer, fault) -> None:
-    """The faults inside megatron-core's save and inside the loss (where no callback runs)."""
+def _inject_into_megatron_save(trainer, fault) -> None:
+    """The faults inside megatron-core's own save, where no seam of ours reaches."""
     from megatron.core import dist_checkpointing
-
-    import sft.train_module as train_module
 
     kind, k = fault
     if kind == "crash_in_save":
@@ -116,27 +149,6 @@ def _inject(trainer, fault) -> None:
     elif kind == "crash_during_async_save":
         _slow_down_async_writers(seconds=2.0)
         _record_complete_checkpoints_at_each_save(trainer)
-    elif kind == "nan_loss":
-        loss_func = train_module.loss_func
-
-        def poisoned(loss_mask, output_tensor):
-            total, count, reduced = loss_func(loss_mask, output_tensor)
-            if k == 0 or trainer.state.iteration == k - 1:
-                total = total * math.nan
-                reduced = reduced.clone()
-                reduced[0] = math.nan
-            return total, count, reduced
-
-        train_module.loss_func = poisoned
-    elif kind == "freeze_in_validation":
-        evaluate = trainer.evaluate
-
-        def freezing_evaluate():
-            if trainer.state.iteration == k:
-                _freeze(trainer)
-            return evaluate()
-
-        trainer.evaluate = freezing_evaluate
 
 
 def _slow_down_async_writers(seconds: float) -> None:
@@ -160,7 +172,8 @@ def _record_complete_checkpoints_at_each_save(trainer) -> None:
     trainer.saves_saw = {}
 
     def recording_save(*args, **kwargs):
-        trainer.saves_saw[trainer.state.iteration] = sorted(complete_iterations(trainer.checkpoints.save_dir))
+        save_dir = trainer.checkpointer.saver.save_dir
+        trainer.saves_saw[trainer.state.iteration] = sorted(complete_iterations(save_dir))
         return save(*args, **kwargs)
 
     dist_checkpointing.save = recording_save
@@ -170,9 +183,10 @@ def train(rank: int, world_size: int, overrides: list[str], fault=None) -> dict:
     from sft.config import load_config
     from sft.trainer import Trainer
 
-    trainer = Trainer(load_config(None, overrides), "cpu", callbacks=_fault_callbacks(fault))
-    if fault is not None and fault[0] != "record":
-        _inject(trainer, fault)
+    callbacks, seams = _fault_seams(fault)
+    trainer = Trainer(load_config(None, overrides), "cpu", callbacks=callbacks, **seams)
+    if fault is not None:
+        _inject_into_megatron_save(trainer, fault)
     try:
         result = trainer.train()
     except InjectedCrash as crash:

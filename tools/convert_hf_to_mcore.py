@@ -21,11 +21,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from common.cli import exit_status  # noqa: E402
-from common.logging_utils import setup_logging  # noqa: E402
-from convert.hf_to_mcore import DEFAULT_CHUNK_BYTES, DTYPES, convert_hf_to_mcore  # noqa: E402
+from common.cli import exit_status
+from common.logging_utils import setup_logging
+from convert.hf_to_mcore import DEFAULT_CHUNK_BYTES, DTYPES, convert_hf_to_mcore
 
 
 def build_parser() -> argparse.ArgumentParser:

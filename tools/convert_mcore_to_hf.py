@@ -18,13 +18,11 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from common.cli import exit_status  # noqa: E402
-from common.logging_utils import setup_logging  # noqa: E402
-from convert.hf_to_mcore import DTYPES  # noqa: E402
-from convert.mcore_to_hf import DEFAULT_SHARD_BYTES, convert_mcore_to_hf  # noqa: E402
-from formats.chat_template import TEMPLATES  # noqa: E402
+from common.cli import exit_status
+from common.logging_utils import setup_logging
+from convert.hf_to_mcore import DTYPES
+from convert.mcore_to_hf import DEFAULT_SHARD_BYTES, convert_mcore_to_hf
+from formats.chat_template import TEMPLATES
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,12 +34,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common.files import write_json_atomic
+from sft.metrics import read_metrics
+from testing.tiny_models import TINY_FAMILIES
 
-from common.files import write_json_atomic  # noqa: E402
-from sft.metrics import read_metrics  # noqa: E402
-from testing.tiny_models import TINY_FAMILIES  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: object) -> None:

@@ -17,12 +17,10 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from common.cli import exit_status  # noqa: E402
-from common.errors import InputError  # noqa: E402
-from common.logging_utils import setup_logging  # noqa: E402
-from preprocess.align import AM_THINKING_REPO, AM_THINKING_REVISION, align_snapshot, download_snapshot  # noqa: E402
+from common.cli import exit_status
+from common.errors import InputError
+from common.logging_utils import setup_logging
+from preprocess.align import AM_THINKING_REPO, AM_THINKING_REVISION, align_snapshot, download_snapshot
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,12 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from common.cli import exit_status  # noqa: E402
-from common.devices import ACCELERATORS, RECIPE_ACCELERATOR  # noqa: E402
-from common.errors import InputError  # noqa: E402
-from sft.planner import BUFFER_ALLOWANCE_GB, HEADROOM  # noqa: E402
+from common.cli import exit_status
+from common.devices import ACCELERATORS, RECIPE_ACCELERATOR
+from common.errors import InputError
+from sft.planner import BUFFER_ALLOWANCE_GB, HEADROOM
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,11 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from common.cli import exit_status  # noqa: E402
-from common.logging_utils import setup_logging  # noqa: E402
-from sft.plots import plot_metrics  # noqa: E402
+from common.cli import exit_status
+from common.logging_utils import setup_logging
+from sft.plots import plot_metrics
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,153 +27,70 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import typing
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from common.cli import exit_status
+from common.config_docs import field_docs
+from common.logging_utils import setup_logging
+from formats.chat_template import TEMPLATES
+from formats.packed import validation_prefix
+from preprocess.config import OVERLONG_CHOICES, SYSTEM_SOURCES, PreprocessConfig
+from preprocess.meta import report
+from preprocess.pipeline import preprocess
 
-from common.cli import exit_status  # noqa: E402
-from common.logging_utils import setup_logging  # noqa: E402
-from formats.chat_template import TEMPLATES  # noqa: E402
-from formats.packed import validation_prefix  # noqa: E402
-from preprocess.config import OVERLONG_CHOICES, SYSTEM_SOURCES, PreprocessConfig  # noqa: E402
-from preprocess.meta import report  # noqa: E402
-from preprocess.pipeline import preprocess  # noqa: E402
-
-# The defaults are PreprocessConfig's (one place): the flags only name them.
+# A flag's default and its documentation are its PreprocessConfig field's (one place).
 DEFAULTS = {
     f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
     for f in dataclasses.fields(PreprocessConfig)
     if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
 }
+DOCS = field_docs(PreprocessConfig)
+# What a flag takes besides its field's type: its choices, or a boolean's form. A template's name is
+# checked by formats.chat_template (aliases such as am-thinking pass), so its flag only lists them.
+CHOICES = {"overlong": OVERLONG_CHOICES, "system_source": SYSTEM_SOURCES}
+METAVARS = {"template": "{" + ",".join(TEMPLATES) + "}"}
+SWITCHES = {"mask_history", "train_on_prompt", "force"}  # off by default: --NAME turns it on
+
+
+def flag_help(name: str) -> str:
+    """The field's documentation, and its default where it has one worth printing."""
+    default = DEFAULTS.get(name)
+    if name == "workers" or default is None or name in SWITCHES:  # a machine's, none, or off
+        return DOCS[name]
+    return f"{DOCS[name]} (default {default})"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--input",
-        type=Path,
-        help="aligned parquet from tools/get_am_dataset.py (columns conversations, system, subset); "
-        "or give --dataset-info and --dataset instead",
-    )
-    parser.add_argument(
-        "--dataset-info",
-        type=Path,
-        help="a LLaMA-Factory dataset registry: dataset_info.json, or the folder holding it (file_name "
-        "paths are relative to its folder)",
-    )
-    parser.add_argument(
-        "--dataset",
-        help="NAME[,NAME...]: the registry's datasets to read, concatenated in this order and packed "
-        "together (counts per dataset go in PREFIX_meta.json)",
-    )
-    parser.add_argument(
-        "--template",
-        default=DEFAULTS["template"],
-        help=f"chat template, by LLaMA-Factory's name: {', '.join(TEMPLATES)} (default %(default)s, the "
-        "recipe's; am-thinking also works); its stop token must be in the tokenizer",
-    )
-    parser.add_argument(
-        "--mask-history",
-        action="store_true",
-        help="train on the last assistant turn only (LLaMA-Factory's mask_history; truncation then "
-        "keeps the last turns); default: every assistant turn, as the recipe",
-    )
-    parser.add_argument(
-        "--train-on-prompt",
-        action="store_true",
-        help="train on the prompts too (LLaMA-Factory's train_on_prompt); not with --mask-history",
-    )
-    parser.add_argument(
-        "--enable-thinking",
-        action=argparse.BooleanOptionalAction,
-        default=DEFAULTS["enable_thinking"],
-        help="reasoning templates (qwen3): with it (default, LLaMA-Factory's), an answer without a "
-        "<think> block gets an empty one, trained; without it, every answer's thoughts are removed and "
-        "the empty block goes untrained into the prompt",
-    )
-    parser.add_argument(
-        "--tool-date",
-        help="the date the llama3 template's tool prompt names, e.g. '26 Jul 2024' (default: today, as "
-        "LLaMA-Factory writes it); recorded in PREFIX_meta.json",
-    )
-    parser.add_argument(
-        "--tokenizer",
-        type=Path,
-        required=True,
-        help="local Hugging Face tokenizer directory (the base model's, e.g. Qwen2.5-32B)",
-    )
-    parser.add_argument(
-        "--output-prefix",
-        type=Path,
-        required=True,
-        help="path prefix P of the outputs P_input_ids.*, P_loss_mask.*, P_meta.json",
-    )
-    parser.add_argument(
-        "--seq-length",
-        type=int,
-        default=DEFAULTS["seq_length"],
-        help="tokens per packed sequence (default %(default)s, the recipe's); each conversation is cut "
-        "to seq_length - 1 tokens, as LLaMA-Factory does when packing",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=DEFAULTS["workers"],
-        help="tokeniser processes (default: all cores); the output is identical for any value",
-    )
-    parser.add_argument(
-        "--overlong",
-        choices=OVERLONG_CHOICES,
-        default=DEFAULTS["overlong"],
-        help="conversations longer than the cutoff: 'truncate' with the recipe's per-turn rule "
-        "(default) or 'drop' them; either way they are counted",
-    )
-    parser.add_argument(
-        "--system-source",
-        choices=SYSTEM_SOURCES,
-        default=DEFAULTS["system_source"],
-        help="--input only: where a sample's system text comes from: 'turn' (default, the recipe) = a "
-        "leading turn with from == 'system', else the template's default prompt; 'column' = the "
-        "aligned `system` column, else the default prompt (a deviation from the recipe)",
-    )
-    parser.add_argument(
-        "--max-samples",
-        type=int,
-        default=DEFAULTS["max_samples"],
-        help="of each dataset, only the first N rows (after a registry entry's num_samples draw), as "
-        "LLaMA-Factory's max_samples: for quick runs; default all",
-    )
-    parser.add_argument(
-        "--pad-multiple",
-        type=int,
-        default=DEFAULTS["pad_multiple"],
-        help="pack conversations as if each were rounded up to a multiple of N tokens "
-        "(default %(default)s), so that every pack still fits --seq-length when the trainer pads each "
-        "conversation for context "
-        "parallelism (to 2 x CP, x TP with sequence parallelism; 64 serves every layout up to that); "
-        "recorded in PREFIX_meta.json; 1 packs the real lengths, as LLaMA-Factory does",
-    )
-    parser.add_argument(
-        "--valid-fraction",
-        type=float,
-        default=DEFAULTS["valid_fraction"],
-        help="hold out about this fraction of the conversations (default %(default)s: none) as a "
-        "validation set, written as the dataset PREFIX_valid (the trainer evaluates on it); "
-        "a conversation's side is "
-        "decided by a seeded hash of its content, so it stays held out when the dataset grows or is "
-        "reordered",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=DEFAULTS["seed"],
-        help="seed for tie-breaking among equal lengths, the order of packs, the held-out split and the "
-        "registry's num_samples draws (LLaMA-Factory's training seed gives its draws; default %(default)s)",
-    )
-    parser.add_argument("--force", action="store_true", help="overwrite existing outputs of this prefix")
+    hints = typing.get_type_hints(PreprocessConfig)
+    for f in dataclasses.fields(PreprocessConfig):
+        flag, kind = "--" + f.name.replace("_", "-"), _flag_type(hints[f.name])
+        if f.name in SWITCHES:
+            parser.add_argument(flag, action="store_true", help=flag_help(f.name))
+        elif kind is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=DEFAULTS[f.name], help=flag_help(f.name)
+            )
+        else:
+            parser.add_argument(
+                flag,
+                type=kind,
+                choices=CHOICES.get(f.name),
+                default=DEFAULTS.get(f.name),
+                required=f.name not in DEFAULTS,
+                metavar=None if f.name in CHOICES else METAVARS.get(f.name, f.name.upper()),
+                help=flag_help(f.name),
+            )
     return parser
+
+
+def _flag_type(hint) -> type:
+    """The type a flag's value converts to: the field's, without `| None`."""
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return args[0] if args else hint
 
 
 def parse_args(argv=None) -> PreprocessConfig:

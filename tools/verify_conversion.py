@@ -3,10 +3,11 @@
 
     python tools/verify_conversion.py --hf /models/Qwen2.5-32B --mcore ckpt/qwen2.5-32b-mcore --tp 8
 
-Runs transformers' Qwen2ForCausalLM from --hf and megatron-core's GPTModel from the torch_dist
-checkpoint --mcore at --tp x --pp processes (gloo on CPU, or one GPU each when CUDA is available),
-on seeded random token sequences, and prints the max and mean absolute logit difference, the top-1
-agreement and a PASS/FAIL verdict against --atol (exit status 0 or 1).
+Runs the family's transformers class (Qwen2ForCausalLM, Qwen3ForCausalLM, LlamaForCausalLM) from --hf
+and megatron-core's GPTModel from the torch_dist checkpoint --mcore at --tp x --pp processes (gloo on
+CPU, or one GPU each when CUDA is available), on seeded random token sequences, and prints the max and
+mean absolute logit difference, the top-1 agreement and a PASS/FAIL verdict against --atol (exit status
+0 or 1).
 
 Memory: both models are held in fp32 (4 bytes per parameter each; the HF one in this process).
 """
@@ -17,11 +18,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from common.cli import exit_status  # noqa: E402
-from common.logging_utils import setup_logging  # noqa: E402
-from convert.verify import verify_conversion  # noqa: E402
+from common.cli import exit_status
+from common.logging_utils import setup_logging
+from convert.verify import verify_conversion
 
 
 def build_parser() -> argparse.ArgumentParser:

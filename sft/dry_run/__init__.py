@@ -32,12 +32,12 @@ from pathlib import Path
 
 from common.errors import ConfigError, DataError
 from common.logging_utils import quiet_dependencies
-from models.hf_config import find_hf_config
 from models.parallel_layout import ParallelLayout
-from models.registry import Arch, read_arch
+from models.registry import Arch
 
 from ..config import TrainConfig, describe_unset, unset_variables
 from ..planner import BUFFER_ALLOWANCE_GB, Hardware, estimate, recompute_mode
+from ..preflight import check_configuration, read_model_shape
 
 log = logging.getLogger(__name__)
 
@@ -75,26 +75,19 @@ def plan_ranks(config: TrainConfig, world_size: int) -> tuple[Arch, list[RankPla
     """Checks the configuration for `world_size` GPUs with Transformer Engine (the cluster's path) and
     lays out the measured ranks; raises ConfigError."""
     config = _without_unset_paths(config)
-    hf_config_file = find_hf_config(config.model.init_checkpoint or config.model.random_init_config)
-    arch = read_arch(hf_config_file)
+    shape = read_model_shape(config.model.init_checkpoint or config.model.random_init_config)
     data = _open_data(config)
-    config.validate(
-        world_size=world_size,
-        te_available=True,
-        arch=arch,
-        data_seq_length=None if data is None else data.seq_length,
-        check_paths=False,
-    )
+    check_configuration(config, world_size, te_available=True, arch=shape.arch, data=data, check_paths=False)
     layout = config.parallel
-    if data is not None and data.layout_problems(layout):
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(data.layout_problems(layout)))
     step = layout.micro_batches_per_step(config.schedule.global_batch_size, world_size)
     run = min(step, 2 * layout.pipeline * layout.virtual_stages)
     plans = [
-        RankPlan(rank, world_size, stage, name, config, str(hf_config_file), run, step, data is not None)
+        RankPlan(
+            rank, world_size, stage, name, config, str(shape.hf_config_file), run, step, data is not None
+        )
         for rank, stage, name in measured_ranks(layout, world_size)
     ]
-    return arch, plans
+    return shape.arch, plans
 
 
 MODEL_SHAPE_SOURCES = (
