@@ -516,6 +516,21 @@ def test_a_non_finite_step_is_skipped_and_too_many_abort(setup, tmp_path):
         )
 
 
+@pytest.mark.slow
+def test_a_callbacks_state_is_saved_with_the_checkpoint_and_resumed(setup, tmp_path):
+    """The guard's count of skipped steps in a row lives in the checkpoint: one skipped step before a
+    crash and one right after the resume are two in a row (a guard that forgot would train on)."""
+    from megatron.core import dist_checkpointing
+
+    save_dir, limit = tmp_path / "run", "schedule.max_consecutive_nonfinite=2"
+    crashed = _train(setup, save_dir, 1, limit, fault=[("nan_loss", 2), ("crash_after", 2)])
+    assert crashed["iteration"] == 2
+    saved = dist_checkpointing.load_common_state_dict(str(save_dir / "iter_0000002"))
+    assert saved["callbacks"] == {"NonFiniteGuard": {"consecutive": 1}}
+    with pytest.raises(RuntimeError, match="2 consecutive iterations \\(up to 3\\)"):
+        _train(setup, save_dir, 1, limit, fault=("nan_loss", 3))
+
+
 def test_run_checks_name_the_problem_before_training(setup, tmp_path):
     from common.errors import CheckpointError, ConfigError, DataError
     from sft.config import load_config

@@ -14,6 +14,8 @@ per-iteration losses. `fault` injects what a real run meets, inside the real cod
 - ("freeze", k): the last rank stops (SIGSTOP, as a frozen node: its threads too) at the start of
   iteration k; the others block in the step's first collective;
 - ("freeze_in_validation", k): the same, as the validation after iteration k starts.
+
+A list of faults injects each of them.
 """
 
 from __future__ import annotations
@@ -110,8 +112,6 @@ class _FreezeInValidation(Callback):
 def _fault_seams(fault) -> tuple[list, dict]:
     """The callbacks and Trainer arguments that inject `fault` through the trainer's own seams
     (("record", 0): none, only a recorder of the hooks)."""
-    if fault is None:
-        return [], {}
     kind, k = fault
     if kind == "record":
         return [_Recorder()], {}
@@ -183,10 +183,14 @@ def train(rank: int, world_size: int, overrides: list[str], fault=None) -> dict:
     from sft.config import load_config
     from sft.trainer import Trainer
 
-    callbacks, seams = _fault_seams(fault)
+    faults = fault if isinstance(fault, list) else [] if fault is None else [fault]
+    callbacks, seams = [], {}
+    for each in faults:
+        more_callbacks, more_seams = _fault_seams(each)
+        callbacks, seams = [*callbacks, *more_callbacks], {**seams, **more_seams}
     trainer = Trainer(load_config(None, overrides), "cpu", callbacks=callbacks, **seams)
-    if fault is not None:
-        _inject_into_megatron_save(trainer, fault)
+    for each in faults:
+        _inject_into_megatron_save(trainer, each)
     try:
         result = trainer.train()
     except InjectedCrash as crash:
