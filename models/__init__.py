@@ -5,7 +5,6 @@
   and layer spec, the HF <-> megatron-core parameter mapping, parameters and FLOPs);
 - `qwen2/`, `qwen3/`, `llama/`: the families, each its config reader and transformers classes;
 - `packed_attention`: per-conversation (THD) attention for megatron-core's local layer spec;
-- `parallel_layout`: the tensor x pipeline x context x data layout and its validity rules;
 - `backends`: which kernels run here (Transformer Engine or torch) and why;
 - `weights`: loading model weights from a torch_dist checkpoint at any layout.
 

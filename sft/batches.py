@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from models.parallel_layout import ParallelLayout
+from plan.layout import ParallelLayout
 
 from .config import TrainConfig
 from .data import MicroBatch, SFTData

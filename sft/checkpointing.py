@@ -18,7 +18,9 @@ At scale (checkpoint.async_save) the tensors are copied to host memory and writt
 process per rank while training goes on; megatron-core's AsyncCallsQueue reports when every rank's
 writer has finished, and only then are the metadata written and the directory renamed (CheckpointSaver).
 With checkpoint.fully_parallel_save the data/context-parallel replicas of a shard split its writing.
-Old checkpoints are renamed out of sight at once and deleted by a background thread.
+Old checkpoints are renamed out of sight at once and deleted by a background thread. When a checkpoint
+is taken is the checkpointer's (sft/checkpointer.py); what it holds besides tensors includes the
+callbacks' state (`Callback.state_dict`).
 """
 
 from __future__ import annotations
@@ -53,8 +55,8 @@ from formats.torch_dist import (
     iteration_dir_name,
     resolve_checkpoint,
 )
-from models.parallel_layout import ParallelLayout
 from models.weights import load_strategy
+from plan.layout import ParallelLayout
 
 from .train_module import TrainModule
 

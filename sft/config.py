@@ -26,7 +26,7 @@ from common.errors import ConfigError
 from formats.packed import PackedPaths
 from formats.torch_dist import HF_CONFIG_FILE
 from models.hf_config import HF_CONFIG_NAME
-from models.parallel_layout import ParallelLayout
+from plan.layout import ParallelLayout
 
 from .watchdog import WatchdogConfig
 
@@ -176,7 +176,7 @@ class CheckpointConfig:
     save_interval: int = 500  # iterations between checkpoints
     keep_last_n: int | None = 3  # complete checkpoints kept (older ones deleted); null = all
     resume: str = "auto"  # auto: latest complete checkpoint in save_dir, if any; none; or a path
-    save_at_end: bool = True  # off only for throughput measurements (bench/gpu/stages.py)
+    save_at_end: bool = True  # off only for throughput measurements (bench/gpu/stage_throughput.py)
     # write the tensors in a background process once they are in host memory: training goes on, and
     # iter_N.partial becomes iter_N when every rank has finished (checked between iterations)
     async_save: bool = False

@@ -39,7 +39,7 @@ import torch
 from common.errors import DataError
 from formats.chat_template import TEMPLATES
 from formats.packed import Pack, PackedDataset, padded_lengths, validation_prefix
-from models.parallel_layout import ParallelLayout
+from plan.layout import ParallelLayout
 
 
 class PackOrder:

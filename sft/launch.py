@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from common.distributed import init_process_group
-from models.parallel_layout import ParallelLayout
+from plan.layout import ParallelLayout
 
 from .config import TrainConfig
 from .preflight import check_run

@@ -33,9 +33,9 @@ import torch.distributed as dist
 from models.backends import choose_backend
 from models.megatron_settings import kernel_settings, recompute_settings
 from models.packed_attention import packed_attention_kernel
-from models.parallel_layout import ParallelLayout
 from models.registry import Arch, family_of
 from models.weights import assign_weights, load_weights
+from plan.layout import ParallelLayout
 
 from .config import TrainConfig
 from .data import MicroBatch

@@ -38,7 +38,7 @@
 # fails (a rank's non-zero exit, a lost node, a hung step ended by the trainer's watchdog) is requeued
 # too, to resume from its newest intact checkpoint, at most MAX_FAILURE_REQUEUES times over the run
 # (default 3; counted in SAVE_DIR/failure_requeues.json), and not when it failed again without a new
-# checkpoint since the previous failure (sft/requeue.py), so a crash never turns into a loop.
+# checkpoint since the previous failure (slurm/requeue.py), so a crash never turns into a loop.
 #
 #SBATCH --job-name=k2think-sft
 #SBATCH --nodes=32
@@ -138,7 +138,7 @@ else
     CAUSE=$( (grep -h "past the bound" "$LOG_DIR"/node*.log || grep -h -E "Error|error:" "$LOG_DIR"/node*.log) \
         2>/dev/null | tail -n 1 | cut -c1-300 || true)
     echo "training failed (exit status $STATUS): ${CAUSE:-no error line in the node logs}; logs in $LOG_DIR" >&2
-    if python -m sft.requeue "$SAVE_DIR" --status "$STATUS" --max-requeues "${MAX_FAILURE_REQUEUES:-3}" \
+    if python slurm/requeue.py "$SAVE_DIR" --status "$STATUS" --max-requeues "${MAX_FAILURE_REQUEUES:-3}" \
             --cause "$CAUSE" --job "$SLURM_JOB_ID"; then
         echo "requeueing job $SLURM_JOB_ID after the failure to resume from its newest intact checkpoint"
         requeue

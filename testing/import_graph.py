@@ -4,8 +4,9 @@ at module level or inside functions), and the one-way rules it must follow.
     python -m testing.import_graph [ROOT]     # prints package -> package edges with import counts
 
 The rules (docs/architecture.md): `common` imports no other package of the project; `formats` only
-`common`; `models` only `formats` and `common`; the stage packages `preprocess`, `convert` and `sft`
-import the shared packages but never each other; nothing in production imports `testing`.
+`common`; `models` only `formats` and `common`; `plan` (the parallel layout and the planner) only
+`models` and `common`; the stage packages `preprocess`, `convert` and `sft` import the shared packages
+but never each other; nothing in production imports `testing`.
 tests/test_architecture.py asserts them.
 """
 
@@ -16,14 +17,15 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-PACKAGES = ("common", "formats", "models", "preprocess", "convert", "sft", "testing")
+PACKAGES = ("common", "formats", "models", "plan", "preprocess", "convert", "sft", "testing")
 ALLOWED = {
     "common": set(),
     "formats": {"common"},
     "models": {"formats", "common"},
+    "plan": {"models", "common"},
     "preprocess": {"formats", "common"},
     "convert": {"models", "formats", "common"},
-    "sft": {"models", "formats", "common"},
+    "sft": {"plan", "models", "formats", "common"},
     "testing": set(PACKAGES) - {"testing"},
 }
 

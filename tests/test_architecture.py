@@ -16,6 +16,7 @@ def test_packages_depend_one_way():
     graph = package_graph(ROOT)
     assert not violations(graph), violations(graph)
     assert ("sft", "models") in graph and ("convert", "formats") in graph  # the graph is really read
+    assert ("sft", "plan") in graph and ("plan", "models") in graph
     for stage in ("preprocess", "convert", "sft"):
         assert not ALLOWED[stage] & {"preprocess", "convert", "sft", "testing"}
 
@@ -41,11 +42,11 @@ def test_only_the_registry_knows_the_model_families(tmp_path):
         (tmp_path / "models" / package / "__init__.py").write_text("")
     # A family on the shared decoder is fine; the trainer or a sibling module reaching either is not.
     (tmp_path / "models" / "llama" / "__init__.py").write_text("from models.decoder.arch import A\n")
-    (tmp_path / "models" / "parallel_layout.py").write_text("from models.decoder import flops\n")
+    (tmp_path / "models" / "hf_config.py").write_text("from models.decoder import flops\n")
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "trainer.py").write_text("def f():\n    from models.llama import arch\n")
     assert family_imports(tmp_path) == [
-        "models/parallel_layout.py imports models.decoder",
+        "models/hf_config.py imports models.decoder",
         "sft/trainer.py imports models.llama",
     ]
 

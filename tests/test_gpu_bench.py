@@ -63,7 +63,7 @@ def test_every_stage_runs_and_records_on_cpu(tmp_path):
 
 def test_the_budget_chooses_sizes_that_fit_the_device():
     sys.path.insert(0, str(ROOT / "bench" / "gpu"))
-    from stages import GPU, MARGIN, budget, largest_fitting_layers
+    from sizing import GPU, MARGIN, budget, largest_fitting_layers
 
     fitted = {}
     for usable in (78.0, 132.0):  # an H100 80GB's and an H200's free memory, GiB
@@ -79,7 +79,7 @@ def test_the_budget_chooses_sizes_that_fit_the_device():
 
 def test_the_packs_are_drawn_from_the_whole_packed_set_not_its_longest_first():
     sys.path.insert(0, str(ROOT / "bench" / "gpu"))
-    from stages import lognormal_packs, reasoning_pack_set
+    from sizing import lognormal_packs, reasoning_pack_set
 
     def key(pack):
         return b"".join(tokens.tobytes() for tokens, _ in pack)

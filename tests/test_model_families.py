@@ -21,9 +21,9 @@ from common.distributed import run_distributed
 from common.errors import UnsupportedModelError
 from convert.verify import hf_logits, sample_token_ids, verify_conversion
 from formats.hf_safetensors import HFSafetensorsReader
-from models.parallel_layout import ParallelLayout
 from models.registry import arch_from_config, family_of, read_arch
-from sft.planner import local_parameters
+from plan.layout import ParallelLayout
+from plan.planner import local_parameters
 from testing.fixtures import training_inputs
 from testing.hf_reference import conversation_loss, hf_model
 from testing.mappings import to_hf, to_mcore

@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 
 from models.decoder.flops import layer_parameters
-from models.parallel_layout import ParallelLayout
 from models.registry import arch_from_config, read_arch
-from sft.planner import (
+from plan.layout import ParallelLayout
+from plan.planner import (
     Hardware,
     activation_bytes_per_token_layer,
     estimate,
@@ -267,7 +267,7 @@ def test_gradient_sync_runs_over_the_data_and_context_parallel_replicas():
 
 
 def test_the_recommendation_keeps_memory_to_spare_among_equally_fast_layouts():
-    from sft.planner import recommend, recompute_mode, recompute_overrides
+    from plan.planner import recommend, recompute_mode, recompute_overrides
 
     estimates = [e for e in plan(QWEN25_32B, Hardware(gpus=256), 32768, 512, 4000) if e.fits]
     roomy = [e for e in estimates if e.total_gb <= 72.0]  # 10% of the 80 GB left free

@@ -1,4 +1,4 @@
-"""sft/requeue.py, the failure-requeue policy of slurm/sft.sh: bounded, and never without progress
+"""slurm/requeue.py, the failure-requeue policy of slurm/sft.sh: bounded, and never without progress
 (the real Slurm job is in tests/test_slurm.py)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import torch
 
 from formats.torch_dist import Chunk, iteration_dir_name, write_checkpoint
-from sft.requeue import RECORD_FILE, decide, main
+from slurm.requeue import RECORD_FILE, decide, main
 
 
 def _checkpoint(save_dir, iteration):

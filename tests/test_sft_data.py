@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from common.distributed import run_distributed
 from common.errors import DataError
 from formats.packed import Pack, PackedDataset
-from models.parallel_layout import ParallelLayout
+from plan.layout import ParallelLayout
 from sft.data import PackOrder, SFTData, make_micro_batch
 from testing.synthetic_packs import random_packs, write_packed_dataset
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from sft.requeue import newest_intact_iteration
+from slurm.requeue import newest_intact_iteration
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -175,7 +175,7 @@ def test_layouts_train_like_one_process(setup, reference, layout, tmp_path):
 def test_the_prompt_heavy_pack_leaves_a_context_parallel_rank_without_loss_tokens():
     """The layouts with CP2 above see a micro-batch whose second CP rank holds only masked tokens (a
     rank dividing by its own token count would give NaN there): shown on the row they build."""
-    from models.parallel_layout import ParallelLayout
+    from plan.layout import ParallelLayout
     from sft.data import split_for_context_parallel
 
     ids, mask = _prompt_heavy_conversation(seed=2)

@@ -2,8 +2,8 @@
 """Prints the feasible parallel layouts of a model (Qwen2/2.5, Qwen3, Llama 3.x) for a sequence length,
 global batch and GPU count, with memory per GPU (weights, gradients, optimizer shards, activations,
 logits, other, buffers) and an estimated step time and MFU, fastest first; recommends the first. The
-model behind the figures is documented in sft/planner.py; layouts are checked by the trainer's own
-rules (models/parallel_layout.py).
+model behind the figures is documented in plan/planner.py; layouts are checked by the trainer's own
+rules (plan/layout.py).
 
     python tools/plan_layout.py --model /models/Qwen2.5-32B/config.json --seq-length 32768 \\
         --global-batch 512 --gpus 256 --gpu-memory-gb 80
@@ -19,7 +19,7 @@ from pathlib import Path
 from common.cli import exit_status
 from common.devices import ACCELERATORS, RECIPE_ACCELERATOR
 from common.errors import InputError
-from sft.planner import BUFFER_ALLOWANCE_GB, HEADROOM
+from plan.planner import BUFFER_ALLOWANCE_GB, HEADROOM
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from models.hf_config import find_hf_config
         from models.registry import read_arch
-        from sft.planner import Hardware, format_stages, format_table, plan, recommend, recompute_overrides
+        from plan.planner import Hardware, format_stages, format_table, plan, recommend, recompute_overrides
 
         seq_length, global_batch = args.seq_length or 32768, args.global_batch or 512
         path = args.model

@@ -13,7 +13,7 @@
 # SUMMARY_SECONDS kept for the summary; a stage left less than MIN_STAGE_SECONDS is recorded as skipped);
 # STAGES names the stages to run, in their usual order (the summary always ends the run); BENCH_USABLE_GIB
 # overrides the device memory the sizes are planned for and BENCH_ITERS the timed steps of the throughput
-# stages (bench/gpu/stages.py); PYTHON the interpreter.
+# stages (bench/gpu/stages.py, sizing.py); PYTHON the interpreter.
 # A failed, timed-out or skipped stage is recorded and the next one still runs; the exit status is 1 if
 # any stage failed, 2 for a usage error, 3 if megatron-core cannot be imported. On a machine without
 # megatron-core, put its wheel in .whl/ first (bench/gpu/fetch_wheels.sh): it is installed into /tmp/site.
@@ -46,6 +46,8 @@ mkdir -p "$OUTDIR"
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 BENCH_COMMAND="bench/gpu/run.sh OUTDIR $*"
 export BENCH_WORK=${BENCH_WORK:-$(mktemp -d /tmp/k2think-gpu-bench.XXXXXX)}
+# The checkout's packages, for every process the stages start: the project is not installed there.
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 importable() {  # whether megatron.core imports; the error's output in $import_error
     import_error=$("$PYTHON" -c "import megatron.core" 2>&1)

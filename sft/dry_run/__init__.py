@@ -32,11 +32,11 @@ from pathlib import Path
 
 from common.errors import ConfigError, DataError
 from common.logging_utils import quiet_dependencies
-from models.parallel_layout import ParallelLayout
 from models.registry import Arch
+from plan.layout import ParallelLayout
+from plan.planner import BUFFER_ALLOWANCE_GB, Hardware, estimate, recompute_mode
 
 from ..config import TrainConfig, describe_unset, unset_variables
-from ..planner import BUFFER_ALLOWANCE_GB, Hardware, estimate, recompute_mode
 from ..preflight import check_configuration, read_model_shape
 
 log = logging.getLogger(__name__)

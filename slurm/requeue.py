@@ -6,7 +6,7 @@ requeued to resume from its newest intact checkpoint, at most `max_requeues` tim
 progress: no newer intact checkpoint than at the previous failure (a run that cannot start, or that
 crashes before its next save, would otherwise loop).
 
-    python -m sft.requeue SAVE_DIR --status 1 --max-requeues 3 [--cause TEXT] [--job ID]
+    python slurm/requeue.py SAVE_DIR --status 1 --max-requeues 3 [--cause TEXT] [--job ID]
     # prints the decision and why; exit status 0 = requeue, 1 = do not
 """
 

@@ -45,7 +45,7 @@ where they differ, in brackets):
 - buffers: a fixed allowance for the CUDA context, NCCL and allocator fragmentation
   (`--buffer-gb`, default the BUFFER_ALLOWANCE_GB below).
 
-Layouts are `models.parallel_layout.ParallelLayout`s, valid by the same rules the trainer's configuration
+Layouts are `plan.layout.ParallelLayout`s, valid by the same rules the trainer's configuration
 is checked with, each paired with a recomputation setting.
 
 Step time: the executed FLOPs (model FLOPs of models/decoder/flops.py at the data's conversation
@@ -70,10 +70,11 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from common.devices import RECIPE_ACCELERATOR
-from models.parallel_layout import ParallelLayout
 from models.registry import family_of
+from plan.layout import ParallelLayout
 
 GB = 1e9
 
@@ -248,21 +249,8 @@ def estimate(
         memory_limit_gb=hw.gpu_memory_gb,
     )
     result.fits = result.total_gb <= hw.gpu_memory_gb
-    params = local_parameters(arch, layout)
-    result.step_time_s, result.mfu = _step_time(
-        arch,
-        layout,
-        recompute,
-        hw,
-        seq_length,
-        global_batch,
-        mean_conversation,
-        micro_batches,
-        dp,
-        params,
-        fill,
-        te_available,
-    )
+    run = _Run(arch, layout, recompute, hw, seq_length, global_batch, mean_conversation, micro_batches, dp)
+    result.step_time_s, result.mfu = _step_time(run, local_parameters(arch, layout), fill, te_available)
     return result
 
 
@@ -313,20 +301,27 @@ def _stage_memory(
     return memory
 
 
-def _step_time(
-    arch,
-    layout,
-    recompute,
-    hw,
-    seq_length,
-    global_batch,
-    mean_conversation,
-    micro_batches,
-    dp,
-    params,
-    fill,
-    fused,
-):
+@dataclass(frozen=True)
+class _Run:
+    """The step a layout's time is estimated for."""
+
+    arch: Any
+    layout: ParallelLayout
+    recompute: str
+    hw: Hardware
+    seq_length: int
+    global_batch: int
+    mean_conversation: float
+    micro_batches: int
+    dp: int
+
+
+def _step_time(run: _Run, params: int, fill: float, fused: bool) -> tuple[float, float]:
+    """(seconds per step, MFU) of `run` for a rank of `params` parameters; `fill`: the real tokens'
+    fraction of a row; `fused`: Transformer Engine's kernels."""
+    arch, layout, recompute, hw = run.arch, run.layout, run.recompute, run.hw
+    seq_length, global_batch, micro_batches = run.seq_length, run.global_batch, run.micro_batches
+    mean_conversation, dp = run.mean_conversation, run.dp
     real = fill * seq_length
     conversations = [mean_conversation] * max(1, round(real / mean_conversation))
     family = family_of(arch)
