@@ -99,7 +99,9 @@ def write_checkpoint(
             dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
     except dcp.api.CheckpointException as wrapped:  # a BaseException; surface what actually failed
         (error, _trace), *_ = wrapped.failures.values()
-        raise error from None
+        raise (planner.failure or error) from None
+    if planner.failure is not None:  # raised in one of DCP's writer threads, which only print it
+        raise planner.failure
 
 
 class _ChunkSavePlanner(dcp.DefaultSavePlanner):
@@ -112,6 +114,9 @@ class _ChunkSavePlanner(dcp.DefaultSavePlanner):
             raise ValueError("two chunks share a key and offsets")
         self._objects = objects
         self._on_written = on_chunk_written
+        # The first exception of any thread: DCP's extra writer threads (threads > 1) let theirs end the
+        # thread and go on, so a save would finish with those files missing.
+        self.failure: BaseException | None = None
 
     def create_local_plan(self):
         objects = [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in self._objects]
@@ -133,6 +138,13 @@ class _ChunkSavePlanner(dcp.DefaultSavePlanner):
         return self.plan
 
     def resolve_data(self, write_item):
+        try:
+            return self._resolve(write_item)
+        except BaseException as exc:
+            self.failure = self.failure or exc
+            raise
+
+    def _resolve(self, write_item):
         if write_item.type == WriteItemType.BYTE_IO:
             stored = io.BytesIO()
             torch.save([self._objects[write_item.index.fqn]], stored)

@@ -31,12 +31,13 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from multiprocessing.managers import SyncManager
+from multiprocessing.managers import BaseProxy, SyncManager
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +140,7 @@ class CheckpointSaver:
             FullyParallelSaveStrategyWrapper(strategy, parallel_group) if fully_parallel_save else strategy
         )
         self._queue = AsyncCallsQueue() if async_save else None
-        if async_save:
-            write_results_queue()
+        install_write_results_queue(async_save)
         self._published: list[Path] = []
         self._deleter = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-delete") if self._rank0 else None
         if self._rank0 and self.save_dir.is_dir():
@@ -282,15 +282,21 @@ def load_checkpoint(
     return train_state, common.get("callbacks") or {}
 
 
-def write_results_queue():
-    """megatron-core's background writer reports through the queue of a multiprocessing manager, whose
-    server process megatron-core starts on the first asynchronous save and which outlives a rank killed
-    with SIGKILL (an OOM kill, a dying node: no finalizer runs). Installs, once per process, the same
-    queue from a manager whose server dies with this rank; returns it."""
+def install_write_results_queue(async_save: bool):
+    """megatron-core's file writer hands its results back through one module-level queue, which it makes
+    from a spawned multiprocessing manager on the first save: a fresh interpreter, seconds on every
+    rank of every run. A synchronous save puts and gets in this process, so an in-process queue serves
+    it; an asynchronous one puts from its background writer, so it gets a manager's queue, from a
+    manager whose server dies with this rank (megatron-core's outlives a rank killed with SIGKILL: an
+    OOM kill, a dying node; no finalizer runs). Installed once per process (an asynchronous saver
+    replaces an in-process queue); returns it."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if filesystem_async._results_queue is None:
+    current = filesystem_async._results_queue
+    if async_save and not isinstance(current, BaseProxy):
         manager = SyncManager(ctx=mp.get_context("spawn"))
         manager.start(initializer=die_with_parent)
         filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
+    elif current is None:
+        filesystem_async._results_queue = queue.Queue()
     return filesystem_async._results_queue

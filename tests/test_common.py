@@ -114,6 +114,7 @@ def _output_discarded():
         os.close(null)
 
 
+@pytest.mark.slow  # starts the fork server (torch and megatron-core imported): test-fast stays under 90 s
 def test_ranks_run_in_new_processes_with_the_callers_environment_and_output(monkeypatch, capfd):
     """The ranks are forked from a long-lived fork server: each call must still hand them the caller's
     environment and stdout/stderr of that moment, as spawned processes would get them."""
@@ -201,13 +202,16 @@ def test_ranks_end_with_a_caller_killed_before_its_clean_up(killed, tmp_path):
 
 
 _HOLD_THE_WRITE_RESULTS_QUEUE = """
-import os, sys, time
+import os, queue, sys, time
 sys.path.insert(0, {root!r})
-from sft.checkpointing import write_results_queue
+from sft.checkpointing import install_write_results_queue
 from megatron.core.dist_checkpointing.strategies import filesystem_async
-queue = write_results_queue()
-print(queue._manager._process.pid, flush=True)
-assert write_results_queue() is queue and filesystem_async._get_write_results_queue() is queue
+assert isinstance(install_write_results_queue(async_save=False), queue.Queue)  # synchronous: in-process
+shared = install_write_results_queue(async_save=True)
+print(shared._manager._process.pid, flush=True)
+assert install_write_results_queue(async_save=False) is shared
+assert install_write_results_queue(async_save=True) is shared
+assert filesystem_async._get_write_results_queue() is shared
 time.sleep(600)
 """
 
@@ -216,7 +220,8 @@ time.sleep(600)
 def test_the_async_writers_results_queue_dies_with_a_killed_rank():
     """megatron-core's asynchronous checkpoint writer reports through a multiprocessing manager's queue;
     its server process outlived a rank killed with SIGKILL (found left behind by the Slurm test of a
-    killed rank). The queue the trainer installs comes from a manager that dies with the rank."""
+    killed rank). The queue the trainer installs comes from a manager that dies with the rank (and for
+    synchronous saves, which put and get in the rank itself, from no manager at all)."""
     root = str(Path(__file__).resolve().parents[1])
     rank = subprocess.Popen(
         [sys.executable, "-c", _HOLD_THE_WRITE_RESULTS_QUEUE.format(root=root)],

@@ -119,6 +119,7 @@ def test_the_release_config_states_the_rope_for_transformers_4_and_5(family, tmp
     assert AutoConfig.from_pretrained(tmp_path).rope_parameters == config.rope_parameters
 
 
+@pytest.mark.slow  # four gloo ranks: test-fast stays under 90 s
 def test_logits_match_transformers_at_tp2_pp2(tiny_qwen2_dir, converted):
     result = verify_conversion(
         tiny_qwen2_dir, converted, tensor_parallel=2, pipeline_parallel=2, seq_length=24
@@ -231,6 +232,25 @@ def test_reader_reassembles_any_region_from_any_chunking(tmp_path):
     reader = TorchDistReader(tmp_path / "ckpt")
     assert torch.equal(reader.read("t", (1, 2, 1), (3, 3, 2)), full[1:4, 2:5, 1:3])
     assert torch.equal(reader.read("t", (0, 0, 0), (5, 6, 4)), full)
+
+
+# the writer thread ends on the exception, as in a real failure; pytest would report that too
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_failure_in_a_writer_thread_fails_the_write(tmp_path):
+    """DCP's extra writer threads end on an exception and the save goes on without their files: the
+    writer raises it instead of finishing an incomplete checkpoint."""
+    import threading
+    import time
+
+    def produce(i: int) -> torch.Tensor:
+        if threading.current_thread() is not threading.main_thread():
+            raise OSError(f"disk went away writing chunk {i}")
+        time.sleep(0.2)  # while the main thread writes its file, the other thread takes the other one
+        return torch.zeros(1, 4)
+
+    chunks = [Chunk("t", (2, 4), (i, 0), (1, 4), torch.float32, lambda i=i: produce(i)) for i in range(2)]
+    with pytest.raises(OSError, match="disk went away writing chunk"):
+        write_checkpoint(tmp_path / "ckpt", chunks, threads=2)
 
 
 # Bad inputs -------------------------------------------------------------------------------------------

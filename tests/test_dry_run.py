@@ -148,6 +148,7 @@ def _dry_run_arguments(dry_run_model: str | None, report_file) -> list[str]:
     return [*common, *model, *TINY, *LAYOUTS["TP2 SP CP2 PP2"][1]]
 
 
+@pytest.mark.slow  # two measured ranks, each its own process: test-fast stays under 90 s
 def test_dry_run_reports_each_stage(dry_run_model, tmp_path, capfd, monkeypatch):
     """As the README runs it: the recipe's config, K2_INIT_CKPT an HF model directory (its config.json, no
     weights), the data and save paths unset; megatron-core's warnings about the accelerators not shown."""
