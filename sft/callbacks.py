@@ -1,5 +1,6 @@
 """What the training loop does around its steps, one callback per job: metrics and MFU, the non-finite
-guard, evaluation, checkpoints, the finished marker and the end-of-run plot.
+guard, the finished marker and the end-of-run plot; validation and checkpoints are callbacks too, the
+components of sft/validator.py and sft/checkpointer.py.
 
 The loop (sft/trainer.py) calls, on every callback sorted by `Callback.order`:
 
@@ -10,8 +11,8 @@ The loop (sft/trainer.py) calls, on every callback sorted by `Callback.order`:
     on_end(trainer, failed)             once, after the last step or when the loop is left by an error
 
 Every hook is collective where what it does is (validation, saving): all ranks call them in the same
-order. The validator (sft/validator.py) and the checkpointer (sft/checkpointer.py) are callbacks too,
-built by the trainer. A test injects a fault at a chosen point with a callback of its own
+order. The trainer builds the validator and the checkpointer from the configuration (or the factories
+it is given). A test injects a fault at a chosen point with a callback of its own
 (`Trainer(callbacks=[...])`).
 """
 
