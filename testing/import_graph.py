@@ -5,8 +5,8 @@ at module level or inside functions), and the one-way rules it must follow.
 
 The rules (docs/architecture.md): `common` imports no other package of the project; `formats` only
 `common`; `models` only `formats` and `common`; `plan` (the parallel layout and the planner) only
-`models` and `common`; the stage packages `preprocess`, `convert` and `sft` import the shared packages
-but never each other; nothing in production imports `testing`.
+`models` and `common`; the stage packages `preprocess`, `convert`, `sft` and `evaluation` import the
+shared packages but never each other; nothing in production imports `testing`.
 tests/test_architecture.py asserts them.
 """
 
@@ -17,7 +17,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-PACKAGES = ("common", "formats", "models", "plan", "preprocess", "convert", "sft", "testing")
+PACKAGES = ("common", "formats", "models", "plan", "preprocess", "convert", "sft", "evaluation", "testing")
 ALLOWED = {
     "common": set(),
     "formats": {"common"},
@@ -26,6 +26,7 @@ ALLOWED = {
     "preprocess": {"formats", "common"},
     "convert": {"models", "formats", "common"},
     "sft": {"plan", "models", "formats", "common"},
+    "evaluation": {"formats", "common"},
     "testing": set(PACKAGES) - {"testing"},
 }
 
