@@ -66,13 +66,14 @@ def last_boxed(text: str) -> str | None:
 
 def is_correct(answer: FinalAnswer, gold: str) -> bool:
     """Whether the answer equals `gold` as mathematics (math-verify: 5/6, \\frac{5}{6} and \\dfrac{5}{6}
-    agree); a missing answer never does. Main thread only (math-verify's alarms)."""
+    agree); a missing answer never does; a gold answer math-verify cannot read is a ValueError. Main
+    thread only (math-verify's alarms)."""
     from math_verify import parse, verify
 
-    if answer.text is None:
-        return False
     expected = parse(_as_latex(gold))
-    return bool(expected) and verify(expected, parse(_as_latex(answer.text)))
+    if not expected:  # a zero for every reply would hide it
+        raise ValueError(f"the gold answer {gold!r} is no mathematics math-verify can read")
+    return answer.text is not None and verify(expected, parse(_as_latex(answer.text)))
 
 
 def _as_latex(text: str) -> str:

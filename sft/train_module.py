@@ -274,6 +274,15 @@ class TrainModule:
     # The step ----------------------------------------------------------------------------------------
 
     @property
+    def collective_device(self) -> torch.device:
+        """Where this rank's collectives take their tensors: its GPU (NCCL), or the CPU (gloo)."""
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if self.device == "cuda"
+            else torch.device("cpu")
+        )
+
+    @property
     def lr(self) -> float:
         """The learning rate the next optimizer step uses."""
         return self.optimizer.param_groups[0]["lr"]
@@ -334,8 +343,7 @@ class TrainModule:
         others hold copies)."""
         from megatron.core import parallel_state
 
-        device = torch.device("cuda", torch.cuda.current_device()) if self.device == "cuda" else None
-        totals = torch.zeros(2, dtype=torch.float64, device=device)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.collective_device)
         if (
             parallel_state.is_pipeline_last_stage(ignore_virtual=True)
             and parallel_state.get_tensor_model_parallel_rank() == 0

@@ -228,8 +228,8 @@ class Trainer:
     def agree_on_stop(self) -> bool:
         """Collective: whether any rank got a stop signal (saving is collective, so all ranks must agree
         to stop after the same iteration)."""
-        device = torch.device("cuda", torch.cuda.current_device()) if self.device == "cuda" else None
-        flag = torch.tensor([0 if self._stop_signal is None else 1], dtype=torch.int32, device=device)
+        stop = 0 if self._stop_signal is None else 1
+        flag = torch.tensor([stop], dtype=torch.int32, device=self.module.collective_device)
         dist.all_reduce(flag)
         return bool(flag.item())
 

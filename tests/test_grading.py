@@ -51,6 +51,11 @@ def test_correctness_is_mathematical_equality_of_the_final_answer(reply, gold, c
     assert is_correct(final_answer(reply), gold) is correct
 
 
+def test_an_unreadable_gold_answer_is_an_error_not_a_zero():
+    with pytest.raises(ValueError, match="the gold answer '' is no mathematics"):
+        is_correct(final_answer("<think>x</think> \\boxed{2}"), "")
+
+
 def test_the_option_letter_of_a_multiple_choice_answer():
     assert chosen_option(final_answer("<think>x</think> <answer>(B)</answer>")) == "B"
     assert chosen_option(final_answer("<think>x</think> The answer is \\boxed{C}")) == "C"
