@@ -27,7 +27,8 @@ from common.errors import CheckpointError, InputError
 from common.files import atomic_directory, file_fingerprint, write_json_atomic
 from common.provenance import tool_info
 from formats.hf_safetensors import HFSafetensorsReader
-from formats.torch_dist import HF_CONFIG_FILE, PROVENANCE_FILE, TOKENIZER_DIR, Chunk, write_checkpoint
+from formats.run_files import HF_CONFIG_FILE, PROVENANCE_FILE, TOKENIZER_DIR
+from formats.torch_dist import Chunk, write_checkpoint
 from models.hf_config import HF_CONFIG_NAME
 from models.registry import Arch, family_of, read_arch
 from models.weight_mapping import BoundMapping

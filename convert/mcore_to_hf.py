@@ -29,16 +29,9 @@ from common.files import atomic_directory, write_json_atomic
 from common.provenance import tool_info
 from formats.chat_template import AM_THINKING, ChatTemplate, template_named
 from formats.hf_safetensors import TensorSpec, write_sharded
+from formats.run_files import HF_CONFIG_FILE, PROVENANCE_FILE, TOKENIZER_DIR, TRAINING_DATA_FILE
 from formats.tokenizer import load_tokenizer
-from formats.torch_dist import (
-    HF_CONFIG_FILE,
-    PROVENANCE_FILE,
-    TOKENIZER_DIR,
-    TRAINING_DATA_FILE,
-    TorchDistReader,
-    read_hf_config,
-    resolve_checkpoint,
-)
+from formats.torch_dist import TorchDistReader, read_hf_config, resolve_checkpoint
 from models.registry import Arch, ModelFamily, arch_from_config, family_of
 from models.weight_mapping import BoundMapping
 

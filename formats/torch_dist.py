@@ -10,10 +10,10 @@ layout, because DCP reads whichever stored chunks overlap the region each rank n
 * `TorchDistReader.read` reads any rectangular region of a stored tensor, whatever chunks the
   writer (this module, or a trainer at some TP/PP layout) cut it into.
 
-The project's checkpoints also carry side files that make them self-describing: `hf_config.json` (the model's
-Hugging Face config, which the exporter needs), `tokenizer/` and `provenance.json`. A training run's
-directory holds one checkpoint per saved iteration in `iter_NNNNNNN/`; an iteration is complete once
-its directory exists under that name (the trainer writes under a temporary name and renames).
+The side files that make the project's checkpoints self-describing (`hf_config.json`, `tokenizer/`,
+`provenance.json`) and a run directory's `iter_NNNNNNN/` checkpoints are named in `run_files.py`, which
+needs no torch; this module checks such a checkpoint's data files (`checkpoint_problems`) and resolves
+a run directory to its newest intact one.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import math
-import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,23 +36,15 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from common.errors import CheckpointError, InputError
 
+from .run_files import HF_CONFIG_FILE, complete_iterations, is_checkpoint
+
 MEGATRON_METADATA = {
     "sharded_backend": "torch_dist",
     "sharded_backend_version": 1,
     "common_backend": "torch",
     "common_backend_version": 1,
 }
-HF_CONFIG_FILE = "hf_config.json"
-TOKENIZER_DIR = "tokenizer"
-PROVENANCE_FILE = "provenance.json"
-# What a training checkpoint's data was: {"chat_template": the name its datasets were encoded with}
-TRAINING_DATA_FILE = "training_data.json"
-_ITERATION_DIR = re.compile(r"^iter_(\d{7})$")
 log = logging.getLogger(__name__)
-
-
-def iteration_dir_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
 
 
 @dataclass(frozen=True)
@@ -210,20 +201,6 @@ class _IntoTensor(dcp.DefaultLoadPlanner):
 
     def lookup_tensor(self, index) -> torch.Tensor:
         return self._out
-
-
-def is_checkpoint(path: Path) -> bool:
-    return (path / ".metadata").is_file() and (path / "metadata.json").is_file()
-
-
-def complete_iterations(run_dir: str | Path) -> dict[int, Path]:
-    """The complete checkpoints of a training run directory, by iteration."""
-    found = {}
-    for child in Path(run_dir).iterdir():
-        match = _ITERATION_DIR.match(child.name)
-        if match and is_checkpoint(child):
-            found[int(match.group(1))] = child
-    return found
 
 
 def checkpoint_problems(checkpoint_dir: str | Path) -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import InputError
-from formats.torch_dist import HF_CONFIG_FILE
+from formats.run_files import HF_CONFIG_FILE
 
 HF_CONFIG_NAME = "config.json"
 

@@ -47,15 +47,15 @@ from common.distributed import die_with_parent
 from common.errors import CheckpointError, ConfigError
 from common.files import partial_path, publish_directory, write_json_atomic
 from common.provenance import tool_info
-from formats.torch_dist import (
+from formats.run_files import (
     HF_CONFIG_FILE,
     PROVENANCE_FILE,
     TOKENIZER_DIR,
     TRAINING_DATA_FILE,
     complete_iterations,
     iteration_dir_name,
-    resolve_checkpoint,
 )
+from formats.torch_dist import resolve_checkpoint
 from models.weights import load_strategy
 from plan.layout import ParallelLayout
 

@@ -24,7 +24,7 @@ import yaml
 
 from common.errors import ConfigError
 from formats.packed import PackedPaths
-from formats.torch_dist import HF_CONFIG_FILE
+from formats.run_files import HF_CONFIG_FILE
 from models.hf_config import HF_CONFIG_NAME
 from plan.layout import ParallelLayout
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from common.errors import ConfigError, DataError
 from formats.chat_template import TEMPLATES
-from formats.torch_dist import TOKENIZER_DIR, verify_checkpoint
+from formats.run_files import TOKENIZER_DIR
+from formats.torch_dist import verify_checkpoint
 from models.backends import te_available
 from models.hf_config import find_hf_config
 from models.registry import Arch, family_of, read_arch

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.files import write_json_atomic
-from formats.torch_dist import checkpoint_problems, complete_iterations
+from formats.run_files import complete_iterations
+from formats.torch_dist import checkpoint_problems
 
 RECORD_FILE = "failure_requeues.json"
 

@@ -55,7 +55,7 @@ def resave_at_layout(
     from megatron.core import dist_checkpointing
 
     from convert.verify import load_model_stage
-    from formats.torch_dist import HF_CONFIG_FILE
+    from formats.run_files import HF_CONFIG_FILE
 
     model = load_model_stage(source, tensor_parallel, pipeline_parallel, "cpu")
     if rank == 0:

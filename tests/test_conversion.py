@@ -16,12 +16,11 @@ from convert.hf_to_mcore import plan_chunks
 from convert.verify import hf_logits, sample_token_ids, verify_conversion
 from formats.chat_template import AM_THINKING, LLAMA3, QWEN3
 from formats.hf_safetensors import HFSafetensorsReader
+from formats.run_files import TRAINING_DATA_FILE, iteration_dir_name
 from formats.torch_dist import (
-    TRAINING_DATA_FILE,
     Chunk,
     TorchDistReader,
     checkpoint_problems,
-    iteration_dir_name,
     resolve_checkpoint,
     write_checkpoint,
 )

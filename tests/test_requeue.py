@@ -7,7 +7,8 @@ import json
 
 import torch
 
-from formats.torch_dist import Chunk, iteration_dir_name, write_checkpoint
+from formats.run_files import iteration_dir_name
+from formats.torch_dist import Chunk, write_checkpoint
 from slurm.requeue import RECORD_FILE, decide, main
 
 

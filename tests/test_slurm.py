@@ -4,7 +4,7 @@ The job trains the tiny model with configs/tiny_cpu.yaml on 2 nodes x 2 gloo pro
 batch script makes the trainer checkpoint and stop, the script requeues the job, and the second run
 resumes and finishes; a rank killed mid-run fails the job, which requeues itself and resumes; a job
 that fails at start-up is requeued once and then stops. The losses must equal those of the same run
-started by a plain torchrun.
+on one node without Slurm, uninterrupted.
 
 Without a reachable cluster the test is skipped, unless K2_SLURM=required (as in CI), where it fails.
 """
@@ -169,25 +169,17 @@ def _job_output(job: str, tmp_path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def plain_torchrun_losses(run_inputs, tmp_path_factory) -> dict[int, float]:
-    """The same run started by a plain torchrun on one node, uninterrupted."""
-    plain = tmp_path_factory.mktemp("plain") / "run"
-    subprocess.run(
-        [
-            str(Path(sys.executable).parent / "torchrun"),
-            "--standalone",
-            "--nproc-per-node=4",
-            "pretrain_sft.py",
-            "--config",
-            "configs/tiny_cpu.yaml",
-            *_overrides(run_inputs, plain),
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        timeout=600,
+def reference_losses(run_inputs, tmp_path_factory) -> dict[int, float]:
+    """The same run on one node, uninterrupted, its 4 ranks forked from the test's own process."""
+    from common.distributed import run_distributed
+
+    from trainer_ranks import train_from_file
+
+    reference = tmp_path_factory.mktemp("reference") / "run"
+    run_distributed(
+        train_from_file, 4, str(ROOT / "configs/tiny_cpu.yaml"), _overrides(run_inputs, reference)
     )
-    return _losses(plain)
+    return _losses(reference)
 
 
 def _worker_pids(save_dir: Path) -> list[int]:
@@ -209,7 +201,7 @@ def _worker_pids(save_dir: Path) -> list[int]:
 
 
 def test_sbatch_trains_on_two_nodes_checkpoints_on_usr1_and_resumes(
-    cluster, run_inputs, plain_torchrun_losses, tmp_path
+    cluster, run_inputs, reference_losses, tmp_path
 ):
     save_dir, logs = tmp_path / "run", tmp_path / "logs"
 
@@ -235,12 +227,12 @@ def test_sbatch_trains_on_two_nodes_checkpoints_on_usr1_and_resumes(
     assert "resumed from" in "".join(p.read_text() for p in node_logs)
 
     got = _losses(save_dir)
-    assert sorted(got) == list(range(1, 9)) and got.keys() == plain_torchrun_losses.keys()
-    assert all(got[i] == pytest.approx(plain_torchrun_losses[i], rel=1e-6) for i in got), got
+    assert sorted(got) == list(range(1, 9)) and got.keys() == reference_losses.keys()
+    assert all(got[i] == pytest.approx(reference_losses[i], rel=1e-6) for i in got), got
 
 
 def test_a_killed_rank_fails_the_job_which_requeues_itself_and_resumes(
-    cluster, run_inputs, plain_torchrun_losses, tmp_path
+    cluster, run_inputs, reference_losses, tmp_path
 ):
     save_dir = tmp_path / "run"
     overrides = _overrides(run_inputs, save_dir)[:-1] + ["checkpoint.save_interval=2"]
@@ -260,7 +252,7 @@ def test_a_killed_rank_fails_the_job_which_requeues_itself_and_resumes(
     assert failure["job"] == job and failure["exit_status"] != 0 and failure["checkpoint_iteration"] >= 2
     got = _losses(save_dir)
     assert sorted(got) == list(range(1, 9))
-    assert all(got[i] == pytest.approx(plain_torchrun_losses[i], rel=1e-6) for i in got), got
+    assert all(got[i] == pytest.approx(reference_losses[i], rel=1e-6) for i in got), got
 
 
 def test_a_job_failing_at_start_up_stops_after_one_retry_without_progress(cluster, run_inputs, tmp_path):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from common.distributed import run_distributed
-from formats.torch_dist import TRAINING_DATA_FILE
+from formats.run_files import TRAINING_DATA_FILE
 from sft.data import make_micro_batch
 from sft.metrics import read_metrics
 from testing.fixtures import TrainingInputs, training_inputs

@@ -1,7 +1,9 @@
 """Per-rank bodies for the trainer tests (run as ranks by common.distributed.run_distributed).
 
 `train(rank, world_size, overrides, fault)` trains with the given config overrides and returns the
-per-iteration losses. `fault` injects what a real run meets, inside the real code path:
+per-iteration losses; `train_from_file(rank, world_size, config_file, overrides)` trains as
+pretrain_sft.py does under torchrun, from a YAML file and overrides. `fault` injects what a real run
+meets, inside the real code path:
 
 - ("crash_after", k): the process dies (an exception escapes) during iteration k + 1;
 - ("crash_in_save", k): the save at iteration k dies after writing part of the checkpoint;
@@ -166,7 +168,7 @@ def _slow_down_async_writers(seconds: float) -> None:
 def _record_complete_checkpoints_at_each_save(trainer) -> None:
     from megatron.core import dist_checkpointing
 
-    from formats.torch_dist import complete_iterations
+    from formats.run_files import complete_iterations
 
     save = dist_checkpointing.save
     trainer.saves_saw = {}
@@ -207,3 +209,10 @@ def train(rank: int, world_size: int, overrides: list[str], fault=None) -> dict:
         "checkpoint": str(result.last_checkpoint),
         "hooks": next((c.calls for c in trainer.callbacks if isinstance(c, _Recorder)), None),
     }
+
+
+def train_from_file(rank: int, world_size: int, config_file: str, overrides: list[str]) -> None:
+    from sft.config import load_config
+    from sft.trainer import Trainer
+
+    Trainer(load_config(config_file, overrides), "cpu").train()
