@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
         "pretrain_sft",
         "plan_layout",
         "plot_metrics",
+        "evaluate",
     ],
 )
 def test_help_explains_every_flag(tool, capsys):
