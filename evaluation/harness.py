@@ -79,6 +79,34 @@ def grade(kind: str, reply: str, gold: str) -> tuple[str | None, bool, bool]:
     return answer.text, is_correct(answer, gold), answer.truncated
 
 
+def chat_messages(problem: Problem, kind: str, settings: EvalSettings) -> list[dict[str, str]]:
+    """The conversation a problem is asked as (lm-eval renders the same through the chat template): the
+    settings' system turn, if any, else none, so that the template's default applies; the user turn."""
+    system = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
+    return [*system, {"role": "user", "content": settings.user_turn(problem.text, kind)}]
+
+
+def longest_prompt(tokenizer, problems: dict[str, list[Problem]], settings: EvalSettings) -> int:
+    """The most tokens a prompt of `problems` takes through `tokenizer`'s chat template."""
+    return max(
+        len(
+            tokenizer.apply_chat_template(
+                chat_messages(p, BENCHMARKS[name].kind, settings),
+                tokenize=True,
+                add_generation_prompt=True,
+                return_dict=False,
+            )
+        )
+        for name, rows in problems.items()
+        for p in limited(rows, settings)
+    )
+
+
+def limited(rows: list[Problem], settings: EvalSettings) -> list[Problem]:
+    """The problems evaluated: the first `settings.limit`, or all."""
+    return rows[: settings.limit] if settings.limit else rows
+
+
 def run_benchmarks(
     lm,
     problems: dict[str, list[Problem]],
@@ -91,7 +119,7 @@ def run_benchmarks(
     from lm_eval.tasks import TaskManager
 
     graded: dict[str, dict[int, list[tuple[str | None, bool, bool]]]] = {name: {} for name in problems}
-    chosen = {name: rows[: settings.limit] if settings.limit else rows for name, rows in problems.items()}
+    chosen = {name: limited(rows, settings) for name, rows in problems.items()}
     tasks = [_task(name, rows, settings, graded[name]) for name, rows in chosen.items()]
     outcome = simple_evaluate(
         model=lm,

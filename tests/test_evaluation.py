@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from evaluation.benchmarks import read_benchmark
-from evaluation.harness import run_benchmarks, write_outputs
+from evaluation.harness import chat_messages, run_benchmarks, write_outputs
 from evaluation.settings import EvalSettings, load_profile
 from testing.scripted_lm import ScriptedLM
 
@@ -146,6 +146,8 @@ def chat_model(tmp_path_factory, qwen_tokenizer_dir) -> Path:
 
 @pytest.mark.slow
 def test_a_tiny_model_generates_through_the_hf_backend_with_its_chat_template(chat_model, data_dir, tmp_path):
+    from transformers import AutoTokenizer
+
     from formats.chat_template import AM_THINKING
 
     def evaluate(out: Path) -> int:
@@ -177,9 +179,22 @@ def test_a_tiny_model_generates_through_the_hf_backend_with_its_chat_template(ch
         f"<|im_start|>user\nWhat is 1 + 1?\n{suffix}<|im_end|>\n<|im_start|>assistant\n"
     )
     assert all(1 <= r["reply_tokens"] <= 6 for r in lines) and lines[0]["reply"] != lines[1]["reply"]
+    # the length check renders the same prompt as the harness
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    problem = read_benchmark(data_dir, "aime24")[0]
+    messages = chat_messages(problem, "math", load_profile("am"))
+    assert (
+        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        == lines[0]["prompt"]
+    )
     results = json.loads((tmp_path / "a" / "results.json").read_text())
     assert results["settings"]["temperature"] == 0.6 and results["settings"]["max_new_tokens"] == 6
     assert results["scores"]["aime24"]["problems"] == 2 and results["backend"] == "hf"
+    assert (
+        results["longest_prompt_tokens"]
+        == max(len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) for r in lines)
+        and results["context_tokens"] == 32768
+    )
     assert Path(results["model"]["files"][0]["path"]).name == "config.json"
 
 
@@ -202,3 +217,20 @@ def test_bad_input_is_one_named_error(qwen_tokenizer_dir, data_dir, tmp_path, ca
     _write_jsonl(data_dir / "math500.jsonl", [{"problem": "x"}])
     assert "math500.jsonl, row 0: no 'answer'" in error("--benchmarks", "math500")
     assert "the tokenizer has no chat template" in error("--benchmarks", "aime24")
+
+    from transformers import AutoTokenizer
+
+    from formats.chat_template import AM_THINKING
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = AM_THINKING.jinja()
+    tokenizer.save_pretrained(model)
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen2", "max_position_embeddings": 200}))
+    too_long = error("--benchmarks", "aime24", "--max-new-tokens", "150")
+    assert re.search(
+        r"the longest prompt \((\d+) tokens\) and --max-new-tokens 150 need \d+ tokens, over", too_long
+    )
+    assert "context of 200 (config.json max_position_embeddings): lower --max-new-tokens" in too_long
+    # vLLM is never installed beside the training stack: the tool says where it lives
+    no_vllm = error("--benchmarks", "aime24", "--max-new-tokens", "8", "--backend", "vllm")
+    assert "requirements/eval-gpu.txt" in no_vllm

@@ -149,3 +149,22 @@ def _supported_model_types() -> list[str]:
     from models.registry import supported_model_types
 
     return list(supported_model_types())
+
+
+def test_the_evaluation_environment_runs_the_harness_and_grader_the_tests_run():
+    """requirements/eval-gpu.txt (vLLM's own environment) pins lm-eval and math-verify at the versions the
+    CPU tests check; only the backend and what vLLM pins (torch, transformers) differ."""
+
+    def pins(requirements: list[str]) -> dict[str, str]:
+        return {
+            dep.split("==")[0].split("[")[0].lower(): dep.split("==")[1]
+            for dep in requirements
+            if "==" in dep
+        }
+
+    project = pins(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    evaluation = pins(_requirements(ROOT / "requirements" / "eval-gpu.txt"))
+    assert {name: evaluation.get(name) for name in ("lm-eval", "math-verify")} == {
+        name: project[name] for name in ("lm-eval", "math-verify")
+    }
+    assert "vllm" in evaluation and "torch" not in project.keys() & evaluation.keys()  # vLLM brings its own

@@ -10,8 +10,10 @@ own columns (`problem`, `answer`; GPQA's `Question`, `Correct Answer`, `Incorrec
 profile (configs/eval/: k2think, am) sets sampling, the token cap, samples per problem, stop strings and
 the user-turn suffix; the flags below override it. Prompts go through the model's own chat template;
 without --system-prompt its default system prompt applies (for a release of this project, the one it
-was trained with). lm-evaluation-harness runs the generation (the `hf` backend: transformers), each
-reply is graded here (evaluation/grading.py: the answer after the thinking, math-verify).
+was trained with). lm-evaluation-harness runs the generation: `--backend hf` (transformers, anywhere)
+or `--backend vllm` (on GPUs, from the environment of requirements/eval-gpu.txt; slurm/eval.sh); each
+reply is graded here (evaluation/grading.py: the answer after the thinking, math-verify). A prompt that
+would not fit the model's context together with --max-new-tokens is refused before any weights load.
 
 Writes OUTPUT/results.json (per benchmark: pass@1, its standard error over problems, problems, samples,
 share of replies at the token cap, mean reply tokens; the settings, the model's and data's fingerprints,
@@ -32,7 +34,7 @@ from common.files import file_fingerprint
 from common.logging_utils import setup_logging
 from common.provenance import tool_info
 from evaluation.benchmarks import BENCHMARKS, benchmark_file, read_benchmark
-from evaluation.harness import markdown_table, run_benchmarks, write_outputs
+from evaluation.harness import longest_prompt, markdown_table, run_benchmarks, write_outputs
 from evaluation.settings import load_profile, profile_names
 
 log = logging.getLogger("evaluate")
@@ -70,10 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--system-prompt", help="the system turn (default: the chat template's own, e.g. the trained one)"
     )
     parser.add_argument(
-        "--backend", choices=["hf"], default="hf", help="generation through transformers (hf)"
+        "--backend",
+        choices=["hf", "vllm"],
+        default="hf",
+        help="generation through transformers (hf, default) or vLLM (its own environment: "
+        "requirements/eval-gpu.txt)",
     )
-    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="hf: default cuda when available")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="hf: prompts generated together (default 8)"
+    )
+    parser.add_argument(
+        "--tensor-parallel", type=int, default=1, help="vllm: GPUs per model copy (default 1)"
+    )
+    parser.add_argument("--data-parallel", type=int, default=1, help="vllm: model copies (default 1)")
     parser.add_argument("--output", type=Path, required=True, help="the directory to write")
     parser.add_argument("--force", action="store_true", help="replace an existing --output")
     return parser
@@ -106,6 +118,31 @@ def load_model_tokenizer(model: Path):
     return tokenizer
 
 
+def context_length(model: Path) -> int:
+    """The model's context in tokens (config.json's max_position_embeddings)."""
+    import json
+
+    config = json.loads((model / "config.json").read_text())
+    context = config.get("max_position_embeddings") or config.get("text_config", {}).get(
+        "max_position_embeddings"
+    )
+    if not context:
+        raise InputError(
+            f"{model / 'config.json'}: no max_position_embeddings, the context to check prompts against"
+        )
+    return int(context)
+
+
+def check_context(prompt_tokens: int, max_new_tokens: int, context: int, model: Path) -> None:
+    """Both engines cut a prompt that leaves less than the token cap free: refuse that instead."""
+    if prompt_tokens + max_new_tokens > context:
+        raise InputError(
+            f"the longest prompt ({prompt_tokens} tokens) and --max-new-tokens {max_new_tokens} need "
+            f"{prompt_tokens + max_new_tokens} tokens, over {model}'s context of {context} "
+            "(config.json max_position_embeddings): lower --max-new-tokens, or the prompt would be cut"
+        )
+
+
 def model_fingerprint(model: Path) -> dict:
     files = sorted([model / "config.json", *model.glob("*.safetensors")])
     return {"path": str(model.resolve()), "files": [file_fingerprint(f) for f in files]}
@@ -134,7 +171,13 @@ def main(argv: list[str] | None = None) -> int:
         names = chosen_benchmarks(args.data, args.benchmarks)
         problems = {name: read_benchmark(args.data, name, settings.seed) for name in names}
         tokenizer = load_model_tokenizer(args.model)
-        lm = _hf_model(args.model, args.device, args.batch_size)
+        prompt_tokens, context = longest_prompt(tokenizer, problems, settings), context_length(args.model)
+        check_context(prompt_tokens, settings.max_new_tokens, context, args.model)
+        if args.backend == "vllm":
+            needed = prompt_tokens + settings.max_new_tokens
+            lm = _vllm_model(args.model, args.tensor_parallel, args.data_parallel, needed, settings.seed)
+        else:
+            lm = _hf_model(args.model, args.device, args.batch_size)
         evaluation = run_benchmarks(
             lm, problems, settings, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
         )
@@ -144,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             "model": model_fingerprint(args.model),
             "data": {name: file_fingerprint(benchmark_file(args.data, name)) for name in names},
             "backend": args.backend,
+            "longest_prompt_tokens": prompt_tokens,
+            "context_tokens": context,
             "provenance": tool_info("evaluate"),
         }
         write_outputs(evaluation, args.output, about, force=args.force)
@@ -161,6 +206,29 @@ def _hf_model(model: Path, device: str | None, batch_size: int):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "float32" if device == "cpu" else "auto"
     return HFLM(pretrained=str(model), device=device, dtype=dtype, batch_size=batch_size)
+
+
+def _vllm_model(model: Path, tensor_parallel: int, data_parallel: int, max_model_len: int, seed: int):
+    """vLLM through lm-eval, its context exactly the longest prompt plus the token cap (no more KV cache
+    than needed, and no prompt cut)."""
+    from importlib.util import find_spec
+
+    if find_spec("vllm") is None:
+        raise InputError(
+            "--backend vllm needs vLLM, which pins its own torch and lives in its own environment: build it "
+            "from requirements/eval-gpu.txt (its header says how) and run this tool with that Python"
+        )
+    from lm_eval.models.vllm_causallms import VLLM
+
+    return VLLM(
+        pretrained=str(model),
+        dtype="auto",
+        tensor_parallel_size=tensor_parallel,
+        data_parallel_size=data_parallel,
+        max_model_len=max_model_len,
+        seed=seed,
+        batch_size="auto",
+    )
 
 
 if __name__ == "__main__":
