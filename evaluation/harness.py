@@ -31,6 +31,7 @@ from common.files import atomic_directory
 
 from .benchmarks import BENCHMARKS, Problem
 from .grading import chosen_option, final_answer, is_correct
+from .references import REFERENCES
 from .settings import EvalSettings
 
 
@@ -244,22 +245,60 @@ def _score(
 
 
 def markdown_table(scores: list[BenchmarkScore]) -> str:
+    """The scores beside the references' (docs/evaluation.md), in percent."""
+    references = list(REFERENCES)
     lines = [
-        "| benchmark | pass@1 (%) | ± s.e. | problems | samples | hit token cap (%) | mean reply tokens |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| benchmark | pass@1 (%) | ± s.e. | problems | samples | hit token cap (%) | mean reply tokens | "
+        + " | ".join(references)
+        + " |",
+        "| --- |" + " ---: |" * (6 + len(references)),
     ]
     for s in scores:
         stderr = f"{100 * s.stderr:.1f}" if s.stderr is not None else "-"
+        reported = [f"{REFERENCES[r][s.name]:.1f}" if s.name in REFERENCES[r] else "-" for r in references]
         lines.append(
             f"| {s.title} | {100 * s.pass_at_1:.1f} | {stderr} | {s.problems} | {s.samples_per_problem} | "
-            f"{100 * s.hit_token_cap:.1f} | {s.mean_reply_tokens:.0f} |"
+            f"{100 * s.hit_token_cap:.1f} | {s.mean_reply_tokens:.0f} | " + " | ".join(reported) + " |"
         )
     return "\n".join(lines) + "\n"
 
 
+def plot_scores(scores: list[BenchmarkScore], out_png: Path, title: str) -> Path:
+    """pass@1 per benchmark with its standard error, and the references' figures as markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(1.6 * len(scores) + 3, 4))
+    x = range(len(scores))
+    axes.bar(
+        x,
+        [100 * s.pass_at_1 for s in scores],
+        yerr=[100 * (s.stderr or 0) for s in scores],
+        capsize=4,
+        color="tab:blue",
+        label="this run",
+    )
+    for marker, (reference, figures) in zip("D^", REFERENCES.items(), strict=False):
+        shown = [(i, figures[s.name]) for i, s in enumerate(scores) if s.name in figures]
+        if shown:
+            axes.scatter(*zip(*shown, strict=True), marker=marker, color="black", zorder=3, label=reference)
+    axes.set_xticks(list(x), [s.title for s in scores], rotation=20)
+    axes.set_ylabel("pass@1 (%)")
+    axes.set_ylim(0, 100)
+    axes.set_title(title)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out_png, dpi=100)
+    plt.close(figure)
+    return out_png
+
+
 def write_outputs(evaluation: Evaluation, out: Path, about: dict[str, Any], force: bool = False) -> Path:
     """OUT/results.json (scores, settings, `about`: model, data, versions), OUT/samples/NAME.jsonl (every
-    reply), OUT/results.md (the table); the directory appears whole or not at all."""
+    reply), OUT/results.md (the table) and OUT/results.png (the plot), both beside the references'
+    figures; the directory appears whole or not at all."""
     with atomic_directory(out, force=force) as tmp:
         results = {
             "scores": {s.name: asdict(s) for s in evaluation.scores},
@@ -273,4 +312,7 @@ def write_outputs(evaluation: Evaluation, out: Path, about: dict[str, Any], forc
             lines = (json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in replies)
             (tmp / "samples" / f"{name}.jsonl").write_text("".join(lines), encoding="utf-8")
         (tmp / "results.md").write_text(markdown_table(evaluation.scores))
+        plot_scores(
+            evaluation.scores, tmp / "results.png", f"pass@1 ({evaluation.settings.profile or 'settings'})"
+        )
     return out

@@ -112,7 +112,11 @@ def test_fixed_replies_score_the_hand_computed_pass_at_1_through_the_harness(dat
     assert results["settings"]["samples"] == 2 and results["settings"]["system_prompt"] == "SYS"
     lines = [json.loads(line) for line in (out / "samples" / "aime24.jsonl").read_text().splitlines()]
     assert len(lines) == 6 and lines[1]["reply"] == "<think>hm</think> \\boxed{3}" and lines[1]["gold"] == "2"
-    assert "| AIME 2024 | 66.7 | 16.7 | 3 | 2 | 16.7 | 3 |" in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert "| pass@1 (%) | ± s.e. |" in table and table.splitlines()[0].endswith("| K2-Think SFT | AM SFT |")
+    assert "| AIME 2024 | 66.7 | 16.7 | 3 | 2 | 16.7 | 3 | 79.3 | 84.3 |" in table  # beside the references
+    assert "| GPQA-Diamond | 50.0 | - | 1 | 2 | 0.0 | " in table and table.endswith(" | - | - |\n")
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_gpqa_options_are_shuffled_by_the_seed_and_the_gold_letter_follows():

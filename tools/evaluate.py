@@ -18,7 +18,8 @@ would not fit the model's context together with --max-new-tokens is refused befo
 Writes OUTPUT/results.json (per benchmark: pass@1, its standard error over problems, problems, samples,
 share of replies at the token cap, mean reply tokens; the settings, the model's and data's fingerprints,
 versions), OUTPUT/samples/NAME.jsonl (every reply: prompt, reply, extracted answer, gold, correct,
-tokens, finish reason) and OUTPUT/results.md.
+tokens, finish reason), OUTPUT/results.md and OUTPUT/results.png (the scores beside the figures the
+references report, evaluation/references.py).
 """
 
 from __future__ import annotations
