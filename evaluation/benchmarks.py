@@ -84,7 +84,13 @@ def read_benchmark(data_dir: Path, name: str, seed: int = 0) -> list[Problem]:
     if not rows:
         raise InputError(f"{path} holds no rows")
     read = _choice_problem if benchmark.kind == "choice" else _math_problem
-    return [read(path, number, row, seed) for number, row in enumerate(rows)]
+    problems = [read(path, number, row, seed) for number, row in enumerate(rows)]
+    first_row: dict[str, int] = {}
+    for number, problem in enumerate(problems):
+        if problem.id in first_row:  # scores and samples are kept per problem id
+            raise InputError(f"{path}, row {number}: id {problem.id!r} again (row {first_row[problem.id]})")
+        first_row[problem.id] = number
+    return problems
 
 
 def _read_rows(path: Path) -> list[dict]:

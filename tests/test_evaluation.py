@@ -220,6 +220,8 @@ def test_bad_input_is_one_named_error(qwen_tokenizer_dir, data_dir, tmp_path, ca
     assert f"{tmp_path / 'nowhere'}: no such data directory" in error("--data", str(tmp_path / "nowhere"))
     _write_jsonl(data_dir / "math500.jsonl", [{"problem": "x"}])
     assert "math500.jsonl, row 0: no 'answer'" in error("--benchmarks", "math500")
+    _write_jsonl(data_dir / "math500.jsonl", [{"id": "a", "problem": "x", "answer": "1"}] * 2)
+    assert "math500.jsonl, row 1: id 'a' again (row 0)" in error("--benchmarks", "math500")
     assert "the tokenizer has no chat template" in error("--benchmarks", "aime24")
 
     from transformers import AutoTokenizer

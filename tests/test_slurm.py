@@ -182,21 +182,33 @@ def reference_losses(run_inputs, tmp_path_factory) -> dict[int, float]:
     return _losses(reference)
 
 
+def _argv(pid: int | str) -> list[str]:
+    try:
+        return [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    except OSError:
+        return []
+
+
+def _parent(pid: int | str) -> str:
+    try:  # the field after the parenthesised command name, its state, is followed by the parent's pid
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+    except (OSError, IndexError):
+        return ""
+
+
 def _worker_pids(save_dir: Path) -> list[int]:
-    """The trainer processes (torchrun's workers, not torchrun or the srun shell) of the run at save_dir."""
+    """The trainer processes of the run at save_dir: torchrun's children, not torchrun or the srun shell,
+    nor the processes a rank forks (megatron-core's background checkpoint writers share its command line)."""
     pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            argv = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        args = [a.decode(errors="replace") for a in argv]
+    for proc in Path("/proc").glob("[0-9]*"):
+        args = _argv(proc.name)
         if (
             "pretrain_sft.py" in args[:3]
             and not any("torchrun" in a or a == "-c" for a in args[:3])
             and f"checkpoint.save_dir={save_dir}" in args
+            and any("torchrun" in a for a in _argv(_parent(proc.name))[:3])
         ):
-            pids.append(int(cmdline.parent.name))
+            pids.append(int(proc.name))
     return sorted(pids)
 
 
