@@ -63,9 +63,7 @@ def benchmark_file(data_dir: Path, name: str) -> Path:
     """`data_dir/NAME.jsonl` or `data_dir/NAME.parquet`, whichever exists (not both)."""
     if not data_dir.is_dir():
         raise InputError(f"{data_dir}: no such data directory (tools/get_eval_data.py --out DIR writes one)")
-    found = [
-        data_dir / f"{name}.{ext}" for ext in ("jsonl", "parquet") if (data_dir / f"{name}.{ext}").is_file()
-    ]
+    found = _files_of(data_dir, name)
     if not found:
         raise InputError(
             f"{data_dir} holds no {name}.jsonl or {name}.parquet: add the benchmark's file (the hub "
@@ -74,6 +72,17 @@ def benchmark_file(data_dir: Path, name: str) -> Path:
     if len(found) > 1:
         raise InputError(f"{data_dir} holds both {found[0].name} and {found[1].name}: keep one")
     return found[0]
+
+
+def benchmarks_in(data_dir: Path) -> list[str]:
+    """The benchmarks that have a file in `data_dir`, in registry order."""
+    return [name for name in BENCHMARKS if _files_of(data_dir, name)]
+
+
+def _files_of(data_dir: Path, name: str) -> list[Path]:
+    return [
+        data_dir / f"{name}.{ext}" for ext in ("jsonl", "parquet") if (data_dir / f"{name}.{ext}").is_file()
+    ]
 
 
 def read_benchmark(data_dir: Path, name: str, seed: int = 0) -> list[Problem]:

@@ -34,7 +34,7 @@ from common.errors import InputError
 from common.files import file_fingerprint
 from common.logging_utils import setup_logging
 from common.provenance import tool_info
-from evaluation.benchmarks import BENCHMARKS, benchmark_file, read_benchmark
+from evaluation.benchmarks import BENCHMARKS, benchmark_file, benchmarks_in, read_benchmark
 from evaluation.harness import longest_prompt, markdown_table, run_benchmarks, write_outputs
 from evaluation.settings import load_profile, profile_names
 
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 def chosen_benchmarks(data: Path, names: str | None) -> list[str]:
     if names:
         return [n.strip() for n in names.split(",") if n.strip()]
-    present = [n for n in BENCHMARKS if any((data / f"{n}.{ext}").is_file() for ext in ("jsonl", "parquet"))]
+    present = benchmarks_in(data)
     if not present:
         benchmark_file(data, "aime24")  # names the missing directory, if that is the problem
         raise InputError(
