@@ -5,8 +5,10 @@
 A data directory holds one file per benchmark, `NAME.jsonl` or `NAME.parquet`, with the hub dataset's
 own columns: `problem` and `answer` for the math sets, GPQA's `Question`, `Correct Answer` and
 `Incorrect Answer 1..3`; an `id`, `unique_id`, `problem_idx` or `Record ID` column names each
-problem, else its row number. GPQA's options are put in an order drawn from the seed and the
-question, so that the right letter is spread over A-D and the same seed gives the same order.
+problem, else its row number. A file of any other name with `problem` and `answer` columns is a math
+set of the user's own, graded as the math benchmarks are. GPQA's options are put in an order drawn
+from the seed and the question, so that the right letter is spread over A-D and the same seed gives
+the same order.
 """
 
 from __future__ import annotations
@@ -53,10 +55,21 @@ class Problem:
     gold: str  # the answer, or for a multiple-choice question its option letter
 
 
-def benchmark_named(name: str) -> Benchmark:
-    if name not in BENCHMARKS:
-        raise InputError(f"unknown benchmark {name!r}; the benchmarks are: {', '.join(BENCHMARKS)}")
-    return BENCHMARKS[name]
+def benchmark_named(name: str, data_dir: Path | None = None) -> Benchmark:
+    """The registry's benchmark `name`, or a math set of the user's own if `data_dir` has its file."""
+    if name in BENCHMARKS:
+        return BENCHMARKS[name]
+    if data_dir is not None and data_dir.is_dir() and _files_of(data_dir, name):
+        return benchmark_of(name)
+    raise InputError(
+        f"unknown benchmark {name!r}; the benchmarks are: {', '.join(BENCHMARKS)} (or a math set of your "
+        f"own: {name}.jsonl with `problem` and `answer` columns in the data directory)"
+    )
+
+
+def benchmark_of(name: str) -> Benchmark:
+    """The registry's benchmark, else a math set of the user's own (checked by `benchmark_named`)."""
+    return BENCHMARKS.get(name) or Benchmark(name, name, "math")
 
 
 def benchmark_file(data_dir: Path, name: str) -> Path:
@@ -87,7 +100,7 @@ def _files_of(data_dir: Path, name: str) -> list[Path]:
 
 def read_benchmark(data_dir: Path, name: str, seed: int = 0) -> list[Problem]:
     """The problems of benchmark `name` in `data_dir`, in file order."""
-    benchmark = benchmark_named(name)
+    benchmark = benchmark_named(name, data_dir)
     path = benchmark_file(data_dir, name)
     rows = _read_rows(path)
     if not rows:

@@ -76,6 +76,13 @@ def is_correct(answer: FinalAnswer, gold: str) -> bool:
     return answer.text is not None and verify(expected, parse(_as_latex(answer.text)))
 
 
+def gold_is_readable(gold: str) -> bool:
+    """Whether math-verify reads `gold` as mathematics (`is_correct` refuses a gold answer it cannot)."""
+    from math_verify import parse
+
+    return bool(gold.strip()) and bool(parse(_as_latex(gold)))
+
+
 def _as_latex(text: str) -> str:
     """math-verify's LaTeX extraction reads math between delimiters: a bare answer gets them."""
     stripped = text.strip()

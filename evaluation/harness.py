@@ -29,7 +29,7 @@ from typing import Any
 
 from common.files import atomic_directory
 
-from .benchmarks import BENCHMARKS, Problem
+from .benchmarks import Problem, benchmark_of
 from .grading import chosen_option, final_answer, is_correct
 from .references import REFERENCES
 from .settings import EvalSettings
@@ -92,7 +92,7 @@ def longest_prompt(tokenizer, problems: dict[str, list[Problem]], settings: Eval
     return max(
         len(
             tokenizer.apply_chat_template(
-                chat_messages(p, BENCHMARKS[name].kind, settings),
+                chat_messages(p, benchmark_of(name).kind, settings),
                 tokenize=True,
                 add_generation_prompt=True,
                 return_dict=False,
@@ -153,7 +153,7 @@ def _task(name: str, rows: list[Problem], settings: EvalSettings, graded: dict) 
     """The lm-eval task config of one benchmark (a dict: lm-eval builds the task from it)."""
     from datasets import Dataset
 
-    kind = BENCHMARKS[name].kind
+    kind = benchmark_of(name).kind
     docs = [
         {"index": i, "id": p.id, "text": settings.user_turn(p.text, kind), "gold": p.gold}
         for i, p in enumerate(rows)
@@ -232,7 +232,7 @@ def _score(
     n = len(per_problem)
     return BenchmarkScore(
         name=name,
-        title=BENCHMARKS[name].title,
+        title=benchmark_of(name).title,
         pass_at_1=sum(per_problem) / n,
         stderr=statistics.stdev(per_problem) / math.sqrt(n) if n > 1 else None,
         problems=n,

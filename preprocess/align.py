@@ -24,6 +24,7 @@ from typing import Any
 
 from common.errors import DataError, InputError
 from common.files import atomic_output, file_fingerprint, write_json_atomic
+from common.hub import download_dataset
 
 from . import conversation
 
@@ -112,43 +113,14 @@ def download_snapshot(revision: str, cache_dir: str | None = None, repo: str = A
     The hub files are then read by the same streaming reader as a local snapshot: reading them through
     `datasets.load_dataset` is exactly what fails on this dataset's per-subset schemas.
     """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
+    return download_dataset(
+        repo,
+        revision,
+        allow_patterns=[f"*{s}" for s in DATA_SUFFIXES],
+        cache_dir=cache_dir,
+        fix=f"check --revision (default: the recipe's {AM_THINKING_REVISION})",
+        offline="download on a machine with access and pass --source SNAPSHOT_DIR",
     )
-
-    try:
-        return Path(
-            snapshot_download(
-                repo_id=repo,
-                repo_type="dataset",
-                revision=revision,
-                cache_dir=cache_dir,
-                allow_patterns=[f"*{s}" for s in DATA_SUFFIXES],
-            )
-        )
-    except RevisionNotFoundError as exc:
-        raise InputError(
-            f"the hub has no revision {revision} of the dataset {repo}: check --revision (default: the "
-            f"recipe's {AM_THINKING_REVISION})"
-        ) from exc
-    except RepositoryNotFoundError as exc:
-        raise InputError(
-            f"the hub has no dataset {repo} (or it is private and HF_TOKEN is not set): check --repo"
-        ) from exc
-    except LocalEntryNotFoundError as exc:  # the hub unreachable and nothing cached (a subclass of the next)
-        raise InputError(
-            f"cannot reach the hub for {repo} at {revision} and it is not in the cache: check the network, "
-            "HF_ENDPOINT, or download on a machine with access and pass --source SNAPSHOT_DIR"
-        ) from exc
-    except EntryNotFoundError as exc:
-        raise InputError(
-            f"a file of {repo} at {revision} is listed by the hub but cannot be downloaded ({exc}); "
-            "nothing was aligned: retry, or pass --source SNAPSHOT_DIR with a complete snapshot"
-        ) from exc
 
 
 def iter_jsonl(path: Path, progress) -> Iterator[tuple[Any, str | None]]:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import InputError
+from common.hub import download_dataset
 
 from .registry import DatasetEntry
 
@@ -231,24 +232,10 @@ def _parquet_rows(path: Path) -> int:
 
 def download_hub_snapshot(entry: DatasetEntry, cache_dir: str | None = None) -> Path:
     """The entry's hub dataset at its revision, downloaded into the Hugging Face cache."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        return Path(
-            snapshot_download(
-                repo_id=entry.hub_repo, repo_type="dataset", revision=entry.revision, cache_dir=cache_dir
-            )
-        )
-    except RevisionNotFoundError as exc:
-        raise InputError(
-            f"{entry.where}: the hub has no such revision; fix `revision` in the registry"
-        ) from exc
-    except RepositoryNotFoundError as exc:
-        raise InputError(
-            f"{entry.where}: the hub has no such dataset (or it is private and HF_TOKEN is not set)"
-        ) from exc
-    except LocalEntryNotFoundError as exc:
-        raise InputError(
-            f"{entry.where}: cannot reach the hub and it is not in the cache: check the network, HF_ENDPOINT"
-        ) from exc
+    return download_dataset(
+        entry.hub_repo,
+        entry.revision,
+        where=entry.where,
+        cache_dir=cache_dir,
+        fix="fix `revision` in the registry",
+    )

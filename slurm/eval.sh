@@ -10,7 +10,8 @@
 # cap (tools/evaluate.py refuses a model whose context is shorter), so no prompt is ever cut.
 #
 # Environment variables:
-#   DATA         directory of NAME.jsonl / NAME.parquet benchmark files (required; docs/evaluation.md)
+#   DATA         directory of NAME.jsonl / NAME.parquet benchmark files (required): what
+#                tools/get_eval_data.py --out DATA wrote on a machine with hub access (docs/evaluation.md)
 #   OUTPUT       directory to write (default RELEASE/eval-PROFILE-JOBID)
 #   PROFILE      configs/eval/ profile (default k2think)
 #   BENCHMARKS   comma-separated (default aime24,aime25,hmmt25,math500,gpqa_diamond: those with files)

@@ -5,7 +5,8 @@ subset files whose schemas differ (jsonl and parquet, extra and nested per-subse
 top-level `system`), single- and multi-turn conversations, leading system turns, long reasoning answers
 `<think>...</think> <answer>...</answer>` with a long-tailed length distribution (two conversations
 exceed 32K tokens), non-ASCII text, and malformed rows. `write_sample_snapshot()` returns what a correct
-aligner must report: rows kept per subset and rows dropped per reason.
+aligner must report: rows kept per subset and rows dropped per reason. `write_eval_sample()` writes the
+demo's evaluation set: a few arithmetic problems as a math benchmark file of tools/evaluate.py.
 
     python -m testing.sample_data OUT_DIR [--rows-per-subset 50] [--length-scale 1.0]
 """
@@ -236,6 +237,23 @@ def write_sample_snapshot(
     for name in ("multiturn", "chat"):
         _write_parquet(root / f"{name}.parquet", rows[name])
     return snap
+
+
+# The demo's evaluation set: questions of the form of its held-out probe, none in the training sample.
+ARITHMETIC = (
+    ("What is 17 + 25?", "42"),
+    ("What is 6 times 7?", "42"),
+    ("What is 100 - 58?", "42"),
+    ("What is 3/4 + 1/4?", "1"),
+)
+
+
+def write_eval_sample(data_dir: Path, name: str = "arithmetic") -> Path:
+    """data_dir/NAME.jsonl with ARITHMETIC (`id`, `problem`, `answer`), a math set of evaluate.py."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"id": f"a{i}", "problem": q, "answer": a} for i, (q, a) in enumerate(ARITHMETIC, 1)]
+    (data_dir / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return data_dir
 
 
 def _write_parquet(path: Path, rows: list[dict]) -> None:

@@ -221,10 +221,10 @@ class _HubMissingAFile:
         hub = self.hub.__enter__()
         serve_file = hub._file
 
-        def without_missing(request, revision, file, body):
+        def without_missing(request, repo, revision, file, body):
             if file == self.missing:
                 return hub._error(request, 404, "EntryNotFound", f"{file} does not exist at {revision}")
-            return serve_file(request, revision, file, body)
+            return serve_file(request, repo, revision, file, body)
 
         hub._file = without_missing
         return hub

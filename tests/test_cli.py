@@ -90,6 +90,8 @@ def test_a_missing_config_file_is_one_line_naming_it_and_the_shipped_ones(tmp_pa
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_learns_the_answer_format(tmp_path):
+    from formats.chat_template import AM_THINKING
+
     result = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "demo.py"), "--out", str(tmp_path)],
         capture_output=True,
@@ -117,3 +119,14 @@ def test_demo_runs_end_to_end_and_learns_the_answer_format(tmp_path):
     assert summary["after_training"]["reply"].startswith("<think>")
     assert Path(summary["curves"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"loss curves: {summary['curves']}" in result.stdout
+    # The evaluation stage on the release: 4 bundled problems x 2 samples, every prompt through the
+    # release's chat template with the trained system prompt; the table printed (the score is a 2-layer
+    # model's, near 0, and not asserted).
+    score = json.loads((tmp_path / "eval" / "results.json").read_text())["scores"]["arithmetic"]
+    assert (score["problems"], score["samples_per_problem"]) == (4, 2) and 0 <= score["pass_at_1"] <= 1
+    assert summary["evaluation"]["pass_at_1"] == score["pass_at_1"]
+    samples = [json.loads(line) for line in (tmp_path / "eval" / "samples" / "arithmetic.jsonl").open()]
+    assert len(samples) == 8 and all(1 <= s["reply_tokens"] <= 48 for s in samples)
+    assert samples[0]["prompt"].startswith(f"<|im_start|>system\n{AM_THINKING.default_system}<|im_end|>")
+    assert "<|im_start|>user\nWhat is 17 + 25?<|im_end|>" in samples[0]["prompt"]
+    assert re.search(r"^\| arithmetic \| \d+\.\d \|", result.stdout, re.M)

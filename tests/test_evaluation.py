@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.benchmarks import read_benchmark
+from common.errors import InputError
+from evaluation.benchmarks import Benchmark, Problem, benchmark_named, read_benchmark
 from evaluation.harness import chat_messages, run_benchmarks, write_outputs
 from evaluation.settings import EvalSettings, load_profile
 from testing.scripted_lm import ScriptedLM
@@ -148,6 +149,14 @@ def chat_model(tmp_path_factory, qwen_tokenizer_dir) -> Path:
     return model
 
 
+def test_a_math_set_of_ones_own_is_read_by_its_file_name(tmp_path):
+    _write_jsonl(tmp_path / "mine.jsonl", [{"problem": "What is 1 + 1?", "answer": "2"}])
+    assert read_benchmark(tmp_path, "mine") == [Problem("0", "What is 1 + 1?", "2")]
+    assert benchmark_named("mine", tmp_path) == Benchmark("mine", "mine", "math")
+    with pytest.raises(InputError, match="unknown benchmark 'mine'"):
+        benchmark_named("mine")  # without the data directory, only the registry's names
+
+
 @pytest.mark.slow
 def test_a_tiny_model_generates_through_the_hf_backend_with_its_chat_template(chat_model, data_dir, tmp_path):
     from transformers import AutoTokenizer
@@ -213,7 +222,9 @@ def test_bad_input_is_one_named_error(qwen_tokenizer_dir, data_dir, tmp_path, ca
         assert run_tool("evaluate", argv) == 2
         return capsys.readouterr().err
 
-    assert "unknown benchmark 'aime2024'; the benchmarks are: aime24" in error("--benchmarks", "aime2024")
+    unknown = error("--benchmarks", "aime2024")
+    assert "unknown benchmark 'aime2024'; the benchmarks are: aime24" in unknown
+    assert "or a math set of your own: aime2024.jsonl with `problem` and `answer` columns" in unknown
     assert "holds no math500.jsonl or math500.parquet" in error("--benchmarks", "math500")
     assert "samples is 0: at least 1" in error("--samples", "0")
     assert "no evaluation profile 'k2'" in error("--profile", "k2")

@@ -483,6 +483,6 @@ def test_a_hub_dataset_at_a_pinned_revision(tmp_path, qwen_tokenizer_dir):
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == status, done.stderr[-3000:]
         if status:
-            assert "dataset 'rows' (hub team/rows@0000" in done.stderr and "no such revision" in done.stderr
+            assert "dataset 'rows' (hub team/rows@0000" in done.stderr and "no revision 0000" in done.stderr
         else:
             assert packed(tmp_path / "hub_0" / "out") == packed(tmp_path / "local_out")

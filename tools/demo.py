@@ -17,6 +17,9 @@ Stages (each prints its command and a summary; everything lands in --out, defaul
   9. transformers loads the release and answers a question that no training conversation contains,
      through the chat template: how much probability it puts on `<think>` opening the reply, before
      training and after, and its greedy reply
+ 10. tools/evaluate.py scores the release on four bundled arithmetic problems, 2 samples each, replies
+     cut at 48 tokens (the stage that scores a real release on AIME, HMMT, MATH-500 and GPQA): a
+     2-layer model trained for minutes opens with <think> but does not reason, so its pass@1 is about 0
 The figures also land in OUT/summary.json. The packed length is 512 here, not the recipe's 32768: on a
 CPU the logits of one 32K row over Qwen2.5's 151,936-token vocabulary alone take 20 GB in fp32, and short
 rows of short conversations give a tiny model many reply openings to learn from per CPU second.
@@ -25,6 +28,7 @@ rows of short conversations give a tiny model many reply openings to learn from 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shlex
 import shutil
@@ -36,6 +40,7 @@ from pathlib import Path
 
 from common.files import write_json_atomic
 from sft.metrics import read_metrics
+from testing.sample_data import write_eval_sample
 from testing.tiny_models import TINY_FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,19 +132,19 @@ def main() -> int:
 
     tokenizer = out / "tokenizer"
     if not (tokenizer / "tokenizer.json").is_file():
-        print("[1/9] building the offline Qwen2.5 tokenizer", flush=True)
+        print("[1/10] building the offline Qwen2.5 tokenizer", flush=True)
         run("-m", "testing.tokenizer", tokenizer)
-    print(f"[1/9] tokenizer: {tokenizer}")
+    print(f"[1/10] tokenizer: {tokenizer}")
 
-    print("[2/9] the sample snapshot: six subset files, some rows malformed on purpose")
+    print("[2/10] the sample snapshot: six subset files, some rows malformed on purpose")
     snapshot = out / "snapshot"
     run("-m", "testing.sample_data", snapshot, "--rows-per-subset", 100, "--length-scale", 0.02)
 
-    print("[3/9] aligning the subsets")
+    print("[3/10] aligning the subsets")
     aligned = out / "AM-Thinking-sample.parquet"
     run("tools/get_am_dataset.py", "--source", snapshot, aligned, "--force")
 
-    print("[4/9] tokenising and packing, 5% of the conversations held out for validation")
+    print("[4/10] tokenising and packing, 5% of the conversations held out for validation")
     data = out / "data" / "am_sample"
     run(
         "tools/preprocess_sft.py",
@@ -156,7 +161,7 @@ def main() -> int:
         "--force",
     )
 
-    print(f"[5/9] a tiny {args.family}-architecture model (random weights) as an HF snapshot")
+    print(f"[5/10] a tiny {args.family}-architecture model (random weights) as an HF snapshot")
     tiny_hf = out / f"tiny-{args.family}-hf"
     run(
         "-m",
@@ -171,11 +176,11 @@ def main() -> int:
         tokenizer,
     )
 
-    print("[6/9] HF -> torch_dist")
+    print("[6/10] HF -> torch_dist")
     tiny_mcore = out / f"tiny-{args.family}-mcore"
     run("tools/convert_hf_to_mcore.py", "--hf", tiny_hf, "--out", tiny_mcore, "--force")
 
-    print(f"[7/9] SFT on 2 CPU processes, tensor parallel 2, {args.train_iters} iterations")
+    print(f"[7/10] SFT on 2 CPU processes, tensor parallel 2, {args.train_iters} iterations")
     run_dir = out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time (a kept one would resume, finished)
     run(
@@ -202,18 +207,18 @@ def main() -> int:
     last = train[-10:]
     loss_end = sum(r["loss"] for r in last) / len(last)
     print(
-        f"[7/9] trained {len(train)} iterations: loss {train[0]['loss']:.3f} at iteration 1 -> "
+        f"[7/10] trained {len(train)} iterations: loss {train[0]['loss']:.3f} at iteration 1 -> "
         f"{loss_end:.3f} (mean of the last {len(last)}); validation loss "
         + ", ".join(f"{r['val_loss']:.3f} at iteration {r['iteration']}" for r in valid)
     )
     curves = run_dir / "metrics.png"
-    print(f"[7/9] loss curves: {curves}")
+    print(f"[7/10] loss curves: {curves}")
 
-    print("[8/9] torch_dist -> HF release")
+    print("[8/10] torch_dist -> HF release")
     release = out / "release"
     run("tools/convert_mcore_to_hf.py", "--mcore", run_dir, "--out", release, "--force")
 
-    print("[9/9] transformers answers a held-out question through the chat template, before and after")
+    print("[9/10] transformers answers a held-out question through the chat template, before and after")
     before, after = probe(tiny_hf, release), probe(release, release)
     print(f"prompt (chat template applied):\n{after.prompt}")
     for name, p in (("before training", before), ("after training ", after)):
@@ -221,6 +226,30 @@ def main() -> int:
             f"{name}: P(reply opens with '<th', the first token of <think>) = {p.p_think_first_token:.3g}, "
             f"P(reply opens with <think>) = {p.p_think:.3g}; greedy reply: {p.reply!r}"
         )
+
+    print("[10/10] tools/evaluate.py: the release on four bundled arithmetic problems, 2 samples each")
+    scores = out / "eval"
+    run(
+        "tools/evaluate.py",
+        "--model",
+        release,
+        "--data",
+        write_eval_sample(out / "eval-data"),
+        "--benchmarks",
+        "arithmetic",
+        "--profile",
+        "k2think",
+        "--samples",
+        2,
+        "--max-new-tokens",
+        48,
+        "--device",
+        "cpu",
+        "--output",
+        scores,
+        "--force",
+    )
+    evaluation = json.loads((scores / "results.json").read_text())["scores"]["arithmetic"]
 
     seconds = time.time() - start
     write_json_atomic(
@@ -235,6 +264,7 @@ def main() -> int:
             "before_training": asdict(before),
             "after_training": asdict(after),
             "curves": str(curves),
+            "evaluation": {"pass_at_1": evaluation["pass_at_1"], "results": str(scores / "results.json")},
         },
     )
     print(f"\ndemo finished in {seconds:.0f} s; outputs in {out}, figures in {out / 'summary.json'}")
