@@ -5,10 +5,15 @@ megatron-core assumes CUDA in a handful of places: `torch.cuda.current_device()`
 `torch.cuda.FloatTensor`. `enable()` installs, once per process, a `TorchFunctionMode` that maps every
 CUDA device argument to the CPU, makes `.cuda()` a no-op and reports CUDA type names, plus CPU stand-ins
 for the `torch.cuda` functions megatron-core calls. It is never enabled when CUDA is in use.
+
+Its mixture-of-experts layer (megatron-core 0.16.1) needs three more: CUDA streams and events for the
+all-to-all dispatcher's host copies, split sizes that gloo accepts, and a name megatron-core imports only
+with Transformer Engine (`fill_missing_te_names`, which GPU runs without TE need as well).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -64,6 +69,63 @@ def enable() -> None:
     torch.cuda.empty_cache = lambda: None
     tp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # transformer/moe/token_dispatcher.py:445 creates a torch.cuda.Stream for the all-to-all dispatcher's
+    # device-to-host copies; 871-895 compare it with the current stream, enter it, record an event on it
+    # and synchronize that. On the CPU every copy is already done: one stream that is always current.
+    torch.cuda.Stream = lambda *a, **k: _CPU_STREAM
+    torch.cuda.current_stream = lambda device=None: _CPU_STREAM
+    torch.cuda.stream = lambda stream: contextlib.nullcontext()
+    _split_sizes_as_lists()
+    fill_missing_te_names()
     _mode = _CudaOnCpu()
     _mode.__enter__()
     log.info("megatron-core on CPU: CUDA device arguments, RNG and type checks are redirected to the CPU")
+
+
+class _CpuEvent:
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+
+class _CpuStream:
+    def wait_stream(self, other) -> None:
+        pass
+
+    def record_event(self, event=None) -> _CpuEvent:
+        return _CpuEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+
+_CPU_STREAM = _CpuStream()
+
+
+def _split_sizes_as_lists() -> None:
+    """tensor_parallel/mappings.py:444 (the expert all-to-all) passes its split sizes as the tensors the
+    dispatcher computed (as numpy arrays after a device-to-host copy, which a CPU tensor never makes);
+    gloo's binding takes lists of ints."""
+    import torch.distributed as dist
+
+    all_to_all_single = dist.all_to_all_single
+
+    def with_list_splits(output, input, output_split_sizes=None, input_split_sizes=None, **kwargs):
+        as_list = lambda sizes: sizes.tolist() if hasattr(sizes, "tolist") else sizes  # noqa: E731
+        return all_to_all_single(
+            output, input, as_list(output_split_sizes), as_list(input_split_sizes), **kwargs
+        )
+
+    dist.all_to_all_single = with_list_splits
+
+
+def fill_missing_te_names() -> None:
+    """transformer/moe/moe_utils.py:1192 and 1225 (the router's gating GEMM) test `te_general_gemm is
+    not None`, a name that module imports only when Transformer Engine is installed: without TE the test
+    itself raises NameError. Defines it as None (torch's matmul then runs). Idempotent."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None

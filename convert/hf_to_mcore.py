@@ -117,7 +117,7 @@ def _produce(
             reader.read_rows(key, row, row + count, out=rows[dest : dest + count])
         else:
             rows[dest : dest + count] = reader.read_rows(key, row, row + count)
-    return rows.unsqueeze(0) if m.layer is not None else rows
+    return rows.view(*(1 for _ in m.lead), *rows.shape)  # a size-1 axis per stacked layer / expert axis
 
 
 def plan_chunks(
@@ -127,7 +127,7 @@ def plan_chunks(
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> list[Chunk]:
     """The chunks of the torch_dist checkpoint, in forward order; per-layer tensors are stacked along a
-    leading layer axis, as megatron-core stores them.
+    leading layer axis (and an expert's along an expert axis after it), as megatron-core stores them.
 
     Chunks are small (32 MiB by default) because DCP's writer keeps the last chunk it wrote under each
     tensor name until the file is closed: its memory is one chunk per distinct name per writer thread.
@@ -136,16 +136,13 @@ def plan_chunks(
     chunks = []
     for m in family_of(arch).bound_mappings(arch, "te"):
         row_bytes = math.prod(m.mcore_shape[1:]) * dtype.itemsize
-        stacked = m.layer is not None
-        lead = ((m.layer,), (1,), (arch.num_layers,)) if stacked else ((), (), ())
         for start, stop in _row_ranges(m, max(1, max_chunk_bytes // row_bytes)):
-            tail = m.mcore_shape[1:]
             chunks.append(
                 Chunk(
                     key=m.dist_key,
-                    global_shape=lead[2] + m.mcore_shape,
-                    offsets=lead[0] + (start,) + (0,) * len(tail),
-                    sizes=lead[1] + (stop - start,) + tail,
+                    global_shape=m.dist_shape,
+                    offsets=m.dist_offsets(start),
+                    sizes=(1,) * len(m.lead) + (stop - start,) + m.mcore_shape[1:],
                     dtype=dtype,
                     produce=partial(_produce, reader, m, start, stop, dtype),
                 )

@@ -55,12 +55,11 @@ def check_checkpoint(arch: Arch, reader: TorchDistReader, mappings: list[BoundMa
     """Every megatron tensor is present with its global shape and one floating dtype, returned."""
     problems, dtypes = [], set()
     for m in mappings:
-        expected = ((arch.num_layers,) if m.layer is not None else ()) + m.mcore_shape
         if m.dist_key not in reader.tensors:
             problems.append(f"{m.dist_key} missing")
-        elif reader.shape(m.dist_key) != expected:
+        elif reader.shape(m.dist_key) != m.dist_shape:
             problems.append(
-                f"{m.dist_key}: shape {reader.shape(m.dist_key)}, expected {expected} from hf_config.json"
+                f"{m.dist_key}: shape {reader.shape(m.dist_key)}, expected {m.dist_shape} from hf_config.json"
             )
         else:
             dtypes.add(reader.dtype(m.dist_key))
@@ -72,10 +71,8 @@ def check_checkpoint(arch: Arch, reader: TorchDistReader, mappings: list[BoundMa
 
 
 def _read_mcore_rows(reader: TorchDistReader, m: BoundMapping, start: int, stop: int) -> torch.Tensor:
-    tail = m.mcore_shape[1:]
-    if m.layer is None:
-        return reader.read(m.dist_key, (start,) + (0,) * len(tail), (stop - start, *tail))
-    return reader.read(m.dist_key, (m.layer, start) + (0,) * len(tail), (1, stop - start, *tail))[0]
+    sizes = (1,) * len(m.lead) + (stop - start, *m.mcore_shape[1:])
+    return reader.read(m.dist_key, m.dist_offsets(start), sizes).view(stop - start, *m.mcore_shape[1:])
 
 
 def _largest_stored_chunk_bytes(reader: TorchDistReader, key: str) -> int:

@@ -3,25 +3,30 @@ sequences in fp32 and their logits are compared.
 
     python tools/verify_conversion.py --hf /models/Qwen2.5-32B --mcore ckpt/qwen2.5-32b-mcore --tp 8 --pp 1
 
-The megatron-core side runs at the requested tensor/pipeline layout (gloo processes on CPU, or one
-GPU per process), loading the torch_dist checkpoint through megatron-core's resharding loader, as the
-trainer does; the HF side is the family's transformers class (e.g. `Qwen2ForCausalLM`). A correct
-conversion differs only by floating-point summation order.
+The megatron-core side runs at the requested tensor/pipeline (and, for a mixture of experts,
+expert/expert-tensor) layout (gloo processes on CPU, or one GPU per process), loading the torch_dist
+checkpoint through megatron-core's resharding loader, as the trainer does; the HF side is the family's
+transformers class (e.g. `Qwen2ForCausalLM`). A correct conversion differs only by floating-point
+summation order. A mixture of experts runs with sequence parallelism where TP > 1, as it trains; where
+the expert ranks outnumber the tensor ranks, data-parallel replicas make up the world.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from common.distributed import run_distributed
-from formats.torch_dist import read_hf_config, resolve_checkpoint
+from common.errors import InputError
+from formats.torch_dist import resolve_checkpoint
 from models.backends import choose_backend
 from models.registry import family_of, read_arch
 from models.weights import load_weights
+from plan.layout import ParallelLayout, initialize_parallel_state
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +56,36 @@ def sample_token_ids(vocab_size: int, batch: int, seq_length: int, seed: int = 0
     return torch.randint(0, vocab_size, (batch, seq_length), generator=generator).tolist()
 
 
-def load_model_stage(checkpoint_dir: str, tensor_parallel: int, pipeline_parallel: int, device: str):
-    """Per-rank: initialises TP x PP, builds this rank's pipeline stage of the checkpoint's model in fp32
-    and loads its weights (megatron-core reshards from whatever layout the checkpoint was saved at)."""
+def load_model_stage(
+    checkpoint_dir: str, layout: ParallelLayout, device: str, moe_dispatcher: str = "alltoall"
+):
+    """Per-rank: initialises `layout`'s process groups, builds this rank's pipeline stage of the
+    checkpoint's model in fp32 and loads its weights (megatron-core reshards from whatever layout the
+    checkpoint was saved at)."""
     from megatron.core import parallel_state
     from megatron.core import tensor_parallel as tp
 
-    parallel_state.initialize_model_parallel(tensor_parallel, pipeline_parallel)
+    initialize_parallel_state(layout)
     tp.model_parallel_cuda_manual_seed(0)
     arch = read_arch(checkpoint_dir)
     family = family_of(arch)
     on_gpu = device == "cuda"
+    experts = (
+        dict(
+            expert_model_parallel_size=layout.expert,
+            expert_tensor_parallel_size=layout.expert_tensor_size,
+            moe_token_dispatcher_type=moe_dispatcher,
+        )
+        if arch.moe
+        else {}
+    )
     config = family.transformer_config(
         arch,
-        tensor_parallel=tensor_parallel,
-        pipeline_parallel=pipeline_parallel,
+        tensor_parallel=layout.tensor,
+        pipeline_parallel=layout.pipeline,
+        sequence_parallel=layout.sequence_parallel,
         use_cpu_initialization=not on_gpu,
+        **experts,
     )
     backend = choose_backend(device)
     log.info("layer spec: %s", backend.describe())
@@ -87,13 +106,14 @@ def megatron_logits(
     rank: int,
     world_size: int,
     checkpoint_dir: str,
-    tensor_parallel: int,
-    pipeline_parallel: int,
+    layout: ParallelLayout,
     token_ids: list[list[int]],
     device: str,
+    moe_dispatcher: str = "alltoall",
 ) -> torch.Tensor | None:
     """Per-rank body: loads this rank's stage and runs the pipeline forward; the first tensor-parallel
-    rank of the last stage returns the full-vocabulary fp32 logits [b, s, vocab]."""
+    rank of the last stage (of the first data-parallel replica) returns the full-vocabulary fp32 logits
+    [b, s, vocab]."""
     from megatron.core import parallel_state
     from megatron.core import tensor_parallel as tp
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -102,7 +122,7 @@ def megatron_logits(
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    model = load_model_stage(checkpoint_dir, tensor_parallel, pipeline_parallel, device).eval()
+    model = load_model_stage(checkpoint_dir, layout, device, moe_dispatcher).eval()
     ids = torch.tensor(token_ids, device=torch.device(device, rank) if on_gpu else "cpu")
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
 
@@ -122,7 +142,10 @@ def megatron_logits(
         if not parallel_state.is_pipeline_last_stage():
             return None
         logits = tp.gather_from_tensor_model_parallel_region(outputs[0])
-    return logits.float().cpu() if parallel_state.get_tensor_model_parallel_rank() == 0 else None
+    first = (
+        parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+    )
+    return logits.float().cpu() if first else None
 
 
 def hf_logits(hf_dir: str | Path, token_ids: list[list[int]], device: str = "cpu") -> torch.Tensor:
@@ -148,6 +171,9 @@ def verify_conversion(
     *,
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
+    expert_parallel: int = 1,
+    expert_tensor_parallel: int | None = None,
+    moe_dispatcher: str = "alltoall",
     batch: int = 2,
     seq_length: int = 64,
     seed: int = 0,
@@ -156,26 +182,28 @@ def verify_conversion(
 ) -> VerifyResult:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     checkpoint = resolve_checkpoint(mcore_dir)
-    vocab_size = read_hf_config(checkpoint)["vocab_size"]
-    token_ids = sample_token_ids(vocab_size, batch, seq_length, seed)
-    world_size = tensor_parallel * pipeline_parallel
+    arch = read_arch(checkpoint)
+    layout = ParallelLayout(
+        tensor=tensor_parallel,
+        pipeline=pipeline_parallel,
+        expert=expert_parallel,
+        expert_tensor=expert_tensor_parallel,
+        sequence_parallel=arch.moe is not None and tensor_parallel > 1,
+    )
+    world_size = pipeline_parallel * math.lcm(tensor_parallel, expert_parallel * layout.expert_tensor_size)
+    problems = layout.problems(world_size=world_size, arch=arch)
+    if problems:
+        raise InputError("cannot load the checkpoint at this layout: " + "; ".join(problems))
+    token_ids = sample_token_ids(arch.vocab_size, batch, seq_length, seed)
     log.info(
-        "megatron-core: %s at TP=%d PP=%d on %d %s process(es)",
+        "megatron-core: %s at %s on %d %s process(es)",
         checkpoint,
-        tensor_parallel,
-        pipeline_parallel,
+        layout.describe(world_size),
         world_size,
         device,
     )
     results = run_distributed(
-        megatron_logits,
-        world_size,
-        str(checkpoint),
-        tensor_parallel,
-        pipeline_parallel,
-        token_ids,
-        device,
-        device=device,
+        megatron_logits, world_size, str(checkpoint), layout, token_ids, device, moe_dispatcher, device=device
     )
     (ours,) = [r for r in results if r is not None]
     log.info("transformers: %s", hf_dir)

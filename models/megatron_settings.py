@@ -10,20 +10,23 @@ from typing import Any
 from models.backends import Backend
 
 
-def kernel_settings(backend: Backend) -> dict[str, Any]:
+def kernel_settings(backend: Backend, arch: Any = None) -> dict[str, Any]:
     """The fused kernels Megatron-LM turns on with Transformer Engine, for `transformer_config(**...)`:
     RoPE (the unfused THD path syncs with the host and loops over conversations in every layer), SwiGLU
     (the unfused one keeps another FFN-wide tensor per token and layer), the weight-gradient
     accumulation into the fp32 main gradients, and TE's cross-entropy (otherwise an fp32 copy of the
-    [tokens, vocabulary / TP] logits per micro-batch in flight). Without TE: none (torch's paths)."""
+    [tokens, vocabulary / TP] logits per micro-batch in flight); for a mixture of experts (`arch.moe`),
+    the experts as TE's grouped GEMM, which TE's layer spec builds. Without TE: none (torch's paths)."""
     if not backend.transformer_engine:
         return {}
+    experts = dict(moe_grouped_gemm=True) if getattr(arch, "moe", None) else {}
     return dict(
         apply_rope_fusion=True,
         bias_activation_fusion=True,
         gradient_accumulation_fusion=True,
         cross_entropy_loss_fusion=True,
         cross_entropy_fusion_impl="te",
+        **experts,
     )
 
 

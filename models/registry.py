@@ -28,11 +28,16 @@ from models.hf_config import read_hf_config
 Arch = Any
 
 # model_type -> the package whose FAMILY reads it (imported on first use)
-_PACKAGES = {"qwen2": "models.qwen2", "qwen3": "models.qwen3", "llama": "models.llama"}
+_PACKAGES = {
+    "qwen2": "models.qwen2",
+    "qwen3": "models.qwen3",
+    "qwen3_moe": "models.qwen3_moe",
+    "llama": "models.llama",
+}
 # model types users ask for that are known and not supported yet, with what to use instead
 _NOT_YET = {
-    "qwen3_moe": "Qwen3 MoE is not supported yet; the dense Qwen3 models (model_type qwen3) are",
-    "qwen2_moe": "Qwen2 MoE is not supported yet; the dense Qwen2/2.5 models (model_type qwen2) are",
+    "qwen2_moe": "Qwen2 MoE is not supported yet; the dense Qwen2/2.5 models (model_type qwen2) and Qwen3 "
+    "MoE (qwen3_moe) are",
 }
 
 

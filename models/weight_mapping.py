@@ -15,7 +15,9 @@ Tensors here are whole (unsharded); tensor/pipeline sharding is megatron-core's 
 megatron-core keys come in two spellings: the local layer spec's module names (`layer_names="local"`)
 and Transformer Engine's, where the norms live inside the fused linear layers (`"te"`). torch_dist
 checkpoints use neither directly: they stack the layers into one tensor per parameter, with a leading
-layer axis, under the TE names (`BoundMapping.dist_key`).
+layer axis, under the TE names (`BoundMapping.dist_key`); an expert's tensors are stacked further along
+an expert axis after the layer axis, under a key of megatron-core's own (`Direct.dist`), the same for
+one module per expert and for TE's grouped experts (`BoundMapping.lead`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Direct:
     hf: tuple[str, ...]
     mcore: str
     hf_shapes: tuple[Shape, ...]
+    dist: str | None = None  # the torch_dist key where it is not the TE name less its layer index
 
     def rows(self, arch: Any, hf_shapes: list[tuple[int, ...]]) -> list[Rows]:
         return [Rows(0, 0, 0, hf_shapes[0][0])]
@@ -75,19 +78,32 @@ class QKV(Direct):
 
 @dataclass(frozen=True)
 class BoundMapping:
-    """One rule with its keys and shapes filled in for one layer (`layer` is None for the globals)."""
+    """One rule with its keys and shapes filled in for one layer (`layer` is None for the globals) and,
+    for an expert's tensor, one expert."""
 
     rule: Direct
     layer: int | None
     hf_keys: tuple[str, ...]
     hf_shapes: tuple[tuple[int, ...], ...]
     key: str  # the megatron-core module's state-dict key
-    dist_key: str  # the torch_dist checkpoint key (layers stacked along a leading axis)
+    dist_key: str  # the torch_dist checkpoint key (layers, and experts, stacked along leading axes)
     rows: tuple[Rows, ...]
+    # (index, count) of each leading axis of the torch_dist tensor: () for a global tensor, the layer
+    # for a layer's, the layer and the expert for an expert's
+    lead: tuple[tuple[int, int], ...] = ()
 
     @property
     def mcore_shape(self) -> tuple[int, ...]:
         return (sum(r.count for r in self.rows), *self.hf_shapes[0][1:])
+
+    @property
+    def dist_shape(self) -> tuple[int, ...]:
+        """The global shape of the torch_dist tensor this tensor is part of."""
+        return tuple(count for _, count in self.lead) + self.mcore_shape
+
+    def dist_offsets(self, row: int = 0) -> tuple[int, ...]:
+        """Where row `row` of this tensor starts in the torch_dist tensor."""
+        return tuple(index for index, _ in self.lead) + (row,) + (0,) * (len(self.mcore_shape) - 1)
 
     def __post_init__(self):
         # The declared blocks must tile the megatron tensor and every HF tensor exactly once.
@@ -121,19 +137,29 @@ class BoundMapping:
 
 
 def bind(
-    rule: Direct, arch: Any, layer: int | None, layer_names: LayerNames, te_names: dict[str, str]
+    rule: Direct,
+    arch: Any,
+    layer: int | None,
+    layer_names: LayerNames,
+    te_names: dict[str, str],
+    expert: int | None = None,
 ) -> BoundMapping:
-    """`rule` for one layer (None for the globals) of `arch`; `te_names` maps the local spec's keys that
-    Transformer Engine spells differently (norms fused into the linear layers) to TE's."""
+    """`rule` for one layer (None for the globals) of `arch`, and one expert of it for an expert's rule;
+    `te_names` maps the local spec's keys that Transformer Engine spells differently (norms fused into
+    the linear layers, grouped experts) to TE's."""
     te_name = te_names.get(rule.mcore, rule.mcore)
     key = te_name if layer_names == "te" else rule.mcore
     shapes = tuple(s(arch) for s in rule.hf_shapes)
+    lead = () if layer is None else ((layer, arch.num_layers),)
+    if expert is not None:
+        lead += ((expert, arch.moe.num_experts),)
     return BoundMapping(
         rule=rule,
         layer=layer,
-        hf_keys=tuple(k.format(layer=layer) for k in rule.hf),
+        hf_keys=tuple(k.format(layer=layer, expert=expert) for k in rule.hf),
         hf_shapes=shapes,
-        key=key.format(layer=layer),
-        dist_key=te_name.replace("{layer}.", ""),
+        key=key.format(layer=layer, expert=expert),
+        dist_key=rule.dist or te_name.replace("{layer}.", ""),
         rows=tuple(rule.rows(arch, list(shapes))),
+        lead=lead,
     )

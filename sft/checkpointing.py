@@ -269,9 +269,9 @@ def load_checkpoint(
     changed = layout.weight_sharding_changes(saved_layout)
     if changed:
         raise ConfigError(
-            f"{path} was saved at another tensor/pipeline layout {changed} (saved, now); the optimizer "
-            "state reshards only across data and context parallelism. Resume with the saved tensor and "
-            f"pipeline sizes, or start a new run from the weights: model.init_checkpoint={path} "
+            f"{path} was saved at another tensor/pipeline/expert layout {changed} (saved, now); the "
+            "optimizer state reshards only across data and context parallelism. Resume with the saved "
+            f"sizes, or start a new run from the weights: model.init_checkpoint={path} "
             "checkpoint.resume=none"
         )
     template = _full_state(module, TrainState(), layout.to_dict(world_size), {}, loading=True)

@@ -48,6 +48,10 @@ class ModelConfig:
     # weights and activations: bf16 (megatron-core's Float16Module, fp32 main weights and gradients in the
     # distributed optimizer) or fp32; auto: bf16 on CUDA, fp32 on a CPU
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # a mixture of experts: how tokens reach the experts on other expert-parallel ranks (megatron-core's
+    # token dispatchers): alltoall sends each token only where it is routed, allgather gathers every token
+    # to every expert-parallel rank
+    moe_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
 
     def problems(self) -> list[str]:
         problems = []

@@ -5,7 +5,7 @@ The trainer (sft/trainer.py) and the dry run (sft/dry_run/) build a rank through
 dry run measures exactly what a real run builds. A subclass changes the kernels (`layer_spec`,
 `kernel_settings`) or the weights' precision (`params_dtype`), nothing else.
 
-    initialize_model_parallel(config.parallel, config.timeout_minutes)
+    initialize_parallel_state(config.parallel, config.timeout_minutes)
     module = TrainModule(config, arch, "cuda", train_iters, init_checkpoint=config.model.init_checkpoint)
     module.zero_grad()
     reduced = module.forward_backward(lambda: micro_batches, len(micro_batches), row_width)
@@ -35,7 +35,6 @@ from models.megatron_settings import kernel_settings, recompute_settings
 from models.packed_attention import packed_attention_kernel
 from models.registry import Arch, family_of
 from models.weights import assign_weights, load_weights
-from plan.layout import ParallelLayout
 
 from .config import TrainConfig
 from .data import MicroBatch
@@ -48,23 +47,6 @@ OPTIMIZER_SHARDING = "dp_reshardable"
 
 # (loss mask, per-token losses) -> (masked loss sum, loss-token count, [sum, count] for logging)
 LossFunction = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-def initialize_model_parallel(
-    layout: ParallelLayout, timeout_minutes: float, gloo_groups: bool = True
-) -> None:
-    """megatron-core's process groups for `layout` on the initialised default group (gloo side groups
-    only with `gloo_groups`: a fake process group has no gloo)."""
-    from megatron.core import parallel_state
-
-    parallel_state.initialize_model_parallel(
-        layout.tensor,
-        layout.pipeline,
-        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
-        context_parallel_size=layout.context,
-        distributed_timeout_minutes=timeout_minutes,
-        create_gloo_process_groups=gloo_groups,
-    )
 
 
 def warmup_steps(warmup_ratio: float, train_iters: int) -> int:
@@ -107,7 +89,7 @@ def _model_key(index: int, count: int) -> str:
 
 
 class TrainModule:
-    """Needs megatron-core's model-parallel groups (`initialize_model_parallel`). `init_checkpoint`: the
+    """Needs megatron-core's model-parallel groups (plan.layout.`initialize_parallel_state`). `init_checkpoint`: the
     weights to start from (None: random, or a resume that loads them afterwards); `load_group`: the
     replicas that split reading them; `loss_function`: each micro-batch's loss (`loss_func`'s contract)."""
 
@@ -154,7 +136,17 @@ class TrainModule:
         return self.family.layer_spec(self.arch, backend, packed=True)
 
     def kernel_settings(self) -> dict:
-        return kernel_settings(choose_backend(self.device, self.config.model.attention))
+        return kernel_settings(choose_backend(self.device, self.config.model.attention), self.arch)
+
+    def expert_settings(self) -> dict:
+        """How a mixture of experts is laid out and dispatched (nothing for a dense model)."""
+        if getattr(self.arch, "moe", None) is None:
+            return {}
+        return dict(
+            expert_model_parallel_size=self.layout.expert,
+            expert_tensor_parallel_size=self.layout.expert_tensor_size,
+            moe_token_dispatcher_type=self.config.model.moe_dispatcher,
+        )
 
     def deallocate_pipeline_outputs(self) -> bool:
         """Whether a stage's output, once sent on, is kept only as autograd's handle to its graph (as
@@ -195,6 +187,7 @@ class TrainModule:
             deallocate_pipeline_outputs=self.deallocate_pipeline_outputs(),
             **recompute_settings(config.model.recompute, config.model.recompute_modules),
             **self.kernel_settings(),
+            **self.expert_settings(),
         )
         chunks = []
         for vp_stage in range(layout.virtual_stages):

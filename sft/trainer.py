@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from common.devices import RECIPE_ACCELERATOR, find_accelerator, peak_tflops
+from plan.layout import initialize_parallel_state
 
 from .batches import StepBatches
 from .callbacks import Callback, StepResult, default_callbacks
@@ -39,7 +40,7 @@ from .checkpointing import TrainState
 from .config import TrainConfig, dump_config
 from .metrics import MetricsLogger
 from .preflight import RunInputs, check_run, schedule_summary
-from .train_module import LossFunction, TrainModule, initialize_model_parallel, loss_func
+from .train_module import LossFunction, TrainModule, loss_func
 from .validator import Validator
 from .watchdog import StepWatchdog
 
@@ -79,7 +80,7 @@ class Trainer:
         self.inputs = inputs or check_run(config, self.world_size, device)
         self.data, self.arch, self.train_iters = self.inputs.data, self.inputs.arch, self.inputs.train_iters
         self.layout = config.parallel
-        initialize_model_parallel(self.layout, config.timeout_minutes)
+        initialize_parallel_state(self.layout, config.timeout_minutes)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.cp_rank = parallel_state.get_context_parallel_rank()

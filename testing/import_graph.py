@@ -24,7 +24,7 @@ ALLOWED = {
     "models": {"formats", "common"},
     "plan": {"models", "common"},
     "preprocess": {"formats", "common"},
-    "convert": {"models", "formats", "common"},
+    "convert": {"plan", "models", "formats", "common"},
     "sft": {"plan", "models", "formats", "common"},
     "evaluation": {"formats", "common"},
     "testing": set(PACKAGES) - {"testing"},

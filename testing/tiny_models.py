@@ -31,6 +31,21 @@ _FAMILY_SETTINGS = {
     "qwen3": dict(
         rope_theta=1_000_000.0, head_dim=32, attention_bias=False, use_sliding_window=False, **QWEN_BOS_EOS
     ),
+    # Qwen3's attention with 8 experts of width 32, 2 per token, their probabilities renormalised (as
+    # Qwen3-30B-A3B's config says); intermediate_size is the dense width no layer uses here
+    "qwen3_moe": dict(
+        rope_theta=1_000_000.0,
+        head_dim=32,
+        attention_bias=False,
+        use_sliding_window=False,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        **QWEN_BOS_EOS,
+    ),
     # Llama 3.1's rope scaling and context; bos/eos are Qwen ids here (the tests' tokenizer is Qwen2.5's)
     "llama": dict(
         rope_theta=500_000.0,
@@ -46,7 +61,7 @@ _FAMILY_SETTINGS = {
         **QWEN_BOS_EOS,
     ),
 }
-_MAX_POSITIONS = {"qwen2": 32768, "qwen3": 40960, "llama": 131072}
+_MAX_POSITIONS = {"qwen2": 32768, "qwen3": 40960, "qwen3_moe": 40960, "llama": 131072}
 TINY_FAMILIES = tuple(_FAMILY_SETTINGS)  # the model types make_tiny_model builds
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what testing/tokenizer.py writes
 
@@ -118,6 +133,10 @@ def make_tiny_model(
         for name, param in model.named_parameters():
             if not plain_init and (name.endswith(".bias") or "norm" in name):
                 param.normal_(mean=1.0 if "norm" in name else 0.0, std=0.1)
+            if not plain_init and name.endswith("mlp.gate.weight"):
+                # a decisive router: logits of a few units, so that no token's top-k choice is a near
+                # tie that rounding in another implementation could flip
+                param.normal_(std=0.5)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
     return out_dir

@@ -56,8 +56,11 @@ def resave_at_layout(
 
     from convert.verify import load_model_stage
     from formats.run_files import HF_CONFIG_FILE
+    from plan.layout import ParallelLayout
 
-    model = load_model_stage(source, tensor_parallel, pipeline_parallel, "cpu")
+    model = load_model_stage(
+        source, ParallelLayout(tensor=tensor_parallel, pipeline=pipeline_parallel), "cpu"
+    )
     if rank == 0:
         Path(dest).mkdir(parents=True)
     dist.barrier()
@@ -80,8 +83,10 @@ def stock_load_matches_ours(
 
     from convert.verify import load_model_stage
     from models.registry import family_of, read_arch
+    from plan.layout import ParallelLayout
 
-    ours = load_model_stage(checkpoint, tensor_parallel, pipeline_parallel, "cpu")  # initialises TP x PP
+    layout = ParallelLayout(tensor=tensor_parallel, pipeline=pipeline_parallel)
+    ours = load_model_stage(checkpoint, layout, "cpu")  # initialises TP x PP
     arch = read_arch(checkpoint)
     config = family_of(arch).transformer_config(
         arch,

@@ -74,10 +74,10 @@ def test_the_registry_finds_the_family_of_a_checkpoint_and_refuses_others(tiny_q
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
     with pytest.raises(
         UnsupportedModelError,
-        match=r"config.json: model_type='gpt2'.*supported model types are qwen2, qwen3, llama \(Qwen2 / "
-        r"Qwen2.5, Qwen3, Llama 3.x\)",
+        match=r"config.json: model_type='gpt2'.*supported model types are qwen2, qwen3, qwen3_moe, llama "
+        r"\(Qwen2 / Qwen2.5, Qwen3, Qwen3 MoE, Llama 3.x\)",
     ):
         read_arch(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "qwen3_moe"}))
-    with pytest.raises(UnsupportedModelError, match="Qwen3 MoE is not supported yet"):
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "qwen2_moe"}))
+    with pytest.raises(UnsupportedModelError, match="Qwen2 MoE is not supported yet"):
         read_arch(tmp_path)

@@ -48,7 +48,10 @@ def test_yaml_then_overrides_with_types(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("parallel.tensr=2", "unknown key parallel.tensr; valid keys here: context, micro_batch_size"),
+        (
+            "parallel.tensr=2",
+            "unknown key parallel.tensr; valid keys here: context, expert, expert_tensor, micro_batch_size",
+        ),
         ("model.recompute=most", "model.recompute='most'; choose one of 'none', 'selective', 'full'"),
         ("parallel.tensor=two", "parallel.tensor='two' must be of type int"),
         ("parallel.tensor=true", "parallel.tensor=True must be of type int"),

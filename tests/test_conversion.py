@@ -203,10 +203,9 @@ def test_chunks_tile_every_tensor_within_the_size_cap(tiny_qwen2_dir):
         assert chunk.nbytes <= max(cap, 4 * chunk.global_shape[-1])  # one row may exceed a tiny cap
         by_key.setdefault(chunk.key, []).append(chunk)
     for m in bound_mappings(arch, "te"):
+        lead = len(m.lead)
         covered = sum(
-            c.sizes[1 if m.layer is not None else 0]
-            for c in by_key[m.dist_key]
-            if m.layer is None or c.offsets[0] == m.layer
+            c.sizes[lead] for c in by_key[m.dist_key] if c.offsets[:lead] == tuple(i for i, _ in m.lead)
         )
         assert covered == m.mcore_shape[0], m.dist_key
     fc1 = [c for c in by_key["decoder.layers.mlp.linear_fc1.weight"] if c.offsets[0] == 0]

@@ -24,15 +24,13 @@ from formats.hf_safetensors import HFSafetensorsReader
 from models.registry import arch_from_config, family_of, read_arch
 from plan.layout import ParallelLayout
 from plan.planner import local_parameters
-from testing.fixtures import training_inputs
-from testing.hf_reference import conversation_loss, hf_model
+from testing.hf_reference import hf_model
 from testing.mappings import to_hf, to_mcore
-from testing.synthetic_packs import random_packs
 from testing.tiny_models import QWEN25_VOCAB_SIZE_SMALL, make_tiny_model
 
 from mcore_ranks import megatron_logits_from_hf, stock_load_matches_ours
 from tools_runner import run_tool
-from trainer_ranks import train
+from trainer_ranks import train_tiny_model_at_layouts, transformers_first_loss
 
 FAMILIES = {
     "qwen3": dict(family="qwen3", tie_word_embeddings=True),
@@ -209,38 +207,19 @@ def test_release_round_trip_is_bitwise_and_loads_with_the_family_class(model, qw
     assert torch.equal(hf_logits(out, ids), hf_logits(model.hf, ids))
 
 
-SEQ, PACKS, GLOBAL_BATCH = 64, 12, 4
-
-
 @pytest.fixture(scope="module")
 def training(model):
     """The family's model converted and trained 3 steps in one process and at TP2 x PP2."""
-    packs = random_packs(PACKS, SEQ, QWEN25_VOCAB_SIZE_SMALL, seed=0)
-    inputs = training_inputs(model.root / "train", packs, SEQ, hf=model.hf)
-    runs = {}
     layouts = {"single": (1, []), "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"])}
-    for name, (world_size, layout) in layouts.items():
-        overrides = inputs.overrides(
-            model.root / name,
-            f"schedule.global_batch_size={GLOBAL_BATCH}",
-            "schedule.train_iters=3",
-            "optimizer.lr=1e-2",
-            "model.recompute=none",
-            "checkpoint.save_interval=100",
-            *layout,
-        )
-        runs[name] = run_distributed(train, world_size, overrides, None)[0]
+    inputs, runs = train_tiny_model_at_layouts(model.root, model.hf, layouts)
     return SimpleNamespace(inputs=inputs, runs=runs)
 
 
 @pytest.mark.slow
 def test_first_loss_equals_transformers_conversation_by_conversation(model, training):
-    from sft.data import PackOrder
-
-    slots = PackOrder([PACKS], None, seed=1234).slots(0, GLOBAL_BATCH)
-    conversations = [conv for _, pack in slots for conv in training.inputs.packs[pack]]
-    total, count = conversation_loss(hf_model(model.hf), conversations)
-    assert training.runs["single"]["losses"][1] == pytest.approx(total / count, rel=1e-5)
+    assert training.runs["single"]["losses"][1] == pytest.approx(
+        transformers_first_loss(model.hf, training.inputs), rel=1e-5
+    )
 
 
 @pytest.mark.slow

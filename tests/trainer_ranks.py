@@ -17,7 +17,8 @@ meets, inside the real code path:
   iteration k; the others block in the step's first collective;
 - ("freeze_in_validation", k): the same, as the validation after iteration k starts.
 
-A list of faults injects each of them.
+A list of faults injects each of them. From the test process, `train_tiny_model_at_layouts` trains a
+tiny model at several layouts, and `transformers_first_loss` is the reference for its first step.
 """
 
 from __future__ import annotations
@@ -216,3 +217,45 @@ def train_from_file(rank: int, world_size: int, config_file: str, overrides: lis
     from sft.trainer import Trainer
 
     Trainer(load_config(config_file, overrides), "cpu").train()
+
+
+# Run from the test process ---------------------------------------------------------------------------
+
+TINY_SEQ, TINY_PACKS, TINY_GLOBAL_BATCH = 64, 12, 4
+
+
+def train_tiny_model_at_layouts(root, hf, layouts: dict[str, tuple[int, list[str]]], lr: float = 1e-2):
+    """A tiny model's conversion trained 3 steps from `hf` at each of `layouts` ({name: (processes,
+    overrides)}), on 12 random 64-token packs, 4 a step; returns (its inputs, {name: `train`'s result})."""
+    from common.distributed import run_distributed
+    from testing.fixtures import training_inputs
+    from testing.synthetic_packs import random_packs
+    from testing.tiny_models import QWEN25_VOCAB_SIZE_SMALL
+
+    packs = random_packs(TINY_PACKS, TINY_SEQ, QWEN25_VOCAB_SIZE_SMALL, seed=0)
+    inputs = training_inputs(root / "train", packs, TINY_SEQ, hf=hf)
+    runs = {}
+    for name, (world_size, layout) in layouts.items():
+        overrides = inputs.overrides(
+            root / name,
+            f"schedule.global_batch_size={TINY_GLOBAL_BATCH}",
+            "schedule.train_iters=3",
+            f"optimizer.lr={lr}",
+            "model.recompute=none",
+            "checkpoint.save_interval=100",
+            *layout,
+        )
+        runs[name] = run_distributed(train, world_size, overrides, None)[0]
+    return inputs, runs
+
+
+def transformers_first_loss(hf, inputs) -> float:
+    """The per-token loss of the first step's packs of `train_tiny_model_at_layouts`, each conversation
+    run alone through transformers' class of the model."""
+    from sft.data import PackOrder
+    from testing.hf_reference import conversation_loss, hf_model
+
+    slots = PackOrder([TINY_PACKS], None, seed=1234).slots(0, TINY_GLOBAL_BATCH)
+    conversations = [conv for _, pack in slots for conv in inputs.packs[pack]]
+    total, count = conversation_loss(hf_model(hf), conversations)
+    return total / count

@@ -3,9 +3,10 @@
 
     python tools/verify_conversion.py --hf /models/Qwen2.5-32B --mcore ckpt/qwen2.5-32b-mcore --tp 8
 
-Runs the family's transformers class (Qwen2ForCausalLM, Qwen3ForCausalLM, LlamaForCausalLM) from --hf
-and megatron-core's GPTModel from the torch_dist checkpoint --mcore at --tp x --pp processes (gloo on
-CPU, or one GPU each when CUDA is available), on seeded random token sequences, and prints the max and
+Runs the family's transformers class (Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM,
+LlamaForCausalLM) from --hf and megatron-core's GPTModel from the torch_dist checkpoint --mcore at --tp x
+--pp processes, a mixture of experts also at --ep x --etp (gloo on CPU, or one GPU each when CUDA is
+available), on seeded random token sequences, and prints the max and
 mean absolute logit difference, the top-1 agreement and a PASS/FAIL verdict against --atol (exit status
 0 or 1).
 
@@ -39,6 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--pp", type=int, default=1, help="pipeline-parallel size to load the checkpoint at (default 1)"
     )
+    parser.add_argument(
+        "--ep", type=int, default=1, help="a mixture of experts: expert-parallel size (default 1)"
+    )
+    parser.add_argument(
+        "--etp",
+        type=int,
+        default=None,
+        help="a mixture of experts: expert-tensor-parallel size (default --tp)",
+    )
+    parser.add_argument(
+        "--moe-dispatcher",
+        choices=("alltoall", "allgather"),
+        default="alltoall",
+        help="a mixture of experts: megatron-core's token dispatcher (default alltoall)",
+    )
     parser.add_argument("--batch", type=int, default=2, help="number of token sequences (default 2)")
     parser.add_argument("--seq-length", type=int, default=64, help="tokens per sequence (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random token ids (default 0)")
@@ -68,13 +84,19 @@ def main(argv=None) -> int:
             args.mcore,
             tensor_parallel=args.tp,
             pipeline_parallel=args.pp,
+            expert_parallel=args.ep,
+            expert_tensor_parallel=args.etp,
+            moe_dispatcher=args.moe_dispatcher,
             batch=args.batch,
             seq_length=args.seq_length,
             seed=args.seed,
             atol=args.atol,
             device=args.device,
         )
-        print(f"TP={args.tp} PP={args.pp}, {args.batch} x {args.seq_length} tokens: {result.summary()}")
+        experts = f" EP={args.ep} ETP={args.etp or args.tp}" if args.ep > 1 or args.etp else ""
+        print(
+            f"TP={args.tp} PP={args.pp}{experts}, {args.batch} x {args.seq_length} tokens: {result.summary()}"
+        )
         return 0 if result.passed else 1
 
     return exit_status(verify)

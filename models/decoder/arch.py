@@ -2,7 +2,8 @@
 
 Every family here is the same decoder: grouped-query attention with RoPE, RMSNorm, a SwiGLU MLP. They
 differ in a few traits, each a field of `DecoderArch`: a bias on the QKV projection (Qwen2), an RMSNorm
-on each query and key head (Qwen3), Llama 3.1-style rope scaling (Llama). A family's reader
+on each query and key head (Qwen3), Llama 3.1-style rope scaling (Llama), a mixture of SwiGLU experts
+in place of the MLP (Qwen3 MoE). A family's reader
 (`models/<family>/__init__.py`) checks what its config may say and calls `read_decoder_config` for the
 rest, so every architectural value comes from the config and anything the model definition cannot
 represent exactly (sliding windows, other activations, other rope types) is refused with the field and
@@ -30,6 +31,19 @@ class Llama3RopeScaling:
 
 
 @dataclass(frozen=True)
+class MixtureOfExperts:
+    """Every layer's MLP as `num_experts` SwiGLU experts of width `expert_ffn_hidden_size`, each token
+    routed to `experts_per_token` of them by a linear router's softmax, the chosen experts' outputs
+    weighted by their probabilities (renormalised over the chosen ones with `normalize_top_k`). No
+    shared expert, no capacity limit: every routed token is computed (dropless)."""
+
+    num_experts: int
+    experts_per_token: int
+    expert_ffn_hidden_size: int
+    normalize_top_k: bool
+
+
+@dataclass(frozen=True)
 class DecoderArch:
     """The architecture facts of a checkpoint, as read from its config.json."""
 
@@ -48,6 +62,7 @@ class DecoderArch:
     qkv_bias: bool = False
     qk_layernorm: bool = False
     rope_scaling: Llama3RopeScaling | None = None
+    moe: MixtureOfExperts | None = None
 
     @property
     def heads_per_group(self) -> int:
@@ -117,6 +132,7 @@ def read_decoder_config(
     qkv_bias: bool = False,
     qk_layernorm: bool = False,
     rope_scaling: Llama3RopeScaling | None = None,
+    moe: MixtureOfExperts | None = None,
 ) -> DecoderArch:
     """The architecture of `config` with the family's traits; checks what every family shares (SwiGLU,
     an explicit rope base, consistent head counts)."""
@@ -159,6 +175,7 @@ def read_decoder_config(
         qkv_bias=qkv_bias,
         qk_layernorm=qk_layernorm,
         rope_scaling=rope_scaling,
+        moe=moe,
     )
 
 

@@ -5,7 +5,9 @@ exactly one place decides how a checkpoint of each family maps onto megatron-cor
 Transformer Engine's when the backend is TE (models/backends.py), megatron-core's local (pure torch)
 spec otherwise, with a torch RMSNorm that runs under sequence parallelism (`torch_rms_norm`, in the
 layers and as the final norm); for packed (THD) batches the local spec's core attention is replaced by
-the project's packed attention (models/packed_attention.py).
+the project's packed attention (models/packed_attention.py). A mixture-of-experts MLP (`arch.moe`) is
+megatron-core's MoE layer: its router, its token dispatcher, and the experts as one module per expert on
+the local spec (SequentialMLP) or TE's grouped GEMM (TEGroupedMLP), whose checkpoints are interchangeable.
 
     arch = read_arch("/models/Qwen2.5-32B")
     config = transformer_config(arch, tensor_parallel=8, params_dtype=torch.bfloat16)
@@ -17,6 +19,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
+from common.megatron_cpu import fill_missing_te_names
 from models.backends import Backend
 
 from .arch import DecoderArch
@@ -70,9 +73,31 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
+        **moe_settings(arch),
     )
     settings.update(overrides)
     return TransformerConfig(**settings)
+
+
+def moe_settings(arch: DecoderArch) -> dict[str, Any]:
+    """The TransformerConfig fields of `arch`'s experts (none for a dense model): dropless top-k routing
+    in fp32, the chosen probabilities renormalised where the family does (the softmax of the chosen
+    logits is the full softmax renormalised over them), no load-balancing loss unless the trainer sets
+    one, one module per expert (`moe_grouped_gemm` comes with TE's layer spec)."""
+    moe = arch.moe
+    if moe is None:
+        return {}
+    return dict(
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.experts_per_token,
+        moe_ffn_hidden_size=moe.expert_ffn_hidden_size,
+        moe_router_pre_softmax=not moe.normalize_top_k,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+    )
 
 
 def layer_spec(arch: DecoderArch, backend: Backend, *, packed: bool):
@@ -81,9 +106,20 @@ def layer_spec(arch: DecoderArch, backend: Backend, *, packed: bool):
     attention, which megatron-core's local spec does not have."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    experts = arch.moe.num_experts if arch.moe else None
     if backend.transformer_engine:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=experts, moe_grouped_gemm=experts is not None, qk_layernorm=arch.qk_layernorm
+        )
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(
+        num_experts=experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_layernorm, normalization="RMSNorm"
+    )
+    if experts is not None:
+        # TE's MoE layer keeps its own pre-MLP norm (`pre_mlp_layernorm.weight`: no fused linear to hold it);
+        # the local spec would store it under the dense MLP's fused name, and the two specs' checkpoints
+        # would not load into each other.
+        del spec.submodules.sharded_state_dict_keys_map["pre_mlp_layernorm."]
+        fill_missing_te_names()  # megatron-core's router refers to a TE name without TE
     _use_torch_rms_norm(spec)
     if packed:
         from models.packed_attention import with_packed_attention

@@ -1,8 +1,8 @@
 """Qwen3 dense (`model_type` qwen3): the dense decoder with an RMSNorm on each query and key head and
 no biases; `head_dim` is explicit (128, not hidden / heads at several sizes).
 
-Sliding-window attention, attention biases and rope scaling are refused; so is Qwen3 MoE (model_type
-qwen3_moe, refused by models/registry.py). `FAMILY` binds it for models/registry.py: outside its own
+Sliding-window attention, attention biases and rope scaling are refused (Qwen3 MoE is its own family,
+models/qwen3_moe). `FAMILY` binds it for models/registry.py: outside its own
 tests, nothing else imports this package.
 """
 

@@ -19,9 +19,10 @@ import torch
 from formats.packed import Pack
 from models.backends import Backend
 from models.registry import read_arch
+from plan.layout import initialize_parallel_state
 
 from ..data import MicroBatch, SFTData, make_micro_batch, split_for_context_parallel
-from ..train_module import TrainModule, initialize_model_parallel
+from ..train_module import TrainModule
 from . import ITERATIONS, SYNTHETIC_CONVERSATION, RankPlan
 from .kernels import (
     STANDINS,
@@ -184,7 +185,7 @@ def measure_rank(plan: RankPlan, fake: bool = True, around=contextlib.nullcontex
     dist.init_process_group("fake", store=FakeStore(), rank=plan.rank, world_size=plan.world_size)
     try:
         layout = plan.config.parallel
-        initialize_model_parallel(layout, plan.config.timeout_minutes, gloo_groups=DryRunModule.gloo_groups)
+        initialize_parallel_state(layout, plan.config.timeout_minutes, gloo_groups=DryRunModule.gloo_groups)
         rows, description = rows_for(plan)
         arch = read_arch(plan.hf_config_file)
         tracker = MemoryTracker(fake_scalar=1.0)
