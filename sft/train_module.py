@@ -89,9 +89,10 @@ def _model_key(index: int, count: int) -> str:
 
 
 class TrainModule:
-    """Needs megatron-core's model-parallel groups (plan.layout.`initialize_parallel_state`). `init_checkpoint`: the
-    weights to start from (None: random, or a resume that loads them afterwards); `load_group`: the
-    replicas that split reading them; `loss_function`: each micro-batch's loss (`loss_func`'s contract)."""
+    """Needs megatron-core's model-parallel groups (`plan.layout.initialize_parallel_state`).
+    `init_checkpoint`: the weights to start from (None: random, or a resume that loads them afterwards);
+    `load_group`: the replicas that split reading them; `loss_function`: each micro-batch's loss
+    (`loss_func`'s contract)."""
 
     # megatron-core's gloo side groups (the distributed optimizer's checkpoint gathers); a fake process
     # group has none
