@@ -66,6 +66,10 @@ class ModelFamily:
     extra_state_objects: Callable[[Arch], dict[str, None]]
     # arch -> the parameters of one transformer layer
     layer_parameters: Callable[[Arch], int]
+    # arch -> the parameters of one layer's experts (0 for a dense model)
+    expert_parameters: Callable[[Arch], int]
+    # (arch, active) -> one layer's MLP weights (with experts: the router and all of them, or the chosen)
+    mlp_matrix_parameters: Callable[..., int]
     # arch -> forward FLOPs per token outside the attention scores
     dense_flops_per_token: Callable[[Arch], float]
     # (arch, conversation lengths) -> forward FLOPs of the attention scores

@@ -8,7 +8,9 @@ The model, stated so it can be checked (every figure is per GPU, bytes unless no
 Parameters. A layer holds qkv h(n+2g)d + bias (n+2g)d, proj n d h, MLP 3 h f, two norms 2h; the
 embedding and the output layer hold V h each (one when tied). A rank holds L/PP layers split over
 TP, plus the embedding on the first stage and the output layer and final norm on the last (with tied
-embeddings and PP > 1 the last stage holds a copy of the embedding as its output layer).
+embeddings and PP > 1 the last stage holds a copy of the embedding as its output layer). With a mixture
+of E experts of width f_e, the MLP is a router h E and the experts E 3 h f_e, which expert and
+expert-tensor parallelism split (/ EP x ETP) instead of TP.
 
 Memory is estimated for the first and the last pipeline stage (one stage at PP = 1), which differ; the
 heavier one decides whether a layout fits. The model is that of the dry run (sft/dry_run/), which
@@ -19,6 +21,7 @@ where they differ, in brackets):
 - grads: 4 bytes per local parameter (fp32 gradient buffer, grad_reduce_in_fp32);
 - optimizer: 12 bytes per local parameter / (DP x CP) (fp32 main weights, Adam moments, sharded over
   the data- and context-parallel replicas of the rank's parameters: megatron-core's intra_dp_cp group);
+  an expert's over its expert-data-parallel replicas, world / (PP x EP x ETP);
 - activations: per token and layer, the tensors the backward pass keeps (bf16): the two norms' inputs and
   outputs 4h [norms and residuals 6h]; with q = n d the query width: q/k/v before and q/k after RoPE 2q +
   3gd, attention output q (flash attention keeps no s^2 scores) [with CP, the all-gather attention's
@@ -35,7 +38,10 @@ where they differ, in brackets):
   activations of PP - r micro-batches of its L/PP layers at its peak (the first stage PP, the last one);
   interleaved, 2 (PP - r - 1) + (VP - 1) PP + 1 model chunks of L/(PP VP) layers (the first stage PP +
   (PP - 1)/VP micro-batches' worth, the last (VP - 1) + 1/VP), never more than the step's micro-batches.
-  A stage's output is freed once sent (deallocate_pipeline_outputs).
+  A stage's output is freed once sent (deallocate_pipeline_outputs). A mixture of experts keeps, per
+  token, instead of the MLP's: the router's fp32 probabilities 4E, and for each of its k experts the
+  dispatched input h and the expert's fc1 output and SwiGLU output 3 f_e / ETP, with the routing
+  balanced (each expert gets its share k/E of the tokens: dropless routing can load one expert more).
 - logits: the last stage keeps the vocabulary-parallel logits, tokens x V / TP x 2 bytes (TE's
   cross-entropy writes their gradient into them) [x 6: megatron-core's cross-entropy adds an fp32 copy;
   4 in an fp32 run];
@@ -61,7 +67,9 @@ context parallelism's ring exchange of each TP rank's K/V shard (forward) and of
 gradients (backward), (CP - 1) chunks per layer [the all-gather of K/V and the reduce-scatter of their
 gradients: 2 (CP - 1)], half hidden, over NVLink when TP x CP fits a node;
 pipeline sends of activations and their gradients at the PP x VP - 1 stage boundaries (a rank takes
-part in 1/PP of them), half hidden, over the network.
+part in 1/PP of them), half hidden, over the network; with experts, the token dispatcher's all-to-alls,
+dispatch and combine forward and backward, k h bf16 per token and layer each, (EP - 1) / EP of it
+leaving the rank, not hidden, over NVLink when EP x ETP fits a node.
 MFU = model FLOPs of the real tokens (fill x seq: --packing-fill, the data's packing efficiency) /
 (step time x GPUs x peak).
 """
@@ -141,12 +149,23 @@ def pipeline_stages(layout: ParallelLayout) -> dict[str, tuple[bool, bool]]:
 
 
 def stage_parameters(arch, layout: ParallelLayout, first: bool, last: bool) -> int:
-    """Parameters on one tensor-parallel rank of a stage: its layers plus the embedding (first stage) or
-    the output layer and the final norm (last stage); with tied embeddings one matrix serves both."""
+    """Parameters on one rank of a stage: its layers plus the embedding (first stage) or the output layer
+    and the final norm (last stage); with tied embeddings one matrix serves both."""
+    return sum(stage_parameter_parts(arch, layout, first, last))
+
+
+def stage_parameter_parts(arch, layout: ParallelLayout, first: bool, last: bool) -> tuple[int, int]:
+    """(parameters split over TP, experts' parameters split over EP x ETP) on one rank of a stage."""
+    family = family_of(arch)
     vocab = arch.vocab_size * arch.hidden_size
     matrices = 1 if first and last and arch.tie_word_embeddings else first + last
-    layers = arch.num_layers // layout.pipeline * family_of(arch).layer_parameters(arch)
-    return (layers + matrices * vocab) // layout.tensor + (arch.hidden_size if last else 0)
+    layers = arch.num_layers // layout.pipeline
+    experts = layers * family.expert_parameters(arch)
+    dense = layers * family.layer_parameters(arch) - experts
+    return (
+        (dense + matrices * vocab) // layout.tensor + (arch.hidden_size if last else 0),
+        experts // (layout.expert * layout.expert_tensor_size),
+    )
 
 
 def local_parameters(arch, layout: ParallelLayout) -> int:
@@ -200,13 +219,20 @@ def activation_bytes_per_token_layer(
         # the all-gather attention's keys and values, each query chunk's conversation prefix copied out
         # for the kernel: (2 CP + 1) / 2 local tokens' worth of each (models/packed_attention.py)
         attention += (2 * layout.context + 1) * g * d
-    mlp = 0 if recompute == "mlp" else (3 if fused else 4) * f
+    moe = getattr(arch, "moe", None)
+    dense_mlp = 0 if recompute == "mlp" or moe else (3 if fused else 4) * f
+    # per token: its k dispatched copies, each expert's fc1 and SwiGLU outputs (split over ETP, not TP)
+    expert_mlp = 0.0
+    if moe is not None and recompute != "mlp":
+        expert_mlp = moe.experts_per_token * (h + 3 * moe.expert_ffn_hidden_size / layout.expert_tensor_size)
     fp32 = 0.0
     if fused:  # the norms' reciprocal RMS per token (and per q/k head), flash attention's logsumexp per head
         fp32 = 2 * 4 / sp + (0 if recompute == "selective" else 4 * n / t)
         if arch.qk_layernorm:
             fp32 += 4 * (n + g) / t
-    return element_bytes * (replicated / sp + (attention + mlp) / t) + fp32
+    if moe is not None:  # the router's probabilities over all experts
+        fp32 += 4 * moe.num_experts / sp
+    return element_bytes * (replicated / sp + (attention + dense_mlp) / t + expert_mlp) + fp32
 
 
 def estimate(
@@ -258,7 +284,9 @@ def _stage_memory(
     arch, layout, recompute, hw, seq_length, micro_batches, dp, weight_bytes, fused, first: bool, last: bool
 ) -> dict[str, float]:
     """GB per part on one rank of the stage holding the embedding (`first`) and/or the output (`last`)."""
-    params = stage_parameters(arch, layout, first, last)
+    dense_params, expert_params = stage_parameter_parts(arch, layout, first, last)
+    params = dense_params + expert_params
+    expert_replicas = hw.gpus // (layout.pipeline * layout.expert * layout.expert_tensor_size)
     tokens = layout.micro_batch_size * seq_length / layout.context
     per_token_layer = activation_bytes_per_token_layer(arch, layout, recompute, weight_bytes, fused)
     one_layer = tokens * activation_bytes_per_token_layer(arch, layout, "none", weight_bytes, fused)
@@ -282,17 +310,28 @@ def _stage_memory(
     # One placeholder weight gradient per weight shape (TE keeps them; megatron-core's torch layers make
     # them anew), and the backward's largest transients: the MLP's input gradients (fc2's input and the
     # SwiGLU's, 3f per token). With full recomputation, the layer being recomputed holds its full set.
+    family = family_of(arch)
+    experts = family.expert_parameters(arch)
     placeholders = weight_bytes * (
-        family_of(arch).layer_parameters(arch) / layout.tensor
+        (family.layer_parameters(arch) - experts) / layout.tensor
+        + experts / (layout.expert * layout.expert_tensor_size)
         + (vocab_shard * arch.hidden_size if last else 0)
     )
-    transients = tokens * weight_bytes * 3 * arch.ffn_hidden_size / layout.tensor
+    moe = getattr(arch, "moe", None)
+    width = (
+        moe.experts_per_token * moe.expert_ffn_hidden_size / layout.expert_tensor_size
+        if moe
+        else arch.ffn_hidden_size / layout.tensor
+    )
+    transients = tokens * weight_bytes * 3 * width
     other = placeholders + transients + (one_layer if recompute == "full" else 0)
     optimizer_bytes = 12 if weight_bytes == 2 else 8  # fp32 main weights (bf16 only) and Adam moments
     memory = {
         "weights": weight_bytes * params / GB,
         "grads": 4 * params / GB,
-        "optimizer": optimizer_bytes * params / (dp * layout.context) / GB,
+        "optimizer": optimizer_bytes
+        * (dense_params / (dp * layout.context) + expert_params / expert_replicas)
+        / GB,
         "activations": activations / GB,
         "logits": logits / GB,
         "other": other / GB,
@@ -332,7 +371,7 @@ def _step_time(run: _Run, params: int, fill: float, fused: bool) -> tuple[float,
     rerun = {
         "none": 0.0,
         "selective": forward_attention,
-        "mlp": 2 * 3 * arch.hidden_size * arch.ffn_hidden_size * arch.num_layers * seq_length,
+        "mlp": 2 * family.mlp_matrix_parameters(arch, active=True) * arch.num_layers * seq_length,
         "full": forward,
     }[recompute]
     executed = (3 * forward + rerun) * global_batch
@@ -363,8 +402,27 @@ def _step_time(run: _Run, params: int, fill: float, fused: bool) -> tuple[float,
             0.5 * pp_bytes * hops * micro_batches / layout.pipeline / (hw.network_gbps * GB)
         )  # half hidden
     dp_time = gradient_sync_seconds(layout, dp, params, hw)
-    step = compute * (1 + bubble) + tp_time + cp_time + pp_time + dp_time
+    ep_time = expert_dispatch_seconds(arch, layout, seq_length, micro_batches, hw)
+    step = compute * (1 + bubble) + tp_time + cp_time + pp_time + dp_time + ep_time
     return round(step, 3), round(model_flops / (step * hw.gpus * hw.peak_tflops * 1e12), 4)
+
+
+def expert_dispatch_seconds(
+    arch, layout: ParallelLayout, seq_length: int, micro_batches: int, hw: Hardware
+) -> float:
+    """The token dispatcher's all-to-alls per step (none without expert parallelism): dispatch and combine
+    in the forward and again in the backward, per layer and micro-batch, each moving the rank's tokens'
+    k copies of h in bf16, (EP - 1) / EP of them to other ranks; not hidden. The expert-parallel ranks
+    lie within EP x ETP consecutive ones (megatron-core's expert rank order tp-ep-dp-pp): NVLink when
+    that fits a node, else the network."""
+    moe = getattr(arch, "moe", None)
+    if moe is None or layout.expert == 1:
+        return 0.0
+    tokens = layout.micro_batch_size * seq_length / layout.context
+    one = tokens * moe.experts_per_token * arch.hidden_size * 2 * (layout.expert - 1) / layout.expert
+    total = 4 * one * (arch.num_layers // layout.pipeline) * micro_batches
+    intra_node = layout.expert * layout.expert_tensor_size <= hw.gpus_per_node
+    return total / ((hw.nvlink_gbps if intra_node else hw.network_gbps) * GB)
 
 
 def gradient_sync_seconds(layout: ParallelLayout, dp: int, params: int, hw: Hardware) -> float:
@@ -391,6 +449,8 @@ def plan(
 ) -> list[Estimate]:
     """Every valid layout, feasible ones first, fastest first."""
     results = []
+    moe = getattr(arch, "moe", None)
+    experts = [e for e in (1, 2, 4, 8, 16, 32, 64) if moe and moe.num_experts % e == 0] or [1]
     grid = itertools.product(
         (1, 2, 4, 8),
         (1, 2, 4, 8, 16),
@@ -399,11 +459,15 @@ def plan(
         RECOMPUTE,
         (1, 2),
         (False, True),
+        experts,
+        (None, 1) if moe else (None,),  # expert-tensor: as TP, or 1 (the experts whole on each rank)
     )
-    for tensor, pipeline, virtual, context, recompute, micro_batch, sp in grid:
+    for tensor, pipeline, virtual, context, recompute, micro_batch, sp, expert, expert_tensor in grid:
         if sp and tensor == 1:  # sequence parallelism splits along the tensor-parallel ranks
             continue
-        layout = ParallelLayout(tensor, pipeline, virtual, context, sp, micro_batch)
+        if expert_tensor == 1 and tensor == 1:  # the same layout as ETP = TP
+            continue
+        layout = ParallelLayout(tensor, pipeline, virtual, context, sp, micro_batch, expert, expert_tensor)
         found = estimate(
             arch,
             layout,
@@ -437,8 +501,11 @@ def recommend(feasible: list[Estimate], within: float = 0.01, headroom: float = 
 
 
 def format_table(estimates: list[Estimate], limit: int = 15) -> str:
+    experts = any(e.layout.expert > 1 or e.layout.expert_tensor for e in estimates)
     header = (
-        f"{'TP':>3} {'PP':>3} {'VP':>3} {'CP':>3} {'SP':>3} {'recompute':>9} {'mb':>3} {'DP':>4} | "
+        f"{'TP':>3} {'PP':>3} {'VP':>3} {'CP':>3} {'SP':>3} {'recompute':>9} {'mb':>3} {'DP':>4} "
+        + (f"{'EP':>3} {'ETP':>3} " if experts else "")
+        + "| "
         f"{'stage':>5} {'weights':>7} {'grads':>6} {'optim':>6} {'activ':>6} {'logits':>6} {'other':>6} "
         f"{'buffers':>7} "
         f"{'total':>6} GB | "
@@ -450,7 +517,9 @@ def format_table(estimates: list[Estimate], limit: int = 15) -> str:
         rows.append(
             f"{lay.tensor:>3} {lay.pipeline:>3} {lay.virtual_stages:>3} {lay.context:>3} "
             f"{'y' if lay.sequence_parallel else 'n':>3} {e.recompute:>9} {lay.micro_batch_size:>3} "
-            f"{e.data_parallel:>4} | {e.heaviest_stage:>5} {m['weights']:>7.1f} "
+            f"{e.data_parallel:>4} "
+            + (f"{lay.expert:>3} {lay.expert_tensor_size:>3} " if experts else "")
+            + f"| {e.heaviest_stage:>5} {m['weights']:>7.1f} "
             f"{m['grads']:>6.1f} {m['optimizer']:>6.1f} {m['activations']:>6.1f} {m['logits']:>6.1f} "
             f"{m['other']:>6.1f} {m['buffers']:>7.1f} {e.total_gb:>6.1f}    | "
             f"{e.step_time_s:>7.1f} {100 * e.mfu:>5.1f}%" + ("" if e.fits else "  (does not fit)")

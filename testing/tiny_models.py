@@ -163,7 +163,7 @@ QWEN25_32B_CONFIG = {
 
 
 # The published config.json values of the other families' models the shipped configs train (Qwen3-32B
-# base, Llama 3.1 8B), for the planner, the dry run and their tests.
+# base, Llama 3.1 8B) and of Qwen3's mixtures of experts, for the planner, the dry run and their tests.
 QWEN3_32B_CONFIG = {
     "architectures": ["Qwen3ForCausalLM"],
     "model_type": "qwen3",
@@ -184,6 +184,33 @@ QWEN3_32B_CONFIG = {
     "bos_token_id": 151643,
     "eos_token_id": 151643,
     "torch_dtype": "bfloat16",
+}
+# Qwen3's published mixtures of experts: Qwen3's attention and vocabulary (the dense intermediate_size
+# is unused: every layer has experts)
+QWEN3_30B_A3B_CONFIG = {
+    **QWEN3_32B_CONFIG,
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "moe_intermediate_size": 768,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "router_aux_loss_coef": 0.001,
+}
+QWEN3_235B_A22B_CONFIG = {
+    **QWEN3_30B_A3B_CONFIG,
+    "hidden_size": 4096,
+    "intermediate_size": 12288,
+    "moe_intermediate_size": 1536,
+    "num_hidden_layers": 94,
+    "num_attention_heads": 64,
 }
 LLAMA31_8B_CONFIG = {
     "architectures": ["LlamaForCausalLM"],

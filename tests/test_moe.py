@@ -158,6 +158,66 @@ def test_parameters_and_flops_count_every_expert_and_the_active_ones(moe):
     assert family.dense_flops_per_token(arch) == LAYERS * 2 * active + 2 * HIDDEN * arch.vocab_size
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "world_size, sizes",
+    [(2, dict(expert=2)), (4, dict(expert=4)), (4, dict(expert=2, pipeline=2))],
+    ids=["ep2", "ep4", "ep2-pp2"],
+)
+def test_the_planner_s_parameters_per_rank_are_the_model_s(moe, world_size, sizes):
+    """Each rank's parameters as megatron-core builds its stage (the experts split over EP, the rest
+    replicated) equal the planner's count for that stage."""
+    from plan.planner import stage_parameters
+
+    layout = ParallelLayout(**sizes)
+    built = run_distributed(_local_parameters, world_size, str(moe.hf), layout)
+    pp = layout.pipeline
+    for first, last, count in built:
+        assert count == stage_parameters(moe.arch, layout, first=first or pp == 1, last=last or pp == 1)
+    expert_share = LAYERS // pp * EXPERTS * 3 * HIDDEN * EXPERT_WIDTH * (layout.expert - 1) // layout.expert
+    assert (
+        stage_parameters(moe.arch, ParallelLayout(pipeline=pp), True, pp == 1) - built[0][2] == expert_share
+    )
+
+
+def _local_parameters(rank: int, world_size: int, hf_dir: str, layout: ParallelLayout) -> tuple:
+    from megatron.core import parallel_state
+    from megatron.core import tensor_parallel as tp
+
+    from models.backends import choose_backend
+    from plan.layout import initialize_parallel_state
+
+    initialize_parallel_state(layout)
+    tp.model_parallel_cuda_manual_seed(0)
+    arch = read_arch(hf_dir)
+    family = family_of(arch)
+    config = family.transformer_config(
+        arch,
+        pipeline_parallel=layout.pipeline,
+        expert_model_parallel_size=layout.expert,
+        use_cpu_initialization=True,
+    )
+    first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+    model = family.build_model(
+        arch,
+        config,
+        family.layer_spec(arch, choose_backend("cpu"), packed=False),
+        pre_process=first,
+        post_process=last,
+    )
+    return first, last, sum(p.numel() for p in model.parameters())
+
+
+def test_the_dry_run_says_it_does_not_measure_experts_yet(moe):
+    from common.errors import ConfigError
+    from sft.config import load_config
+    from sft.dry_run import plan_ranks
+
+    config = load_config(None, [f"model.random_init_config={moe.hf / 'config.json'}"])
+    with pytest.raises(ConfigError, match="the dry run does not measure a mixture of experts yet"):
+        plan_ranks(config, 4)
+
+
 def test_the_router_s_top_k_renormalisation_follows_the_config(moe):
     family = family_of(moe.arch)
     renormalised = family.transformer_config(moe.arch, use_cpu_initialization=True)

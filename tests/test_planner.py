@@ -14,11 +14,17 @@ from plan.planner import (
     Hardware,
     activation_bytes_per_token_layer,
     estimate,
+    expert_dispatch_seconds,
     gradient_sync_seconds,
     local_parameters,
     plan,
 )
-from testing.tiny_models import LLAMA31_8B_CONFIG, QWEN3_32B_CONFIG, QWEN25_32B_CONFIG
+from testing.tiny_models import (
+    LLAMA31_8B_CONFIG,
+    QWEN3_30B_A3B_CONFIG,
+    QWEN3_32B_CONFIG,
+    QWEN25_32B_CONFIG,
+)
 
 QWEN25_32B = arch_from_config({**QWEN25_32B_CONFIG, "num_hidden_layers": 64})  # Qwen2.5-32B
 
@@ -35,10 +41,15 @@ def test_parameter_count_is_qwen25_32b():
     )
 
 
-@pytest.mark.parametrize("config", [QWEN3_32B_CONFIG, LLAMA31_8B_CONFIG], ids=["qwen3-32b", "llama3.1-8b"])
+@pytest.mark.parametrize(
+    "config",
+    [QWEN3_32B_CONFIG, LLAMA31_8B_CONFIG, QWEN3_30B_A3B_CONFIG],
+    ids=["qwen3-32b", "llama3.1-8b", "qwen3-30b-a3b"],
+)
 def test_parameter_count_of_the_other_families_equals_transformers(config):
-    """Qwen3-32B (q/k norms, no bias, head_dim 128 x 64 heads on a 5120-wide stream) and Llama 3.1 8B,
-    counted by transformers on the meta device: the published 32.8B and 8.03B."""
+    """Qwen3-32B (q/k norms, no bias, head_dim 128 x 64 heads on a 5120-wide stream), Llama 3.1 8B and
+    Qwen3-30B-A3B (128 experts), counted by transformers on the meta device: the published 32.8B, 8.03B
+    and 30.5B."""
     import torch
     import transformers
 
@@ -49,6 +60,49 @@ def test_parameter_count_of_the_other_families_equals_transformers(config):
     with torch.device("meta"):
         model = getattr(transformers, family.hf_model_class)(hf_config)
     assert local_parameters(arch_from_config(config), ParallelLayout()) == model.num_parameters()
+
+
+def test_qwen3_30b_a3b_by_hand():
+    """Per layer: attention 2048 x (32 + 8) x 128 + 32 x 128 x 2048, q/k norms 2 x 128, norms 2 x 2048,
+    router 128 x 2048, experts 128 x 3 x 2048 x 768; 48 layers, two vocabulary matrices, the final norm."""
+    from models.decoder.flops import dense_flops_per_token
+    from plan.planner import stage_parameter_parts
+
+    arch = arch_from_config(QWEN3_30B_A3B_CONFIG)
+    attention, experts, router = 18_874_368, 603_979_776, 262_144
+    assert layer_parameters(arch) == attention + 256 + 4_096 + router + experts
+    assert local_parameters(arch, ParallelLayout()) == 30_532_122_624  # the published 30.5B
+    # 3.3B active per token: attention, router and 8 of the 128 experts (each 3 x 2048 x 768)
+    active = 48 * (attention + router + 8 * 4_718_592)
+    assert active + 2 * 151_936 * 2_048 == 3_352_821_760
+    assert dense_flops_per_token(arch) == 2 * active + 2 * 2_048 * 151_936
+    # the first of 4 stages at EP2: 12 layers and the embedding whole, the 12 layers' experts halved
+    first = stage_parameter_parts(arch, ParallelLayout(pipeline=4, expert=2), first=True, last=False)
+    assert first == (12 * (attention + 256 + 4_096 + router) + 151_936 * 2_048, 12 * experts // 2)
+    # the optimizer shards the experts over their expert-data-parallel replicas, 32 / (4 x 2) = 4, and
+    # the rest over data x context, DP 1 x CP 8
+    layout = ParallelLayout(pipeline=4, context=8, expert=2)
+    est = estimate(arch, layout, "none", Hardware(gpus=32), 32768, 512, 4000.0)
+    assert est.stage_memory_gb["first"]["optimizer"] == pytest.approx(
+        12 * (first[0] / 8 + first[1] / 4) / 1e9
+    )
+    # kept per token and layer at TP1 (bf16): norms 4h, q/k/v + RoPE'd q/k + output 3 x 4096 + 3 x 512,
+    # the q/k norms' inputs 4096 + 512, each of the 8 chosen experts' input h and fc1 + SwiGLU outputs
+    # 3 x 768; fp32: the norms' reciprocal RMS 2, the logsumexp per head 32, the q/k norms' per head 36,
+    # the router's probabilities 128
+    bf16 = 4 * 2048 + 3 * 4096 + 3 * 512 + 4096 + 512 + 8 * (2048 + 3 * 768)
+    assert activation_bytes_per_token_layer(arch, ParallelLayout(), "none") == 2 * bf16 + 4 * (
+        2 + 32 + 36 + 128
+    )
+    # the all-to-alls at EP8 in one node: 4 per layer and micro-batch, 32768 / CP 4 tokens x 8 copies x
+    # 2048 x 2 bytes, 7/8 of them leaving; 12 layers a stage, 64 micro-batches, 360 GB/s
+    layout, hw = ParallelLayout(pipeline=4, context=4, expert=8), Hardware(gpus=32)
+    moved = 4 * 8192 * 8 * 2048 * 2 * 7 / 8 * 12 * 64
+    assert expert_dispatch_seconds(arch, layout, 32768, 64, hw) == pytest.approx(moved / 360e9)
+    cross = ParallelLayout(pipeline=2, expert=16)  # 16 ranks span two nodes: the network's 45 GB/s
+    assert expert_dispatch_seconds(arch, cross, 32768, 64, hw) == pytest.approx(
+        4 * 32768 * 8 * 2048 * 2 * 15 / 16 * 24 * 64 / 45e9
+    )
 
 
 def test_activation_bytes_by_hand():

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Prints the feasible parallel layouts of a model (Qwen2/2.5, Qwen3, Llama 3.x) for a sequence length,
+"""Prints the feasible parallel layouts of a model (Qwen2/2.5, Qwen3, Qwen3 MoE with expert parallelism,
+Llama 3.x) for a sequence length,
 global batch and GPU count, with memory per GPU (weights, gradients, optimizer shards, activations,
 logits, other, buffers) and an estimated step time and MFU, fastest first; recommends the first. The
 model behind the figures is documented in plan/planner.py; layouts are checked by the trainer's own
@@ -144,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
             f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()} "
             f"{recompute_overrides(best.recompute)} "
             f"parallel.micro_batch_size={layout.micro_batch_size}"
+            + (
+                f" parallel.expert={layout.expert} parallel.expert_tensor={layout.expert_tensor_size}"
+                if arch.moe
+                else ""
+            )
         )
         print(format_stages(best))
         fastest = feasible[0]

@@ -46,6 +46,8 @@ def decoder_family(
         bound_mappings=bound_mappings,
         extra_state_objects=extra_state_objects,
         layer_parameters=flops.layer_parameters,
+        expert_parameters=flops.expert_parameters,
+        mlp_matrix_parameters=flops.mlp_matrix_parameters,
         dense_flops_per_token=flops.dense_flops_per_token,
         attention_flops=flops.attention_flops,
         training_flops=flops.training_flops,

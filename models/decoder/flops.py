@@ -26,6 +26,12 @@ def attention_matrix_parameters(arch) -> int:
     return h * (n + 2 * g) * d + n * d * h
 
 
+def expert_parameters(arch) -> int:
+    """Every expert's weights in one layer (none in a dense layer): what expert parallelism splits."""
+    moe = arch.moe
+    return 0 if moe is None else moe.num_experts * 3 * arch.hidden_size * moe.expert_ffn_hidden_size
+
+
 def mlp_matrix_parameters(arch, active: bool = False) -> int:
     """Weights of one layer's SwiGLU MLP; with experts, the router's and every expert's (`active`: the
     chosen experts' only, those a token's FLOPs go through)."""
