@@ -52,9 +52,16 @@ class ModelConfig:
     # token dispatchers): alltoall sends each token only where it is routed, allgather gathers every token
     # to every expert-parallel rank
     moe_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    # a mixture of experts: the weight of megatron-core's load-balancing loss (0: off, as LLaMA-Factory
+    # trains Qwen3 MoE unless told). Per layer and micro-batch it is coef x E x sum_e f_e P_e with f_e the
+    # share of the k x T routings that chose expert e and P_e its mean probability, summed over layers:
+    # transformers' Qwen3-MoE loss is k times one layer's and pools all layers' tokens instead
+    moe_aux_loss_coef: float = 0.0
 
     def problems(self) -> list[str]:
         problems = []
+        if self.moe_aux_loss_coef < 0:
+            problems.append(f"model.moe_aux_loss_coef={self.moe_aux_loss_coef} must be >= 0 (0: off)")
         if self.init_checkpoint and self.random_init_config:
             problems.append("model.init_checkpoint and model.random_init_config are both set: choose one")
         if self.random_init_config and not Path(self.random_init_config).is_file():
@@ -310,6 +317,8 @@ class TrainConfig:
                 "model.attention=te needs Transformer Engine, which is not importable here "
                 "(install it, or use model.attention=auto)"
             )
+        if arch is not None and getattr(arch, "moe", None) is None and self.model.moe_aux_loss_coef:
+            problems.append("model.moe_aux_loss_coef applies to a mixture-of-experts model only: set it to 0")
         if arch is not None and self.data.seq_length > arch.max_position_embeddings:
             problems.append(
                 f"data.seq_length={self.data.seq_length} exceeds the model's max_position_embeddings "

@@ -143,10 +143,15 @@ class TrainModule:
         """How a mixture of experts is laid out and dispatched (nothing for a dense model)."""
         if getattr(self.arch, "moe", None) is None:
             return {}
+        aux_loss = self.config.model.moe_aux_loss_coef
+        balancing = (
+            dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=aux_loss) if aux_loss else {}
+        )
         return dict(
             expert_model_parallel_size=self.layout.expert,
             expert_tensor_parallel_size=self.layout.expert_tensor_size,
             moe_token_dispatcher_type=self.config.model.moe_dispatcher,
+            **balancing,
         )
 
     def deallocate_pipeline_outputs(self) -> bool:

@@ -18,6 +18,34 @@ def megatron_logits_from_hf(
 ) -> torch.Tensor:
     """Builds the family's GPTModel (local spec, TP1/PP1), loads HF weights through the mapping, returns
     its logits."""
+    model = _model_from_hf(hf_dir).eval()
+    ids = torch.tensor(token_ids)
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    with torch.no_grad():
+        return model(ids, positions, attention_mask=None)
+
+
+def moe_load_balancing_losses_from_hf(
+    rank: int, world_size: int, hf_dir: str, token_ids: list[list[int]], coefficient: float
+) -> torch.Tensor:
+    """megatron-core's load-balancing loss of each layer (without its coefficient, as it logs it) for one
+    micro-batch of `token_ids` through the model of `hf_dir`, in training mode, local spec, TP1/PP1."""
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+    )
+
+    model = _model_from_hf(
+        hf_dir, moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=coefficient
+    ).train()
+    clear_aux_losses_tracker()
+    ids = torch.tensor(token_ids)
+    model(ids, torch.arange(ids.shape[1]).expand_as(ids), attention_mask=None)
+    return get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"].clone()
+
+
+def _model_from_hf(hf_dir: str, **config_overrides):
+    """The family's GPTModel (local spec, TP1/PP1) with the HF checkpoint's weights through the mapping."""
     from formats.hf_safetensors import HFSafetensorsReader
     from models.backends import choose_backend
     from models.registry import family_of, read_arch
@@ -27,8 +55,8 @@ def megatron_logits_from_hf(
     arch = read_arch(hf_dir)
     family = family_of(arch)
     spec = family.layer_spec(arch, choose_backend("cpu"), packed=False)
-    config = family.transformer_config(arch, use_cpu_initialization=True)
-    model = family.build_model(arch, config, spec).eval()
+    config = family.transformer_config(arch, use_cpu_initialization=True, **config_overrides)
+    model = family.build_model(arch, config, spec)
     reader = HFSafetensorsReader(hf_dir)
     weights = {
         m.key: to_mcore(m, [reader.read(key) for key in m.hf_keys]) for m in family.bound_mappings(arch)
@@ -37,10 +65,7 @@ def megatron_logits_from_hf(
     assert not unexpected, unexpected
     assert all(key.endswith("_extra_state") for key in missing), missing
     assert not reader.not_read_exactly_once()
-    ids = torch.tensor(token_ids)
-    positions = torch.arange(ids.shape[1]).expand_as(ids)
-    with torch.no_grad():
-        return model(ids, positions, attention_mask=None)
+    return model
 
 
 def resave_at_layout(

@@ -29,7 +29,7 @@ from testing.hf_reference import hf_model
 from testing.mappings import to_hf, to_mcore
 from testing.tiny_models import QWEN25_VOCAB_SIZE_SMALL, make_tiny_model
 
-from mcore_ranks import megatron_logits_from_hf, setup_parallel
+from mcore_ranks import megatron_logits_from_hf, moe_load_balancing_losses_from_hf, setup_parallel
 from tools_runner import run_tool
 from trainer_ranks import train_tiny_model_at_layouts, transformers_first_loss
 
@@ -289,6 +289,24 @@ def test_converted_logits_match_transformers(moe, layout):
 
 
 @pytest.mark.slow
+def test_the_load_balancing_loss_is_transformers_per_layer_over_top_k(moe):
+    """megatron-core's loss of each layer equals transformers' load_balancing_loss_func of that layer's
+    router logits divided by k (megatron-core's f_e counts the k x T routings, transformers' the T
+    tokens); transformers' model-level value pools the layers' tokens, which no sum of per-layer values
+    is: model.moe_aux_loss_coef is megatron-core's, stated so (sft/config.py)."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    (ours,) = run_distributed(moe_load_balancing_losses_from_hf, 1, str(moe.hf), TOKENS, 0.01)
+    with torch.no_grad():
+        router_logits = hf_model(moe.hf)(torch.tensor(TOKENS), output_router_logits=True).router_logits
+    per_layer = [float(load_balancing_loss_func((logits,), EXPERTS, TOP_K)) for logits in router_logits]
+    assert ours.tolist() == pytest.approx([value / TOP_K for value in per_layer], rel=1e-5)
+    assert min(per_layer) > 1.0  # E x sum_e f_e P_e is 1 for perfectly balanced routing, more otherwise
+    pooled = float(load_balancing_loss_func(router_logits, EXPERTS, TOP_K))
+    assert pooled != pytest.approx(sum(per_layer), rel=1e-3)
+
+
+@pytest.mark.slow
 def test_release_round_trip_is_bitwise_and_loads_as_qwen3_moe(moe, qwen_tokenizer_dir):
     import transformers
 
@@ -305,9 +323,13 @@ def test_release_round_trip_is_bitwise_and_loads_as_qwen3_moe(moe, qwen_tokenize
 
 @pytest.fixture(scope="module")
 def training(moe):
-    """The tiny MoE converted and trained 3 steps in one process and at EP2 x PP2 (4 ranks: the
-    attention data-parallel over 2, the experts split over 2)."""
-    layouts = {"single": (1, []), "ep2xpp2": (4, ["parallel.expert=2", "parallel.pipeline=2"])}
+    """The tiny MoE converted and trained 3 steps in one process, at EP2 x PP2 (4 ranks: the attention
+    data-parallel over 2, the experts split over 2), and in one process with the load-balancing loss."""
+    layouts = {
+        "single": (1, []),
+        "ep2xpp2": (4, ["parallel.expert=2", "parallel.pipeline=2"]),
+        "aux-loss": (1, ["model.moe_aux_loss_coef=0.5"]),
+    }
     inputs, runs = train_tiny_model_at_layouts(moe.root, moe.hf, layouts, lr=1e-1)
     return SimpleNamespace(inputs=inputs, runs=runs)
 
@@ -326,3 +348,25 @@ def test_ep2_pp2_trains_like_one_process(training):
     assert single[3] != single[1]  # it trained
     for iteration, loss in single.items():
         assert parallel[iteration] == pytest.approx(loss, rel=1e-5), iteration
+
+
+@pytest.mark.slow
+def test_the_load_balancing_loss_trains_the_router_and_stays_out_of_the_reported_loss(training):
+    single, balanced = training.runs["single"]["losses"], training.runs["aux-loss"]["losses"]
+    assert balanced[1] == single[1]  # the same weights: the language-model loss alone is reported
+    assert balanced[3] != pytest.approx(single[3], rel=1e-6)  # the gradients differed
+
+
+def test_the_load_balancing_loss_is_checked(moe):
+    from sft.config import load_config
+
+    def problems(coefficient: str, arch) -> list[str]:
+        config = load_config(None, [f"model.moe_aux_loss_coef={coefficient}", "model.random_init_config=x"])
+        return config.run_problems(world_size=1, te_available=False, arch=arch, check_paths=False)
+
+    assert "model.moe_aux_loss_coef=-1.0 must be >= 0 (0: off)" in problems("-1", moe.arch)
+    dense = read_arch(make_tiny_model(moe.root / "dense-aux", "qwen3"))
+    assert "model.moe_aux_loss_coef applies to a mixture-of-experts model only: set it to 0" in problems(
+        "0.1", dense
+    )
+    assert not [p for p in problems("0.1", moe.arch) if "moe_aux_loss_coef" in p]
