@@ -2,7 +2,9 @@
 """Benchmark of the checkpoint converters; prints figures (not a test).
 
 On a synthetic checkpoint with Qwen2.5-32B's exact widths (hidden 5120, FFN 27648, 40 heads, 8 KV
-groups, vocabulary 152064, untied, bf16) and fewer layers (default 3: 6.0 GB), in one run:
+groups, vocabulary 152064, untied, bf16) and fewer layers (default 3: 6.0 GB), or with `--model
+qwen3-30b-a3b` Qwen3-30B-A3B's (128 experts of width 768 a layer: 384 tensors of 3 MB each, the many
+small tensors a mixture of experts brings; 4 layers: 6.1 GB), in one run:
 
 1. the cold sequential-read speed of the source files (page cache dropped first), and the speed of a
    plain copy of them (read + write + fsync: the I/O floor of any converter);
@@ -13,7 +15,8 @@ groups, vocabulary 152064, untied, bf16) and fewer layers (default 3: 6.0 GB), i
 3. the same for tools/convert_mcore_to_hf.py against the cold read speed of the torch_dist files;
 4. that the exported tensors are bitwise identical to the source.
 
-    .venv/bin/python bench/convert.py [--layers 3] [--workdir DIR] [--json bench/results/convert.json]
+    .venv/bin/python bench/convert.py [--model qwen2.5-32b|qwen3-30b-a3b] [--layers 3] [--workdir DIR]
+        [--json bench/results/convert.json]
 """
 
 from __future__ import annotations
@@ -34,10 +37,15 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from formats.hf_safetensors import HFSafetensorsReader  # noqa: E402
-from testing.tiny_models import write_qwen25_32b_shaped  # noqa: E402
+from testing.tiny_models import QWEN3_30B_A3B_CONFIG, QWEN25_32B_CONFIG, write_shaped  # noqa: E402
 from testing.tokenizer import build_qwen25_tokenizer  # noqa: E402
 
 from measure import copy_gbps, evict_from_page_cache, run_with_peak_rss, sequential_read_gbps  # noqa: E402
+
+MODELS = {
+    "qwen2.5-32b": ("Qwen2.5-32B", QWEN25_32B_CONFIG),
+    "qwen3-30b-a3b": ("Qwen3-30B-A3B", QWEN3_30B_A3B_CONFIG),
+}
 
 
 def timed_tool(cmd: list[str], inputs: list[Path], size: int) -> dict:
@@ -58,6 +66,9 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
+        "--model", choices=MODELS, default="qwen2.5-32b", help="whose widths (default qwen2.5-32b)"
+    )
+    parser.add_argument(
         "--layers", type=int, default=3, help="decoder layers of the synthetic model (default 3)"
     )
     parser.add_argument(
@@ -68,13 +79,15 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench_convert_", dir=args.workdir))
     try:
         started = time.perf_counter()
-        hf = write_qwen25_32b_shaped(workdir / "hf", args.layers)
+        name, published = MODELS[args.model]
+        hf = write_shaped(workdir / "hf", published, args.layers)
         tokenizer = build_qwen25_tokenizer(workdir / "tokenizer")
         hf_files = sorted(hf.glob("*.safetensors"))
         size = sum(p.stat().st_size for p in hf_files)
         print(
-            f"synthetic Qwen2.5-32B-shaped checkpoint: {args.layers} layers, {size / 1e9:.2f} GB "
-            f"in {len(hf_files)} shards (made in {time.perf_counter() - started:.0f} s)"
+            f"synthetic {name}-shaped checkpoint: {args.layers} layers, {size / 1e9:.2f} GB "
+            f"in {len(hf_files)} shards, {len(HFSafetensorsReader(hf).keys())} tensors (made in "
+            f"{time.perf_counter() - started:.0f} s)"
         )
 
         read_hf, _ = sequential_read_gbps(hf_files)
@@ -113,7 +126,7 @@ def main() -> int:
 
     result = {
         "machine": f"{platform.node()} ({platform.machine()}, {__import__('os').cpu_count()} cores)",
-        "model": f"Qwen2.5-32B widths, {args.layers} layers, bf16",
+        "model": f"{name} widths, {args.layers} layers, bf16",
         "checkpoint_gb": round(size / 1e9, 3),
         "hf_to_mcore": to_mcore,
         "mcore_to_hf": to_hf,

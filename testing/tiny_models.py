@@ -6,7 +6,8 @@
   or untied embeddings, the padded vocabulary) at widths that run in seconds on a CPU, saved as several
   safetensors shards with an index, like the real ones;
 - `write_qwen25_32b_shaped`: Qwen2.5-32B's exact widths with fewer layers, random bf16 weights
-  written piece by piece (for the conversion and GPU benchmarks).
+  written piece by piece (for the conversion and GPU benchmarks); `write_shaped` the same for any
+  published config (Qwen3-30B-A3B's experts for the conversion benchmark).
 
     python -m testing.tiny_models OUT_DIR [--family qwen3] [--tied] [--layers N] [--tokenizer DIR]
 
@@ -244,22 +245,27 @@ LLAMA31_8B_CONFIG = {
 def write_qwen25_32b_shaped(out: str | Path, layers: int, std: float = 1.0) -> Path:
     """Qwen2.5-32B-shaped random bf16 weights (normal, `std`; norm weights 1 when std < 1, so that a model
     trained from them stays finite) with `layers` layers, in 5 GB shards, written piece by piece."""
+    return write_shaped(out, QWEN25_32B_CONFIG, layers, std)
+
+
+def write_shaped(out: str | Path, published: dict, layers: int, std: float = 1.0) -> Path:
+    """Random bf16 weights of the model of a published config.json (`published`) with `layers` layers,
+    as `write_qwen25_32b_shaped` writes Qwen2.5-32B's."""
     import json
 
     import torch
 
     from formats.hf_safetensors import TensorSpec, write_sharded
-    from models.decoder.state_dict_adapter import bound_mappings
-    from models.registry import arch_from_config
+    from models.registry import arch_from_config, family_of
 
     out = Path(out)
     out.mkdir(parents=True)
-    config = {**QWEN25_32B_CONFIG, "num_hidden_layers": layers}
+    config = {**published, "num_hidden_layers": layers}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     arch = arch_from_config(config)
     specs = [
         TensorSpec(k, s, torch.bfloat16)
-        for m in bound_mappings(arch)
+        for m in family_of(arch).bound_mappings(arch)
         for k, s in zip(m.hf_keys, m.hf_shapes, strict=True)
     ]
     generator = torch.Generator().manual_seed(0)
