@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Benchmark of the dry run on a shipped config: `pretrain_sft.py --dry-run` for the recipe
 (configs/k2think_qwen2.5_32b.yaml on 256 GPUs, with Qwen2.5-32B's config.json) or the other families'
-configs (Qwen3-32B on 256 GPUs, Llama 3.1 8B on 8), no weights and no data (the synthetic rows), as a
-user runs it on a login node. Prints the dry run's table, its wall time and the peak memory of its
-process tree, and how far the planner's estimate is from the measurement per stage (the target: within
-10%).
+configs (Qwen3-32B on 256 GPUs, Llama 3.1 8B on 8, Qwen3-30B-A3B on 32), no weights and no data (the
+synthetic rows), as a user runs it on a login node. Prints the dry run's table, its wall time and the
+peak memory of its process tree, and how far the planner's estimate is from the measurement per stage
+(the target: within 10%).
 
     .venv/bin/python bench/dry_run.py [--model qwen2.5-32b] [--gpus N] \
         [--json bench/results/dry_run_k2.json] [OVERRIDES]
@@ -26,13 +26,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.measure import run_with_peak_rss  # noqa: E402
-from testing.tiny_models import LLAMA31_8B_CONFIG, QWEN3_32B_CONFIG, QWEN25_32B_CONFIG  # noqa: E402
+from testing.tiny_models import (  # noqa: E402
+    LLAMA31_8B_CONFIG,
+    QWEN3_30B_A3B_CONFIG,
+    QWEN3_32B_CONFIG,
+    QWEN25_32B_CONFIG,
+)
 
 # --model -> (its config.json, the shipped trainer config, the GPUs that config is laid out for)
 MODELS = {
     "qwen2.5-32b": ({**QWEN25_32B_CONFIG, "num_hidden_layers": 64}, "k2think_qwen2.5_32b.yaml", 256),
     "qwen3-32b": (QWEN3_32B_CONFIG, "k2think_qwen3_32b.yaml", 256),
     "llama3.1-8b": (LLAMA31_8B_CONFIG, "llama3.1_8b.yaml", 8),
+    "qwen3-30b-a3b": (QWEN3_30B_A3B_CONFIG, "qwen3_30b_a3b.yaml", 32),
 }
 
 

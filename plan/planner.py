@@ -188,16 +188,21 @@ RECOMPUTE = ("none", "selective", "mlp", "full")  # selective = megatron-core's 
 
 def recompute_mode(recompute: str, modules: list[str] | None) -> str | None:
     """The one of RECOMPUTE a trainer configuration (model.recompute, model.recompute_modules) is, or
-    None for one the planner does not model (the norms, or several modules)."""
+    None for one the planner does not model (the norms, or several modules); `mlp` is the MLP's
+    recomputation, a dense MLP's (megatron-core's mlp) or a mixture of experts' layer (its moe)."""
     if recompute != "selective":
         return recompute
-    return {("core_attn",): "selective", ("mlp",): "mlp"}.get(tuple(modules or ["core_attn"]))
+    return {("core_attn",): "selective", ("mlp",): "mlp", ("moe",): "mlp"}.get(
+        tuple(modules or ["core_attn"])
+    )
 
 
-def recompute_overrides(recompute: str) -> str:
-    """The trainer configuration for one of RECOMPUTE."""
+def recompute_overrides(recompute: str, arch=None) -> str:
+    """The trainer configuration for one of RECOMPUTE (for `arch`: a mixture of experts recomputes its
+    MoE layer as megatron-core's moe module)."""
     if recompute == "mlp":
-        return "model.recompute=selective model.recompute_modules=[mlp]"
+        module = "moe" if getattr(arch, "moe", None) else "mlp"
+        return f"model.recompute=selective model.recompute_modules=[{module}]"
     return f"model.recompute={recompute}"
 
 

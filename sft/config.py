@@ -30,7 +30,8 @@ from plan.layout import ParallelLayout
 
 from .watchdog import WatchdogConfig
 
-RECOMPUTE_MODULES = {"core_attn", "mlp", "layernorm"}  # megatron-core's, for a dense model
+# megatron-core's modules to recompute: mlp is a dense model's MLP, moe a mixture of experts' whole layer
+RECOMPUTE_MODULES = {"core_attn", "mlp", "moe", "layernorm"}
 
 
 @dataclass
@@ -42,7 +43,8 @@ class ModelConfig:
     random_init_config: str | None = None
     # activation recomputation: none; selective (the modules below); full (every layer re-run in the backward)
     recompute: Literal["none", "selective", "full"] = "selective"
-    # with selective: megatron-core's modules to recompute (core_attn, mlp, layernorm); null = core_attn
+    # with selective: megatron-core's modules to recompute (core_attn, mlp, moe: a mixture of experts' layer,
+    # layernorm); null = core_attn
     recompute_modules: list[str] | None = None
     attention: Literal["auto", "te", "torch"] = "auto"  # auto: Transformer Engine when importable on CUDA
     # weights and activations: bf16 (megatron-core's Float16Module, fp32 main weights and gradients in the
@@ -317,8 +319,8 @@ class TrainConfig:
                 "model.attention=te needs Transformer Engine, which is not importable here "
                 "(install it, or use model.attention=auto)"
             )
-        if arch is not None and getattr(arch, "moe", None) is None and self.model.moe_aux_loss_coef:
-            problems.append("model.moe_aux_loss_coef applies to a mixture-of-experts model only: set it to 0")
+        if arch is not None:
+            problems += _expert_problems(self.model, getattr(arch, "moe", None) is not None)
         if arch is not None and self.data.seq_length > arch.max_position_embeddings:
             problems.append(
                 f"data.seq_length={self.data.seq_length} exceeds the model's max_position_embeddings "
@@ -338,6 +340,22 @@ class TrainConfig:
         problems = self.run_problems(**run)
         if problems:
             raise ConfigError.listing(problems)
+
+
+def _expert_problems(model: ModelConfig, experts: bool) -> list[str]:
+    """The model settings that apply to a mixture of experts only, or to a dense model only."""
+    problems = []
+    modules = set(model.recompute_modules or [])
+    wrong = "mlp" if experts else "moe"
+    if wrong in modules:
+        right = "moe" if experts else "mlp"
+        problems.append(
+            f"model.recompute_modules: {wrong} does not apply to this model; mlp recomputes a dense model's "
+            f"MLP, moe a mixture of experts' layer: use {right}"
+        )
+    if not experts and model.moe_aux_loss_coef:
+        problems.append("model.moe_aux_loss_coef applies to a mixture-of-experts model only: set it to 0")
+    return problems
 
 
 # Loading ---------------------------------------------------------------------------------------------

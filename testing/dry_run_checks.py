@@ -66,7 +66,7 @@ def _measure_each(plans) -> list[dict]:
     return [measure_rank(plan) for plan in plans]
 
 
-def write_dry_run_model(directory, family: str = "qwen2") -> str:
+def write_dry_run_model(directory, family: str = "qwen2", **family_overrides) -> str:
     """A small config.json of `family` whose activations, weights and logits are of comparable size
     (vocabulary 4,096: the dry run's checks need no tokenizer), for the dry run's tests; returns its path."""
     from pathlib import Path
@@ -82,6 +82,7 @@ def write_dry_run_model(directory, family: str = "qwen2") -> str:
         num_key_value_heads=2,
         intermediate_size=704,
         vocab_size=4096,
+        **family_overrides,
     )
     config.bos_token_id = config.eos_token_id = 0
     config.to_json_file(path)

@@ -8,7 +8,7 @@ import pytest
 from common.errors import ConfigError
 from models.registry import arch_from_config
 from sft.config import TrainConfig, dump_config, load_config
-from testing.tiny_models import LLAMA31_8B_CONFIG, QWEN3_32B_CONFIG, QWEN25_32B_CONFIG
+from testing.tiny_models import LLAMA31_8B_CONFIG, QWEN3_30B_A3B_CONFIG, QWEN3_32B_CONFIG, QWEN25_32B_CONFIG
 
 ARCH_32B = arch_from_config({**QWEN25_32B_CONFIG, "num_hidden_layers": 64})  # Qwen2.5-32B
 
@@ -272,6 +272,7 @@ def test_shipped_configs_load_and_take_paths_from_the_environment(monkeypatch, t
         ("k2think_qwen2.5_32b.yaml", ARCH_32B, 256),
         ("k2think_qwen3_32b.yaml", arch_from_config(QWEN3_32B_CONFIG), 256),
         ("llama3.1_8b.yaml", arch_from_config(LLAMA31_8B_CONFIG), 8),
+        ("qwen3_30b_a3b.yaml", arch_from_config(QWEN3_30B_A3B_CONFIG), 32),
     ):
         shipped = load_config(root / "configs" / name)
         assert (shipped.schedule.global_batch_size, shipped.data.seq_length, shipped.optimizer.lr) == (

@@ -45,6 +45,21 @@ LAYOUTS = {
     ),
     "one GPU": (1, []),
 }
+# a mixture of experts' layouts: expert parallelism with pipeline stages, and inside tensor parallelism
+MOE_LAYOUTS = {
+    "EP2 PP2": (4, ["parallel.expert=2", "parallel.pipeline=2"]),
+    "TP2 SP ETP1 EP2, MoE recompute": (
+        4,
+        [
+            "parallel.tensor=2",
+            "parallel.sequence_parallel=true",
+            "parallel.expert=2",
+            "parallel.expert_tensor=1",
+            "model.recompute=selective",
+            "model.recompute_modules=[moe]",
+        ],
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +145,18 @@ def test_the_dry_run_measures_qwen3_with_its_query_key_norms_under_sequence_para
     _assert_the_planner_agrees(write_dry_run_model(tmp_path, "qwen3"), "TP2 SP CP2 PP2")
 
 
-def _assert_the_planner_agrees(model: str, name: str) -> None:
-    gpus, overrides = LAYOUTS[name]
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MOE_LAYOUTS))
+def test_the_dry_run_measures_a_mixture_of_experts(tmp_path, name):
+    """Qwen3 MoE with its routing balanced (the dispatcher's stand-in; the experts, the router and the
+    rest are megatron-core's own modules on fake tensors): the planner counts the experts' weights over
+    EP x ETP, their optimizer state over the expert-data-parallel replicas, and what the MoE layer keeps."""
+    model = write_dry_run_model(tmp_path, "qwen3_moe", moe_intermediate_size=256)
+    _assert_the_planner_agrees(model, name, MOE_LAYOUTS)
+
+
+def _assert_the_planner_agrees(model: str, name: str, layouts: dict = LAYOUTS) -> None:
+    gpus, overrides = layouts[name]
     config, arch, plans = _plans(model, gpus, overrides)
     estimates = planner_estimate(config, arch, gpus, 80.0)
     for plan, measured in zip(plans, measure_in_one_process(plans), strict=True):

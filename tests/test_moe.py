@@ -208,16 +208,6 @@ def _local_parameters(rank: int, world_size: int, hf_dir: str, layout: ParallelL
     return first, last, sum(p.numel() for p in model.parameters())
 
 
-def test_the_dry_run_says_it_does_not_measure_experts_yet(moe):
-    from common.errors import ConfigError
-    from sft.config import load_config
-    from sft.dry_run import plan_ranks
-
-    config = load_config(None, [f"model.random_init_config={moe.hf / 'config.json'}"])
-    with pytest.raises(ConfigError, match="the dry run does not measure a mixture of experts yet"):
-        plan_ranks(config, 4)
-
-
 def test_the_router_s_top_k_renormalisation_follows_the_config(moe):
     family = family_of(moe.arch)
     renormalised = family.transformer_config(moe.arch, use_cpu_initialization=True)

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             f"parallel.virtual_pipeline={layout.virtual_pipeline or 'null'} "
             f"parallel.context={layout.context} "
             f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()} "
-            f"{recompute_overrides(best.recompute)} "
+            f"{recompute_overrides(best.recompute, arch)} "
             f"parallel.micro_batch_size={layout.micro_batch_size}"
             + (
                 f" parallel.expert={layout.expert} parallel.expert_tensor={layout.expert_tensor_size}"

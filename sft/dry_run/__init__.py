@@ -76,14 +76,6 @@ def plan_ranks(config: TrainConfig, world_size: int) -> tuple[Arch, list[RankPla
     lays out the measured ranks; raises ConfigError."""
     config = _without_unset_paths(config)
     shape = read_model_shape(config.model.init_checkpoint or config.model.random_init_config)
-    if shape.arch.moe is not None:
-        # fake tensors carry no values: the experts' token counts, which size the dispatched tensors, are
-        # data; stand-ins for balanced routing are not built yet
-        raise ConfigError(
-            f"{shape.hf_config_file}: the dry run does not measure a mixture of experts yet (the experts' "
-            "token counts are data, which fake tensors do not have); tools/plan_layout.py estimates its "
-            "memory per GPU"
-        )
     data = _open_data(config)
     check_configuration(config, world_size, te_available=True, arch=shape.arch, data=data, check_paths=False)
     layout = config.parallel

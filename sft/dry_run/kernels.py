@@ -14,6 +14,7 @@ exactly the outputs and the saved-for-backward tensors of the kernel it replaces
 | apex's/TE's weight-gradient accumulation | nothing: it adds into the fp32 main gradient in place |
 | TE's FusedAdam | two fp32 moments per main parameter (no temporaries) |
 | TE's dummy weight gradients | one bf16 buffer per weight shape, kept for the run |
+| megatron-core's MoE token dispatcher (balanced routing) | the permutation's row map, int64 per routing |
 
 Everything here is active only inside `dry_run_patches()`; nothing outside the dry run sees it.
 """
@@ -36,6 +37,7 @@ STANDINS = {
     "adam": "TE's FusedAdam",
     "wgrad": "the weight-gradient GEMM accumulating into the fp32 main gradient",
     "dummy_wgrad": "TE's kept placeholder weight gradients",
+    "moe_dispatch": "megatron-core's MoE token dispatcher, routing balanced over the experts",
 }
 
 
@@ -232,6 +234,73 @@ _COALESCED = {
 }
 
 
+class _Permute(torch.autograd.Function):
+    """The dispatch's permutation: each of the T tokens copied to the rows of its k experts, with its
+    routing probability; keeps the row map (int64 per routing) for the backward."""
+
+    @staticmethod
+    def forward(ctx, tokens, probs, k):
+        routings = tokens.shape[0] * k
+        ctx.save_for_backward(tokens.new_zeros(routings, dtype=torch.long))
+        ctx.shapes = tokens.shape, probs.shape
+        return tokens.new_zeros(routings, tokens.shape[1]), probs.new_zeros(routings)
+
+    @staticmethod
+    def backward(ctx, grad_tokens, grad_probs):
+        tokens, probs = ctx.shapes
+        return grad_tokens.new_zeros(tokens), grad_probs.new_zeros(probs), None
+
+
+class _Unpermute(torch.autograd.Function):
+    """The combine: each token's k expert outputs summed back into its row (the probabilities were applied
+    in the experts); keeps the row map."""
+
+    @staticmethod
+    def forward(ctx, rows, k):
+        ctx.save_for_backward(rows.new_zeros(rows.shape[0], dtype=torch.long))
+        ctx.shape = rows.shape
+        return rows.new_zeros(rows.shape[0] // k, rows.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.new_zeros(ctx.shape), None
+
+
+class BalancedTokenDispatcher:
+    """Stand-in for megatron-core's token dispatchers (all-to-all, all-gather): the routing is balanced,
+    so every local expert gets an equal share of the T x k routings this rank sends (as many come back
+    from the other expert-parallel ranks as leave: the all-to-all keeps the count); what is kept is the
+    permutation's. The real ones size their tensors from the routing's values, which fake tensors lack.
+    Dropless routing can load one expert more: the measurement is for balanced routing."""
+
+    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection=None):
+        self.num_local_experts, self.topk = num_local_experts, config.moe_router_topk
+
+    def dispatch_preprocess(self, hidden_states, routing_map, probs):
+        self.hidden_shape = hidden_states.shape
+        tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
+        return _Permute.apply(tokens, probs, self.topk)
+
+    def token_dispatch(self, hidden_states, probs):
+        return hidden_states, probs
+
+    def dispatch_postprocess(self, hidden_states, probs):
+        import numpy as np
+
+        share, extra = divmod(hidden_states.shape[0], self.num_local_experts)
+        counts = np.array([share + (i < extra) for i in range(self.num_local_experts)])  # values: no tensor
+        return hidden_states, counts, probs
+
+    def combine_preprocess(self, hidden_states):
+        return hidden_states
+
+    def token_combine(self, hidden_states):
+        return hidden_states
+
+    def combine_postprocess(self, hidden_states):
+        return _Unpermute.apply(hidden_states, self.topk).view(self.hidden_shape)
+
+
 def dry_run_layer_spec(local_spec):
     """A model family's local layer spec (`local_spec`) with the stand-in norms and attention (TE's
     layout of saved tensors: a LayerNormLinear keeps the same tensors as a norm followed by a linear
@@ -272,6 +341,7 @@ def dry_run_patches() -> Iterator[None]:
     from megatron.core.tensor_parallel import layers
     from megatron.core.tensor_parallel import random as tp_random
     from megatron.core.transformer import transformer_block
+    from megatron.core.transformer.moe import moe_layer
 
     patches = [
         (transformer_block, "LayerNormImpl", FusedRMSNorm),  # the final norm
@@ -291,6 +361,8 @@ def dry_run_patches() -> Iterator[None]:
         (tp_random, "FP8GlobalStateManager", _NoFP8),
         (tp_random, "activation_recompute_forward", lambda *_, **__: contextlib.nullcontext()),
         (tp_random, "fp8_autocast", lambda *_, **__: contextlib.nullcontext()),
+        (moe_layer, "MoEAlltoAllTokenDispatcher", BalancedTokenDispatcher),
+        (moe_layer, "MoEAllGatherTokenDispatcher", BalancedTokenDispatcher),
     ]
     missing = object()
     saved = [(owner, name, getattr(owner, name, missing)) for owner, name, _ in patches]
