@@ -96,6 +96,7 @@ def test_router_and_experts_map_both_ways_bitwise_each_hf_tensor_once(moe):
     assert "decoder.layers.1.mlp.linear_fc1.weight" not in mcore  # no dense MLP
 
 
+@pytest.mark.slow  # a rank process: test-fast stays under 90 s
 def test_the_torch_dist_layout_is_megatron_core_s_own(moe):
     """The converter's keys and global shapes equal those of megatron-core's sharded state dict of the
     model (local spec, one module per expert): every expert stacked along an axis after the layer's,
@@ -250,6 +251,7 @@ def test_expert_parallel_layouts_are_checked_against_the_model(moe):
     assert ParallelLayout(tensor=2, expert=2).weight_sharding_changes(saved) == {"expert": (1, 2)}
 
 
+@pytest.mark.slow  # a rank process: test-fast stays under 90 s
 def test_the_dispatcher_asked_for_is_the_one_built(moe):
     built = [run_distributed(_dispatcher, 1, str(moe.mcore), name)[0] for name in ("alltoall", "allgather")]
     assert built == ["MoEAlltoAllTokenDispatcher", "MoEAllGatherTokenDispatcher"]
