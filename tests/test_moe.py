@@ -349,12 +349,14 @@ def test_the_load_balancing_loss_trains_the_router_and_stays_out_of_the_reported
     assert balanced[3] != pytest.approx(single[3], rel=1e-6)  # the gradients differed
 
 
-def test_the_load_balancing_loss_is_checked(moe):
+def test_the_expert_settings_are_checked_against_the_model(moe):
     from sft.config import load_config
 
-    def problems(coefficient: str, arch) -> list[str]:
-        config = load_config(None, [f"model.moe_aux_loss_coef={coefficient}", "model.random_init_config=x"])
-        return config.run_problems(world_size=1, te_available=False, arch=arch, check_paths=False)
+    def problems(coefficient: str, arch, *more: str) -> list[str]:
+        overrides = [f"model.moe_aux_loss_coef={coefficient}", "model.random_init_config=x", *more]
+        return load_config(None, overrides).run_problems(
+            world_size=1, te_available=False, arch=arch, check_paths=False
+        )
 
     assert "model.moe_aux_loss_coef=-1.0 must be >= 0 (0: off)" in problems("-1", moe.arch)
     dense = read_arch(make_tiny_model(moe.root / "dense-aux", "qwen3"))
@@ -362,3 +364,13 @@ def test_the_load_balancing_loss_is_checked(moe):
         "0.1", dense
     )
     assert not [p for p in problems("0.1", moe.arch) if "moe_aux_loss_coef" in p]
+    # megatron-core's mlp module is a dense MLP: on a mixture of experts it would recompute nothing
+    mlp = ["model.recompute=selective", "model.recompute_modules=[mlp]"]
+    assert "model.recompute_modules: mlp does not apply to this model" in "; ".join(
+        problems("0", moe.arch, *mlp)
+    )
+    moe_module = ["model.recompute=selective", "model.recompute_modules=[moe]"]
+    assert "model.recompute_modules: moe does not apply to this model" in "; ".join(
+        problems("0", dense, *moe_module)
+    )
+    assert not [p for p in problems("0", moe.arch, *moe_module) if "recompute" in p]
