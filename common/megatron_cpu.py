@@ -72,8 +72,8 @@ def enable() -> None:
     # transformer/moe/token_dispatcher.py:445 creates a torch.cuda.Stream for the all-to-all dispatcher's
     # device-to-host copies; 871-895 compare it with the current stream, enter it, record an event on it
     # and synchronize that. On the CPU every copy is already done: one stream that is always current.
-    torch.cuda.Stream = lambda *a, **k: _CPU_STREAM
-    torch.cuda.current_stream = lambda device=None: _CPU_STREAM
+    torch.cuda.Stream = _CpuStream  # a class: annotations such as `torch.cuda.Stream | None` still work
+    torch.cuda.current_stream = lambda device=None: _CpuStream()
     torch.cuda.stream = lambda stream: contextlib.nullcontext()
     _split_sizes_as_lists()
     fill_missing_te_names()
@@ -91,6 +91,15 @@ class _CpuEvent:
 
 
 class _CpuStream:
+    """The one CPU stream: every construction returns it."""
+
+    _the_stream = None
+
+    def __new__(cls, *args, **kwargs):
+        if cls._the_stream is None:
+            cls._the_stream = super().__new__(cls)
+        return cls._the_stream
+
     def wait_stream(self, other) -> None:
         pass
 
@@ -99,9 +108,6 @@ class _CpuStream:
 
     def synchronize(self) -> None:
         pass
-
-
-_CPU_STREAM = _CpuStream()
 
 
 def _split_sizes_as_lists() -> None:
