@@ -24,6 +24,7 @@ from common.distributed import run_distributed
 from common.errors import InputError
 from formats.torch_dist import resolve_checkpoint
 from models.backends import choose_backend
+from models.megatron_settings import expert_settings
 from models.registry import family_of, read_arch
 from models.weights import load_weights
 from plan.layout import ParallelLayout, initialize_parallel_state
@@ -70,15 +71,7 @@ def load_model_stage(
     arch = read_arch(checkpoint_dir)
     family = family_of(arch)
     on_gpu = device == "cuda"
-    experts = (
-        dict(
-            expert_model_parallel_size=layout.expert,
-            expert_tensor_parallel_size=layout.expert_tensor_size,
-            moe_token_dispatcher_type=moe_dispatcher,
-        )
-        if arch.moe
-        else {}
-    )
+    experts = expert_settings(arch, layout.expert, layout.expert_tensor_size, moe_dispatcher)
     config = family.transformer_config(
         arch,
         tensor_parallel=layout.tensor,

@@ -102,7 +102,7 @@ def read_benchmark(data_dir: Path, name: str, seed: int = 0) -> list[Problem]:
     """The problems of benchmark `name` in `data_dir`, in file order."""
     benchmark = benchmark_named(name, data_dir)
     path = benchmark_file(data_dir, name)
-    rows = _read_rows(path)
+    rows = read_rows(path)
     if not rows:
         raise InputError(f"{path} holds no rows")
     read = _choice_problem if benchmark.kind == "choice" else _math_problem
@@ -115,11 +115,17 @@ def read_benchmark(data_dir: Path, name: str, seed: int = 0) -> list[Problem]:
     return problems
 
 
-def _read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a parquet, CSV (a header line) or JSON-lines file, as dicts of its columns."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
+    if path.suffix == ".csv":
+        import csv
+
+        with path.open(encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
         if not line.strip():

@@ -15,10 +15,8 @@ sha256 and size, the rows read, written and dropped by reason, and the written f
 
 from __future__ import annotations
 
-import csv
 import fnmatch
 import hashlib
-import io
 import json
 import logging
 from collections import Counter
@@ -30,7 +28,7 @@ from common.errors import InputError
 from common.files import atomic_output, write_json_atomic
 from common.hub import download_dataset
 
-from .benchmarks import BENCHMARKS, read_benchmark
+from .benchmarks import BENCHMARKS, read_benchmark, read_rows
 from .grading import gold_is_readable
 
 log = logging.getLogger(__name__)
@@ -145,7 +143,7 @@ def fetch_benchmark(source: HubSource, out_dir: Path, cache_dir: Path | None = N
             f"{where}: no file matches {source.files!r} there (the dataset's layout changed?): pass "
             f"--revision {source.benchmark}=COMMIT of the layout this tool reads"
         )
-    rows = [row for path in files for row in _read_rows(path)]
+    rows = [row for path in files for row in read_rows(path)]
     if source.rows is not None and len(rows) != source.rows:
         log.warning("%s: %d rows, where the pinned commit has %d", where, len(rows), source.rows)
     kept, dropped = _keep(source, rows)
@@ -204,24 +202,6 @@ def _drop_reason(source: HubSource, row: dict) -> str | None:
     if source.kind == "math" and not gold_is_readable(str(row.get("answer") or "")):
         return "no gold answer math-verify can read"
     return None
-
-
-def _read_rows(path: Path) -> list[dict]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    text = path.read_text("utf-8")
-    if path.suffix == ".csv":
-        return list(csv.DictReader(io.StringIO(text)))
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}, line {number}: not JSON ({exc})") from None
-    return rows
 
 
 def _in_repo(path: Path, snapshot: Path) -> str:

@@ -39,3 +39,24 @@ def recompute_settings(recompute: str, modules: list[str] | None = None) -> dict
     if recompute == "full":
         return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     return dict(recompute_granularity="selective", recompute_modules=list(modules or ["core_attn"]))
+
+
+def expert_settings(
+    arch: Any, expert: int, expert_tensor: int, dispatcher: str, aux_loss_coef: float = 0.0
+) -> dict[str, Any]:
+    """How a mixture of experts (`arch.moe`) is laid out and dispatched, for `transformer_config(**...)`:
+    expert and expert-tensor parallel sizes, megatron-core's token dispatcher, its load-balancing loss
+    where `aux_loss_coef` (nothing for a dense model)."""
+    if getattr(arch, "moe", None) is None:
+        return {}
+    balancing = (
+        dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=aux_loss_coef)
+        if aux_loss_coef
+        else {}
+    )
+    return dict(
+        expert_model_parallel_size=expert,
+        expert_tensor_parallel_size=expert_tensor,
+        moe_token_dispatcher_type=dispatcher,
+        **balancing,
+    )

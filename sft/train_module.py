@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from models.backends import choose_backend
-from models.megatron_settings import kernel_settings, recompute_settings
+from models.megatron_settings import expert_settings, kernel_settings, recompute_settings
 from models.packed_attention import packed_attention_kernel
 from models.registry import Arch, family_of
 from models.weights import assign_weights, load_weights
@@ -141,17 +141,13 @@ class TrainModule:
 
     def expert_settings(self) -> dict:
         """How a mixture of experts is laid out and dispatched (nothing for a dense model)."""
-        if getattr(self.arch, "moe", None) is None:
-            return {}
-        aux_loss = self.config.model.moe_aux_loss_coef
-        balancing = (
-            dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=aux_loss) if aux_loss else {}
-        )
-        return dict(
-            expert_model_parallel_size=self.layout.expert,
-            expert_tensor_parallel_size=self.layout.expert_tensor_size,
-            moe_token_dispatcher_type=self.config.model.moe_dispatcher,
-            **balancing,
+        model = self.config.model
+        return expert_settings(
+            self.arch,
+            self.layout.expert,
+            self.layout.expert_tensor_size,
+            model.moe_dispatcher,
+            model.moe_aux_loss_coef,
         )
 
     def deallocate_pipeline_outputs(self) -> bool:

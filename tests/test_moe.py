@@ -171,7 +171,7 @@ def test_the_planner_s_parameters_per_rank_are_the_model_s(moe, world_size, size
     from plan.planner import stage_parameters
 
     layout = ParallelLayout(**sizes)
-    built = run_distributed(_local_parameters, world_size, str(moe.hf), layout)
+    built = run_distributed(_local_parameters, world_size, str(moe.mcore), layout)
     pp = layout.pipeline
     for first, last, count in built:
         assert count == stage_parameters(moe.arch, layout, first=first or pp == 1, last=last or pp == 1)
@@ -181,31 +181,13 @@ def test_the_planner_s_parameters_per_rank_are_the_model_s(moe, world_size, size
     )
 
 
-def _local_parameters(rank: int, world_size: int, hf_dir: str, layout: ParallelLayout) -> tuple:
+def _local_parameters(rank: int, world_size: int, checkpoint: str, layout: ParallelLayout) -> tuple:
     from megatron.core import parallel_state
-    from megatron.core import tensor_parallel as tp
 
-    from models.backends import choose_backend
-    from plan.layout import initialize_parallel_state
+    from convert.verify import load_model_stage
 
-    initialize_parallel_state(layout)
-    tp.model_parallel_cuda_manual_seed(0)
-    arch = read_arch(hf_dir)
-    family = family_of(arch)
-    config = family.transformer_config(
-        arch,
-        pipeline_parallel=layout.pipeline,
-        expert_model_parallel_size=layout.expert,
-        use_cpu_initialization=True,
-    )
+    model = load_model_stage(checkpoint, layout, "cpu")
     first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
-    model = family.build_model(
-        arch,
-        config,
-        family.layer_spec(arch, choose_backend("cpu"), packed=False),
-        pre_process=first,
-        post_process=last,
-    )
     return first, last, sum(p.numel() for p in model.parameters())
 
 
