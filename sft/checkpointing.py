@@ -1,13 +1,13 @@
 """Training checkpoints: torch_dist directories SAVE_DIR/iter_NNNNNNN/ that become visible only when complete.
 
 A checkpoint holds the model weights (the same keys as a converted HF checkpoint, so
-tools/convert_mcore_to_hf.py exports any of them), the distributed optimizer's state ('dp_reshardable'
-sharding: a run resumes at another data-parallel size, not at another TP/PP; to change those, start a
-new run from the weights with model.init_checkpoint=SAVE_DIR/iter_N), the scheduler, the trainer state
-(iteration, consumed samples = data position, skip counters) and the resolved configuration; plus
-hf_config.json, tokenizer/, config.yaml, training_data.json (the chat template the data was encoded
-with and its enable_thinking setting, which the export installs) and provenance.json (versions, git
-commit, command) next to them.
+tools/convert_mcore_to_hf.py exports any of them), the distributed optimizer's state (per data-parallel
+shard by default, 'dp_reshardable': a run resumes at another data/context-parallel size, not at another
+TP/PP/EP; per parameter with checkpoint.reshardable_optimizer, 'fully_reshardable': at any layout), the
+scheduler, the trainer state (iteration, consumed samples = data position, skip counters) and the
+resolved configuration; plus hf_config.json, tokenizer/, config.yaml, training_data.json (the chat
+template the data was encoded with and its enable_thinking setting, which the export installs) and
+provenance.json (versions, git commit, command) next to them.
 
 Atomicity: everything is written to iter_NNNNNNN.partial/ and renamed once all ranks are done; a
 partial directory is never picked up (formats.torch_dist.complete_iterations), so a kill during a save
@@ -59,7 +59,7 @@ from formats.torch_dist import resolve_checkpoint
 from models.weights import load_strategy
 from plan.layout import ParallelLayout
 
-from .train_module import TrainModule
+from .train_module import DP_RESHARDABLE, FULLY_RESHARDABLE, TrainModule
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,11 @@ def _full_state(
     callbacks: dict[str, Any],
     *,
     loading: bool,
+    optimizer_sharding: str | None = None,
 ) -> dict[str, Any]:
     return {
-        **module.sharded_state_dict(loading=loading),
+        **module.sharded_state_dict(loading=loading, optimizer_sharding=optimizer_sharding),
+        "optimizer_sharding": optimizer_sharding or module.optimizer_sharding,
         "train_state": asdict(state),
         "layout": layout,
         "callbacks": callbacks,
@@ -251,12 +253,10 @@ def find_resume_checkpoint(resume: str, save_dir: str | Path | None) -> Path | N
     return resolve_checkpoint(resume)
 
 
-def load_checkpoint(
-    path: Path, module: TrainModule, layout: ParallelLayout, world_size: int, parallel_group=None
-) -> tuple[TrainState, dict[str, Any]]:
-    """Collective: restores the module's state (model, optimizer, scheduler) saved by `CheckpointSaver`
-    and returns the trainer state and the callbacks' states; with a `parallel_group`
-    (data/context-parallel replicas) the replicas split the reading."""
+def check_resumable(path: Path, layout: ParallelLayout) -> tuple[dict[str, Any], str]:
+    """The common (non-tensor) state of checkpoint `path` and how its optimizer state is sharded; raises
+    CheckpointError when it is not a training checkpoint, ConfigError when it cannot resume at `layout`.
+    Reads one small file: the pre-flight check calls it before anything heavy starts."""
     from megatron.core import dist_checkpointing
 
     common = dist_checkpointing.load_common_state_dict(str(path))
@@ -266,20 +266,59 @@ def load_checkpoint(
             f"{path} is not a training checkpoint (no trainer state): to start from its weights, "
             f"set model.init_checkpoint={path} and checkpoint.resume=none"
         )
+    # Checkpoints from before the choice existed hold no name: they are per data-parallel shard.
+    sharding = common.get("optimizer_sharding", DP_RESHARDABLE)
     changed = layout.weight_sharding_changes(saved_layout)
-    if changed:
+    if changed and sharding != FULLY_RESHARDABLE:
         raise ConfigError(
-            f"{path} was saved at another tensor/pipeline/expert layout {changed} (saved, now); the "
-            "optimizer state reshards only across data and context parallelism. Resume with the saved "
-            f"sizes, or start a new run from the weights: model.init_checkpoint={path} "
-            "checkpoint.resume=none"
+            f"{path} was saved at another tensor/pipeline/expert layout {changed} (saved, now) with its "
+            "optimizer state per data-parallel shard, which reshards across data and context parallelism "
+            "only. Resume with the saved sizes, or start a new run from the weights: "
+            f"model.init_checkpoint={path} checkpoint.resume=none (a run saved with "
+            "checkpoint.reshardable_optimizer=true resumes at any layout)"
         )
-    template = _full_state(module, TrainState(), layout.to_dict(world_size), {}, loading=True)
+    return common, sharding
+
+
+def load_checkpoint(
+    path: Path, module: TrainModule, layout: ParallelLayout, world_size: int, parallel_group=None
+) -> tuple[TrainState, dict[str, Any]]:
+    """Collective: restores the module's state (model, optimizer, scheduler) saved by `CheckpointSaver`
+    and returns the trainer state and the callbacks' states; with a `parallel_group`
+    (data/context-parallel replicas) the replicas split the reading."""
+    from megatron.core import dist_checkpointing
+
+    common, sharding = check_resumable(path, layout)
+    template = _full_state(
+        module, TrainState(), layout.to_dict(world_size), {}, loading=True, optimizer_sharding=sharding
+    )
     state = dist_checkpointing.load(template, str(path), sharded_strategy=load_strategy(path, parallel_group))
+    if sharding == FULLY_RESHARDABLE:
+        # Its tensors are per parameter, but the rest (parameter groups, how many chained optimizers)
+        # is the saving layout's and only its first rank's: this layout's own is kept.
+        state["optimizer"] = _template_with_loaded_tensors(template["optimizer"], state["optimizer"])
     module.load_state_dict(state, path)
     fields = {f.name for f in dataclasses.fields(TrainState)}
     train_state = TrainState(**{k: v for k, v in state["train_state"].items() if k in fields})
     return train_state, common.get("callbacks") or {}
+
+
+def _template_with_loaded_tensors(template: Any, loaded: Any) -> Any:
+    """The template's tree with each of its sharded leaves replaced by the loaded value at the same place
+    and its other leaves kept as they are."""
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    if isinstance(template, ShardedBase):
+        return loaded
+    if isinstance(template, dict):
+        loaded = loaded if isinstance(loaded, dict) else {}
+        return {k: _template_with_loaded_tensors(v, loaded.get(k)) for k, v in template.items()}
+    if isinstance(template, list):
+        loaded = (
+            loaded if isinstance(loaded, list) and len(loaded) == len(template) else [None] * len(template)
+        )
+        return [_template_with_loaded_tensors(t, v) for t, v in zip(template, loaded, strict=True)]
+    return template
 
 
 def install_write_results_queue(async_save: bool):

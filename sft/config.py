@@ -197,6 +197,12 @@ class CheckpointConfig:
     fully_parallel_save: bool = True
     # the same for reading (resume and model.init_checkpoint): each replica reads a share, then broadcasts
     fully_parallel_load: bool = False
+    # the optimizer state per parameter (megatron-core's fully_reshardable format) instead of per
+    # data-parallel shard: the run can then resume at another tensor/pipeline/expert layout; each save
+    # gathers a data-parallel group's optimizer state (12 bytes per parameter of its model-parallel
+    # share) into the host memory of the group's first rank, which writes it, and a resume reads that
+    # share whole on every rank. Off: a resume may change the data/context-parallel sizes only
+    reshardable_optimizer: bool = False
 
     def problems(self) -> list[str]:
         problems = []

@@ -24,7 +24,7 @@ from models.backends import te_available
 from models.hf_config import find_hf_config
 from models.registry import Arch, family_of, read_arch
 
-from .checkpointing import find_resume_checkpoint
+from .checkpointing import check_resumable, find_resume_checkpoint
 from .config import ScheduleConfig, TrainConfig
 from .data import SFTData, ValidationData, default_valid_prefixes, layout_problems
 from .train_module import warmup_steps
@@ -110,6 +110,8 @@ def check_run(config: TrainConfig, world_size: int, device: str) -> RunInputs:
         )
     if resume_from is None and config.model.init_checkpoint:
         verify_checkpoint(config.model.init_checkpoint)  # resume_from was verified when it was chosen
+    if resume_from is not None:
+        check_resumable(resume_from, config.parallel)
     shape = read_model_shape(source)
     check_configuration(
         config,

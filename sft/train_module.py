@@ -41,9 +41,9 @@ from .data import MicroBatch
 
 log = logging.getLogger(__name__)
 
-# The only sharding type of the distributed optimizer's state that loads with torch's Adam
-# (docs/architecture.md): it reshards across data parallelism only.
-OPTIMIZER_SHARDING = "dp_reshardable"
+# How the distributed optimizer's state is sharded in a checkpoint (megatron-core's names; the first
+# reshards across data parallelism only, the second across every axis: checkpoint.reshardable_optimizer).
+DP_RESHARDABLE, FULLY_RESHARDABLE = "dp_reshardable", "fully_reshardable"
 
 # (loss mask, per-token losses) -> (masked loss sum, loss-token count, [sum, count] for logging)
 LossFunction = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -363,17 +363,26 @@ class TrainModule:
 
     # State -------------------------------------------------------------------------------------------
 
-    def sharded_state_dict(self, *, loading: bool = False) -> dict[str, Any]:
+    @property
+    def optimizer_sharding(self) -> str:
+        """The optimizer state's sharding in the checkpoints this module saves."""
+        return FULLY_RESHARDABLE if self.config.checkpoint.reshardable_optimizer else DP_RESHARDABLE
+
+    def sharded_state_dict(
+        self, *, loading: bool = False, optimizer_sharding: str | None = None
+    ) -> dict[str, Any]:
         """This rank's share of the model (one entry per virtual stage), the distributed optimizer and the
         scheduler, as megatron-core's dist_checkpointing saves it, or, `loading`, the template it loads
-        into (then the torch Adam state that megatron-core's loader reads the structure of exists)."""
+        into (then the torch Adam state that megatron-core's loader reads the structure of exists);
+        `optimizer_sharding`: a checkpoint's, when it is not this module's."""
         if loading:
             self._materialise_torch_adam_state()
         model = model_sharded_state_dict(self.chunks)
+        sharding = optimizer_sharding or self.optimizer_sharding
         return {
             **model,
             "optimizer": self.optimizer.sharded_state_dict(
-                model, is_loading=loading, metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING}
+                model, is_loading=loading, metadata=_optimizer_metadata(sharding)
             ),
             "scheduler": self.scheduler.state_dict(),
         }
@@ -384,10 +393,13 @@ class TrainModule:
         for i, chunk in enumerate(self.chunks):
             assign_weights(unwrap(chunk), state[_model_key(i, len(self.chunks))], source)
         # Under no_grad, or torch refuses the in-place copy into views of leaves that require grad.
-        with torch.no_grad():
+        with torch.no_grad(), _torch_adam_step_left_alone(self._distributed_optimizers()):
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._restore_adam_step(self.scheduler.num_steps)
+
+    def _distributed_optimizers(self) -> list:
+        return list(getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
 
     def _torch_adams(self) -> list:
         inner = [
@@ -412,9 +424,62 @@ class TrainModule:
                         )
 
     def _restore_adam_step(self, successful_steps: int) -> None:
-        """torch's Adam keeps its bias-correction step count per parameter; megatron-core's
-        'dp_reshardable' loader writes back the template's value (0) after restoring the moments, so it
-        is set here from the scheduler, which advances exactly on the successful optimizer steps."""
-        for adam in self._torch_adams():
+        """Adam's bias-correction step count, set from the scheduler, which advances exactly on the
+        successful optimizer steps: torch's Adam keeps it per parameter, and megatron-core's loader
+        writes back the template's value (0) after restoring the moments; the fused Adams of TE and
+        apex keep it per parameter group, which a 'fully_reshardable' checkpoint leaves at the
+        template's (sft/checkpointing.py keeps the loading layout's groups)."""
+        torch_adams = self._torch_adams()
+        for adam in torch_adams:
             for state in adam.state.values():
                 state["step"] = torch.tensor(float(successful_steps))
+        for distributed in self._distributed_optimizers():
+            inner = getattr(distributed, "optimizer", None)
+            if inner is not None and not any(inner is adam for adam in torch_adams):
+                for group in inner.param_groups:
+                    group["step"] = successful_steps
+
+
+def _optimizer_metadata(sharding: str) -> dict[str, Any]:
+    """What megatron-core's sharded_state_dict of the (chained) distributed optimizer is told. The fully
+    reshardable state is gathered per data-parallel group over gloo into its first rank (the 'memory
+    efficient' variant: the other one gathers over NCCL into every rank's host memory), and its keys are
+    the parameters' alone, so that expert and dense parameters, split into two chained optimizers only
+    at EP > 1, find their state at any EP."""
+    if sharding == FULLY_RESHARDABLE:
+        return {
+            "distrib_optim_sharding_type": FULLY_RESHARDABLE,
+            "distrib_optim_fully_reshardable_mem_efficient": True,
+            "chained_optim_avoid_prefix": True,
+        }
+    return {"distrib_optim_sharding_type": sharding}
+
+
+@contextlib.contextmanager
+def _torch_adam_step_left_alone(distributed_optimizers: list):
+    """megatron-core 0.16.1's 'fully_reshardable' loader copies every entry of a parameter's optimizer
+    state from the checkpoint (optimizer/distrib_optimizer.py, _set_main_param_and_optimizer_states:
+    `dst_tensors[key].copy_(tensors[key])`), torch Adam's per-parameter 'step' too, which that format does
+    not hold (it fails with KeyError: 'step'). While loading, the step is copied onto itself; the module
+    then sets it from the scheduler (TrainModule._restore_adam_step)."""
+    originals = {}
+    for distributed in distributed_optimizers:
+        setter = getattr(distributed, "_set_main_param_and_optimizer_states", None)
+        if setter is None:
+            continue
+
+        def set_states(model_param, tensors, distributed=distributed, setter=setter):
+            group, order = distributed.model_param_group_index_map[model_param]
+            main_param = distributed.optimizer.param_groups[group]["params"][order]
+            step = distributed.optimizer.state.get(main_param, {}).get("step")
+            if step is not None and "step" not in tensors:
+                tensors = {**tensors, "step": step}
+            return setter(model_param, tensors)
+
+        originals[distributed] = setter
+        distributed._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        for distributed in originals:
+            del distributed._set_main_param_and_optimizer_states  # the class's method again

@@ -69,3 +69,15 @@ def training_inputs(
     if valid_packs is not None:
         write_packed_dataset(validation_prefix(prefix), valid_packs, seq_length, vocab_size, pad_multiple)
     return TrainingInputs(hf, root / "mcore", prefix, seq_length, packs, valid_packs)
+
+
+def checkpoint_weights(checkpoint: str | Path) -> dict:
+    """Every model tensor of a torch_dist checkpoint, whole (the optimizer's state left out)."""
+    from formats.torch_dist import TorchDistReader
+
+    reader = TorchDistReader(checkpoint)
+    return {
+        key: reader.read(key, (0,) * len(meta.size), tuple(meta.size))
+        for key, meta in reader.tensors.items()
+        if not key.startswith("optimizer")
+    }

@@ -1,13 +1,15 @@
-"""The TransformerConfig the trainer builds: Transformer Engine's fused kernels when TE runs (checked
-through the configuration, since TE is not installed here), torch's paths otherwise, and the
-recomputation choices."""
+"""The TransformerConfig the trainer builds: Transformer Engine's fused kernels (and grouped experts)
+when TE runs (checked through the configuration, since TE is not installed here), torch's paths
+otherwise, and the recomputation choices."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 
 from models.backends import Backend
-from models.decoder.arch import DecoderArch
+from models.decoder.arch import DecoderArch, MixtureOfExperts
 from models.decoder.model import transformer_config
 from models.megatron_settings import kernel_settings, recompute_settings
 
@@ -48,6 +50,23 @@ def test_the_te_path_turns_on_what_megatron_lm_uses(te_rope):
     config = transformer_config(ARCH, use_cpu_initialization=True, **kernel_settings(TE))
     assert all(getattr(config, name) is True for name in FUSIONS)
     assert config.cross_entropy_fusion_impl == "te"
+
+
+def test_the_te_path_runs_a_mixture_of_experts_as_one_grouped_gemm(te_rope):
+    """TE's layer spec then builds TEGroupedMLP (its checkpoint keys are the local spec's: models/decoder/
+    state_dict_adapter.py); megatron-core's config accepts the combination. Unmeasured: no TE here."""
+    experts = dataclasses.replace(
+        ARCH,
+        model_type="qwen3_moe",
+        moe=MixtureOfExperts(
+            num_experts=4, experts_per_token=2, expert_ffn_hidden_size=32, normalize_top_k=True
+        ),
+    )
+    assert kernel_settings(TE, experts)["moe_grouped_gemm"] is True
+    assert "moe_grouped_gemm" not in kernel_settings(TE, ARCH)
+    assert kernel_settings(TORCH, experts) == {}  # the local spec: one module per expert
+    config = transformer_config(experts, use_cpu_initialization=True, **kernel_settings(TE, experts))
+    assert (config.moe_grouped_gemm, config.num_moe_experts, config.moe_router_topk) == (True, 4, 2)
 
 
 def test_the_torch_path_keeps_the_fallbacks():

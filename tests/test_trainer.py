@@ -21,7 +21,7 @@ from common.distributed import run_distributed
 from formats.run_files import TRAINING_DATA_FILE
 from sft.data import make_micro_batch
 from sft.metrics import read_metrics
-from testing.fixtures import TrainingInputs, training_inputs
+from testing.fixtures import TrainingInputs, checkpoint_weights, training_inputs
 from testing.hf_reference import conversation_loss, hf_model
 from testing.synthetic_packs import random_packs, write_packed_dataset
 from testing.tiny_models import QWEN25_VOCAB_SIZE_SMALL
@@ -78,17 +78,6 @@ def _train(setup, save_dir: Path, world_size: int = 1, *extra: str, fault=None) 
     return run_distributed(train, world_size, _overrides(setup, save_dir, *extra), fault)[0]
 
 
-def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    from formats.torch_dist import TorchDistReader
-
-    reader = TorchDistReader(checkpoint)
-    return {
-        key: reader.read(key, (0,) * len(meta.size), tuple(meta.size))
-        for key, meta in reader.tensors.items()
-        if not key.startswith("optimizer")
-    }
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     return _make_setup(tmp_path_factory.mktemp("trainer"), tied=False)
@@ -104,7 +93,7 @@ def reference(setup, tmp_path_factory):
         losses=result["losses"],
         hooks=result["hooks"],
         save_dir=save_dir,
-        weights=_weights(save_dir / "iter_0000006"),
+        weights=checkpoint_weights(save_dir / "iter_0000006"),
         val_losses=_val_losses(save_dir),
     )
 
@@ -138,7 +127,7 @@ def _assert_same_training(
     assert sorted(val_losses) == sorted(reference.val_losses) == [EVAL_INTERVAL, ITERS]
     for iteration, loss in reference.val_losses.items():
         assert val_losses[iteration] == pytest.approx(loss, rel=rtol), ("validation", iteration)
-    weights = _weights(save_dir / f"iter_{ITERS:07d}")
+    weights = checkpoint_weights(save_dir / f"iter_{ITERS:07d}")
     assert weights.keys() == reference.weights.keys()
     for key, value in reference.weights.items():
         assert torch.allclose(weights[key], value, rtol=0, atol=weight_atol), (
@@ -196,10 +185,19 @@ def test_the_recipe_layout_scaled_down_trains_like_one_process_and_resumes_witho
 ):
     """The K2 layout (TP4+SP x CP4 x PP8) at a CPU's scale: TP2+SP x CP2 x PP2 in eight processes trains
     like one; its checkpoint of iteration 4 resumes at TP2+SP x PP2 (no context parallelism, the
-    optimizer state resharded from 2 data x context replicas to 1) and continues like one process."""
+    optimizer state resharded from 2 data x context replicas to 1) and continues like one process, and
+    is refused by name in one process (its optimizer state is per data-parallel shard)."""
     run = _train(setup, tmp_path / "k2", 8, *RECIPE_SHAPE, "parallel.pipeline=2")
     _assert_same_training(run, tmp_path / "k2", reference)
 
+    # its optimizer state is per data-parallel shard (the default): no resume at another TP/PP
+    shutil.copytree(tmp_path / "k2" / "iter_0000004", tmp_path / "refused" / "iter_0000004")
+    with pytest.raises(
+        RuntimeError,
+        match=r"saved at another tensor/pipeline/expert layout .*'tensor': \(2, 1\)"
+        r".*checkpoint.reshardable_optimizer=true",
+    ):
+        _train(setup, tmp_path / "refused", 1)
     shutil.copytree(tmp_path / "k2" / "iter_0000004", tmp_path / "resumed" / "iter_0000004")
     layout = ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.pipeline=2"]
     resumed = _train(setup, tmp_path / "resumed", 4, *layout)
@@ -207,7 +205,7 @@ def test_the_recipe_layout_scaled_down_trains_like_one_process_and_resumes_witho
     for iteration in (5, 6):
         assert resumed["losses"][iteration] == pytest.approx(reference.losses[iteration], rel=1e-5)
     assert _val_losses(tmp_path / "resumed")[ITERS] == pytest.approx(reference.val_losses[ITERS], rel=1e-5)
-    final = _weights(tmp_path / "resumed" / f"iter_{ITERS:07d}")
+    final = checkpoint_weights(tmp_path / "resumed" / f"iter_{ITERS:07d}")
     assert final.keys() == reference.weights.keys()
     for key, value in reference.weights.items():
         assert torch.allclose(final[key], value, rtol=0, atol=WEIGHT_ATOL), key
@@ -252,8 +250,8 @@ def test_async_fully_parallel_checkpoints_resume_bitwise_like_synchronous_ones(
     assert sorted(finished["losses"]) == [3, 4, 5, 6]
     assert all(finished["losses"][i] == data_parallel.run["losses"][i] for i in finished["losses"])  # bitwise
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("iter_")) == ["iter_0000006"]
-    final = _weights(tmp_path / "iter_0000006")
-    expected = _weights(data_parallel.save_dir / "iter_0000006")
+    final = checkpoint_weights(tmp_path / "iter_0000006")
+    expected = checkpoint_weights(data_parallel.save_dir / "iter_0000006")
     assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
     # Replicas split the model's tensors: rank 1 writes more than its own optimizer shard.
     parallel = _bytes_written_by_rank(tmp_path / "iter_0000006")
@@ -292,7 +290,7 @@ def test_bf16_trains_like_fp32_within_tolerance_and_resumes_exactly(setup, refer
     shutil.copytree(tmp_path / "whole" / "iter_0000004", tmp_path / "resumed" / "iter_0000004")
     resumed = _train(setup, tmp_path / "resumed", 2, "model.precision=bf16")
     assert resumed["losses"] == {i: whole["losses"][i] for i in (5, 6)}  # bitwise
-    final, expected = (_weights(tmp_path / run / "iter_0000006") for run in ("resumed", "whole"))
+    final, expected = (checkpoint_weights(tmp_path / run / "iter_0000006") for run in ("resumed", "whole"))
     assert all(torch.equal(final[k], expected[k]) for k in expected)
 
 
@@ -302,7 +300,7 @@ def test_prefetching_the_next_batch_changes_nothing(setup, reference, tmp_path):
     batches, hence the losses and weights, are bitwise the same."""
     run = _train(setup, tmp_path, 1, "data.prefetch=false")
     assert run["losses"] == reference.losses
-    final = _weights(tmp_path / f"iter_{ITERS:07d}")
+    final = checkpoint_weights(tmp_path / f"iter_{ITERS:07d}")
     assert all(torch.equal(final[k], reference.weights[k]) for k in final)
 
 
@@ -313,7 +311,7 @@ def test_tied_embeddings_train_alike_across_pipeline_stages(tmp_path):
     single = _train(tied, root / "single")
     reference = SimpleNamespace(
         losses=single["losses"],
-        weights=_weights(root / "single" / "iter_0000006"),
+        weights=checkpoint_weights(root / "single" / "iter_0000006"),
         val_losses=_val_losses(root / "single"),
     )
     _assert_same_training(_train(tied, root / "pp2", 2, "parallel.pipeline=2"), root / "pp2", reference)
@@ -328,7 +326,7 @@ def test_a_deep_interleaved_pipeline_trains_like_one_process(tmp_path):
     single = _train(deep, root / "single")
     reference = SimpleNamespace(
         losses=single["losses"],
-        weights=_weights(root / "single" / f"iter_{ITERS:07d}"),
+        weights=checkpoint_weights(root / "single" / f"iter_{ITERS:07d}"),
         val_losses=_val_losses(root / "single"),
     )
     run = _train(deep, root / "pp4xvp2", 4, "parallel.pipeline=4", "parallel.virtual_pipeline=2")
@@ -469,7 +467,7 @@ def test_resume_is_exact_after_a_kill_during_a_save_and_after_a_signal(setup, re
     assert sorted(finished["losses"]) == [5, 6]
     resumed = {**stopped["losses"], **finished["losses"]}
     assert all(resumed[i] == reference.losses[i] for i in resumed), (resumed, reference.losses)  # bitwise
-    final = _weights(tmp_path / "iter_0000006")
+    final = checkpoint_weights(tmp_path / "iter_0000006")
     assert all(torch.equal(final[k], reference.weights[k]) for k in final)
     records = read_metrics(tmp_path / "metrics.jsonl")[0]
     assert [step for step, _ in _tensorboard_scalars(tmp_path, "loss")] == list(range(1, ITERS + 1))

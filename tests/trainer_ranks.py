@@ -27,6 +27,7 @@ import math
 import os
 import signal
 import time
+from pathlib import Path
 
 from sft.callbacks import Callback
 
@@ -224,9 +225,20 @@ def train_from_file(rank: int, world_size: int, config_file: str, overrides: lis
 TINY_SEQ, TINY_PACKS, TINY_GLOBAL_BATCH = 64, 12, 4
 
 
-def train_tiny_model_at_layouts(root, hf, layouts: dict[str, tuple[int, list[str]]], lr: float = 1e-2):
-    """A tiny model's conversion trained 3 steps from `hf` at each of `layouts` ({name: (processes,
-    overrides)}), on 12 random 64-token packs, 4 a step; returns (its inputs, {name: `train`'s result})."""
+def train_tiny_model_at_layouts(
+    root,
+    hf,
+    layouts: dict[str, tuple[int, list[str]]],
+    lr: float = 1e-2,
+    iterations: int = 3,
+    resumed_from: dict[str, str] | None = None,
+):
+    """A tiny model's conversion trained `iterations` steps from `hf` at each of `layouts` ({name:
+    (processes, overrides)}, in that order; in ROOT/NAME), on 12 random 64-token packs, 4 a step;
+    `resumed_from` {name: an earlier run's checkpoint, RUN/iter_N}: copied into the run's directory
+    first, the run resumes from it. Returns (its inputs, {name: `train`'s result})."""
+    import shutil
+
     from common.distributed import run_distributed
     from testing.fixtures import training_inputs
     from testing.synthetic_packs import random_packs
@@ -239,12 +251,15 @@ def train_tiny_model_at_layouts(root, hf, layouts: dict[str, tuple[int, list[str
         overrides = inputs.overrides(
             root / name,
             f"schedule.global_batch_size={TINY_GLOBAL_BATCH}",
-            "schedule.train_iters=3",
+            f"schedule.train_iters={iterations}",
             f"optimizer.lr={lr}",
             "model.recompute=none",
             "checkpoint.save_interval=100",
             *layout,
         )
+        if name in (resumed_from or {}):
+            checkpoint = Path(root) / resumed_from[name]
+            shutil.copytree(checkpoint, Path(root) / name / checkpoint.name)
         runs[name] = run_distributed(train, world_size, overrides, None)[0]
     return inputs, runs
 
