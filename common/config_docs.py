@@ -94,5 +94,8 @@ def format_tree(config, width: int = 110) -> str:
             section = head
         lines.append(f"  {key} ({type_name}, default {default})")
         if doc:
-            lines += textwrap.wrap(doc, width, initial_indent="      ", subsequent_indent="      ")
+            # Not at hyphens: "data-parallel" cut in two reads as two words.
+            lines += textwrap.wrap(
+                doc, width, initial_indent="      ", subsequent_indent="      ", break_on_hyphens=False
+            )
     return "\n".join(lines).lstrip("\n")
