@@ -17,7 +17,17 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["env", "train_vs_cpu", "attention", "verify", "resume", "shard", "full_width", "summary"]
+STAGES = [
+    "env",
+    "train_vs_cpu",
+    "attention",
+    "verify",
+    "resume",
+    "moe_vs_cpu",
+    "shard",
+    "full_width",
+    "summary",
+]
 RUN_SH = str(ROOT / "bench" / "gpu" / "run.sh")
 
 
@@ -43,7 +53,7 @@ def test_every_stage_runs_and_records_on_cpu(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["gpu_cpu.json", "results.jsonl", "stages.log"]  # no data
     summary = json.loads((out / "gpu_cpu.json").read_text())
     assert set(summary) >= {"device", "command", "date", "checks", "shard", "full_width"}
-    assert set(summary["checks"]) == {"train_vs_cpu", "attention", "verify", "resume"}
+    assert set(summary["checks"]) == {"train_vs_cpu", "moe_vs_cpu", "attention", "verify", "resume"}
     for part in ("shard", "full_width"):
         figures = summary[part]
         assert {"layers", "seq_length", "tokens_per_s", "tflops_per_gpu", "mfu", "peak_mem_gb"} <= set(

@@ -33,17 +33,20 @@ def pretrain(overrides: list[str], *, cpu_only: bool = False, timeout: float = 6
     return [r["loss"] for r in read_metrics(Path(save_dir) / "metrics.jsonl")[0]]
 
 
-def tiny_inputs(work: Path, seq_length: int = 256):
-    """A tiny Qwen2 (the real vocabulary) converted from HF, and random packs: made by the first stage
-    that needs them, reused by the later ones (each stage is its own process)."""
+def tiny_inputs(work: Path, seq_length: int = 256, family: str = "qwen2"):
+    """A tiny model (a Qwen2 by default, or of `family` in models/registry.py; the real vocabulary)
+    converted from HF, and random packs: made by the first stage that needs them, reused by the later
+    ones (each stage is its own process)."""
     from testing.fixtures import TrainingInputs, training_inputs
     from testing.synthetic_packs import random_packs
-    from testing.tiny_models import QWEN25_VOCAB_SIZE_SMALL
+    from testing.tiny_models import QWEN25_VOCAB_SIZE_SMALL, make_tiny_model
 
-    root = work / "tiny"
+    root = work / ("tiny" if family == "qwen2" else f"tiny_{family}")
     if (root / "data" / "packs_meta.json").is_file():
         return TrainingInputs(root / "hf", root / "mcore", root / "data" / "packs", seq_length, packs=[])
-    return training_inputs(root, random_packs(8, seq_length, QWEN25_VOCAB_SIZE_SMALL, seed=0), seq_length)
+    hf = None if family == "qwen2" else make_tiny_model(root / "hf", family)
+    packs = random_packs(8, seq_length, QWEN25_VOCAB_SIZE_SMALL, seed=0)
+    return training_inputs(root, packs, seq_length, hf=hf)
 
 
 def relative(a: list[float], b: list[float]) -> float:

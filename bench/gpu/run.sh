@@ -19,7 +19,7 @@
 # megatron-core, put its wheel in .whl/ first (bench/gpu/fetch_wheels.sh): it is installed into /tmp/site.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-ALL_STAGES="env train_vs_cpu attention verify resume shard full_width"
+ALL_STAGES="env train_vs_cpu attention verify resume moe_vs_cpu shard full_width"
 SUMMARY_SECONDS=30
 MIN_STAGE_SECONDS=20
 KILL_AFTER=10  # seconds between the SIGTERM at a stage's limit and its SIGKILL
@@ -108,7 +108,7 @@ stage() {  # stage NAME SECONDS [ARGS...]: runs it within its limit, capped by t
     echo "$name: exit $status after $(( $(date +%s) - started )) s" | tee -a "$OUTDIR/stages.log"
 }
 
-declare -A LIMIT=([env]=60 [train_vs_cpu]=150 [attention]=60 [verify]=120 [resume]=150 [shard]=240 [full_width]=240)
+declare -A LIMIT=([env]=60 [train_vs_cpu]=150 [attention]=60 [verify]=120 [resume]=150 [moe_vs_cpu]=150 [shard]=240 [full_width]=240)
 for name in $ALL_STAGES; do
     [[ " $STAGES " == *" $name "* ]] && stage "$name" "${LIMIT[$name]}" "$@"
 done

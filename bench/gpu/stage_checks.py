@@ -1,6 +1,6 @@
-"""The correctness stages on the device: training against the CPU (train_vs_cpu), the packed and the
-context-parallel attention kernels against fp32 references (attention), the conversion check (verify),
-and an exact resume (resume)."""
+"""The correctness stages on the device: training against the CPU (train_vs_cpu; moe_vs_cpu for a
+mixture of experts), the packed and the context-parallel attention kernels against fp32 references
+(attention), the conversion check (verify), and an exact resume (resume)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ ATTENTION_RTOL = 0.02  # bf16 packed attention vs fp32, relative to the largest 
 
 RESUME_RTOL = 1e-3  # a resumed GPU run vs the uninterrupted one (cuBLAS/atomics non-determinism)
 
+CHECKS = ("train_vs_cpu", "moe_vs_cpu", "attention", "verify", "resume")  # the summary's pass/fail stages
+
 
 def _tiny_run(iterations: int, *overrides: str) -> list[str]:
     """The tiny model's run of `iterations` steps of 2 packs (no save between them unless overridden)."""
@@ -32,15 +34,24 @@ def _tiny_run(iterations: int, *overrides: str) -> list[str]:
 
 
 def stage_train_vs_cpu(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
-    inputs = tiny_inputs(work)
+    return _device_bf16_vs_cpu_fp32(args, tiny_inputs(work), work, "steps")
+
+
+def stage_moe_vs_cpu(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
+    """The same for a tiny Qwen3 MoE: its router (fp32), token dispatcher and experts on the device
+    (megatron-core's one module per expert without TE, TE's grouped GEMM with it)."""
+    return _device_bf16_vs_cpu_fp32(args, tiny_inputs(work, family="qwen3_moe"), work, "moe-steps")
+
+
+def _device_bf16_vs_cpu_fp32(args, inputs, work: Path, name: str) -> tuple[bool, dict]:
     common = _tiny_run(3, "schedule.warmup_ratio=0", "checkpoint.save_at_end=false")
     # bf16 on the device (as training runs there), fp32 on the CPU: the reference. In the CPU rehearsal
     # the "device" is the CPU too, still in bf16, so that the same comparison is rehearsed.
     device = pretrain(
-        inputs.overrides(work / "steps-device", *common, f"device={args.device}", "model.precision=bf16")
+        inputs.overrides(work / f"{name}-device", *common, f"device={args.device}", "model.precision=bf16")
     )
     cpu = pretrain(
-        inputs.overrides(work / "steps-cpu", *common, "device=cpu", "model.precision=fp32"), cpu_only=True
+        inputs.overrides(work / f"{name}-cpu", *common, "device=cpu", "model.precision=fp32"), cpu_only=True
     )
     diff = relative(device, cpu)
     return diff <= BF16_LOSS_RTOL, {

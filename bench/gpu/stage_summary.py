@@ -9,6 +9,7 @@ from pathlib import Path
 
 from harness import device_name
 from sizing import Sizes
+from stage_checks import CHECKS
 
 
 def stage_summary(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
@@ -39,7 +40,7 @@ def stage_summary(args, sizes: Sizes, work: Path) -> tuple[bool, dict]:
         "usable_memory": env.get("usable_memory"),
         "checks": {
             name: {"pass": by_stage[name]["pass"], "figures": by_stage[name]["figures"]}
-            for name in ("train_vs_cpu", "attention", "verify", "resume")
+            for name in CHECKS
             if name in by_stage
         },
         "shard": throughput("shard"),

@@ -19,6 +19,8 @@ nothing already measured). Stages:
                takes unrepeated GQA K/V (recorded, never failing the stage)
   verify       tools/verify_conversion.py on the device against transformers
   resume       save at iteration 2, resume, and continue with the uninterrupted run's losses
+  moe_vs_cpu   train_vs_cpu for a tiny Qwen3 MoE (8 experts, 2 per token): its router, token
+               dispatcher and experts on the device
   shard        throughput of the recipe's per-GPU shard: Qwen2.5-32B layers as one tensor-parallel-8
                rank holds them (hidden 5120; 5 query heads, 1 KV head, FFN 3456; the vocabulary shard),
                as many layers as the memory budget allows, random initialisation on the device, on
@@ -32,7 +34,8 @@ BENCH_ITERS sets the number of timed steps of the throughput stages (default 5 o
 Sizes come from a memory budget computed before anything is allocated (sizing.py). MFU is against the
 device's datasheet peak (common/devices.py). --tiny shrinks every model and row so that all stages run
 on a CPU in the suite. The stages live one group per file: stage_env.py, stage_checks.py (train_vs_cpu,
-attention, verify, resume), stage_throughput.py (shard, full_width), stage_summary.py; this file runs one.
+moe_vs_cpu, attention, verify, resume), stage_throughput.py (shard, full_width), stage_summary.py; this
+file runs one.
 """
 
 from __future__ import annotations
@@ -50,7 +53,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the GPU machine runs this from a checkout, with the wheels only
 
 from sizing import GPU, TINY  # noqa: E402
-from stage_checks import stage_attention, stage_resume, stage_train_vs_cpu, stage_verify  # noqa: E402
+from stage_checks import (  # noqa: E402
+    stage_attention,
+    stage_moe_vs_cpu,
+    stage_resume,
+    stage_train_vs_cpu,
+    stage_verify,
+)
 from stage_env import stage_env  # noqa: E402
 from stage_summary import stage_summary  # noqa: E402
 from stage_throughput import stage_full_width, stage_shard  # noqa: E402
@@ -79,6 +88,7 @@ STAGES = {
     "attention": stage_attention,
     "verify": stage_verify,
     "resume": stage_resume,
+    "moe_vs_cpu": stage_moe_vs_cpu,
     "shard": stage_shard,
     "full_width": stage_full_width,
     "summary": stage_summary,
