@@ -20,6 +20,7 @@ Before booking the nodes, check that every rank fits (on a login node; sft/dry_r
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -106,11 +107,13 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             config = load_config(args.config, args.overrides, allow_unset=True)
             return run_dry_run(config, args.gpus, args.gpu_memory_gb, args.dry_run_json)
+        config = load_config(args.config, args.overrides)
+        config.check_files(int(os.environ.get("WORLD_SIZE", "1")))  # before torch and megatron-core load
         from sft.callbacks import NonFiniteLossError
         from sft.launch import run
 
         try:
-            run(load_config(args.config, args.overrides))
+            run(config)
         except NonFiniteLossError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

@@ -299,13 +299,14 @@ class TrainConfig:
         self,
         *,
         world_size: int,
-        te_available: bool,
+        te_available: bool | None,
         arch=None,
         data_seq_length: int | None = None,
         check_paths: bool = True,
     ) -> list[str]:
         """Every problem of the configuration for a run of `world_size` processes: the sections', the
-        layout's, the kernels' (`te_available`), and, when given, against the model's architecture (from
+        layout's, the kernels' (`te_available`; None: not known yet, not checked), and, when given,
+        against the model's architecture (from
         models/registry.py) and the data's sequence length; without `check_paths`, the data files, the save
         directory and the starting checkpoint are not asked for (the dry run, on a machine that may not
         see them, reads the model's shape from any of find_hf_config's sources)."""
@@ -315,12 +316,12 @@ class TrainConfig:
             global_batch=self.schedule.global_batch_size,
             seq_length=self.data.seq_length,
         )
-        if not te_available and "layernorm" in (self.model.recompute_modules or []):
+        if te_available is False and "layernorm" in (self.model.recompute_modules or []):
             problems.append(
                 "model.recompute_modules=[layernorm] needs Transformer Engine (megatron-core's norm "
                 "recomputation goes through TE's FP8 state): recompute core_attn or mlp here"
             )
-        if not te_available and self.model.attention == "te":
+        if te_available is False and self.model.attention == "te":
             problems.append(
                 "model.attention=te needs Transformer Engine, which is not importable here "
                 "(install it, or use model.attention=auto)"
@@ -340,6 +341,14 @@ class TrainConfig:
                 f"packs are the affordable ones), or train at data.seq_length={data_seq_length}"
             )
         return problems
+
+    def check_files(self, world_size: int) -> None:
+        """Raises ConfigError when a file the run reads is missing (or the save directory is unset),
+        listing every problem found so far. Needs neither torch nor megatron-core: pretrain_sft.py calls
+        it before importing them, so that such a job fails on every rank at once, not after the imports;
+        the kernels' problems wait for the full check (sft/preflight.py)."""
+        if self.path_problems():
+            raise ConfigError.listing(self.run_problems(world_size=world_size, te_available=None))
 
     def validate(self, **run: Any) -> None:
         """Raises ConfigError listing every problem `run_problems(**run)` finds."""

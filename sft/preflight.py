@@ -94,10 +94,7 @@ def check_configuration(
 def check_run(config: TrainConfig, world_size: int, device: str) -> RunInputs:
     """Opens the data and the starting checkpoint and validates the configuration against them and the
     world size; raises ConfigError (listing every problem) or DataError before anything heavy starts."""
-    if config.path_problems():  # before a missing file is opened (and reported alone): all found so far
-        raise ConfigError.listing(
-            config.run_problems(world_size=world_size, te_available=te_available(device))
-        )
+    config.check_files(world_size)  # before a missing file is opened (and reported alone)
     data = SFTData(config.data.prefixes, config.data.weights, config.data.seed)
     valid = validation_data(config, data.seq_length)
     resume_from = find_resume_checkpoint(config.checkpoint.resume, config.checkpoint.save_dir)

@@ -60,20 +60,29 @@ def test_plot_metrics_draws_a_run_and_names_a_missing_one(tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
 
 
+# pretrain_sft.py's main, then which of the heavy packages it imported
+_MAIN_THEN_IMPORTS = """
+import sys
+import pretrain_sft
+status = pretrain_sft.main(sys.argv[1:])
+print("imported:", [name for name in ("torch", "megatron.core") if name in sys.modules])
+sys.exit(status)
+"""
+
+
 @pytest.mark.slow  # a training run, a subprocess or a full pipeline: test-fast stays under 90 s
 def test_trainer_rejects_a_bad_configuration_before_starting(tmp_path):
+    """A missing file fails before torch and megatron-core are imported (every rank of a large job at
+    once), with every problem found so far."""
     result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "pretrain_sft.py"),
-            "parallel.tensor=0",
-            f"checkpoint.save_dir={tmp_path}",
-        ],
+        [sys.executable, "-c", _MAIN_THEN_IMPORTS, "parallel.tensor=0", f"checkpoint.save_dir={tmp_path}"],
         capture_output=True,
         text=True,
+        cwd=ROOT,
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "data.prefixes is empty" in result.stderr and "parallel.tensor, pipeline" in result.stderr
+    assert "imported: []" in result.stdout
     assert not any(tmp_path.iterdir())  # nothing written
 
 
