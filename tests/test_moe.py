@@ -1,11 +1,11 @@
 """Qwen3 MoE (model_type qwen3_moe) against transformers' own Qwen3MoeForCausalLM, on a tiny model of 8
 experts, 2 per token, 2 layers (testing/tiny_models.py): what its config reads to and what it refuses,
 the mapping of the router and of every expert in both directions, the torch_dist layout megatron-core
-gives its experts (keys and global shapes of its own sharded state dict), parameters and FLOPs, the
-expert-parallel layout's rules; logits in one process (with and without renormalised top-k
-probabilities) and after conversion at EP2 with either token dispatcher, TP2 + SP with ETP1, and
-PP2 x EP2; the release round trip bitwise; training: the first loss equals transformers' and 3 steps at
-EP2 x PP2 equal one process.
+gives its experts (keys and global shapes of its own sharded state dict; its own loader reads them at
+EP2), parameters and FLOPs, the expert-parallel layout's rules; logits in one process (with and without
+renormalised top-k probabilities) and after conversion at EP2 with either token dispatcher, TP2 + SP
+with ETP1, and PP2 x EP2; the release round trip bitwise; training: the first loss equals transformers',
+4 steps at EP2 x PP2 equal one process, and its checkpoint resumes in one process like one process.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from trainer_ranks import train_tiny_model_at_layouts, transformers_first_loss
 
 TOKENS = sample_token_ids(QWEN25_VOCAB_SIZE_SMALL, 2, 24, seed=3)
 EXPERTS, TOP_K, EXPERT_WIDTH, LAYERS, HIDDEN = 8, 2, 32, 2, 64
-LR = 1e-1  # the training runs': large, so that three steps move the weights far
+LR = 1e-1  # the training runs': large, so that a few steps move the weights far
 
 
 @pytest.fixture(scope="module")
