@@ -23,9 +23,9 @@ STAGES = [
     "attention",
     "verify",
     "resume",
-    "moe_vs_cpu",
     "shard",
     "full_width",
+    "moe_vs_cpu",
     "summary",
 ]
 RUN_SH = str(ROOT / "bench" / "gpu" / "run.sh")

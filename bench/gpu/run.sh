@@ -19,7 +19,7 @@
 # megatron-core, put its wheel in .whl/ first (bench/gpu/fetch_wheels.sh): it is installed into /tmp/site.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-ALL_STAGES="env train_vs_cpu attention verify resume moe_vs_cpu shard full_width"
+ALL_STAGES="env train_vs_cpu attention verify resume shard full_width moe_vs_cpu"
 SUMMARY_SECONDS=30
 MIN_STAGE_SECONDS=20
 KILL_AFTER=10  # seconds between the SIGTERM at a stage's limit and its SIGKILL

@@ -19,14 +19,14 @@ nothing already measured). Stages:
                takes unrepeated GQA K/V (recorded, never failing the stage)
   verify       tools/verify_conversion.py on the device against transformers
   resume       save at iteration 2, resume, and continue with the uninterrupted run's losses
-  moe_vs_cpu   train_vs_cpu for a tiny Qwen3 MoE (8 experts, 2 per token): its router, token
-               dispatcher and experts on the device
   shard        throughput of the recipe's per-GPU shard: Qwen2.5-32B layers as one tensor-parallel-8
                rank holds them (hidden 5120; 5 query heads, 1 KV head, FFN 3456; the vocabulary shard),
                as many layers as the memory budget allows, random initialisation on the device, on
                packs drawn at random from a packed set of reasoning-trace lengths
   full_width   throughput of full-width Qwen2.5-32B layers at a token count that fits, and of
                transformers' Qwen2 on the same layers and packs
+  moe_vs_cpu   train_vs_cpu for a tiny Qwen3 MoE (8 experts, 2 per token): its router, token
+               dispatcher and experts on the device (last: the recipe's stages come first)
   summary      gpu_<device>.json in OUTDIR from the newest line of each stage in results.jsonl (lines of
                an earlier run into the same OUTDIR included), for bench/results/
 
