@@ -87,9 +87,10 @@ def _full_state(
     loading: bool,
     optimizer_sharding: str | None = None,
 ) -> dict[str, Any]:
+    sharding = optimizer_sharding or module.optimizer_sharding
     return {
-        **module.sharded_state_dict(loading=loading, optimizer_sharding=optimizer_sharding),
-        "optimizer_sharding": optimizer_sharding or module.optimizer_sharding,
+        **module.sharded_state_dict(loading=loading, optimizer_sharding=sharding),
+        "optimizer_sharding": sharding,
         "train_state": asdict(state),
         "layout": layout,
         "callbacks": callbacks,
@@ -304,8 +305,9 @@ def load_checkpoint(
 
 
 def _template_with_loaded_tensors(template: Any, loaded: Any) -> Any:
-    """The template's tree with each of its sharded leaves replaced by the loaded value at the same place
-    and its other leaves kept as they are."""
+    """The template's tree (megatron-core's optimizer state nests dicts; its lists hold settings only)
+    with each of its sharded leaves replaced by the loaded value at the same place and its other leaves
+    kept as they are."""
     from megatron.core.dist_checkpointing.mapping import ShardedBase
 
     if isinstance(template, ShardedBase):
@@ -313,11 +315,6 @@ def _template_with_loaded_tensors(template: Any, loaded: Any) -> Any:
     if isinstance(template, dict):
         loaded = loaded if isinstance(loaded, dict) else {}
         return {k: _template_with_loaded_tensors(v, loaded.get(k)) for k, v in template.items()}
-    if isinstance(template, list):
-        loaded = (
-            loaded if isinstance(loaded, list) and len(loaded) == len(template) else [None] * len(template)
-        )
-        return [_template_with_loaded_tensors(t, v) for t, v in zip(template, loaded, strict=True)]
     return template
 
 

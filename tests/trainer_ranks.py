@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -237,7 +238,6 @@ def train_tiny_model_at_layouts(
     (processes, overrides)}, in that order; in ROOT/NAME), on 12 random 64-token packs, 4 a step;
     `resumed_from` {name: an earlier run's checkpoint, RUN/iter_N}: copied into the run's directory
     first, the run resumes from it. Returns (its inputs, {name: `train`'s result})."""
-    import shutil
 
     from common.distributed import run_distributed
     from testing.fixtures import training_inputs
